@@ -1,0 +1,116 @@
+"""Stage configurations: dataclasses with defaults, loadable from YAML, overridable on the command line.
+
+The string literal under each field is its documentation and becomes the field's `--help` text.
+A YAML file may hold the fields at top level or under a section named after the stage (`scan:`, `carve:` …),
+so one file can configure the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tiny_onn.errors import TinyOnnError
+
+C = TypeVar("C")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each dataclass field to the string literal written under it (searched through base classes too)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add `--config FILE.yaml` and one `--field-name` flag per dataclass field (help text from the field's docstring)."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with these options (flags given here override it)")
+    docs = field_docs(cls)
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        typ = types[f.name]
+        origin = typing.get_origin(typ)
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif origin in (list, tuple):
+            (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis}
+            parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=argparse.SUPPRESS, help=help_text)
+        else:
+            scalar = next((a for a in typing.get_args(typ) if a is not type(None)), typ)  # Optional[X] -> X
+            parser.add_argument(flag, dest=f.name, type=scalar, default=argparse.SUPPRESS, help=help_text)
+
+
+def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
+    """Read a YAML config; with `section`, return that section if the file has one, else the top level."""
+    path = Path(path)
+    if not path.is_file():
+        raise TinyOnnError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TinyOnnError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise TinyOnnError(f"config file {path} must hold a mapping of option names to values")
+    if section is not None and isinstance(data.get(section), dict):
+        return data[section]
+    return data
+
+
+def make_config(cls: type[C], values: dict[str, Any], source: str = "options") -> C:
+    """Build a config dataclass from a dict, rejecting unknown keys with the list of known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TinyOnnError(f"unknown option(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, section: str) -> C:
+    """YAML (if `--config` was given) overlaid with the flags given on the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        stage_keys = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        raw = load_yaml(args.config, section)
+        # a whole-pipeline file also holds other stages' sections: keep only keys meant for this stage
+        values = {k: v for k, v in raw.items() if k in stage_keys or not isinstance(v, dict)}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    values.update(flags)
+    return make_config(cls, values, source=args.config or "command line")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as a plain dict (for artifacts' provenance)."""
+    return dataclasses.asdict(cfg)

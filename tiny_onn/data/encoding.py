@@ -1,0 +1,116 @@
+"""Chat-template encoding with response-only labels, and packing into fixed-length sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tiny_onn.data.sources import Example
+from tiny_onn.errors import TinyOnnError
+
+IGNORE_INDEX = -100
+# used only when a tokenizer has no chat template of its own (e.g. tiny test tokenizers)
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, chat: list[dict], generation_prompt: bool = False) -> str:
+    template = None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+    )
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (end-of-turn marker included)."""
+    full = _render(tokenizer, chat)
+    spans = []
+    for i, m in enumerate(chat):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, chat[:i], generation_prompt=True) if i else ""
+        upto = _render(tokenizer, chat[: i + 1])
+        # templates that rewrite earlier turns (e.g. dropping reasoning) are not prefix-stable: fall back to the common prefix
+        start = _common_prefix_len(before, full) if not full.startswith(before) else len(before)
+        end = _common_prefix_len(upto, full)
+        if end > start:
+            spans.append((start, end))
+    return full, spans
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[list[int], list[int]]:
+    """Token ids of the templated conversation and labels that keep only assistant tokens (others = IGNORE_INDEX)."""
+    text, spans = assistant_spans(tokenizer, example.chat)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [
+        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+        for tok, (start, _end) in zip(ids, offsets, strict=True)
+    ]
+    return ids, labels
+
+
+@dataclass
+class PackedData:
+    """Fixed-length sequences with response-only labels and a category id per token (-1 on padding)."""
+
+    input_ids: torch.Tensor  # [S, T]
+    labels: torch.Tensor  # [S, T], IGNORE_INDEX outside assistant turns
+    attention_mask: torch.Tensor  # [S, T]
+    category: torch.Tensor  # [S, T], index into category_names, -1 on padding
+    category_names: list[str]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1):
+        """Yield dict batches; batch b goes to rank b % world_size, so ranks together see every sequence once."""
+        for b, start in enumerate(range(0, len(self), batch_size)):
+            if b % world_size == rank:
+                sl = slice(start, start + batch_size)
+                yield {
+                    "input_ids": self.input_ids[sl],
+                    "labels": self.labels[sl],
+                    "attention_mask": self.attention_mask[sl],
+                    "category": self.category[sl],
+                }
+
+
+def pack_examples(
+    encoded: Sequence[tuple[list[int], list[int], int]], seq_len: int, pad_id: int, category_names: list[str]
+) -> PackedData:
+    """Concatenate (ids, labels, category) examples and cut the stream into `seq_len` rows; the last row is padded."""
+    if seq_len < 2:
+        raise TinyOnnError(f"seq_len must be at least 2, got {seq_len}")
+    if not encoded:
+        raise TinyOnnError("no examples to pack: the data selection is empty")
+    ids = [t for e in encoded for t in e[0]]
+    labels = [t for e in encoded for t in e[1]]
+    cats = [e[2] for e in encoded for _ in e[0]]
+    pad = (-len(ids)) % seq_len
+    mask = [1] * len(ids) + [0] * pad
+    ids += [pad_id] * pad
+    labels += [IGNORE_INDEX] * pad
+    cats += [-1] * pad
+
+    def rows(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long).view(-1, seq_len)  # [S, T]
+
+    return PackedData(rows(ids), rows(labels), rows(mask), rows(cats), list(category_names))

@@ -1,0 +1,86 @@
+"""From a data spec to packed, tokenized sequences for one split."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from tiny_onn.data.encoding import IGNORE_INDEX, PackedData, encode_example, pack_examples
+from tiny_onn.data.sources import Example, load_examples, split_examples
+from tiny_onn.errors import TinyOnnError
+
+
+@dataclass
+class DataArgs:
+    """Options that choose and shape the instruction data."""
+
+    data: str = "default"
+    """Data: 'default' (chat + code + math, offline), a .jsonl file, a hub dataset name, or several joined by commas."""
+    seq_len: int = 256
+    """Tokens per packed sequence."""
+    heldout_fraction: float = 0.1
+    """Fraction of examples held out (chosen by content hash, the same in every run)."""
+    seed: int = 0
+    """Seed for the example order (and anything else random in the stage)."""
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise TinyOnnError(f"seq_len must be at least 2, got {self.seq_len}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise TinyOnnError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_examples(spec: str) -> tuple[Example, ...]:
+    return tuple(load_examples(spec))
+
+
+def shuffled_by_category(examples: list[Example], seed: int) -> dict[str, list[Example]]:
+    """Group examples by category, each group shuffled with `seed`."""
+    by_cat: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        by_cat[ex.category].append(ex)
+    rng = random.Random(seed)
+    for cat in sorted(by_cat):
+        rng.shuffle(by_cat[cat])
+    return dict(sorted(by_cat.items()))
+
+
+def build_dataset(
+    tokenizer: PreTrainedTokenizerBase, args: DataArgs, split: str = "train", max_tokens: int | None = None
+) -> PackedData:
+    """Encode and pack the `split` ('train' or 'heldout') of `args.data`, stopping once `max_tokens` tokens are encoded."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    train, heldout = split_examples(_cached_examples(args.data), args.heldout_fraction)
+    queues = shuffled_by_category(train if split == "train" else heldout, args.seed)
+    if not queues:
+        raise TinyOnnError(f"the {split} split of data {args.data!r} is empty (too few examples for heldout_fraction?)")
+    names = list(queues)
+    # balance categories by tokens: always encode next from the category with the fewest tokens so far,
+    # so any prefix of the stream (any --tokens budget) is an even mix
+    tokens_so_far = dict.fromkeys(names, 0)
+    position = dict.fromkeys(names, 0)
+    encoded, total = [], 0
+    while max_tokens is None or total < max_tokens:
+        open_cats = [c for c in names if position[c] < len(queues[c])]
+        if not open_cats:
+            break
+        cat = min(open_cats, key=lambda c: (tokens_so_far[c], c))
+        ex = queues[cat][position[cat]]
+        position[cat] += 1
+        ids, labels = encode_example(tokenizer, ex)
+        if all(lab == IGNORE_INDEX for lab in labels):
+            continue
+        encoded.append((ids, labels, names.index(cat)))
+        tokens_so_far[cat] += len(ids)
+        total += len(ids)
+    # keep only categories that made it into the selection, renumbered densely
+    used = sorted({e[2] for e in encoded})
+    remap = {old: new for new, old in enumerate(used)}
+    encoded = [(i, lab, remap[c]) for i, lab, c in encoded]
+    return pack_examples(encoded, args.seq_len, tokenizer.pad_token_id, [names[c] for c in used])

