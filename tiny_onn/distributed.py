@@ -42,3 +42,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (gloo aborts at exit if it is still up)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

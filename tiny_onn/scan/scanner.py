@@ -1,6 +1,6 @@
 """The neuron scanner: hooks on every FFN's down_proj input h, running sums, one forward + one backward per batch.
 
-Legend: B batch, T sequence positions, N FFN neurons of a layer, K = 1 + number of categories (row 0 = all tokens),
+Legend: B batch, T sequence positions, S counted tokens, N FFN neurons of a layer, K = 1 + number of categories (row 0 = all tokens),
 R fingerprint reservoir tokens.
 
 Surprise s is taken from activation gradients ∂L/∂h (a tensor hook on h), so it works with frozen or 4-bit weights.
@@ -79,15 +79,17 @@ class LayerStats:
         self.freq = torch.zeros_like(self.act)
 
     @torch.no_grad()
-    def add_forward(self, h_TN: torch.Tensor, w_KT: torch.Tensor) -> None:
-        a_TN = h_TN.float().abs()
-        above_TN = (a_TN > a_TN.mean(dim=-1, keepdim=True)).float()  # more active than the layer's mean neuron
-        self.act += w_KT @ a_TN
-        self.freq += w_KT @ above_TN
+    def add_forward(self, h_SN: torch.Tensor, w_KS: torch.Tensor) -> None:
+        a_SN = h_SN.float().abs()
+        # sign(|h| - mean) is +1 where a neuron is more active than the layer's mean neuron, -1 below (ties have measure 0);
+        # summing it and shifting is cheaper than materialising a float 0/1 mask
+        sign_SN = (a_SN - a_SN.mean(dim=-1, keepdim=True)).sign_()
+        self.act += w_KS @ a_SN
+        self.freq += (w_KS @ sign_SN + w_KS.sum(dim=-1, keepdim=True)) / 2
 
     @torch.no_grad()
-    def add_backward(self, g_TN: torch.Tensor, w_KT: torch.Tensor) -> None:
-        self.grad += w_KT @ g_TN.float().abs()
+    def add_backward(self, g_SN: torch.Tensor, w_KS: torch.Tensor) -> None:
+        self.grad += w_KS @ g_SN.float().abs()
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.act, self.grad, self.freq]
@@ -103,10 +105,16 @@ class NeuronScanner:
         rows = 1 + num_categories
         self.stats = [LayerStats(m.num_neurons, rows, device) for m in self.mlps]
         self.token_counts = torch.zeros(rows, dtype=torch.float64, device=device)  # [K]
-        self._weights_KT: torch.Tensor | None = None
+        self._counted: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [S] into B*T, weights [K, S])
         self._fingerprint_index: torch.Tensor | None = None
         self.fingerprints: list[torch.Tensor] = []
-        self._handles = [m.down_proj.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.mlps)]
+        self._handles: list = []
+        self.attach()
+
+    def attach(self) -> None:
+        """Hook every FFN's down_proj input (done on construction; again after `remove`)."""
+        if not self._handles:
+            self._handles = [m.down_proj.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.mlps)]
 
     def _hook(self, layer: int):
         def pre_hook(module, args):
@@ -114,29 +122,31 @@ class NeuronScanner:
             h_TN = h.reshape(-1, h.shape[-1])  # [B*T, N]
             if self._fingerprint_index is not None:
                 self.fingerprints.append(h_TN.detach()[self._fingerprint_index].float().T.cpu())  # [N, R]
-            w_KT = self._weights_KT
-            if w_KT is None:
+            if self._counted is None:
                 return
+            rows_S, w_KS = self._counted
             stats = self.stats[layer]
-            stats.add_forward(h_TN, w_KT)
+            stats.add_forward(h_TN.detach().index_select(0, rows_S), w_KS)  # only counted tokens: less work
             if h.requires_grad:
-                h.register_hook(lambda g: stats.add_backward(g.reshape(-1, g.shape[-1]), w_KT))
+                h.register_hook(lambda g: stats.add_backward(g.reshape(-1, g.shape[-1]).index_select(0, rows_S), w_KS))
 
         return pre_hook
 
     def remove(self) -> None:
+        """Detach the hooks; the statistics gathered so far are kept."""
         for handle in self._handles:
             handle.remove()
+        self._handles = []
 
     @contextlib.contextmanager
-    def collecting(self, w_KT: torch.Tensor) -> Iterator[None]:
-        """Accumulate statistics for the forward and backward run inside this block, weighting tokens by `w_KT`."""
-        self._weights_KT = w_KT
+    def collecting(self, rows_S: torch.Tensor, w_KS: torch.Tensor) -> Iterator[None]:
+        """Accumulate statistics of the flat token positions `rows_S` for the forward and backward run inside this block."""
+        self._counted = (rows_S, w_KS)
         try:
             yield
         finally:
-            self._weights_KT = None
-        self.token_counts += w_KT.sum(dim=-1).double()
+            self._counted = None
+        self.token_counts += w_KS.sum(dim=-1).double()
 
     @torch.no_grad()
     def collect_fingerprints(self, batch: dict[str, torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
@@ -149,18 +159,19 @@ class NeuronScanner:
         return self.fingerprints
 
 
-def token_weights(batch: dict[str, torch.Tensor], num_categories: int, positions: str) -> torch.Tensor:
-    """[K, B*T] 0/1 weights: row 0 selects the counted tokens, row 1+c those of category c."""
-    labels, category = batch["labels"], batch["category"]
+def counted_tokens(batch: dict[str, torch.Tensor], num_categories: int, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat positions [S] the statistics count, and [K, S] 0/1 weights: row 0 all of them, row 1+c category c."""
+    labels = batch["labels"]
     if positions == "scored":
-        counted = torch.zeros_like(labels, dtype=torch.bool)
-        counted[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # positions that predict a response token
+        counted_BT = torch.zeros_like(labels, dtype=torch.bool)
+        counted_BT[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # positions that predict a response token
     else:
-        counted = batch["attention_mask"].bool()
-    counted = counted.reshape(-1)  # [B*T]
-    cats = category.reshape(-1)
-    rows = [counted] + [counted & (cats == c) for c in range(num_categories)]
-    return torch.stack(rows).float()  # [K, B*T]
+        counted_BT = batch["attention_mask"].bool()
+    rows_S = counted_BT.reshape(-1).nonzero().squeeze(-1)
+    cats_S = batch["category"].reshape(-1)[rows_S]
+    onehot_CS = cats_S[None, :] == torch.arange(num_categories, device=cats_S.device)[:, None]
+    w_KS = torch.cat([torch.ones_like(cats_S, dtype=torch.bool)[None], onehot_CS]).float()  # [K, S]
+    return rows_S, w_KS
 
 
 def summed_response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -193,8 +204,8 @@ def activation_gradients_only(model: PreTrainedModel) -> Iterator[None]:
 
 def scan_batch(scanner: NeuronScanner, batch: dict[str, torch.Tensor], positions: str = "scored") -> float:
     """One forward and one backward over `batch`, accumulating statistics; returns the summed loss (0 if nothing scored)."""
-    w_KT = token_weights(batch, scanner.token_counts.numel() - 1, positions)
-    with scanner.collecting(w_KT):
+    rows_S, w_KS = counted_tokens(batch, scanner.token_counts.numel() - 1, positions)
+    with scanner.collecting(rows_S, w_KS):
         loss = summed_response_loss(scanner.model, batch)
         if loss is None:
             # nothing to score: no gradient; forward statistics are still wanted for positions='all'

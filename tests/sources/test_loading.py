@@ -1,0 +1,78 @@
+"""Source loading: the bundled GGUF and its cache, folders, and one clear error for each kind of bad model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from tests.conftest import make_tiny_model
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.sources import SourceArgs, load_source, swiglu_mlps
+
+
+def test_local_folder_loads(tiny_model_dir):
+    source = load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))
+    assert len(swiglu_mlps(source.model)) == 2
+    assert source.tokenizer.pad_token_id is not None
+    assert source.origin.startswith("folder")
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(TinyOnnError, match="model file not found"):
+        load_source(SourceArgs(model=str(tmp_path / "missing.gguf")))
+    with pytest.raises(TinyOnnError, match="model not found"):
+        load_source(SourceArgs(model=str(tmp_path / "missing_folder")))
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(TinyOnnError, match="no config.json"):
+        load_source(SourceArgs(model=str(tmp_path)))
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"NOTGGUF" + bytes(100))
+    with pytest.raises(TinyOnnError, match="not a GGUF file"):
+        load_source(SourceArgs(model=str(bad)))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(TinyOnnError, match="could not read GGUF"):
+        load_source(SourceArgs(model=str(truncated)))
+
+
+def test_non_swiglu_model_is_rejected(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
+    with pytest.raises(TinyOnnError, match="SwiGLU decoder: Llama"):
+        load_source(SourceArgs(model=str(tmp_path)))
+
+
+def test_4bit_needs_cuda(tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(TinyOnnError, match="needs CUDA"):
+        load_source(SourceArgs(model=str(tiny_model_dir), load_in_4bit=True))
+
+
+def test_bad_dtype():
+    with pytest.raises(TinyOnnError, match="dtype"):
+        SourceArgs(dtype="int3")
+
+
+def test_swiglu_mlps_finds_qwen3_layers():
+    mlps = swiglu_mlps(make_tiny_model("qwen3", 50))
+    assert [m.layer for m in mlps] == [0, 1] and mlps[0].num_neurons == 64
+
+
+@pytest.mark.slow
+def test_smollm2_is_cached_and_fast(smollm2):
+    # the session fixture built the cache; a second load reads safetensors
+    start = time.perf_counter()
+    again = load_source(SourceArgs(model="smollm2", device="cpu"))
+    assert time.perf_counter() - start < 15
+    assert again.architecture["num_layers"] == 30 and again.architecture["intermediate_size"] == 1536
+    ids = torch.tensor([[1, 9690, 198, 2683]])
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, smollm2.model(ids).logits)

@@ -1,0 +1,51 @@
+"""Config files and CLI flags, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiny_onn.cli import build_parser, main
+from tiny_onn.config import config_from_args, field_docs
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.scan import ScanConfig
+
+
+def test_yaml_section_then_flags_override(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("scan:\n  tokens: 123\n  batch_size: 3\ncarve:\n  experts: 8\n")
+    args = build_parser().parse_args(["scan", "--config", str(cfg_file), "--batch-size", "5"])
+    cfg = config_from_args(ScanConfig, args, "scan")
+    assert cfg.tokens == 123 and cfg.batch_size == 5 and cfg.model == "smollm2"
+
+
+def test_unknown_yaml_key(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("tokenz: 5\n")
+    args = build_parser().parse_args(["scan", "--config", str(cfg_file)])
+    with pytest.raises(TinyOnnError, match="unknown option.*tokenz"):
+        config_from_args(ScanConfig, args, "scan")
+
+
+def test_every_field_has_help():
+    docs = field_docs(ScanConfig)
+    import dataclasses
+
+    assert {f.name for f in dataclasses.fields(ScanConfig)} <= set(docs)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["scan", "--model", "/nonexistent/m.gguf"], "model file not found"),
+        (["scan", "--tokens", "0"], "tokens must be positive"),
+        (["scan", "--positions", "middle"], "positions must be one of"),
+        (["scan", "--config", "/nonexistent.yaml"], "config file not found"),
+        (["scan", "--data", "/nonexistent/data.jsonl", "--model", "{tiny}"], "data file not found"),
+    ],
+)
+def test_cli_bad_input_one_line_error(argv, message, capsys, tmp_path, tiny_model_dir):
+    argv = [a.replace("{tiny}", str(tiny_model_dir)) for a in argv] + ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir()), "a failed stage leaves nothing behind"

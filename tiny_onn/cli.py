@@ -1,0 +1,90 @@
+"""`tiny-onn`: one sub-command per pipeline stage. Each is a thin wrapper: build the stage's config, call `stage.run(cfg)`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tiny_onn import __version__
+from tiny_onn.config import add_config_args, config_from_args
+from tiny_onn.errors import TinyOnnError
+
+
+@dataclass
+class Stage:
+    name: str
+    help: str
+    config_cls: Callable[[], type]
+    run: Callable[[object], object]
+    done: Callable[[object, object], str]
+
+
+def _scan_stage() -> Stage:
+    from tiny_onn import scan
+
+    return Stage(
+        "scan",
+        "scan a dense model: per-neuron activation/gradient statistics",
+        lambda: scan.ScanConfig,
+        scan.run,
+        lambda cfg, out: f"scan written to {out} (scan.safetensors, scan.json)",
+    )
+
+
+STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiny-onn", description="Turn a dense SwiGLU LLM into a sparse Mixture-of-Experts by extraction."
+    )
+    parser.add_argument("--version", action="version", version=f"tiny-onn {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, make in STAGES.items():
+        stage = make()
+        p = sub.add_parser(name, help=stage.help, description=stage.help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+        add_config_args(p, stage.config_cls())
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tiny-onn` console script; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug
+    try:
+        _quiet_libraries()
+        stage = STAGES[args.stage]()
+        cfg = config_from_args(stage.config_cls(), args, section=args.stage)
+        out = stage.run(cfg)
+        print(stage.done(cfg, out))
+        return 0
+    except TinyOnnError as e:
+        if debug:
+            raise
+        print(f"tiny-onn {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tiny-onn {args.stage}: interrupted; no partial artifact was kept", file=sys.stderr)
+        return 130
+    finally:
+        from tiny_onn import distributed
+
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
