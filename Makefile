@@ -21,7 +21,8 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/tiny-onn scan --config configs/demo.yaml --out $(RUN)/scan
-	@echo "scan written to $(RUN)/scan (scan.safetensors, scan.json)"
+	$(VENV)/bin/tiny-onn carve --config configs/demo.yaml --scan $(RUN)/scan --out $(RUN)/moe
+	@echo "results: $(RUN)/scan (neuron statistics), $(RUN)/moe (carved MoE, Hugging Face folder), $(RUN)/carve (plots)"
 
 test: setup
 	$(PY) -m pytest -q

@@ -91,3 +91,21 @@ def smollm2():
     from tiny_onn.sources import SourceArgs, load_source
 
     return load_source(SourceArgs(model="smollm2", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_scan(tmp_path_factory) -> Path:
+    """A small real scan of SmolLM2 on the default mix (shared by the scan and carve tests)."""
+    from tiny_onn.scan import ScanConfig, run
+
+    out = tmp_path_factory.mktemp("smollm2-scan") / "scan"
+    run(ScanConfig(model="smollm2", device="cpu", tokens=768, seq_len=128, batch_size=4, fingerprint_tokens=64, out=str(out)))
+    return out
+
+
+def scan_tiny(model_dir: Path, data: Path, out: Path) -> Path:
+    from tiny_onn.scan import ScanConfig, run
+
+    run(ScanConfig(model=str(model_dir), data=str(data), device="cpu", tokens=100000, seq_len=32, batch_size=4,
+                   fingerprint_tokens=32, out=str(out)))
+    return out

@@ -34,7 +34,19 @@ def _scan_stage() -> Stage:
     )
 
 
-STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage}
+def _carve_stage() -> Stage:
+    from tiny_onn import carve
+
+    return Stage(
+        "carve",
+        "carve a scanned dense model into a calibrated Mixture-of-Experts (Hugging Face folder)",
+        lambda: carve.CarveConfig,
+        carve.run,
+        carve.summary,
+    )
+
+
+STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage}
 
 
 def build_parser() -> argparse.ArgumentParser:

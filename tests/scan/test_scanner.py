@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import make_tiny_model
 from tiny_onn.data import IGNORE_INDEX
-from tiny_onn.scan import NeuronScanner, ScanConfig, ScanResult, delta_sc, run, s_p, scan_batch, zscore
+from tiny_onn.scan import NeuronScanner, ScanResult, delta_sc, s_p, scan_batch, zscore
 from tiny_onn.scan.scanner import activation_gradients_only, statistics_tensors
 from tiny_onn.sources import swiglu_mlps
 
@@ -162,10 +162,8 @@ def test_torchrun_two_processes_match_one(tiny_model_dir, small_jsonl, tmp_path)
 
 
 @pytest.mark.slow
-def test_scan_real_smollm2(tmp_path):
-    out = tmp_path / "scan"
-    run(ScanConfig(model="smollm2", device="cpu", tokens=768, seq_len=128, batch_size=4, fingerprint_tokens=64, out=str(out)))
-    result = ScanResult.load(out)
+def test_scan_real_smollm2(smollm2_scan):
+    result = ScanResult.load(smollm2_scan)
     assert result.meta["tokens_fed"] >= 512
     assert set(result.categories) == {"chat", "code", "math"}
     assert all(n > 0 for n in result.meta["tokens_counted_per_category"].values())

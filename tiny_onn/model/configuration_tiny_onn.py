@@ -12,7 +12,8 @@ EXPERT_WEIGHTINGS = ("straight_through", "probs")
 
 class TinyOnnConfig(PretrainedConfig):
     r"""
-    Attention, embeddings and norms follow the dense source (Llama, or Qwen3 with `use_qk_norm=True`). Each FFN is a MoE:
+    Attention, embeddings and norms follow the dense source (Llama, or Qwen3 with `use_qk_norm=True`; Qwen2's biased
+    q/k/v with an unbiased o_proj is attention_bias=True, attention_out_bias=False). Each FFN is a MoE:
 
     num_experts (`int`): routed experts per layer, all of `moe_intermediate_size` neurons.
     num_experts_per_tok (`int`): top-k when `router_top_p` is 0.
@@ -48,6 +49,7 @@ class TinyOnnConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         rope_parameters: dict | None = None,
         attention_bias: bool = False,
+        attention_out_bias: bool | None = None,
         attention_dropout: float = 0.0,
         use_qk_norm: bool = False,
         num_experts: int = 16,
@@ -81,6 +83,7 @@ class TinyOnnConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         self.attention_bias = attention_bias
+        self.attention_out_bias = attention_bias if attention_out_bias is None else attention_out_bias
         self.attention_dropout = attention_dropout
         self.use_qk_norm = use_qk_norm
         self.num_experts = num_experts

@@ -1,0 +1,198 @@
+"""Carving: lossless surgery (logits and gradients), balanced plans, save/load in a fresh process, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import scan_tiny
+from tiny_onn.carve import CarveConfig, assemble, make_plan
+from tiny_onn.carve.cluster import balanced_kmeans
+from tiny_onn.cli import main
+from tiny_onn.scan import ScanResult
+from tiny_onn.sources import SourceArgs, load_source
+
+
+@pytest.fixture(scope="module")
+def tiny_scan(tiny_model_dir, tmp_path_factory, tiny_tokenizer):
+    from tests.conftest import write_jsonl
+
+    folder = tmp_path_factory.mktemp("tiny-scan")
+    records = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i} friend"}],
+                "category": "chat" if i % 2 else "code"} for i in range(60)]
+    data = write_jsonl(folder / "d.jsonl", records)
+    return scan_tiny(tiny_model_dir, data, folder / "scan"), data
+
+
+def _dense_and_moe(model_dir, scan_dir, **kw):
+    source = load_source(SourceArgs(model=str(model_dir), device="cpu"))
+    cfg = CarveConfig(scan=str(scan_dir), **kw)
+    plan = make_plan(ScanResult.load(scan_dir), source.model, cfg)
+    moe = assemble(source.model, plan, num_experts_per_tok=cfg.top_k, router_type=cfg.router)
+    return source, plan, moe
+
+
+@pytest.mark.parametrize("layout", [dict(experts=4, top_k=4), dict(experts=8, top_k=8, shared=0.25, router="hierarchical", groups=2)])
+def test_every_expert_active_equals_dense(tiny_model_dir, tiny_scan, layout):
+    source, plan, moe = _dense_and_moe(tiny_model_dir, tiny_scan[0], **layout)
+    ids = torch.randint(3, source.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for m in (source.model, moe):
+        m.zero_grad()
+        m(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, source.model(ids).logits, atol=1e-4, rtol=1e-4)
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        g_dense = dict(source.model.named_parameters())[name].grad
+        g_moe = dict(moe.named_parameters())[name].grad
+        torch.testing.assert_close(g_moe, g_dense, atol=1e-4, rtol=1e-3)
+    # every neuron of every layer is used exactly once
+    for lp in plan.layers:
+        used = torch.cat([lp.shared, lp.experts.reshape(-1)]).sort().values
+        assert torch.equal(used, torch.arange(64))
+
+
+def test_fewer_experts_change_the_output(tiny_model_dir, tiny_scan):
+    source, _, moe = _dense_and_moe(tiny_model_dir, tiny_scan[0], experts=4, top_k=1)
+    ids = torch.randint(3, 100, (1, 8))
+    with torch.no_grad():
+        assert not torch.allclose(moe(ids).logits, source.model(ids).logits, atol=1e-3)
+
+
+def test_balanced_kmeans_gives_equal_clusters():
+    x = np.random.default_rng(0).normal(size=(120, 5))
+    labels = balanced_kmeans(x, 6, seed=0)
+    assert np.bincount(labels).tolist() == [20] * 6
+
+
+@pytest.mark.parametrize("method", ["dsc", "random", "actgrad", "coact"])
+def test_methods_plan_valid_experts(tiny_model_dir, tiny_scan, method):
+    _, plan, _ = _dense_and_moe(tiny_model_dir, tiny_scan[0], experts=4, top_k=2, keep=0.5, shared=0.125, method=method)
+    for lp in plan.layers:
+        assert lp.experts.shape == (4, 6) and lp.shared.numel() == 8
+        assert len(set(lp.experts.reshape(-1).tolist()) | set(lp.shared.tolist())) == 32
+
+
+def test_carve_cli_save_load_in_fresh_process(tiny_model_dir, tiny_scan, tmp_path):
+    scan_dir, data = tiny_scan
+    out = tmp_path / "moe"
+    argv = ["carve", "--scan", str(scan_dir), "--model", str(tiny_model_dir), "--experts", "4", "--top-k", "2",
+            "--router", "hierarchical", "--groups", "2", "--shared", "0.125", "--calib-tokens", "512",
+            "--calib-steps", "20", "--eval-tokens", "256", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    for name in ("config.json", "model.safetensors", "modeling_tiny_onn.py", "configuration_tiny_onn.py",
+                 "provenance.json", "README.md", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    prov = json.loads((out / "provenance.json").read_text())
+    assert len(prov["layers"]) == 2 and len(prov["layers"][0]["experts"]) == 4
+    assert (tmp_path / "carve" / "neurons_umap.png").is_file()
+    meta = json.loads((out / "tiny_onn.json").read_text())
+    assert meta["perplexity"]["carved"]["ppl"] > 0
+
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        here = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert "tiny_onn" not in sys.modules, "the exported folder must not need tiny_onn"
+        ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.save(model(ids).logits, {str(tmp_path / 'logits.pt')!r})
+        tok = AutoTokenizer.from_pretrained({str(out)!r})
+        gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert gen.shape[1] == ids.shape[1] + 5
+        pipe = pipeline("text-generation", model=model, tokenizer=tok)
+        text = pipe("hello", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+        assert text.startswith("hello")
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    there = torch.load(tmp_path / "logits.pt", weights_only=True)
+    torch.testing.assert_close(there, here, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--top-k", "5", "--experts", "4"], "top_k must be between 1 and experts"),
+        (["--experts", "100"], "100 experts need at least 100 routed neurons"),
+        (["--keep", "0"], "keep must be in (0, 1]"),
+        (["--keep", "1.5"], "keep must be in (0, 1]"),
+        (["--router", "hierarchical", "--experts", "6", "--groups", "4"], "must be a multiple of groups"),
+        (["--method", "magic"], "method must be one of"),
+    ],
+)
+def test_carve_bad_input(tiny_model_dir, tiny_scan, tmp_path, capsys, extra, message):
+    out = tmp_path / "moe"
+    argv = ["carve", "--scan", str(tiny_scan[0]), "--model", str(tiny_model_dir), "--no-plots", "--out", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_scan_from_another_model_is_refused(tiny_scan, tmp_path, capsys, tiny_tokenizer):
+    from tests.conftest import make_tiny_model
+
+    other = tmp_path / "other"
+    model = make_tiny_model("llama", len(tiny_tokenizer))
+    model.config.intermediate_size = 48
+    type(model)(model.config).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    out = tmp_path / "moe"
+    assert main(["carve", "--scan", str(tiny_scan[0]), "--model", str(other), "--no-plots", "--out", str(out)]) == 2
+    assert "scan was made on another model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_or_corrupt_scan(tmp_path, capsys, tiny_scan):
+    assert main(["carve", "--scan", str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
+    assert "scan folder not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "scan.json").write_text((tiny_scan[0] / "scan.json").read_text())
+    (broken / "scan.safetensors").write_bytes(b"garbage")
+    assert main(["carve", "--scan", str(broken), "--out", str(tmp_path / "m")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_lossless_and_seed_preset(smollm2, smollm2_scan, tmp_path):
+    cfg = CarveConfig(scan=str(smollm2_scan), experts=16, top_k=16)
+    plan = make_plan(ScanResult.load(smollm2_scan), smollm2.model, cfg)
+    moe = assemble(smollm2.model, plan, num_experts_per_tok=16)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]])
+    with torch.no_grad():
+        dense, carved = smollm2.model(ids).logits, moe(ids).logits
+        # fp32 noise floor: the dense model itself, same tokens inside a larger batch (other BLAS blocking)
+        floor = (smollm2.model(torch.cat([ids, ids.flip(1)])).logits[:1] - dense).abs().max()
+    err = (carved - dense).abs().max()
+    # summing 16 expert slices reorders the FFN's float sums; through 30 layers that is noise of the same size
+    assert err <= 1e-4 * dense.abs().max(), (err, floor)
+    assert err <= 4 * floor.clamp_min(1e-6), (err, floor)
+
+    out = tmp_path / "seed"
+    argv = ["carve", "--scan", str(smollm2_scan), "--preset", "seed", "--calib-tokens", "1024", "--calib-steps", "20",
+            "--eval-tokens", "0", "--no-plots", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.num_experts == 100 and model.config.num_expert_groups == 10
+    assert model.config.router_type == "hierarchical" and model.config.num_experts_per_tok == 10
+    prompt = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
+                                                   return_tensors="pt")["input_ids"]
+    gen = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] > prompt.shape[1]
+    assert smollm2.tokenizer.decode(gen[0, prompt.shape[1]:]).strip()

@@ -1,0 +1,82 @@
+"""Surgery: a dense source + a carve plan -> a TinyOnn MoE whose experts are slices of the source FFNs.
+
+A pure function of (source weights, plan, layout): config and weights change together. With every neuron kept, no shared
+expert and every expert selected, the MoE computes exactly the dense model (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from tiny_onn.carve.plan import CarvePlan
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
+from tiny_onn.sources import swiglu_mlps
+
+_COPIED_CONFIG = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
+    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "attention_dropout", "pad_token_id",
+    "bos_token_id", "eos_token_id", "initializer_range",
+)
+
+
+def moe_config(source: PreTrainedModel, plan: CarvePlan, **moe_fields) -> TinyOnnConfig:
+    """The TinyOnn config: attention/embedding fields from the source, MoE fields from the plan and `moe_fields`."""
+    src = source.config
+    if getattr(src, "mlp_bias", False):
+        raise TinyOnnError("the source's MLP has biases (mlp_bias=True); carving supports bias-free SwiGLU MLPs only")
+    if getattr(src, "use_sliding_window", False):
+        raise TinyOnnError("the source uses sliding-window attention; TinyOnn supports full attention only")
+    fields = {k: getattr(src, k) for k in _COPIED_CONFIG if hasattr(src, k)}
+    attn = source.base_model.layers[0].self_attn
+    fields["head_dim"] = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
+    fields["rope_parameters"] = dict(getattr(src, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
+    fields["attention_bias"] = attn.q_proj.bias is not None
+    fields["attention_out_bias"] = attn.o_proj.bias is not None
+    fields["use_qk_norm"] = hasattr(attn, "q_norm")
+    fields["source_model_type"] = src.model_type
+    fields.update(
+        num_experts=plan.num_experts,
+        moe_intermediate_size=plan.expert_size,
+        shared_expert_intermediate_size=plan.shared_size,
+        num_expert_groups=plan.layers[0].groups,
+    )
+    fields.update(moe_fields)
+    return TinyOnnConfig(**fields)
+
+
+def moe_state_dict(source: PreTrainedModel, plan: CarvePlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Source weights outside the FFNs as they are; each FFN sliced into shared and routed experts."""
+    state = {k: v.to(dtype) for k, v in source.state_dict().items() if ".mlp." not in k}
+    for mlp, lp in zip(swiglu_mlps(source), plan.layers, strict=True):
+        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [N, D], [N, D], [D, N]
+        p = f"model.layers.{mlp.layer}.mlp."
+        idx_EI = lp.experts
+        state[p + "experts.gate_up_proj"] = torch.cat([gate[idx_EI], up[idx_EI]], dim=1).to(dtype)  # [E, 2I, D]
+        state[p + "experts.down_proj"] = down[:, idx_EI].permute(1, 0, 2).contiguous().to(dtype)  # [E, D, I]
+        if lp.shared.numel():
+            state[p + "shared_expert.gate_proj.weight"] = gate[lp.shared].to(dtype)
+            state[p + "shared_expert.up_proj.weight"] = up[lp.shared].to(dtype)
+            state[p + "shared_expert.down_proj.weight"] = down[:, lp.shared].to(dtype)
+    return state
+
+
+def assemble(source: PreTrainedModel, plan: CarvePlan, dtype: torch.dtype = torch.float32, **moe_fields) -> TinyOnnForCausalLM:
+    """Build the carved MoE (routers zero-initialised: uniform probabilities until calibrated)."""
+    config = moe_config(source, plan, **moe_fields)
+    with torch.device("meta"):
+        model = TinyOnnForCausalLM(config)
+    state = moe_state_dict(source, plan, dtype)
+    for name, param in model.named_parameters():
+        if ".mlp.router." in name:
+            state[name] = torch.zeros(param.shape, dtype=dtype)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    assert not missing and not unexpected, (missing, unexpected)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # buffers were on meta
+    return model.to(next(source.parameters()).device).eval()

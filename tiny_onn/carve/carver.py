@@ -1,0 +1,290 @@
+"""Carve stage: scan + source -> a TinyOnn MoE folder (HF format) whose routers are calibrated before any training."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from tiny_onn.artifacts import atomic_dir, versions, write_json
+from tiny_onn.carve.assemble import assemble
+from tiny_onn.carve.calibrate import calibrate_routers, collect_ffn_inputs
+from tiny_onn.carve.cluster import balanced_kmeans, random_split
+from tiny_onn.carve.features import neuron_features
+from tiny_onn.carve.plan import CarvePlan, LayerPlan
+from tiny_onn.carve.select import METHODS, keep_scores, shared_scores
+from tiny_onn.config import config_to_dict
+from tiny_onn.data import DataArgs, build_dataset
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.eval import perplexity
+from tiny_onn.model import TinyOnnForCausalLM
+from tiny_onn.model.configuration_tiny_onn import ROUTER_TYPES
+from tiny_onn.scan import ScanResult
+from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
+
+log = logging.getLogger(__name__)
+PRESETS = {"seed": {"experts": 100, "groups": 10, "router": "hierarchical", "top_k": 10}}
+
+
+@dataclass
+class CarveConfig(SourceArgs):
+    """Carve a dense source into a Mixture-of-Experts using its scan."""
+
+    scan: str = "runs/demo/scan"
+    """Scan folder (from `tiny-onn scan`)."""
+    model: str = ""
+    """Source model; empty = the model recorded in the scan."""
+    method: str = "dsc"
+    """Neuron selection and split: dsc (S_p/ΔSC scores, fingerprint+weight clustering), random, actgrad (LLaMA-MoE a·s importance), coact (co-activation clustering without the scores)."""
+    keep: float = 1.0
+    """Fraction of each layer's neurons kept (top by the method's score)."""
+    shared: float = 0.0
+    """Fraction of each layer's neurons in the always-on shared expert (0 = none)."""
+    experts: int = 16
+    """Routed experts per layer (equal size)."""
+    top_k: int = 4
+    """Experts per token (fixed top-k routing)."""
+    router: str = "flat"
+    """Router: flat, or hierarchical (a main router over --groups groups, one sub-router per group)."""
+    groups: int = 4
+    """Expert groups of the hierarchical router."""
+    top_p: float = 0.0
+    """If > 0, dynamic top-k: the fewest experts whose router probabilities reach top_p (clamped to [min_k, max_k])."""
+    min_k: int = 1
+    """Dynamic routing: fewest experts per token."""
+    max_k: int = 0
+    """Dynamic routing: most experts per token (0 = all)."""
+    preset: str = ""
+    """Named layout overriding experts/groups/router/top_k: 'seed' = 100 experts in 10 groups, hierarchical, top-10."""
+    data: str = ""
+    """Calibration and evaluation data; empty = the scan's data."""
+    seq_len: int = 256
+    """Tokens per calibration/evaluation sequence."""
+    calib_tokens: int = 16384
+    """Calibration tokens for the routers (training split)."""
+    calib_steps: int = 500
+    """Adam steps refining each router on the calibration tokens after the least-squares fit (0 = least squares only)."""
+    eval_tokens: int = 4096
+    """Held-out tokens for the dense-vs-carved perplexity check (0 = skip)."""
+    weight_features: float = 0.5
+    """Weight of the neurons' weight rows relative to their activation fingerprints in clustering."""
+    pca_dims: int = 32
+    """PCA components per feature block before clustering."""
+    seed: int = 0
+    """Seed for clustering and the random method."""
+    plots: bool = True
+    """Write UMAP and expert-size plots."""
+    plots_out: str = ""
+    """Plot folder; empty = a 'carve' folder beside --out."""
+    out: str = "runs/demo/moe"
+    """Output model folder (Hugging Face format, written atomically)."""
+
+    def __post_init__(self) -> None:
+        SourceArgs.__post_init__(self)
+        if self.preset:
+            if self.preset not in PRESETS:
+                raise TinyOnnError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+            for k, v in PRESETS[self.preset].items():
+                setattr(self, k, v)
+        if self.method not in METHODS:
+            raise TinyOnnError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0.0 < self.keep <= 1.0:
+            raise TinyOnnError(f"keep must be in (0, 1], got {self.keep}")
+        if not 0.0 <= self.shared < self.keep:
+            raise TinyOnnError(f"shared must be in [0, keep={self.keep}), got {self.shared}")
+        if self.experts < 1:
+            raise TinyOnnError(f"experts must be positive, got {self.experts}")
+        if not 1 <= self.top_k <= self.experts:
+            raise TinyOnnError(f"top_k must be between 1 and experts ({self.experts}), got {self.top_k}")
+        if self.router not in ROUTER_TYPES:
+            raise TinyOnnError(f"router must be one of {', '.join(ROUTER_TYPES)}, got {self.router!r}")
+        if self.router == "hierarchical" and (self.groups < 1 or self.experts % self.groups):
+            raise TinyOnnError(f"experts ({self.experts}) must be a multiple of groups ({self.groups})")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise TinyOnnError(f"top_p must be in [0, 1], got {self.top_p}")
+        max_k = self.max_k or self.experts
+        if not 1 <= self.min_k <= max_k <= self.experts:
+            raise TinyOnnError(f"need 1 <= min_k ({self.min_k}) <= max_k ({max_k}) <= experts ({self.experts})")
+        if self.calib_tokens < 1 or self.eval_tokens < 0:
+            raise TinyOnnError("calib_tokens must be positive and eval_tokens non-negative")
+
+    @property
+    def num_groups(self) -> int:
+        return self.groups if self.router == "hierarchical" else 1
+
+
+def check_scan_matches(scan: ScanResult, source: Source) -> None:
+    """A scan of another model would carve nonsense: compare the architectures."""
+    mine, theirs = source.architecture, scan.meta.get("architecture", {})
+    diff = [k for k in ("model_type", "num_layers", "hidden_size", "intermediate_size") if mine.get(k) != theirs.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: scan {theirs.get(k)} vs model {mine.get(k)}" for k in diff)
+        raise TinyOnnError(f"the scan was made on another model ({scan.meta.get('model')}): {detail}")
+
+
+def plan_layer(scan: ScanResult, mlp, cfg: CarveConfig, gen: torch.Generator) -> LayerPlan:
+    """Select, pick the shared expert, cluster the rest into equal experts, group the experts."""
+    N = mlp.num_neurons
+    E = cfg.experts
+    n_keep, n_shared = round(cfg.keep * N), round(cfg.shared * N)
+    per_expert = (n_keep - n_shared) // E
+    if per_expert < 1:
+        raise TinyOnnError(
+            f"{E} experts need at least {E} routed neurons per layer, but keep={cfg.keep} and shared={cfg.shared} "
+            f"leave {n_keep - n_shared} of {N}: use fewer experts or keep more neurons"
+        )
+    score = keep_scores(scan, mlp.layer, cfg.method, gen)
+    kept = score.topk(n_keep).indices
+    shared = kept[shared_scores(scan, mlp.layer, cfg.method, gen)[kept].topk(n_shared).indices] if n_shared else kept[:0]
+    rest = kept[~torch.isin(kept, shared)]
+    rest = rest[score[rest].topk(per_expert * E).indices]  # drop the weakest few so experts are equal
+    if cfg.method == "random":
+        labels = random_split(rest.numel(), E, gen)
+        feats = None
+    else:
+        feats = neuron_features(scan, mlp, rest, cfg.method, cfg.weight_features, cfg.pca_dims, cfg.seed)
+        labels = balanced_kmeans(feats, E, cfg.seed)
+    experts = [rest[torch.from_numpy(labels == e)].sort().values for e in range(E)]
+    G = cfg.num_groups
+    if G > 1:
+        if feats is None:
+            group_of = random_split(E, G, gen)
+        else:
+            centroids = np.stack([feats[labels == e].mean(0) for e in range(E)])
+            group_of = balanced_kmeans(centroids, G, cfg.seed)
+        experts = [experts[e] for e in np.argsort(group_of, kind="stable")]  # groups contiguous
+    return LayerPlan(layer=mlp.layer, shared=shared.sort().values, experts=torch.stack(experts), groups=G)
+
+
+def make_plan(scan: ScanResult, source: PreTrainedModel, cfg: CarveConfig) -> CarvePlan:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mlps = swiglu_mlps(source)
+    layers = [plan_layer(scan, m, cfg, gen) for m in tqdm(mlps, desc="carve", unit="layer", leave=False)]
+    return CarvePlan(layers=layers, method=cfg.method)
+
+
+def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=None) -> tuple[TinyOnnForCausalLM, CarvePlan, list]:
+    """Plan, assemble and calibrate a MoE in memory (the stage's core, reused by benchmarks)."""
+    plan = make_plan(scan, source.model, cfg)
+    model = assemble(
+        source.model, plan, dtype=next(source.model.parameters()).dtype,
+        num_experts_per_tok=cfg.top_k, router_type=cfg.router, router_top_p=cfg.top_p,
+        min_experts_per_tok=cfg.min_k, max_experts_per_tok=cfg.max_k or cfg.experts,
+    )
+    report = []
+    if calib_data is not None:
+        report = calibrate_routers(model, collect_ffn_inputs(source.model, calib_data), refine_steps=cfg.calib_steps)
+    return model, plan, report
+
+
+def active_fraction(plan: CarvePlan, top_k: int, source_neurons: int) -> float:
+    return (plan.shared_size + top_k * plan.expert_size) / source_neurons
+
+
+def export_folder(model: TinyOnnForCausalLM, source: Source, plan: CarvePlan, folder: Path, extra: dict) -> None:
+    """save_pretrained + tokenizer + the standalone modeling code (trust_remote_code) + provenance + model card."""
+    import tiny_onn.model as model_pkg
+
+    model.config.auto_map = {
+        "AutoConfig": "configuration_tiny_onn.TinyOnnConfig",
+        "AutoModelForCausalLM": "modeling_tiny_onn.TinyOnnForCausalLM",
+    }
+    model.config.architectures = ["TinyOnnForCausalLM"]
+    model.save_pretrained(folder)
+    source.tokenizer.save_pretrained(folder)
+    pkg = Path(model_pkg.__file__).parent
+    for name in ("configuration_tiny_onn.py", "modeling_tiny_onn.py"):
+        shutil.copy(pkg / name, folder / name)
+    write_json(folder / "provenance.json", {
+        "source_model": source.spec,
+        "source_origin": source.origin,
+        "method": plan.method,
+        "layers": [lp.to_json() for lp in plan.layers],
+    })
+    write_json(folder / "tiny_onn.json", extra)
+    (folder / "README.md").write_text(model_card(model, source, extra))
+
+
+def model_card(model: TinyOnnForCausalLM, source: Source, extra: dict) -> str:
+    c = model.config
+    ppl = extra.get("perplexity") or {}
+    lines = [
+        "---", "library_name: transformers", "tags: [tiny-onn, mixture-of-experts]", "---", "",
+        f"# TinyOnn MoE carved from {source.spec}", "",
+        f"Carved by Tiny-ONN {extra['versions']['tiny_onn']} with method `{extra['config']['method']}` from {source.origin}.",
+        "",
+        "| | |", "|---|---|",
+        f"| layers | {c.num_hidden_layers} |",
+        f"| routed experts per layer | {c.num_experts} × {c.moe_intermediate_size} neurons |",
+        f"| shared expert | {c.shared_expert_intermediate_size} neurons |",
+        f"| router | {c.router_type}" + (f", {c.num_expert_groups} groups" if c.router_type == "hierarchical" else "") + " |",
+        f"| routing | top-{c.num_experts_per_tok}" + (f", top-p {c.router_top_p}" if c.router_top_p else "") + " |",
+        f"| active FFN neurons | {extra['active_fraction']:.1%} of the source |",
+    ]
+    if ppl:
+        lines += [
+            f"| held-out perplexity (response tokens) | {ppl['carved']['ppl']:.2f} (dense source {ppl['dense']['ppl']:.2f}, "
+            f"ratio {ppl['ratio']:.3f}) |",
+        ]
+    lines += [
+        "", "Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` "
+        "(or through `tiny_onn`, which registers the classes). `provenance.json` maps every expert to its source neurons.",
+        "This model is untrained after carving unless a training section follows.", "",
+    ]
+    return "\n".join(lines)
+
+
+def run(cfg: CarveConfig) -> Path:
+    """Carve `cfg.scan`'s model and write the MoE folder (and plots)."""
+    scan = ScanResult.load(cfg.scan)
+    scan_cfg = scan.meta.get("config", {})
+    src_args = SourceArgs(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SourceArgs)})
+    src_args.model = cfg.model or scan.meta["model"]
+    source = load_source(src_args)
+    check_scan_matches(scan, source)
+    data_args = DataArgs(data=cfg.data or scan_cfg.get("data", "default"), seq_len=cfg.seq_len,
+                         heldout_fraction=scan_cfg.get("heldout_fraction", 0.1), seed=cfg.seed)
+    calib = build_dataset(source.tokenizer, data_args, "train", max_tokens=cfg.calib_tokens)
+    model, plan, calib_report = carve_model(scan, source, cfg, calib)
+    N = swiglu_mlps(source.model)[0].num_neurons
+    extra = {
+        "format": "tiny_onn.moe/1",
+        "scan": str(cfg.scan),
+        "active_fraction": active_fraction(plan, cfg.top_k, N),
+        "calibration": calib_report,
+        "config": config_to_dict(cfg),
+        "versions": versions(),
+    }
+    if cfg.eval_tokens:
+        held = build_dataset(source.tokenizer, data_args, "heldout", max_tokens=cfg.eval_tokens)
+        dense, carved = perplexity(source.model, held), perplexity(model, held)
+        extra["perplexity"] = {"dense": dense, "carved": carved, "ratio": carved["ppl"] / dense["ppl"]}
+    with atomic_dir(cfg.out) as tmp:
+        export_folder(model, source, plan, tmp, extra)
+    if cfg.plots:
+        from tiny_onn.carve.plots import write_carve_plots
+
+        plots_dir = Path(cfg.plots_out) if cfg.plots_out else Path(cfg.out).parent / "carve"
+        with atomic_dir(plots_dir) as tmp:
+            write_carve_plots(scan, source.model, plan, cfg, tmp)
+    return Path(cfg.out)
+
+
+def summary(cfg: CarveConfig, out: Path) -> str:
+    """The line the CLI prints after carving."""
+    import json
+
+    extra = json.loads((Path(out) / "tiny_onn.json").read_text())
+    line = f"MoE written to {out} ({extra['active_fraction']:.1%} of FFN neurons active per token)"
+    if "perplexity" in extra:
+        p = extra["perplexity"]
+        line += (f"\nheld-out perplexity: dense {p['dense']['ppl']:.2f}, carved {p['carved']['ppl']:.2f} "
+                 f"(ratio {p['ratio']:.3f})")
+    return line

@@ -1,0 +1,58 @@
+"""Which neurons to keep and which form the shared expert, for each carving method (a registry, not copies)."""
+
+from __future__ import annotations
+
+import torch
+
+from tiny_onn.scan import ScanResult, zscore
+from tiny_onn.scan.scores import s_p
+
+METHODS = ("dsc", "random", "actgrad", "coact")
+
+
+def keep_scores(scan: ScanResult, layer: int, method: str, generator: torch.Generator) -> torch.Tensor:
+    """Per-neuron score; the highest `keep` fraction is kept. dsc: S_p; actgrad: a·s (LLaMA-MoE importance);
+    coact: activation a alone; random: a random permutation."""
+    act, grad = scan.stat(layer, "act"), scan.stat(layer, "grad")
+    if method == "dsc":
+        return scan.stat(layer, "s_p")
+    if method == "actgrad":
+        return act * grad
+    if method == "coact":
+        return act
+    if method == "random":
+        return torch.rand(act.shape, generator=generator)
+    raise ValueError(method)
+
+
+def shared_scores(scan: ScanResult, layer: int, method: str, generator: torch.Generator) -> torch.Tensor:
+    """Per-neuron score for the always-on shared expert.
+
+    dsc: the neuron's *worst* S_p over the data categories, so only neurons strong in every category qualify (a
+    generalist); actgrad: a·s; coact: firing frequency f; random: random.
+    """
+    if method == "dsc":
+        cats = scan.categories
+        if not cats:
+            return scan.stat(layer, "s_p")
+        w = tuple(scan.meta["score_weights"][k] for k in ("act", "inv_grad", "freq"))
+        per_cat = torch.stack([
+            s_p(scan.stat(layer, "act", c), scan.stat(layer, "grad", c), scan.stat(layer, "freq", c), w) for c in cats
+        ])  # [C, N]
+        return per_cat.min(dim=0).values
+    if method == "actgrad":
+        return scan.stat(layer, "act") * scan.stat(layer, "grad")
+    if method == "coact":
+        return scan.stat(layer, "freq")
+    if method == "random":
+        return torch.rand(scan.stat(layer, "act").shape, generator=generator)
+    raise ValueError(method)
+
+
+def category_profile(scan: ScanResult, layer: int) -> torch.Tensor:
+    """[N, C] z-scored activation per category (what each neuron responds to), an extra clustering feature for dsc."""
+    if not scan.categories:
+        return torch.zeros(scan.stat(layer, "act").numel(), 0)
+    acts = torch.stack([scan.stat(layer, "act", c) for c in scan.categories], dim=1)  # [N, C]
+    share = acts / acts.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return zscore(share.T).T
