@@ -105,10 +105,10 @@ class TinyOnnExperts(nn.Module):
 
     def __init__(self, config: TinyOnnConfig):
         super().__init__()
-        E, I, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        E, inter, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
         self.num_experts = E
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # rows [:I] gate, [I:] up
-        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, D))  # [E, 2I, D]: rows [:I] gate, [I:] up
+        self.down_proj = nn.Parameter(torch.empty(E, D, inter))  # [E, D, I]
         self.act_fn = ACT2FN[config.hidden_act]
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -195,10 +195,8 @@ class TinyOnnSparseMoeBlock(nn.Module):
             )
         token_P, expert_P = selected_NE.nonzero(as_tuple=True)
         p_P = probs_NE[token_P, expert_P]
-        if cfg.expert_weighting == "straight_through":
-            weight_P = (p_P - p_P.detach()) + 1.0  # exactly 1 in value; d/dp = 1 so the router still learns
-        else:
-            weight_P = p_P
+        # straight-through: exactly 1 in value (the router selects, it does not rescale), d/dp = 1 so the router learns
+        weight_P = (p_P - p_P.detach()) + 1.0 if cfg.expert_weighting == "straight_through" else p_P
         out_ND = self.experts(x_ND, token_P, expert_P, weight_P)
         if self.shared_expert is not None:
             out_ND = out_ND + self.shared_expert(x_ND)
