@@ -10,6 +10,7 @@ P selected (token, expert) pairs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -112,22 +113,31 @@ class TinyOnnExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+        """Expert e on its tokens x [n, D] -> [n, D] (differentiable)."""
+        h = torch.mm(x, self.gate_up_proj[e].T)  # [n, 2I]
+        inter = self.down_proj.shape[-1]
+        return torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T)
 
     def forward(
-        self, x_ND: torch.Tensor, token_P: torch.Tensor, expert_P: torch.Tensor, weight_P: torch.Tensor
+        self, x_ND: torch.Tensor, token_P: torch.Tensor, expert_P: torch.Tensor, weight_P: torch.Tensor | None
     ) -> torch.Tensor:
+        """Sum of the selected experts' outputs per token, each scaled by `weight_P` (None: weight 1)."""
         order = torch.argsort(expert_P, stable=True)
-        token_P, weight_P = token_P[order], weight_P[order]
+        token_P = token_P[order]
         counts = torch.bincount(expert_P, minlength=self.num_experts).tolist()
         x_PD = x_ND.index_select(0, token_P)  # tokens grouped by expert
-        outputs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outputs.append(self.expert_forward(e, x_PD[start : start + n]))
-                start += n
-        y_PD = torch.cat(outputs) * weight_P[:, None].to(x_ND.dtype)
+        ends = list(accumulate(counts))
+        bounds = [(e, ends[e] - n, ends[e]) for e, n in enumerate(counts) if n]  # expert e owns rows [start, end)
+        if torch.is_grad_enabled() and (x_ND.requires_grad or self.down_proj.requires_grad):
+            y_PD = torch.cat([self.expert_forward(e, x_PD[a:b]) for e, a, b in bounds])
+        else:  # inference: write each expert's rows in place, no concatenation copy
+            y_PD = torch.empty_like(x_PD)
+            inter = self.down_proj.shape[-1]
+            for e, a, b in bounds:
+                h = torch.mm(x_PD[a:b], self.gate_up_proj[e].T)
+                torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T, out=y_PD[a:b])
+        if weight_P is not None:
+            y_PD = y_PD * weight_P[order][:, None].to(y_PD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_P, y_PD)
 
 
@@ -195,8 +205,13 @@ class TinyOnnSparseMoeBlock(nn.Module):
             )
         token_P, expert_P = selected_NE.nonzero(as_tuple=True)
         p_P = probs_NE[token_P, expert_P]
-        # straight-through: exactly 1 in value (the router selects, it does not rescale), d/dp = 1 so the router learns
-        weight_P = (p_P - p_P.detach()) + 1.0 if cfg.expert_weighting == "straight_through" else p_P
+        if cfg.expert_weighting != "straight_through":
+            weight_P = p_P
+        elif p_P.requires_grad:
+            # exactly 1 in value (the router selects, it does not rescale), d/dp = 1 so the router learns
+            weight_P = (p_P - p_P.detach()) + 1.0
+        else:
+            weight_P = None  # weight 1 and no gradient wanted: skip the multiply
         out_ND = self.experts(x_ND, token_P, expert_P, weight_P)
         if self.shared_expert is not None:
             out_ND = out_ND + self.shared_expert(x_ND)

@@ -1,0 +1,105 @@
+"""Quality of a carved MoE before any training: held-out perplexity ratio carved / dense on SmolLM2.
+
+    python benchmarks/carve_quality.py
+
+Every method (dsc, random, actgrad, coact) at the same budget, routers calibrated in all, at 25 % and 50 % of FFN
+neurons active, for two layouts (16 routed experts; a 12.5 % shared expert + 14 routed experts). The plan and the router
+calibration do not depend on top-k, so each (method, layout) is carved once and evaluated at both budgets. The oracle
+row replaces the router by the true per-token expert gains (an upper bound for any router on that split).
+Writes benchmarks/results/carve_quality.json. Targets: dsc <= 1.5 at 25 %, <= 1.05 at 50 %, dsc <= 0.9 x random at 25 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import smollm2_scan, write_result  # noqa: E402
+
+from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
+from tiny_onn.carve.carver import active_fraction  # noqa: E402
+from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
+from tiny_onn.eval import perplexity  # noqa: E402
+from tiny_onn.model.modeling_tiny_onn import TinyOnnSparseMoeBlock  # noqa: E402
+from tiny_onn.scan import ScanResult  # noqa: E402
+from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
+
+LAYOUTS = {
+    "16 experts": {"experts": 16, "shared": 0.0, "top_k": {"25%": 4, "50%": 8}},
+    "shared 12.5% + 14 experts": {"experts": 14, "shared": 0.125, "top_k": {"25%": 2, "50%": 6}},
+}
+METHODS = ("dsc", "random", "actgrad", "coact")
+
+
+def oracle_forward(self, hidden_states):
+    """Route each token to the experts with the largest true gain 2<R, y_e> - |y_e|² (R = all routed experts' sum)."""
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    y_ENd = torch.stack([self.experts.expert_forward(e, x) for e in range(self.experts.num_experts)])
+    R_Nd = y_ENd.sum(0)
+    gain_NE = (2 * (y_ENd * R_Nd).sum(-1) - (y_ENd**2).sum(-1)).T
+    top = gain_NE.topk(self.config.num_experts_per_tok, dim=-1).indices
+    sel_NE = torch.zeros_like(gain_NE, dtype=torch.bool).scatter_(1, top, True)
+    out = (y_ENd * sel_NE.T[:, :, None]).sum(0)
+    if self.shared_expert is not None:
+        out = out + self.shared_expert(x)
+    return out.reshape(shape), gain_NE.log_softmax(-1), sel_NE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--calib-steps", type=int, default=500)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    source = load_source(SourceArgs(model="smollm2", device="cpu"))
+    scan = ScanResult.load(smollm2_scan())
+    data_args = DataArgs(seq_len=256)
+    calib = build_dataset(source.tokenizer, data_args, "train", max_tokens=args.calib_tokens)
+    held = build_dataset(source.tokenizer, data_args, "heldout", max_tokens=args.eval_tokens)
+    dense = perplexity(source.model, held)
+    print(f"dense held-out perplexity {dense['ppl']:.3f} on {dense['tokens']} response tokens", flush=True)
+    rows = []
+    for layout_name, layout in LAYOUTS.items():
+        for method in METHODS:
+            start = time.perf_counter()
+            cfg = CarveConfig(method=method, experts=layout["experts"], shared=layout["shared"], top_k=1,
+                              calib_tokens=args.calib_tokens, calib_steps=args.calib_steps)
+            moe, plan, _ = carve_model(scan, source, cfg, calib)
+            for budget, k in layout["top_k"].items():
+                moe.config.num_experts_per_tok = k
+                ppl = perplexity(moe, held)
+                row = {"layout": layout_name, "method": method, "budget": budget, "top_k": k,
+                       "active_fraction": active_fraction(plan, k, 1536), "ppl": ppl["ppl"],
+                       "ratio": ppl["ppl"] / dense["ppl"], "by_category": ppl["by_category"]}
+                if method in ("dsc", "random"):
+                    original = TinyOnnSparseMoeBlock.forward
+                    TinyOnnSparseMoeBlock.forward = oracle_forward
+                    try:
+                        row["oracle_ratio"] = perplexity(moe, held)["ppl"] / dense["ppl"]
+                    finally:
+                        TinyOnnSparseMoeBlock.forward = original
+                rows.append(row)
+                print(f"{layout_name:>26} {method:>8} {budget}: ratio {row['ratio']:.3f}"
+                      + (f" (oracle router {row['oracle_ratio']:.3f})" if "oracle_ratio" in row else ""), flush=True)
+            print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+            del moe
+    write_result("carve_quality", {
+        "model": "smollm2 (SmolLM2-135M-Instruct, fp32)",
+        "scan_tokens": scan.meta["tokens_fed"],
+        "calibration": {"tokens": calib.num_tokens, "adam_steps": args.calib_steps},
+        "heldout_tokens_scored": dense["tokens"],
+        "dense": dense,
+        "targets": {"dsc_25": 1.5, "dsc_50": 1.05, "dsc_over_random_25": 0.9},
+        "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()

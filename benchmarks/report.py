@@ -1,0 +1,125 @@
+"""Render the README's result tables from benchmarks/results/*.json (so every number there comes from a result file).
+
+    python benchmarks/report.py            # rewrite the marked sections of README.md
+    python benchmarks/report.py --print    # print them instead
+
+A section is everything between `<!-- results:NAME -->` and `<!-- /results:NAME -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def scan_overhead(d: dict) -> str:
+    m, tps = d["median_seconds"], d["tokens_per_second"]
+    return "\n".join([
+        f"SmolLM2-135M fp32, batch {d['batch'][0]}×{d['batch'][1]}, {d['repeats']} interleaved repeats, median, "
+        f"{d['machine']['cpu_count']} CPU cores (`{d['command']}`):",
+        "",
+        "| step | median s | tokens/s |",
+        "|---|---|---|",
+        f"| forward + backward to activations, no hooks (plain) | {m['plain']:.2f} | {tps['plain']:.0f} |",
+        f"| the same with the scanner's hooks and statistics (scan) | {m['scan']:.2f} | {tps['scan']:.0f} |",
+        f"| a standard HF training step (all logits, weight gradients), for reference | {m['hf_training_step']:.2f} | "
+        f"{tps['hf_training_step']:.0f} |",
+        "",
+        f"**scan ÷ plain = {d['ratio_scan_over_plain']:.3f}** (target ≤ {d['target_ratio_scan_over_plain']}).",
+    ])
+
+
+def moe_speed(d: dict) -> str:
+    lines = [
+        f"SmolLM2-135M fp32, batch {d['batch'][0]}×{d['batch'][1]}, {d['repeats']} interleaved repeats, median "
+        f"(`{d['command']}`). Prefill = the whole model's forward with logits for the last position only; MLP = one FFN "
+        f"block (layer {d['mlp_layer']}) on the same input, router and dispatch included.",
+        "",
+        "| layout | active FFN neurons | prefill tokens/s dense → MoE | prefill speed-up (target ≥ 1.5) | "
+        "MoE MLP ÷ dense MLP time (target ≤ 0.35) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in d["layouts"].items():
+        t = r["prefill_tokens_per_second"]
+        lines.append(f"| {name} | {r['active_fraction']:.1%} | {t['dense']:.0f} → {t['moe']:.0f} | "
+                     f"{r['prefill_speedup_moe_over_dense']:.2f}× | {r['mlp_time_ratio_moe_over_dense']:.3f} |")
+    return "\n".join(lines)
+
+
+def carve_quality(d: dict) -> str:
+    lines = [
+        f"Held-out perplexity (response tokens, {d['heldout_tokens_scored']} scored) of the carved MoE ÷ the dense "
+        f"source ({d['dense']['ppl']:.2f}), **no training**; routers calibrated on {d['calibration']['tokens']} tokens "
+        f"({d['calibration']['adam_steps']} Adam steps after least squares); scan of {d['scan_tokens']} tokens "
+        f"(`{d['command']}`). Oracle = the router replaced by each token's true expert gains.",
+        "",
+        "| layout | method | 25 % active | 50 % active |",
+        "|---|---|---|---|",
+    ]
+    rows = d["rows"]
+    keys = []
+    for r in rows:
+        if (r["layout"], r["method"]) not in keys:
+            keys.append((r["layout"], r["method"]))
+    for layout, method in keys:
+        cells = []
+        for budget in ("25%", "50%"):
+            r = next((x for x in rows if x["layout"] == layout and x["method"] == method and x["budget"] == budget), None)
+            if r is None:
+                cells.append("–")
+                continue
+            cell = f"{r['ratio']:.2f}"
+            if "oracle_ratio" in r:
+                cell += f" (oracle {r['oracle_ratio']:.2f})"
+            cells.append(cell)
+        lines.append(f"| {layout} | {method} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def score_validity(d: dict) -> str:
+    lines = [
+        f"Held-out perplexity after zeroing {d['fraction_zeroed_per_layer']:.0%} of every layer's FFN neurons, chosen by "
+        f"each score (`{d['command']}`):",
+        "",
+        "| neurons zeroed | perplexity | ÷ dense |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['zeroed']} | {r['ppl']:.2f} | {r['ratio']:.3f} |" for r in d["rows"]]
+    return "\n".join(lines)
+
+
+RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "carve_quality": carve_quality,
+             "score_validity": score_validity}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--print", action="store_true")
+    args = parser.parse_args()
+    readme = (ROOT / "README.md").read_text()
+    for name, render in RENDERERS.items():
+        data = _load(name)
+        if data is None:
+            continue
+        table = render(data)
+        if args.print:
+            print(f"## {name}\n{table}\n")
+            continue
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        readme = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), readme)
+    if not args.print:
+        (ROOT / "README.md").write_text(readme)
+
+
+if __name__ == "__main__":
+    main()
