@@ -109,3 +109,25 @@ def scan_tiny(model_dir: Path, data: Path, out: Path) -> Path:
     run(ScanConfig(model=str(model_dir), data=str(data), device="cpu", tokens=100000, seq_len=32, batch_size=4,
                    fingerprint_tokens=32, out=str(out)))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory, tiny_tokenizer) -> tuple[Path, Path]:
+    """A carved MoE of a tiny random Llama (4 experts, top-2, hierarchical, shared expert) and its jsonl data."""
+    from tiny_onn.carve import CarveConfig, run
+
+    root = tmp_path_factory.mktemp("tiny-moe")
+    dense = root / "dense"
+    make_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(dense)
+    tiny_tokenizer.save_pretrained(dense)
+    records = []
+    for i in range(80):
+        records.append({"messages": [{"role": "user", "content": f"Hello number {i}, how are you?"},
+                                     {"role": "assistant", "content": f"I am fine, thanks {i}."}], "category": "chat"})
+        records.append({"instruction": f"Write add{i}", "output": f"def add{i}(a, b):\n    return a + b\n",
+                        "category": "code"})
+    data = write_jsonl(root / "data.jsonl", records)
+    scan = scan_tiny(dense, data, root / "scan")
+    run(CarveConfig(scan=str(scan), model=str(dense), experts=4, top_k=2, shared=0.125, router="hierarchical", groups=2,
+                    calib_tokens=512, calib_steps=10, eval_tokens=0, plots=False, device="cpu", out=str(root / "moe")))
+    return root / "moe", data

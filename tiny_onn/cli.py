@@ -46,7 +46,32 @@ def _carve_stage() -> Stage:
     )
 
 
-STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage}
+def _train_stage() -> Stage:
+    from tiny_onn import train
+
+    return Stage(
+        "train",
+        "continue training a carved MoE with expert-masked updates (full / smk / smk2) and distillation",
+        lambda: train.TrainConfig,
+        train.run,
+        train.summary,
+    )
+
+
+def _generate_stage() -> Stage:
+    from tiny_onn import generate
+
+    return Stage(
+        "generate",
+        "chat with a model folder (dense or MoE); --top-k/--top-p change the MoE routing",
+        lambda: generate.GenerateConfig,
+        generate.run,
+        lambda cfg, text: text,
+    )
+
+
+STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage, "train": _train_stage,
+                                          "generate": _generate_stage}
 
 
 def build_parser() -> argparse.ArgumentParser:

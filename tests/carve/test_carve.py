@@ -196,3 +196,18 @@ def test_smollm2_lossless_and_seed_preset(smollm2, smollm2_scan, tmp_path):
     gen = model.generate(prompt, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] > prompt.shape[1]
     assert smollm2.tokenizer.decode(gen[0, prompt.shape[1]:]).strip()
+
+
+def test_generate_cli_with_routing_override(tiny_model_dir, tiny_scan, tmp_path, capsys):
+    out = tmp_path / "moe"
+    assert main(["carve", "--scan", str(tiny_scan[0]), "--model", str(tiny_model_dir), "--experts", "4", "--top-k", "2",
+                 "--calib-tokens", "256", "--calib-steps", "5", "--eval-tokens", "0", "--no-plots", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--top-k", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["generate", "--model", str(out), "--top-k", "9"]) == 2
+    assert "top_k must be between 1 and the model's 4 experts" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_model_dir), "--top-k", "2"]) == 2
+    assert "this model is dense" in capsys.readouterr().err
+    assert main(["scan", "--model", str(out), "--out", str(tmp_path / "s")]) == 2
+    assert "needs the dense source model" in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from tiny_onn.artifacts import atomic_dir, versions, write_json
+from tiny_onn.artifacts import atomic_dir, versions
 from tiny_onn.carve.assemble import assemble
 from tiny_onn.carve.calibrate import calibrate_routers, collect_ffn_inputs
 from tiny_onn.carve.cluster import balanced_kmeans, random_split
@@ -26,6 +25,7 @@ from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model import TinyOnnForCausalLM
 from tiny_onn.model.configuration_tiny_onn import ROUTER_TYPES
+from tiny_onn.model.export import save_model_folder
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
 
@@ -189,27 +189,13 @@ def active_fraction(plan: CarvePlan, top_k: int, source_neurons: int) -> float:
 
 
 def export_folder(model: TinyOnnForCausalLM, source: Source, plan: CarvePlan, folder: Path, extra: dict) -> None:
-    """save_pretrained + tokenizer + the standalone modeling code (trust_remote_code) + provenance + model card."""
-    import tiny_onn.model as model_pkg
-
-    model.config.auto_map = {
-        "AutoConfig": "configuration_tiny_onn.TinyOnnConfig",
-        "AutoModelForCausalLM": "modeling_tiny_onn.TinyOnnForCausalLM",
-    }
-    model.config.architectures = ["TinyOnnForCausalLM"]
-    model.save_pretrained(folder)
-    source.tokenizer.save_pretrained(folder)
-    pkg = Path(model_pkg.__file__).parent
-    for name in ("configuration_tiny_onn.py", "modeling_tiny_onn.py"):
-        shutil.copy(pkg / name, folder / name)
-    write_json(folder / "provenance.json", {
+    provenance = {
         "source_model": source.spec,
         "source_origin": source.origin,
         "method": plan.method,
         "layers": [lp.to_json() for lp in plan.layers],
-    })
-    write_json(folder / "tiny_onn.json", extra)
-    (folder / "README.md").write_text(model_card(model, source, extra))
+    }
+    save_model_folder(model, source.tokenizer, folder, provenance, extra, model_card(model, source, extra))
 
 
 def model_card(model: TinyOnnForCausalLM, source: Source, extra: dict) -> str:

@@ -28,6 +28,8 @@ class TinyOnnConfig(PretrainedConfig):
         router gets gradients through 1 + p - stopgrad(p); with every expert selected the MoE equals the dense FFN) or
         "probs" (outputs weighted by router probabilities, as in a standard MoE).
     router_aux_loss_coef (`float`): weight of the Switch load-balancing loss added to the LM loss.
+    moe_mode (`str`): "sparse" (routing as above) or "dense_mixture" (training phase 1: every expert runs, weighted by
+        E · p so that uniform routing equals the dense FFN).
     """
 
     model_type = "tiny_onn"
@@ -64,6 +66,7 @@ class TinyOnnConfig(PretrainedConfig):
         expert_weighting: str = "straight_through",
         router_aux_loss_coef: float = 0.01,
         output_router_logits: bool = False,
+        moe_mode: str = "sparse",
         source_model_type: str = "llama",
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -98,6 +101,7 @@ class TinyOnnConfig(PretrainedConfig):
         self.expert_weighting = expert_weighting
         self.router_aux_loss_coef = router_aux_loss_coef
         self.output_router_logits = output_router_logits
+        self.moe_mode = moe_mode
         self.source_model_type = source_model_type
         self.sliding_window = None  # full attention in every layer (read by transformers' mask helpers)
         super().__init__(
@@ -113,6 +117,8 @@ class TinyOnnConfig(PretrainedConfig):
         """Raise ValueError naming the field when the MoE layout is inconsistent."""
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.moe_mode not in ("sparse", "dense_mixture"):
+            raise ValueError(f"moe_mode must be 'sparse' or 'dense_mixture', got {self.moe_mode!r}")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:
             raise ValueError(f"expert_weighting must be one of {EXPERT_WEIGHTINGS}, got {self.expert_weighting!r}")
         if self.num_experts < 1 or self.moe_intermediate_size < 1:

@@ -111,6 +111,14 @@ class TinyOnnExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, D))  # [E, 2I, D]: rows [:I] gate, [I:] up
         self.down_proj = nn.Parameter(torch.empty(E, D, inter))  # [E, D, I]
         self.act_fn = ACT2FN[config.hidden_act]
+        # training statistics (SMK²): summed norm of each expert's routed outputs and routed token counts, while tracking
+        self.track_stats = False
+        self.output_norm_sum: torch.Tensor | None = None  # [E], created by reset_stats
+        self.routed_count: torch.Tensor | None = None  # [E]
+
+    def reset_stats(self) -> None:
+        self.output_norm_sum = torch.zeros(self.num_experts, device=self.down_proj.device)
+        self.routed_count = torch.zeros(self.num_experts, device=self.down_proj.device)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [n, D] -> [n, D] (differentiable)."""
@@ -136,6 +144,13 @@ class TinyOnnExperts(nn.Module):
             for e, a, b in bounds:
                 h = torch.mm(x_PD[a:b], self.gate_up_proj[e].T)
                 torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T, out=y_PD[a:b])
+        if self.track_stats:
+            if self.output_norm_sum is None:
+                self.reset_stats()
+            with torch.no_grad():
+                expert_sorted = expert_P[order]
+                self.output_norm_sum.index_add_(0, expert_sorted, y_PD.detach().float().norm(dim=-1))
+                self.routed_count += torch.bincount(expert_sorted, minlength=self.num_experts).float()
         if weight_P is not None:
             y_PD = y_PD * weight_P[order][:, None].to(y_PD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_P, y_PD)
@@ -154,15 +169,23 @@ class TinyOnnRouter(nn.Module):
             self.group_weight = nn.Parameter(torch.empty(self.num_groups, config.hidden_size))  # the main router
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (log-probabilities, probabilities), both [N, E], computed in float32."""
+        """Return (log-probabilities, probabilities), both [N, E], computed in float32.
+
+        In training mode also sets `self.z_loss`, the mean squared log-sum-exp of the raw router logits (ST-MoE).
+        """
         logits_NE = F.linear(x_ND.float(), self.weight.float())
         if not self.hierarchical:
             logp_NE = F.log_softmax(logits_NE, dim=-1)
+            z_terms = [logits_NE]
         else:
             N, G = logits_NE.shape[0], self.num_groups
-            logp_sub_NGe = F.log_softmax(logits_NE.view(N, G, -1), dim=-1)  # p(expert | group)
-            logp_main_NG = F.log_softmax(F.linear(x_ND.float(), self.group_weight.float()), dim=-1)
-            logp_NE = (logp_main_NG[:, :, None] + logp_sub_NGe).reshape(N, -1)
+            sub_NGe = logits_NE.view(N, G, -1)
+            logp_sub_NGe = F.log_softmax(sub_NGe, dim=-1)  # p(expert | group)
+            main_NG = F.linear(x_ND.float(), self.group_weight.float())
+            logp_NE = (F.log_softmax(main_NG, dim=-1)[:, :, None] + logp_sub_NGe).reshape(N, -1)
+            z_terms = [main_NG, sub_NGe]
+        if self.training:
+            self.z_loss = sum(torch.logsumexp(z, dim=-1).pow(2).mean() for z in z_terms) / len(z_terms)
         return logp_NE, logp_NE.exp()
 
 
@@ -199,13 +222,19 @@ class TinyOnnSparseMoeBlock(nn.Module):
         x_ND = hidden_states.reshape(-1, shape[-1])
         logp_NE, probs_NE = self.router(x_ND)
         cfg = self.config
+        dense_mixture = getattr(cfg, "moe_mode", "sparse") == "dense_mixture"
         with torch.no_grad():
-            selected_NE = select_experts(
-                probs_NE, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok, cfg.max_experts_per_tok
-            )
+            if dense_mixture:  # training phase 1: every expert computes and receives gradients
+                selected_NE = torch.ones_like(probs_NE, dtype=torch.bool)
+            else:
+                selected_NE = select_experts(
+                    probs_NE, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok, cfg.max_experts_per_tok
+                )
         token_P, expert_P = selected_NE.nonzero(as_tuple=True)
         p_P = probs_NE[token_P, expert_P]
-        if cfg.expert_weighting != "straight_through":
+        if dense_mixture:
+            weight_P = p_P * probs_NE.shape[-1]  # softmax mixture scaled so uniform routing equals the dense FFN
+        elif cfg.expert_weighting != "straight_through":
             weight_P = p_P
         elif p_P.requires_grad:
             # exactly 1 in value (the router selects, it does not rescale), d/dp = 1 so the router learns

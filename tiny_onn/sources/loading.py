@@ -160,8 +160,14 @@ def _resolve(spec: str) -> tuple[str, str]:
     return spec, f"hub {spec}"
 
 
-def load_source(args: SourceArgs) -> Source:
-    """Load the source model and tokenizer described by `args`, in eval mode, on the requested device and dtype."""
+def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
+    """Load the model and tokenizer described by `args`, in eval mode, on the requested device and dtype.
+
+    With `dense_only` (scan, carve) the model must be a dense SwiGLU decoder; otherwise TinyOnn MoE folders load too
+    (through tiny_onn's registered classes, no remote code).
+    """
+    import tiny_onn.model  # noqa: F401  (registers TinyOnn with the Auto classes)
+
     target, origin = _resolve(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -170,7 +176,11 @@ def load_source(args: SourceArgs) -> Source:
     except (OSError, ValueError) as e:
         hint = " (no network here? use 'smollm2', a .gguf file or a local folder)" if origin.startswith("hub") else ""
         raise TinyOnnError(f"could not load the config of {args.model!r}{hint}: {e}") from e
-    check_config_is_swiglu(config, repr(args.model))
+    is_moe = config.model_type == "tiny_onn"
+    if is_moe and dense_only:
+        raise TinyOnnError(f"{args.model!r} is a carved TinyOnn MoE; this stage needs the dense source model")
+    if not is_moe:
+        check_config_is_swiglu(config, repr(args.model))
     kwargs: dict = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
     if args.load_in_4bit:
         if device.type != "cuda":
@@ -189,7 +199,8 @@ def load_source(args: SourceArgs) -> Source:
     if not args.load_in_4bit:
         model.to(device)
     model.eval()
-    swiglu_mlps(model)  # raises a clear error for non-SwiGLU layers
+    if not is_moe:
+        swiglu_mlps(model)  # raises a clear error for non-SwiGLU layers
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Source(model=model, tokenizer=tokenizer, spec=args.model, origin=origin)

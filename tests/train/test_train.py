@@ -1,0 +1,150 @@
+"""Training: masked experts do not move, bit-exact resume, 2-process equivalence, PI, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny_onn.cli import main
+from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
+from tiny_onn.train import MaskedAdamW, update_mask
+from tiny_onn.train.losses import performance_index
+from tiny_onn.train.policies import expert_grad_norms
+
+
+def _tiny_moe() -> TinyOnnForCausalLM:
+    torch.manual_seed(0)
+    cfg = TinyOnnConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                        num_experts=6, num_experts_per_tok=3, moe_intermediate_size=4)
+    return TinyOnnForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("policy", ["smk", "smk2"])
+def test_masked_experts_do_not_move(policy):
+    model = _tiny_moe()
+    for layer in model.model.layers:
+        layer.mlp.experts.track_stats = True
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 60, (4, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # build up momentum everywhere first
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    experts = model.model.layers[0].mlp.experts
+    assert opt.state[experts.gate_up_proj]["exp_avg"].abs().sum() > 0
+    experts.reset_stats()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad = expert_grad_norms(experts)
+    act = experts.output_norm_sum / experts.routed_count.clamp_min(1)
+    mask = update_mask(policy, grad, act, experts.routed_count > 0, k=2)
+    assert int(mask.sum()) == 2
+    before = {name: t.clone() for name, t in [("w", experts.gate_up_proj.data), ("d", experts.down_proj.data),
+                                                 ("m", opt.state[experts.gate_up_proj]["exp_avg"]),
+                                                 ("v", opt.state[experts.gate_up_proj]["exp_avg_sq"]),
+                                                 ("s", opt.state[experts.gate_up_proj]["step"])]}
+    opt.set_update_mask(experts.gate_up_proj, mask)
+    opt.set_update_mask(experts.down_proj, mask)
+    opt.step()
+    after = {"w": experts.gate_up_proj.data, "d": experts.down_proj.data,
+             "m": opt.state[experts.gate_up_proj]["exp_avg"], "v": opt.state[experts.gate_up_proj]["exp_avg_sq"],
+             "s": opt.state[experts.gate_up_proj]["step"]}
+    for key in before:
+        assert torch.equal(after[key][~mask], before[key][~mask]), f"masked expert moved: {key}"
+        assert not torch.equal(after[key][mask], before[key][mask]), f"updated expert did not change: {key}"
+    if policy == "smk":
+        assert set(mask.nonzero().squeeze(-1).tolist()) == set(grad.topk(2, largest=False).indices.tolist())
+
+
+def test_full_policy_and_pi():
+    grad = torch.tensor([0.0, 1.0, 2.0])
+    assert update_mask("full", grad, grad, grad > 0, k=1).tolist() == [False, True, True]
+    assert performance_index(2.0, 2.0, 0.0, alpha=1.0, gamma=0.0) == pytest.approx(torch.e**-1)
+    assert performance_index(0.0, 1.0, 0.0, 1.0, 0.5) == 1.0
+
+
+def _train_args(moe, data, out, steps=6, extra=()):
+    return ["train", "--model", str(moe), "--data", str(data), "--steps", str(steps), "--batch-size", "2",
+            "--seq-len", "32", "--checkpoint-every", "3", "--eval-tokens", "128", "--device", "cpu",
+            "--warmup-steps", "2", "--policy", "smk2", "--max-k", "2", "--out", str(out), *extra]
+
+
+def _ce(out):
+    return [h["ce"] for h in json.loads((out / "train.json").read_text())["history"]]
+
+
+def test_resume_after_interrupt_is_bit_exact(tiny_moe, tmp_path, monkeypatch, capsys):
+    moe, data = tiny_moe
+    assert main(_train_args(moe, data, tmp_path / "a")) == 0
+    reference = _ce(tmp_path / "a")
+    assert len(reference) == 6 and (tmp_path / "a" / "model" / "config.json").is_file()
+
+    calls = {"n": 0}
+    original = MaskedAdamW.step
+
+    def interrupted(self, closure=None):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, closure)
+
+    monkeypatch.setattr(MaskedAdamW, "step", interrupted)
+    assert main(_train_args(moe, data, tmp_path / "b")) == 130
+    monkeypatch.setattr(MaskedAdamW, "step", original)
+    assert not (tmp_path / "b" / "model").exists()
+    assert main(_train_args(moe, data, tmp_path / "b")) == 2  # refuses to overwrite without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(_train_args(moe, data, tmp_path / "b", extra=["--resume"])) == 0
+    assert _ce(tmp_path / "b") == reference
+
+
+def test_two_processes_match_one(tiny_moe, tmp_path):
+    moe, data = tiny_moe
+    assert main(_train_args(moe, data, tmp_path / "one", steps=3, extra=["--grad-accum", "2"])) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(port),
+           "-m", "tiny_onn.cli", *_train_args(moe, data, tmp_path / "two", steps=3)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _ce(tmp_path / "one"), _ce(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) < 1e-4, (one, two)
+
+
+def test_train_bad_inputs(tiny_moe, tmp_path, capsys, monkeypatch):
+    moe, data = tiny_moe
+    assert main(_train_args(moe, data, tmp_path / "x", extra=["--max-k", "9"])) == 2
+    assert "larger than the model's 4 experts" in capsys.readouterr().err
+    # NaN loss: stops with a clear message, keeps the last good checkpoint
+    import tiny_onn.train.trainer as trainer
+
+    real = trainer.response_ce_sum
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        ce, ent = real(logits, labels)
+        return (ce * float("nan"), ent) if calls["n"] > 4 else (ce, ent)
+
+    monkeypatch.setattr(trainer, "response_ce_sum", poisoned)
+    assert main(_train_args(moe, data, tmp_path / "nan")) == 2
+    err = capsys.readouterr().err
+    assert "the loss became nan at step 4" in err and "step-000003" in err
+    assert (tmp_path / "nan" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    monkeypatch.setattr(trainer, "response_ce_sum", real)
+    # resuming with a different model layout is refused
+    from tiny_onn.carve import CarveConfig, run
+
+    other = tmp_path / "other_moe"
+    run(CarveConfig(scan=str(moe.parent / "scan"), model=str(moe.parent / "dense"), experts=2, top_k=1,
+                    calib_tokens=256, calib_steps=2, eval_tokens=0, plots=False, device="cpu", out=str(other)))
+    assert main(_train_args(other, data, tmp_path / "nan", extra=["--resume", "--max-k", "1"])) == 2
+    assert "was made for a different model" in capsys.readouterr().err

@@ -1,0 +1,7 @@
+"""Train stage: expert-masked continued training (full / SMK / SMK²), distillation, two phases, PI."""
+
+from tiny_onn.train.optim import MaskedAdamW
+from tiny_onn.train.policies import POLICIES, update_mask
+from tiny_onn.train.trainer import TrainConfig, run, summary
+
+__all__ = ["POLICIES", "MaskedAdamW", "TrainConfig", "run", "summary", "update_mask"]
