@@ -22,7 +22,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/tiny-onn scan --config configs/demo.yaml --out $(RUN)/scan
 	$(VENV)/bin/tiny-onn carve --config configs/demo.yaml --scan $(RUN)/scan --out $(RUN)/moe
-	@echo "results: $(RUN)/scan (neuron statistics), $(RUN)/moe (carved MoE, Hugging Face folder), $(RUN)/carve (plots)"
+	rm -rf $(RUN)/train
+	$(VENV)/bin/tiny-onn train --config configs/demo.yaml --model $(RUN)/moe --out $(RUN)/train
+	$(VENV)/bin/tiny-onn generate --model $(RUN)/train/model --prompt "What is 12 + 7?" --max-new-tokens 32
+	@echo "results: $(RUN)/scan (neuron statistics), $(RUN)/moe (carved MoE), $(RUN)/carve (plots), $(RUN)/train (trained MoE, TensorBoard logs)"
 
 test: setup
 	$(PY) -m pytest -q
@@ -32,6 +35,11 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/scan_overhead.py
+	$(PY) benchmarks/moe_speed.py
+	$(PY) benchmarks/carve_quality.py
+	$(PY) benchmarks/score_validity.py
+	$(PY) benchmarks/train_policies.py --steps 20 --batch-size 2 --seeds 0
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs

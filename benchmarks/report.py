@@ -98,8 +98,24 @@ def score_validity(d: dict) -> str:
     return "\n".join(lines)
 
 
+def train_policies(d: dict) -> str:
+    lines = [
+        f"{d['model']}; {d['steps']} steps × {d['tokens_per_run'] // d['steps']} tokens = {d['tokens_per_run']} training "
+        f"tokens per run, k = {d['k']}, seeds {d['seeds']} (`{d['command']}`). Perplexity ratio vs dense "
+        f"({d['dense_ppl']:.2f}) on held-out response tokens; the carved start is the same for every run.",
+        "",
+        "| policy | KD | seed | ratio before | ratio after | median step s | emergent shared experts |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['policy']} | {r['kd']} | {r['seed']} | {r['ratio_before']:.2f} | {r['ratio_after']:.2f} | "
+              f"{r['step_seconds_median']:.2f} | {r['emergent_shared_experts']} |" for r in d["runs"]]
+    lines += ["", f"Step time smk2 ÷ full (no KD, median over seeds): **{d['step_time_ratio_smk2_over_full']:.3f}** "
+              f"(target ≤ {d['targets']['step_time_ratio']})."]
+    return "\n".join(lines)
+
+
 RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "carve_quality": carve_quality,
-             "score_validity": score_validity}
+             "score_validity": score_validity, "train_policies": train_policies}
 
 
 def main() -> None:

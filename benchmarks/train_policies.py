@@ -1,0 +1,95 @@
+"""Expert update policies compared on SmolLM2 carved at 25 % active: full vs SMK vs SMK², with and without distillation.
+
+    python benchmarks/train_policies.py                         # the full protocol: 200 steps x 4 x 256 tokens, 2 seeds
+    python benchmarks/train_policies.py --steps 20 --batch-size 2 --seeds 0   # what fits a 2-core CPU session
+
+Same carved start, data, steps, tokens and seed for every run. Reports held-out perplexity ÷ dense after training, and the
+median step time of smk2 ÷ full (target <= 1.05). Writes benchmarks/results/train_policies.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import smollm2_scan, write_result  # noqa: E402
+
+from tiny_onn.carve import CarveConfig  # noqa: E402
+from tiny_onn.carve import run as carve  # noqa: E402
+from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
+from tiny_onn.eval import perplexity  # noqa: E402
+from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
+from tiny_onn.train import TrainConfig  # noqa: E402
+from tiny_onn.train import run as train  # noqa: E402
+
+POLICIES = ("full", "smk", "smk2")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=4, help="experts updated per layer and step (smk min_k, smk2 max_k)")
+    parser.add_argument("--workdir", default="runs/bench/train_policies")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    moe = work / "moe25"
+    if not (moe / "config.json").is_file():
+        carve(CarveConfig(scan=str(smollm2_scan()), experts=14, top_k=2, shared=0.125, calib_tokens=8192,
+                          calib_steps=300, eval_tokens=0, plots=False, device="cpu", out=str(moe)))
+    source = load_source(SourceArgs(model="smollm2", device="cpu"))
+    held = build_dataset(source.tokenizer, DataArgs(seq_len=args.seq_len), "heldout", max_tokens=args.eval_tokens)
+    dense = perplexity(source.model, held)["ppl"]
+    carved = json.loads((moe / "tiny_onn.json").read_text())
+    runs = []
+    for seed in args.seeds:
+        for kd in (0.0, 0.5):
+            for policy in POLICIES:
+                out = work / f"{policy}-kd{kd}-seed{seed}"
+                shutil.rmtree(out, ignore_errors=True)
+                cfg = TrainConfig(model=str(moe), teacher="smollm2" if kd else "", kd=kd, policy=policy, max_k=args.k,
+                                  min_k=args.k, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                                  seed=seed, eval_tokens=args.eval_tokens, checkpoint_every=0, device="cpu",
+                                  out=str(out))
+                train(cfg)
+                report = json.loads((out / "train.json").read_text())
+                after = report["perplexity"]["after"]["ppl"]
+                before = report["perplexity"]["before"]["ppl"]
+                row = {"policy": policy, "kd": kd, "seed": seed, "ppl_before": before, "ppl_after": after,
+                       "ratio_before": before / dense, "ratio_after": after / dense,
+                       "step_seconds_median": report["step_seconds_median"],
+                       "emergent_shared_experts": report["emergent_shared_experts"]["count"],
+                       "final_ce": report["final"]["ce"]}
+                runs.append(row)
+                print(f"{policy:>4} kd={kd} seed={seed}: ppl ratio {row['ratio_before']:.2f} -> {row['ratio_after']:.2f}, "
+                      f"step {row['step_seconds_median']:.2f}s, emergent shared experts {row['emergent_shared_experts']}",
+                      flush=True)
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+    def med_step(policy: str) -> float:
+        return statistics.median(r["step_seconds_median"] for r in runs if r["policy"] == policy and r["kd"] == 0.0)
+
+    write_result("train_policies", {
+        "model": "smollm2 carved: shared 12.5% + 14 experts of 96, top-2 (25% of FFN neurons active)",
+        "carved_ratio_before_training": carved.get("perplexity", {}).get("ratio"),
+        "dense_ppl": dense,
+        "steps": args.steps,
+        "tokens_per_run": args.steps * args.batch_size * args.seq_len,
+        "k": args.k,
+        "seeds": args.seeds,
+        "step_time_ratio_smk2_over_full": med_step("smk2") / med_step("full"),
+        "targets": {"ppl_ratio": 1.10, "within_tokens": 200_000, "step_time_ratio": 1.05},
+        "runs": runs,
+    })
+
+
+if __name__ == "__main__":
+    main()
