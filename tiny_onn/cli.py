@@ -58,6 +58,18 @@ def _train_stage() -> Stage:
     )
 
 
+def _eval_stage() -> Stage:
+    from tiny_onn.eval import harness
+
+    return Stage(
+        "eval",
+        "evaluate models side by side: perplexity, tasks, probe, parameters, FLOPs, speed, memory, sparsity curve",
+        lambda: harness.EvalConfig,
+        harness.run,
+        harness.summary,
+    )
+
+
 def _generate_stage() -> Stage:
     from tiny_onn import generate
 
@@ -70,7 +82,7 @@ def _generate_stage() -> Stage:
     )
 
 
-STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage, "train": _train_stage,
+STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage, "train": _train_stage, "eval": _eval_stage,
                                           "generate": _generate_stage}
 
 

@@ -66,8 +66,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if typ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif origin in (list, tuple):
-            (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis}
-            parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=argparse.SUPPRESS, help=help_text)
+            (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis} or {str}
+            # repeat the flag or list several values: --model a --model b == --model a b
+            parser.add_argument(flag, dest=f.name, type=item, nargs="+", action="extend", default=argparse.SUPPRESS,
+                                help=help_text)
         else:
             scalar = next((a for a in typing.get_args(typ) if a is not type(None)), typ)  # Optional[X] -> X
             parser.add_argument(flag, dest=f.name, type=scalar, default=argparse.SUPPRESS, help=help_text)

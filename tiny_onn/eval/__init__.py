@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (more metrics and the eval stage come with the Evaluate issue)."""
+"""Eval stage: perplexity, multiple-choice tasks, HumanEval, a factual probe, efficiency, the sparsity–quality curve."""
 
 from tiny_onn.eval.perplexity import perplexity
 

