@@ -114,8 +114,13 @@ def train_policies(d: dict) -> str:
     return "\n".join(lines)
 
 
+def eval_suite(d: dict) -> str:
+    return f"`{d['command']}` ({d['mc_task']}; HumanEval: first {d['humaneval_problems']} problems):\n\n" + d["table_markdown"]
+
+
 RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "carve_quality": carve_quality,
-             "score_validity": score_validity, "train_policies": train_policies}
+             "score_validity": score_validity, "train_policies": train_policies,
+             "eval_suite": eval_suite}
 
 
 def main() -> None:
