@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Debian's chromium for the dashboard's browser test (playwright drives it; no browser download). Where it cannot be
+# installed (not root, no apt), the browser test is skipped, not failed.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "note: chromium is not installed; the dashboard browser test will be skipped"
+
 demo: setup
 	$(VENV)/bin/tiny-onn scan --config configs/demo.yaml --out $(RUN)/scan
 	$(VENV)/bin/tiny-onn carve --config configs/demo.yaml --scan $(RUN)/scan --out $(RUN)/moe
@@ -27,7 +34,7 @@ demo: setup
 	$(VENV)/bin/tiny-onn generate --model $(RUN)/train/model --prompt "What is 12 + 7?" --max-new-tokens 32
 	@echo "results: $(RUN)/scan (neuron statistics), $(RUN)/moe (carved MoE), $(RUN)/carve (plots), $(RUN)/train (trained MoE, TensorBoard logs)"
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup

@@ -70,6 +70,18 @@ def _eval_stage() -> Stage:
     )
 
 
+def _interpret_stage() -> Stage:
+    from tiny_onn import interpret
+
+    return Stage(
+        "interpret",
+        "profile and label the experts of a MoE; write a self-contained HTML dashboard",
+        lambda: interpret.InterpretConfig,
+        interpret.run,
+        interpret.summary,
+    )
+
+
 def _generate_stage() -> Stage:
     from tiny_onn import generate
 
@@ -83,6 +95,7 @@ def _generate_stage() -> Stage:
 
 
 STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage, "train": _train_stage, "eval": _eval_stage,
+                                          "interpret": _interpret_stage,
                                           "generate": _generate_stage}
 
 

@@ -1,0 +1,100 @@
+"""Interpret: hand-built routing is reported as built; the CLI writes a dashboard a real browser can use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_onn.cli import main
+from tiny_onn.data import PackedData
+from tiny_onn.interpret.profiles import auto_label, layer_nmi, record_routing, selection_rate, token_log_odds
+from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
+
+CODE_TOKENS, CHAT_TOKENS = range(10, 20), range(20, 30)
+
+
+def hand_routed_model() -> TinyOnnForCausalLM:
+    """One layer whose hidden state is the token embedding (attention output zeroed); coordinate 0 of the embedding is
+    +1 for code tokens and -1 otherwise, and the router sends coordinate 0 to expert 0: expert 0 gets only code (and
+    expert 1 only chat)."""
+    cfg = TinyOnnConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        num_experts=3, num_experts_per_tok=1, moe_intermediate_size=4)
+    torch.manual_seed(0)
+    model = TinyOnnForCausalLM(cfg).eval()
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.normal_(0, 0.1)
+        emb[:, 0] = -1.0
+        emb[list(CODE_TOKENS), 0] = 1.0
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        router = model.model.layers[0].mlp.router.weight
+        router.zero_()
+        router[0, 0] = 20.0
+        router[1, 0] = -20.0  # and every other token to expert 1
+    return model
+
+
+def hand_data() -> PackedData:
+    g = torch.Generator().manual_seed(0)
+    code = torch.tensor(list(CODE_TOKENS))[torch.randint(0, 10, (4, 16), generator=g)]
+    chat = torch.tensor(list(CHAT_TOKENS))[torch.randint(0, 10, (4, 16), generator=g)]
+    ids = torch.cat([code, chat])
+    cats = torch.cat([torch.zeros(4, 16, dtype=torch.long), torch.ones(4, 16, dtype=torch.long)])
+    return PackedData(ids, ids.clone(), torch.ones_like(ids), cats, ["code", "chat"])
+
+
+def test_hand_routing_shows_in_heatmap_log_odds_and_label():
+    rec = record_routing(hand_routed_model(), hand_data())
+    rate = selection_rate(rec)[0]  # [E, C]
+    assert rate[0, 0] == 1.0 and rate[0, 1] == 0.0  # expert 0: every code token, no chat token
+    top = token_log_odds(rec, 0, 0, top=5, min_count=1)
+    assert top and all(t in CODE_TOKENS for t, _, _ in top)
+    label = auto_label(rec, 0, 0, decode=lambda t: f"tok{t}")
+    assert label["dominant_category"] == "code" and label["specificity"] == pytest.approx(1.0)
+    assert label["label"].startswith("code: tok1")
+    assert layer_nmi(rec)[0] == pytest.approx(1.0)
+
+
+def test_interpret_cli_and_dashboard_in_a_browser(tiny_moe, tmp_path):
+    moe, data = tiny_moe
+    out = tmp_path / "report"
+    assert main(["interpret", "--model", str(moe), "--data", str(data), "--seq-len", "32", "--tokens", "512",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    for name in ("dashboard.html", "interpret.json", "labels.json", "heatmap.png", "nmi.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "interpret.json").read_text())
+    assert len(report["layers"]) == 2 and len(report["layers"][0]["experts"]) == 4
+    html = (out / "dashboard.html").read_text()
+    assert "<script src" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser test")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make setup installs it where it can)")
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((out / "dashboard.html").as_uri())
+        assert page.locator("#experts tbody tr").count() == 4
+        page.select_option("#layer", "1")
+        page.locator("#experts tbody tr").nth(2).locator("td").first.click()
+        assert page.locator("#which").inner_text().startswith("2")
+        assert page.locator("#tokens table").count() == 1
+        page.locator("#experts tbody tr input").first.fill("my label")
+        with page.expect_download() as download:
+            page.click("#export")
+        saved = json.loads(Path(download.value.path()).read_text())
+        assert saved["labels"][1][0] == "my label"
+        page.screenshot(path=str(tmp_path / "dashboard.png"))
+        browser.close()
+    assert not errors, errors
+    assert (tmp_path / "dashboard.png").stat().st_size > 1000

@@ -1,0 +1,93 @@
+"""A self-contained HTML dashboard: data and script inlined, works from file:// offline, no CDN."""
+
+from __future__ import annotations
+
+import html
+import json
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Tiny-ONN experts — __TITLE__</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:16px;color:#222}
+h1{font-size:18px} .row{display:flex;gap:16px;flex-wrap:wrap}
+table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:3px 6px;text-align:left}
+tr.sel{background:#fff3c4} tr.expert:hover{background:#f0f6ff;cursor:pointer}
+input.label{width:260px} .heat td{width:60px;text-align:center;font-size:12px}
+#details{max-width:720px} code{background:#f4f4f4;padding:1px 3px} .small{color:#666;font-size:12px}
+svg circle{cursor:pointer}
+</style></head><body>
+<h1>Tiny-ONN expert dashboard — <span id="title"></span></h1>
+<p class="small">Layer <select id="layer"></select>
+ · NMI(expert, category) of this layer: <b id="nmi"></b>
+ · <button id="export">export labels (JSON)</button></p>
+<div class="row">
+ <div><h3>Experts</h3><table id="experts"><thead><tr><th>#</th><th>label (editable)</th><th>dominant</th>
+ <th>specificity</th><th>selected</th></tr></thead><tbody></tbody></table></div>
+ <div><h3>Selection rate by category</h3><table class="heat" id="heat"></table>
+ <h3>Experts in 2-D (__EMBED__)</h3><svg id="scatter" width="320" height="320"></svg></div>
+ <div id="details"><h3>Expert <span id="which">—</span></h3><div id="tokens"></div><div id="snips"></div></div>
+</div>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const labels = JSON.parse(JSON.stringify(D.labels));
+let layer = 0, current = null;
+const $ = id => document.getElementById(id);
+$("title").textContent = D.title;
+D.layers.forEach((L, i) => { const o = document.createElement("option"); o.value = i; o.textContent = "layer " + i; $("layer").appendChild(o); });
+$("layer").addEventListener("change", e => { layer = +e.target.value; current = null; render(); });
+function color(v, max) { const t = max > 0 ? v / max : 0; return `rgba(220,60,40,${t.toFixed(3)})`; }
+function render() {
+  const L = D.layers[layer];
+  $("nmi").textContent = L.nmi.toFixed(3);
+  const tb = $("experts").querySelector("tbody"); tb.innerHTML = "";
+  L.experts.forEach((x, e) => {
+    const tr = document.createElement("tr"); tr.className = "expert" + (e === current ? " sel" : ""); tr.dataset.expert = e;
+    tr.innerHTML = `<td>${e}</td><td><input class="label" value=""></td><td>${x.dominant}</td><td>${x.specificity.toFixed(2)}</td><td>${(100 * x.selected).toFixed(1)}%</td>`;
+    const inp = tr.querySelector("input"); inp.value = labels[layer][e];
+    inp.addEventListener("input", ev => { labels[layer][e] = ev.target.value; });
+    inp.addEventListener("click", ev => ev.stopPropagation());
+    tr.addEventListener("click", () => select(e));
+    tb.appendChild(tr);
+  });
+  const heat = $("heat"); let max = 0; L.experts.forEach(x => x.rate.forEach(v => { max = Math.max(max, v); }));
+  heat.innerHTML = "<tr><th>expert</th>" + D.categories.map(c => `<th>${c}</th>`).join("") + "</tr>" +
+    L.experts.map((x, e) => `<tr><td>${e}</td>` + x.rate.map(v => `<td style="background:${color(v, max)}">${(100 * v).toFixed(0)}</td>`).join("") + "</tr>").join("");
+  const svg = $("scatter"); svg.innerHTML = "";
+  const xs = L.experts.map(x => x.xy[0]), ys = L.experts.map(x => x.xy[1]);
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+  L.experts.forEach((x, e) => {
+    const c = document.createElementNS("http://www.w3.org/2000/svg", "circle");
+    c.setAttribute("cx", 20 + 280 * (x.xy[0] - x0) / ((x1 - x0) || 1)); c.setAttribute("cy", 20 + 280 * (x.xy[1] - y0) / ((y1 - y0) || 1));
+    c.setAttribute("r", e === current ? 8 : 5); c.setAttribute("fill", palette[D.categories.indexOf(x.dominant) % palette.length]);
+    c.dataset.expert = e; c.addEventListener("click", () => select(e));
+    const t = document.createElementNS("http://www.w3.org/2000/svg", "title"); t.textContent = "expert " + e + ": " + labels[layer][e]; c.appendChild(t);
+    svg.appendChild(c);
+  });
+}
+function esc(s) { return s.replace(/[&<>]/g, ch => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"}[ch])); }
+function select(e) {
+  current = e; render();
+  const x = D.layers[layer].experts[e];
+  $("which").textContent = e + " — " + labels[layer][e];
+  $("tokens").innerHTML = "<h4>Top tokens (log-odds vs the layer's base rate)</h4><table><tr><th>token</th><th>log-odds</th><th>count</th></tr>" +
+    x.tokens.map(t => `<tr><td><code>${esc(t[0])}</code></td><td>${t[1].toFixed(2)}</td><td>${t[2]}</td></tr>`).join("") + "</table>";
+  $("snips").innerHTML = "<h4>Where it fires hardest</h4>" + x.snippets.map(s => `<p><span class="small">p=${s.prob.toFixed(3)}</span> <code>${esc(s.text).replace("[[", "<b>").replace("]]", "</b>")}</code></p>`).join("");
+}
+$("export").addEventListener("click", () => {
+  const blob = new Blob([JSON.stringify({model: D.title, labels}, null, 2)], {type: "application/json"});
+  const a = document.createElement("a"); a.href = URL.createObjectURL(blob); a.download = "expert_labels.json"; a.click();
+});
+render();
+</script></body></html>
+"""
+
+
+def render_dashboard(data: dict, embedding_name: str) -> str:
+    """The dashboard page with `data` inlined (closing-tag-safe JSON)."""
+    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    return (_PAGE.replace("__TITLE__", html.escape(data["title"]))
+            .replace("__EMBED__", html.escape(embedding_name))
+            .replace("__DATA__", payload))

@@ -1,0 +1,130 @@
+"""Expert profiles: how often each expert is chosen per category, its routing weight, the tokens it prefers (log-odds
+against the layer's base rate), an automatic label, example snippets, and the specialisation (NMI) of each layer.
+
+Legend: L layers, E experts, C categories, V vocabulary, N tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from tiny_onn.data import PackedData
+
+
+@dataclass
+class RoutingRecord:
+    """Per layer: expert selection counts per category [L, E, C], routing-probability sums [L, E, C], token counts
+    [C], token-by-expert counts [L, E, V], each token's top-1 expert [L, N], and the strongest activations per expert."""
+
+    selected: torch.Tensor
+    prob_sum: torch.Tensor
+    tokens_per_category: torch.Tensor
+    token_expert: torch.Tensor
+    top1: torch.Tensor
+    categories_of_tokens: torch.Tensor
+    best: list[list[list[tuple[float, int]]]]  # [layer][expert] -> (prob, flat token index), strongest first
+    token_ids: torch.Tensor  # [N] the tokens seen, flat
+    categories: list[str]
+
+
+@torch.no_grad()
+def record_routing(model, data: PackedData, batch_size: int = 4, max_tokens: int | None = None,
+                   keep_best: int = 5) -> RoutingRecord:
+    """Run the MoE over `data` (non-padding tokens only) and record how it routes."""
+    device = next(model.parameters()).device
+    c = model.config
+    L, E, C, V = c.num_hidden_layers, c.num_experts, len(data.category_names), c.vocab_size
+    selected = torch.zeros(L, E, C)
+    prob_sum = torch.zeros(L, E, C)
+    token_expert = torch.zeros(L, E * V)
+    tokens_per_cat = torch.zeros(C)
+    top1, cats_all, ids_all = [], [], []
+    best: list[list[list[tuple[float, int]]]] = [[[] for _ in range(E)] for _ in range(L)]
+    seen = 0
+    for batch in data.batches(batch_size):
+        mask = batch["attention_mask"].reshape(-1).bool()
+        ids = batch["input_ids"].reshape(-1)[mask]
+        cats = batch["category"].reshape(-1)[mask]
+        out = model.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                          use_cache=False)
+        onehot_NC = torch.nn.functional.one_hot(cats, C).float()  # [N, C]
+        tokens_per_cat += onehot_NC.sum(0)
+        layer_top1 = []
+        for li, (logp, sel) in enumerate(zip(out.router_logits, out.expert_selections, strict=True)):
+            sel_NE = sel[mask.to(sel.device)].float().cpu()
+            p_NE = logp[mask.to(logp.device)].exp().float().cpu()
+            selected[li] += sel_NE.T @ onehot_NC
+            prob_sum[li] += p_NE.T @ onehot_NC
+            flat = (torch.arange(E)[None, :] * V + ids[:, None]).reshape(-1)  # [N*E] index of (expert, token)
+            token_expert[li].index_add_(0, flat, sel_NE.reshape(-1))
+            layer_top1.append(p_NE.argmax(-1))
+            top_p, top_i = p_NE.topk(min(keep_best, p_NE.shape[0]), dim=0)  # strongest tokens per expert
+            for e in range(E):
+                cand = best[li][e] + [(float(p), seen + int(i)) for p, i in zip(top_p[:, e], top_i[:, e], strict=True)]
+                best[li][e] = sorted(cand, reverse=True)[:keep_best]
+        top1.append(torch.stack(layer_top1))
+        cats_all.append(cats)
+        ids_all.append(ids)
+        seen += int(mask.sum())
+        if max_tokens is not None and seen >= max_tokens:
+            break
+    return RoutingRecord(selected, prob_sum, tokens_per_cat, token_expert.view(L, E, V), torch.cat(top1, dim=1),
+                         torch.cat(cats_all), best, torch.cat(ids_all), list(data.category_names))
+
+
+def selection_rate(rec: RoutingRecord) -> torch.Tensor:
+    """[L, E, C]: the fraction of a category's tokens routed to each expert."""
+    return rec.selected / rec.tokens_per_category.clamp_min(1)[None, None, :]
+
+
+def mean_routing_weight(rec: RoutingRecord) -> torch.Tensor:
+    """[L, E, C]: mean router probability of each expert on a category's tokens."""
+    return rec.prob_sum / rec.tokens_per_category.clamp_min(1)[None, None, :]
+
+
+def token_log_odds(rec: RoutingRecord, layer: int, expert: int, top: int = 10, min_count: int = 3,
+                   alpha: float = 0.5) -> list[tuple[int, float, int]]:
+    """Tokens most over-represented among those routed to `expert`, vs the layer's base rate: (token id, log-odds, count)."""
+    n_we = rec.token_expert[layer, expert]  # [V] times token w went to e
+    n_w = torch.bincount(rec.token_ids, minlength=n_we.numel()).float()  # [V] times token w was seen
+    routed, total = float(n_we.sum()), float(n_w.sum())
+    lo = torch.log((n_we + alpha) / (routed - n_we + alpha)) - torch.log((n_w + alpha) / (total - n_w + alpha))
+    lo[n_we < min_count] = -math.inf
+    vals, idx = lo.topk(min(top, int((lo > -math.inf).sum())))
+    return [(int(i), float(v), int(n_we[i])) for v, i in zip(vals, idx, strict=True)]
+
+
+def auto_label(rec: RoutingRecord, layer: int, expert: int, decode) -> dict:
+    """Dominant category (by selection rate relative to the layer's average expert), top tokens, and a specificity in
+    [0, 1]: 1 − normalised entropy of the expert's category distribution (0 = uniform, 1 = one category only)."""
+    rate_C = selection_rate(rec)[layer, expert]  # [C]
+    share = rate_C / rate_C.sum().clamp_min(1e-12)
+    C = share.numel()
+    entropy = float(-(share * share.clamp_min(1e-12).log()).sum())
+    specificity = 1.0 - entropy / math.log(C) if C > 1 else 0.0
+    dominant = rec.categories[int(share.argmax())] if C else "?"
+    tokens = [decode(t).strip() or repr(decode(t)) for t, _, _ in token_log_odds(rec, layer, expert, top=3)]
+    label = f"{dominant}: " + ", ".join(tokens) if tokens else dominant
+    return {"label": label, "dominant_category": dominant, "specificity": specificity,
+            "category_share": share.tolist()}
+
+
+def layer_nmi(rec: RoutingRecord) -> list[float]:
+    """Normalised mutual information between each token's top-1 expert and its category, per layer."""
+    cats = rec.categories_of_tokens.numpy()
+    return [float(normalized_mutual_info_score(cats, rec.top1[li].numpy())) for li in range(rec.top1.shape[0])]
+
+
+def snippets(rec: RoutingRecord, layer: int, expert: int, decode_ids, width: int = 8) -> list[dict]:
+    """Text around the tokens on which the expert's routing probability was highest (the token itself in [[ ]])."""
+    out = []
+    for prob, idx in rec.best[layer][expert]:
+        left = rec.token_ids[max(0, idx - width) : idx].tolist()
+        right = rec.token_ids[idx + 1 : idx + 1 + width // 2].tolist()
+        token = rec.token_ids[idx : idx + 1].tolist()
+        out.append({"prob": prob, "text": decode_ids(left) + "[[" + decode_ids(token) + "]]" + decode_ids(right)})
+    return out
