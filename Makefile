@@ -27,12 +27,9 @@ browser:
 	  echo "note: chromium is not installed; the dashboard browser test will be skipped"
 
 demo: setup
-	$(VENV)/bin/tiny-onn scan --config configs/demo.yaml --out $(RUN)/scan
-	$(VENV)/bin/tiny-onn carve --config configs/demo.yaml --scan $(RUN)/scan --out $(RUN)/moe
-	rm -rf $(RUN)/train
-	$(VENV)/bin/tiny-onn train --config configs/demo.yaml --model $(RUN)/moe --out $(RUN)/train
+	$(VENV)/bin/tiny-onn alchemy --config configs/demo.yaml --out $(RUN)
 	$(VENV)/bin/tiny-onn generate --model $(RUN)/train/model --prompt "What is 12 + 7?" --max-new-tokens 32
-	@echo "results: $(RUN)/scan (neuron statistics), $(RUN)/moe (carved MoE), $(RUN)/carve (plots), $(RUN)/train (trained MoE, TensorBoard logs)"
+	@echo "results in $(RUN): scan/ moe/ carve/ train/ eval/ report/dashboard.html summary.md"
 
 test: setup browser
 	$(PY) -m pytest -q

@@ -82,6 +82,18 @@ def _interpret_stage() -> Stage:
     )
 
 
+def _alchemy_stage() -> Stage:
+    from tiny_onn import alchemy
+
+    return Stage(
+        "alchemy",
+        "the whole pipeline from one YAML file: scan, carve, train, eval, interpret, and a summary table",
+        lambda: alchemy.AlchemyConfig,
+        alchemy.run,
+        alchemy.summary,
+    )
+
+
 def _generate_stage() -> Stage:
     from tiny_onn import generate
 
@@ -95,7 +107,7 @@ def _generate_stage() -> Stage:
 
 
 STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage, "train": _train_stage, "eval": _eval_stage,
-                                          "interpret": _interpret_stage,
+                                          "interpret": _interpret_stage, "alchemy": _alchemy_stage,
                                           "generate": _generate_stage}
 
 

@@ -54,7 +54,9 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add `--config FILE.yaml` and one `--field-name` flag per dataclass field (help text from the field's docstring)."""
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with these options (flags given here override it)")
+    own_config = "config" in {f.name for f in dataclasses.fields(cls)}  # e.g. alchemy: --config is the pipeline file
+    if not own_config:
+        parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with these options (flags given here override it)")
     docs = field_docs(cls)
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
@@ -103,14 +105,15 @@ def make_config(cls: type[C], values: dict[str, Any], source: str = "options") -
 def config_from_args(cls: type[C], args: argparse.Namespace, section: str) -> C:
     """YAML (if `--config` was given) overlaid with the flags given on the command line."""
     values: dict[str, Any] = {}
-    if getattr(args, "config", None):
+    own_config = "config" in {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if getattr(args, "config", None) and not own_config:
         stage_keys = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         raw = load_yaml(args.config, section)
         # a whole-pipeline file also holds other stages' sections: keep only keys meant for this stage
         values = {k: v for k, v in raw.items() if k in stage_keys or not isinstance(v, dict)}
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
     values.update(flags)
-    return make_config(cls, values, source=args.config or "command line")
+    return make_config(cls, values, source=getattr(args, "config", None) or "command line")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""Alchemy: the whole pipeline on a tiny model, artifact reuse, interruption and resume, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import make_tiny_model
+from tiny_onn.cli import main
+from tiny_onn.train import MaskedAdamW
+
+PIPELINE = """
+scan: {{model: {dense}, data: {data}, tokens: 100000, seq_len: 32, batch_size: 4, fingerprint_tokens: 32, device: cpu}}
+carve: {{experts: 4, top_k: 2, shared: 0.125, calib_tokens: 512, calib_steps: 10, eval_tokens: 256, plots: false,
+        device: cpu, seq_len: 32}}
+train: {{data: {data}, policy: smk2, max_k: 2, steps: 6, batch_size: 2, seq_len: 32, checkpoint_every: 2,
+        eval_tokens: 128, device: cpu, warmup_steps: 2}}
+eval: {{data: {data}, tasks: "ppl,probe,speed", eval_tokens: 256, seq_len: 32, speed_batch: 2, speed_seq_len: 16,
+       repeats: 1, device: cpu}}
+interpret: {{data: {data}, tokens: 256, seq_len: 32, device: cpu}}
+"""
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_tokenizer, tiny_moe):
+    root = tmp_path_factory.mktemp("alchemy")
+    dense = root / "dense"
+    make_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(dense)
+    tiny_tokenizer.save_pretrained(dense)
+    cfg = root / "pipeline.yaml"
+    cfg.write_text(PIPELINE.format(dense=dense, data=tiny_moe[1]))
+    return cfg
+
+
+def _numbers(run):
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    return [(m["perplexity"]["ppl"], m["probe"]["accuracy"]) for m in ev["models"]]
+
+
+def test_alchemy_runs_reuses_and_resumes(pipeline, tmp_path, monkeypatch, capsys):
+    a = tmp_path / "a"
+    assert main(["alchemy", "--config", str(pipeline), "--out", str(a)]) == 0
+    text = capsys.readouterr().out
+    assert "| trained MoE |" in text and "dashboard:" in text
+    for path in ("scan/scan.json", "moe/provenance.json", "train/model/config.json", "eval/eval.json",
+                 "report/dashboard.html", "summary.md", "moe/README.md", "train/model/README.md"):
+        assert (a / path).is_file(), path
+    # a second run reuses every artifact
+    assert main(["alchemy", "--config", str(pipeline), "--out", str(a)]) == 0
+    stages = json.loads((a / "alchemy.json").read_text())["stages"]
+    assert set(stages.values()) == {"reused"}
+
+    # killed during training, then started again: continues from the last checkpoint, same final numbers
+    calls = {"n": 0}
+    original = MaskedAdamW.step
+
+    def interrupted(self, closure=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, closure)
+
+    b = tmp_path / "b"
+    monkeypatch.setattr(MaskedAdamW, "step", interrupted)
+    assert main(["alchemy", "--config", str(pipeline), "--out", str(b)]) == 130
+    monkeypatch.setattr(MaskedAdamW, "step", original)
+    assert (b / "train" / "checkpoints" / "latest.json").is_file() and not (b / "train" / "train.json").exists()
+    assert main(["alchemy", "--config", str(pipeline), "--out", str(b)]) == 0
+    assert json.loads((b / "alchemy.json").read_text())["stages"]["scan"] == "reused"
+    # determinism: same config and seed -> same experts and the same eval numbers
+    assert (a / "moe" / "provenance.json").read_text() == (b / "moe" / "provenance.json").read_text()
+    assert _numbers(a) == _numbers(b)
+    hist_a = json.loads((a / "train" / "train.json").read_text())["history"]
+    hist_b = json.loads((b / "train" / "train.json").read_text())["history"]
+    assert [h["ce"] for h in hist_a] == [h["ce"] for h in hist_b]
