@@ -85,7 +85,7 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise TinyOnnError(f"config file {path} is not valid YAML: {e}") from e
+        raise TinyOnnError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise TinyOnnError(f"config file {path} must hold a mapping of option names to values")
     if section is not None and isinstance(data.get(section), dict):

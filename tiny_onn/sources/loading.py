@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tiny_onn.artifacts import atomic_dir, write_json
@@ -194,8 +195,8 @@ def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
     try:
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise TinyOnnError(f"could not load model {args.model!r} from {origin}: {e}") from e
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise TinyOnnError(f"could not load model {args.model!r} from {origin}: {' '.join(str(e).split())}") from e
     if not args.load_in_4bit:
         model.to(device)
     model.eval()

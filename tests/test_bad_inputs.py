@@ -1,0 +1,104 @@
+"""Bad inputs across the CLI: each gives one clear line on stderr, a non-zero exit, and leaves no artifact behind."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from tiny_onn.cli import main
+
+
+@pytest.fixture(scope="module")
+def world(tiny_moe, tmp_path_factory):
+    """Paths to good and bad inputs, built once."""
+    moe, data = tiny_moe
+    root = tmp_path_factory.mktemp("bad")
+    gpt2 = root / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    (root / "corrupt.gguf").write_bytes(b"GGUF" + bytes(64))
+    (root / "empty.jsonl").write_text("")
+    (root / "fields.jsonl").write_text('{"text": "hello"}\n')
+    (root / "bad.yaml").write_text("scan: [unclosed\n")
+    (root / "unknown.yaml").write_text("scan:\n  tokenz: 3\n")
+    (root / "noconfig").mkdir()
+    broken_scan = root / "broken_scan"
+    shutil.copytree(moe.parent / "scan", broken_scan)
+    (broken_scan / "scan.safetensors").write_bytes(b"\x00" * 10)
+    broken_moe = root / "broken_moe"
+    shutil.copytree(moe, broken_moe)
+    (broken_moe / "model.safetensors").write_bytes(b"not safetensors")
+    return {"moe": moe, "data": data, "dense": moe.parent / "dense", "scan": moe.parent / "scan", "root": root,
+            "gpt2": gpt2, "broken_scan": broken_scan, "broken_moe": broken_moe}
+
+
+CASES = {
+    "scan: missing .gguf": (["scan", "--model", "{root}/missing.gguf"], "model file not found"),
+    "scan: folder without config": (["scan", "--model", "{root}/noconfig"], "no config.json"),
+    "scan: not a SwiGLU model": (["scan", "--model", "{gpt2}"], "needs a SwiGLU decoder"),
+    "scan: corrupt GGUF": (["scan", "--model", "{root}/corrupt.gguf"], "could not read GGUF"),
+    "scan: missing data": (["scan", "--model", "{dense}", "--data", "{root}/none.jsonl"], "data file not found"),
+    "scan: empty data": (["scan", "--model", "{dense}", "--data", "{root}/empty.jsonl"], "holds no examples"),
+    "scan: unknown data fields": (["scan", "--model", "{dense}", "--data", "{root}/fields.jsonl"], "keys found: text"),
+    "scan: tokens out of range": (["scan", "--tokens", "-5"], "tokens must be positive"),
+    "scan: bad positions": (["scan", "--positions", "sideways"], "positions must be one of"),
+    "scan: invalid YAML": (["scan", "--config", "{root}/bad.yaml"], "is not valid YAML"),
+    "scan: unknown option in YAML": (["scan", "--config", "{root}/unknown.yaml"], "unknown option(s)"),
+    "scan: a MoE as source": (["scan", "--model", "{moe}"], "needs the dense source model"),
+    "carve: missing scan": (["carve", "--scan", "{root}/noscan"], "scan folder not found"),
+    "carve: corrupted scan": (["carve", "--scan", "{broken_scan}"], "corrupt or truncated"),
+    "carve: a model folder as scan": (["carve", "--scan", "{moe}"], "scan meta data not found"),
+    "carve: scan of another model": (["carve", "--scan", "{scan}", "--model", "{moe}"], "needs the dense source model"),
+    "carve: top-k above experts": (["carve", "--scan", "{scan}", "--experts", "4", "--top-k", "6"], "top_k must be"),
+    "carve: more experts than neurons": (["carve", "--scan", "{scan}", "--model", "{dense}", "--experts", "500"],
+                                         "500 experts need at least 500"),
+    "carve: keep out of range": (["carve", "--scan", "{scan}", "--keep", "1.2"], "keep must be in (0, 1]"),
+    "train: a dense model": (["train", "--model", "{dense}", "--data", "{data}"], "is not a TinyOnn MoE"),
+    "train: max-k above experts": (["train", "--model", "{moe}", "--data", "{data}", "--max-k", "99"],
+                                   "larger than the model's 4 experts"),
+    "train: kd without teacher": (["train", "--model", "{moe}", "--kd", "0.5"], "--kd needs a --teacher"),
+    "train: resume without checkpoint": (["train", "--model", "{moe}", "--data", "{data}", "--resume"],
+                                         "no checkpoint"),
+    "train: corrupted weights": (["train", "--model", "{broken_moe}", "--data", "{data}"], "could not load model"),
+    "eval: unknown task": (["eval", "--model", "{moe}", "--tasks", "ppl,vibes"], "unknown task 'vibes'"),
+    "eval: HumanEval without permission": (["eval", "--model", "{moe}", "--tasks", "humaneval"],
+                                           "--allow-code-execution"),
+    "eval: missing MC file": (["eval", "--model", "{moe}", "--data", "{data}", "--tasks", "mc:{root}/no.jsonl"],
+                              "task file not found"),
+    "interpret: a dense model": (["interpret", "--model", "{dense}", "--data", "{data}"], "is not a TinyOnn MoE"),
+    "generate: routing on a dense model": (["generate", "--model", "{dense}", "--top-k", "2"], "this model is dense"),
+    "alchemy: missing pipeline file": (["alchemy", "--config", "{root}/none.yaml"], "config file not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, world, tmp_path, capsys):
+    argv, message = CASES[case]
+    argv = [a.format(**world) for a in argv] + ([] if argv[0] == "generate" else ["--out", str(tmp_path / "out")])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "a failed stage must not leave its artifact"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder may be left"
+
+
+def test_ctrl_c_mid_scan_leaves_nothing(world, tmp_path, monkeypatch, capsys):
+    import tiny_onn.scan.scanner as scanner
+
+    calls = {"n": 0}
+    real = scanner.scan_batch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scanner, "scan_batch", interrupted)
+    out = tmp_path / "scan"
+    assert main(["scan", "--model", str(world["dense"]), "--data", str(world["data"]), "--seq-len", "32",
+                 "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
