@@ -49,3 +49,14 @@ def test_cli_bad_input_one_line_error(argv, message, capsys, tmp_path, tiny_mode
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not list(tmp_path.iterdir()), "a failed stage leaves nothing behind"
+
+
+@pytest.mark.parametrize("name", ["demo", "debug", "qwen3-0.6b-gpu", "qwen3-4b-4bit"])
+def test_shipped_pipeline_configs_are_valid(name):
+    from pathlib import Path
+
+    from tiny_onn.alchemy import AlchemyConfig, _stage_configs
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    cfgs = _stage_configs(AlchemyConfig(config=str(path), out="runs/x"))
+    assert set(cfgs) == {"scan", "carve", "train", "eval", "interpret"}
