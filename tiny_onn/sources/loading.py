@@ -195,6 +195,8 @@ def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
     try:
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=args.trust_remote_code)
+    except ImportError as e:  # e.g. bitsandbytes for --load-in-4bit
+        raise TinyOnnError(f"loading {args.model!r} needs a package that is missing: {e}") from e
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise TinyOnnError(f"could not load model {args.model!r} from {origin}: {' '.join(str(e).split())}") from e
     if not args.load_in_4bit:
