@@ -118,9 +118,22 @@ def eval_suite(d: dict) -> str:
     return f"`{d['command']}` ({d['mc_task']}; HumanEval: first {d['humaneval_problems']} problems):\n\n" + d["table_markdown"]
 
 
+def interpret_nmi(d: dict) -> str:
+    names = list(d["models"])
+    layers = len(next(iter(d["models"].values()))["nmi_per_layer"])
+    lines = [f"NMI between each held-out token's top-1 expert and its category ({d['tokens']} tokens, {d['layout']}; "
+             f"`{d['command']}`):", "", "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for li in range(layers):
+        lines.append(f"| {li} | " + " | ".join(f"{d['models'][n]['nmi_per_layer'][li]:.3f}" for n in names) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{d['models'][n]['nmi_mean']:.3f}**" for n in names) + " |")
+    lines.append("| mean expert specificity | " + " | ".join(f"{d['models'][n]['specificity_mean']:.3f}" for n in names)
+                 + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "carve_quality": carve_quality,
              "score_validity": score_validity, "train_policies": train_policies,
-             "eval_suite": eval_suite}
+             "eval_suite": eval_suite, "interpret_nmi": interpret_nmi}
 
 
 def main() -> None:
