@@ -50,7 +50,7 @@ def arithmetic_mc(path: Path, n: int = 100, seed: int = 0) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--humaneval-limit", type=int, default=20)
+    parser.add_argument("--humaneval-limit", type=int, default=10)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--workdir", default="runs/bench/eval_suite")
     args = parser.parse_args()
