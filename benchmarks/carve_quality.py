@@ -30,8 +30,8 @@ from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
 LAYOUTS = {
-    "16 experts": {"experts": 16, "shared": 0.0, "top_k": {"25%": 4, "50%": 8}},
     "shared 12.5% + 14 experts": {"experts": 14, "shared": 0.125, "top_k": {"25%": 2, "50%": 6}},
+    "16 experts": {"experts": 16, "shared": 0.0, "top_k": {"25%": 4, "50%": 8}},
 }
 METHODS = ("dsc", "random", "actgrad", "coact")
 
@@ -66,6 +66,10 @@ def main() -> None:
     dense = perplexity(source.model, held)
     print(f"dense held-out perplexity {dense['ppl']:.3f} on {dense['tokens']} response tokens", flush=True)
     rows = []
+
+    def save(rows: list, complete: bool) -> None:
+        write_result("carve_quality", _payload(args, scan, calib, dense, rows, complete))
+
     for layout_name, layout in LAYOUTS.items():
         for method in METHODS:
             start = time.perf_counter()
@@ -90,15 +94,21 @@ def main() -> None:
                       + (f" (oracle router {row['oracle_ratio']:.3f})" if "oracle_ratio" in row else ""), flush=True)
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             del moe
-    write_result("carve_quality", {
+            save(rows, complete=False)  # a long run keeps what it measured if it is stopped
+    save(rows, complete=True)
+
+
+def _payload(args, scan, calib, dense, rows, complete: bool) -> dict:
+    return {
         "model": "smollm2 (SmolLM2-135M-Instruct, fp32)",
         "scan_tokens": scan.meta["tokens_fed"],
         "calibration": {"tokens": calib.num_tokens, "adam_steps": args.calib_steps},
         "heldout_tokens_scored": dense["tokens"],
         "dense": dense,
         "targets": {"dsc_25": 1.5, "dsc_50": 1.05, "dsc_over_random_25": 0.9},
+        "complete": complete,
         "rows": rows,
-    })
+    }
 
 
 if __name__ == "__main__":
