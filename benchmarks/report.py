@@ -149,8 +149,8 @@ def main() -> None:
         if args.print:
             print(f"## {name}\n{table}\n")
             continue
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-        readme = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), readme)
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
+        readme = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), readme)
     if not args.print:
         (ROOT / "README.md").write_text(readme)
 
