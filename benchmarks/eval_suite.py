@@ -53,16 +53,21 @@ def main() -> None:
     parser.add_argument("--humaneval-limit", type=int, default=10)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--workdir", default="runs/bench/eval_suite")
+    parser.add_argument("--moe", default="runs/bench/train_policies/moe25",
+                        help="the carved MoE to evaluate (carved here if the folder does not exist)")
+    parser.add_argument("--trained", default="runs/bench/train_policies/full-kd0.5-seed0/model",
+                        help="a trained MoE to add to the table (skipped if the folder does not exist)")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    moe = work / "moe25"
+    moe = Path(args.moe)
     if not (moe / "config.json").is_file():
         carve(CarveConfig(scan=str(smollm2_scan()), experts=14, top_k=2, shared=0.125, calib_tokens=16384,
                           calib_steps=500, eval_tokens=0, plots=False, device="cpu", out=str(moe)))
     mc = arithmetic_mc(work / "arithmetic_mc.jsonl")
     out = work / "eval"
-    cfg = EvalConfig(model=["smollm2", str(moe)], tasks=f"ppl,probe,speed,curve,humaneval,mc:{mc}",
+    models = ["smollm2", str(moe)] + ([args.trained] if (Path(args.trained) / "config.json").is_file() else [])
+    cfg = EvalConfig(model=models, tasks=f"ppl,probe,speed,curve,humaneval,mc:{mc}",
                      allow_code_execution=True, humaneval_limit=args.humaneval_limit, eval_tokens=args.eval_tokens,
                      device="cpu", out=str(out))
     evaluate(cfg)

@@ -27,11 +27,13 @@ def main() -> None:
     parser.add_argument("--trained", default="")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--workdir", default="runs/bench/interpret")
+    parser.add_argument("--dsc-moe", default="runs/bench/train_policies/moe25",
+                        help="the ΔSC-carved MoE (carved here if the folder does not exist)")
     args = parser.parse_args()
     work = Path(args.workdir)
     models = {}
     for method in ("dsc", "random"):
-        folder = work / f"moe-{method}"
+        folder = Path(args.dsc_moe) if method == "dsc" else work / f"moe-{method}"
         if not (folder / "config.json").is_file():
             carve(CarveConfig(scan=str(smollm2_scan()), method=method, experts=14, top_k=2, shared=0.125,
                               calib_tokens=8192, calib_steps=300, eval_tokens=0, plots=False, device="cpu",
