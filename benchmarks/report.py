@@ -66,6 +66,8 @@ def carve_quality(d: dict) -> str:
         "| layout | method | 25 % active | 50 % active |",
         "|---|---|---|---|",
     ]
+    if not d.get("complete", True):
+        lines[0] += " **Incomplete run: only the rows below were measured.**"
     rows = d["rows"]
     keys = []
     for r in rows:
