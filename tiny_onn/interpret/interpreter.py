@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -53,12 +54,11 @@ def expert_embedding(features: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     """2-D coordinates of the experts: UMAP when there are enough of them, t-SNE otherwise."""
     n = features.shape[0]
     if n >= 8:
-        try:
+        # UMAP can fail on degenerate inputs (e.g. identical experts): fall through to t-SNE then
+        with contextlib.suppress(ImportError, ValueError, TypeError):
             import umap
 
             return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1).fit_transform(features), "UMAP"
-        except (ImportError, ValueError, TypeError):
-            pass
     from sklearn.manifold import TSNE
 
     if n >= 4:
