@@ -88,34 +88,21 @@ def fit_temperature(pred_TE: torch.Tensor, target_TE: torch.Tensor, groups: int 
 
 
 @torch.no_grad()
-def expert_gains(moe_block, x_TD: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """g_e = 2<R, y_e> - ||y_e||² for every token and expert: [T, E] (R = sum of all routed experts' outputs)."""
+def expert_and_group_gains(moe_block, x_TD: torch.Tensor, groups: int = 1, chunk: int = 2048):
+    """Gains 2<R, y> - ||y||² of every expert [T, E] and of every whole group of experts [T, G] (R = sum of all routed
+    experts' outputs), from one pass of the experts over the calibration tokens."""
     experts = moe_block.experts
     E = experts.num_experts
     dtype = experts.gate_up_proj.dtype
-    gains = []
+    per_expert, per_group = [], []
     for start in range(0, x_TD.shape[0], chunk):
         x = x_TD[start : start + chunk].to(experts.gate_up_proj.device, dtype)
         y_ETD = torch.stack([experts.expert_forward(e, x).float() for e in range(E)])
         R_TD = y_ETD.sum(0)
-        gains.append((2 * (y_ETD * R_TD).sum(-1) - (y_ETD**2).sum(-1)).T.cpu())  # [t, E]
-    return torch.cat(gains)
-
-
-@torch.no_grad()
-def group_gains(moe_block, x_TD: torch.Tensor, groups: int, chunk: int = 2048) -> torch.Tensor:
-    """The gain of each whole group of experts: [T, G]."""
-    experts = moe_block.experts
-    E = experts.num_experts
-    dtype = experts.gate_up_proj.dtype
-    out = []
-    for start in range(0, x_TD.shape[0], chunk):
-        x = x_TD[start : start + chunk].to(experts.gate_up_proj.device, dtype)
-        y_ETD = torch.stack([experts.expert_forward(e, x).float() for e in range(E)])
-        R_TD = y_ETD.sum(0)
+        per_expert.append((2 * (y_ETD * R_TD).sum(-1) - (y_ETD**2).sum(-1)).T.cpu())  # [t, E]
         y_GTD = y_ETD.view(groups, E // groups, *y_ETD.shape[1:]).sum(1)
-        out.append((2 * (y_GTD * R_TD).sum(-1) - (y_GTD**2).sum(-1)).T.cpu())
-    return torch.cat(out)
+        per_group.append((2 * (y_GTD * R_TD).sum(-1) - (y_GTD**2).sum(-1)).T.cpu())  # [t, G]
+    return torch.cat(per_expert), torch.cat(per_group)
 
 
 @torch.no_grad()
@@ -129,7 +116,8 @@ def calibrate_routers(
         block = layers[i].mlp
         router = block.router
         x64 = x_TD.double()
-        g_TE = _centred_scaled(expert_gains(block, x_TD).double())
+        gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
+        g_TE = _centred_scaled(gains_TE.double())
         E, G = g_TE.shape[1], router.num_groups
         if router.hierarchical:
             per = E // G
@@ -137,7 +125,7 @@ def calibrate_routers(
             sub_target = (sub_target - sub_target.mean(-1, keepdim=True)).reshape(-1, E)
             w_sub = ridge(x64, sub_target, alpha)
             w_sub = fit_temperature(x64 @ w_sub.T, sub_target, G) * w_sub
-            g_TG = _centred_scaled(group_gains(block, x_TD, G).double())
+            g_TG = _centred_scaled(gains_TG.double())
             w_main = ridge(x64, g_TG, alpha)
             w_main = fit_temperature(x64 @ w_main.T, g_TG) * w_main
             if refine_steps:
