@@ -2,7 +2,7 @@
 
     python benchmarks/carve_quality.py
 
-Every method (dsc, random, actgrad, coact) at the same budget, routers calibrated in all, at 25 % and 50 % of FFN
+Every method (dsc, random, actgrad, coact; and dsc with the seed's S_p-picked shared expert) at the same budget, routers calibrated in all, at 25 % and 50 % of FFN
 neurons active, for two layouts (16 routed experts; a 12.5 % shared expert + 14 routed experts). The plan and the router
 calibration do not depend on top-k, so each (method, layout) is carved once and evaluated at both budgets. The oracle
 row replaces the router by the true per-token expert gains (an upper bound for any router on that split).
@@ -12,6 +12,7 @@ Writes benchmarks/results/carve_quality.json. Targets: dsc <= 1.5 at 25 %, <= 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import smollm2_scan, write_result  # noqa: E402
+from _common import RESULTS, smollm2_scan, write_result  # noqa: E402
 
 from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
 from tiny_onn.carve.carver import active_fraction  # noqa: E402
@@ -33,7 +34,14 @@ LAYOUTS = {
     "shared 12.5% + 14 experts": {"experts": 14, "shared": 0.125, "top_k": {"25%": 2, "50%": 6}},
     "16 experts": {"experts": 16, "shared": 0.0, "top_k": {"25%": 4, "50%": 8}},
 }
-METHODS = ("dsc", "random", "actgrad", "coact")
+METHODS = {  # row label -> CarveConfig settings
+    "dsc": {"method": "dsc"},
+    "dsc, seed S_p shared": {"method": "dsc", "shared_score": "s_p"},  # the seed's shared-expert score, for comparison
+    "random": {"method": "random"},
+    "actgrad": {"method": "actgrad"},
+    "coact": {"method": "coact"},
+}
+PLAIN = ("dsc", "random", "actgrad", "coact")
 
 
 def oracle_forward(self, hidden_states):
@@ -56,6 +64,10 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--calib-steps", type=int, default=500)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                        help="which layouts to carve (default: both)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of a stopped run with the same settings and carve only what is missing")
     args = parser.parse_args()
     torch.manual_seed(0)
     source = load_source(SourceArgs(model="smollm2", device="cpu"))
@@ -65,15 +77,21 @@ def main() -> None:
     held = build_dataset(source.tokenizer, data_args, "heldout", max_tokens=args.eval_tokens)
     dense = perplexity(source.model, held)
     print(f"dense held-out perplexity {dense['ppl']:.3f} on {dense['tokens']} response tokens", flush=True)
-    rows = []
+    rows = _previous_rows(args, dense) if args.resume else []
 
     def save(rows: list, complete: bool) -> None:
         write_result("carve_quality", _payload(args, scan, calib, dense, rows, complete))
 
-    for layout_name, layout in LAYOUTS.items():
-        for method in METHODS:
+    for layout_name in args.layouts:
+        layout = LAYOUTS[layout_name]
+        for method, settings in METHODS.items():
+            if settings.get("shared_score") and not layout["shared"]:
+                continue  # no shared expert: the same carve as plain dsc
+            if any(r["layout"] == layout_name and r["method"] == method for r in rows):
+                print(f"{layout_name:>26} {method:>8}: kept from the previous run", flush=True)
+                continue
             start = time.perf_counter()
-            cfg = CarveConfig(method=method, experts=layout["experts"], shared=layout["shared"], top_k=1,
+            cfg = CarveConfig(**settings, experts=layout["experts"], shared=layout["shared"], top_k=1,
                               calib_tokens=args.calib_tokens, calib_steps=args.calib_steps)
             moe, plan, _ = carve_model(scan, source, cfg, calib)
             for budget, k in layout["top_k"].items():
@@ -82,7 +100,7 @@ def main() -> None:
                 row = {"layout": layout_name, "method": method, "budget": budget, "top_k": k,
                        "active_fraction": active_fraction(plan, k, 1536), "ppl": ppl["ppl"],
                        "ratio": ppl["ppl"] / dense["ppl"], "by_category": ppl["by_category"]}
-                if method in ("dsc", "random"):
+                if method in ("dsc", "dsc, seed S_p shared", "random"):
                     original = TinyOnnSparseMoeBlock.forward
                     TinyOnnSparseMoeBlock.forward = oracle_forward
                     try:
@@ -95,7 +113,24 @@ def main() -> None:
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             del moe
             save(rows, complete=False)  # a long run keeps what it measured if it is stopped
-    save(rows, complete=True)
+    save(rows, complete=all(any(r["layout"] == n and r["method"] == m for r in rows)
+                            for n in LAYOUTS for m in METHODS if LAYOUTS[n]["shared"] or m in PLAIN))
+
+
+def _previous_rows(args, dense: dict) -> list:
+    """Rows of an earlier run of this script, if it used the same calibration and held-out set (else none)."""
+    path = RESULTS / "carve_quality.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = (old.get("calibration", {}).get("adam_steps") == args.calib_steps
+            and old.get("settings", {}).get("calib_tokens", args.calib_tokens) == args.calib_tokens
+            and old.get("heldout_tokens_scored") == dense["tokens"]
+            and abs(old.get("dense", {}).get("ppl", 0.0) - dense["ppl"]) < 1e-6 * dense["ppl"])
+    if not same:
+        print("--resume: the previous result used other settings; starting over", flush=True)
+        return []
+    return old.get("rows", [])
 
 
 def _payload(args, scan, calib, dense, rows, complete: bool) -> dict:
@@ -103,6 +138,7 @@ def _payload(args, scan, calib, dense, rows, complete: bool) -> dict:
         "model": "smollm2 (SmolLM2-135M-Instruct, fp32)",
         "scan_tokens": scan.meta["tokens_fed"],
         "calibration": {"tokens": calib.num_tokens, "adam_steps": args.calib_steps},
+        "settings": {"calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens},
         "heldout_tokens_scored": dense["tokens"],
         "dense": dense,
         "targets": {"dsc_25": 1.5, "dsc_50": 1.05, "dsc_over_random_25": 0.9},

@@ -101,18 +101,26 @@ def score_validity(d: dict) -> str:
 
 
 def train_policies(d: dict) -> str:
-    lines = [
-        f"{d['model']}; {d['steps']} steps × {d['tokens_per_run'] // d['steps']} tokens = {d['tokens_per_run']} training "
-        f"tokens per run, k = {d['k']}, seeds {d['seeds']} (`{d['command']}`). Perplexity ratio vs dense "
-        f"({d['dense_ppl']:.2f}) on held-out response tokens; the carved start is the same for every run.",
-        "",
-        "| policy | KD | seed | ratio before | ratio after | median step s | emergent shared experts |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {r['policy']} | {r['kd']} | {r['seed']} | {r['ratio_before']:.2f} | {r['ratio_after']:.2f} | "
-              f"{r['step_seconds_median']:.2f} | {r['emergent_shared_experts']} |" for r in d["runs"]]
-    lines += ["", f"Step time smk2 ÷ full (no KD, median over seeds): **{d['step_time_ratio_smk2_over_full']:.3f}** "
-              f"(target ≤ {d['targets']['step_time_ratio']})."]
+    lines = [f"{d['model']}. Perplexity ratio vs dense ({d['dense_ppl']:.2f}) on held-out response tokens; every run "
+             "starts from the same carved model. One table per protocol (command, steps × tokens, learning rate)."]
+    for p in d["protocols"]:
+        lines += [
+            "",
+            f"`{p['command']}`: {p['steps']} steps × {p['batch_size']}×{p['seq_len']} tokens = {p['tokens_per_run']} "
+            f"training tokens per run, expert lr {p['lr']:g}, k = {p['k']}.",
+            "",
+            "| policy | KD | seed | ratio before | ratio after | median step s | emergent shared experts |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['policy']} | {r['kd']} | {r['seed']} | {r['ratio_before']:.2f} | {r['ratio_after']:.2f} | "
+                  f"{r['step_seconds_median']:.2f} | {r['emergent_shared_experts']} |" for r in p["runs"]]
+        if p.get("step_time_ratio_smk2_over_full") is not None:
+            lines += ["", f"Step time smk2 ÷ full (no KD, median over seeds): "
+                      f"**{p['step_time_ratio_smk2_over_full']:.3f}** (target ≤ {d['targets']['step_time_ratio']})."]
+    best = d.get("best_ratio_within_200k_tokens")
+    if best is not None:
+        lines += ["", f"Best ratio within {d['targets']['within_tokens']:,} training tokens: **{best:.2f}** "
+                  f"(target ≤ {d['targets']['ppl_ratio']})."]
     return "\n".join(lines)
 
 

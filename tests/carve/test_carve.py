@@ -14,8 +14,9 @@ import torch
 from tests.conftest import scan_tiny
 from tiny_onn.carve import CarveConfig, assemble, make_plan
 from tiny_onn.carve.cluster import balanced_kmeans
+from tiny_onn.carve.select import shared_scores
 from tiny_onn.cli import main
-from tiny_onn.scan import ScanResult
+from tiny_onn.scan import ScanResult, s_p, zscore
 from tiny_onn.sources import SourceArgs, load_source
 
 
@@ -76,6 +77,27 @@ def test_methods_plan_valid_experts(tiny_model_dir, tiny_scan, method):
     for lp in plan.layers:
         assert lp.experts.shape == (4, 6) and lp.shared.numel() == 8
         assert len(set(lp.experts.reshape(-1).tolist()) | set(lp.shared.tolist())) == 32
+
+
+@pytest.mark.parametrize("shared_score", ["importance", "s_p"])
+def test_dsc_shared_expert_is_strong_in_every_category(tiny_scan, shared_score):
+    scan = ScanResult.load(tiny_scan[0])
+    score = shared_scores(scan, 0, "dsc", torch.Generator(), shared_score)
+    cats = scan.categories
+    assert len(cats) == 2
+    if shared_score == "importance":
+        per_cat = [zscore(scan.stat(0, "act", c) * scan.stat(0, "grad", c)) for c in cats]
+    else:
+        w = tuple(scan.meta["score_weights"][k] for k in ("act", "inv_grad", "freq"))
+        per_cat = [s_p(scan.stat(0, "act", c), scan.stat(0, "grad", c), scan.stat(0, "freq", c), w) for c in cats]
+    torch.testing.assert_close(score, torch.minimum(*per_cat))  # a generalist: its worst category decides
+
+
+def test_unknown_shared_score_is_one_clear_error(tiny_scan):
+    from tiny_onn.errors import TinyOnnError
+
+    with pytest.raises(TinyOnnError, match="shared_score must be one of importance, s_p"):
+        CarveConfig(scan=str(tiny_scan[0]), shared_score="wanda")
 
 
 def test_carve_cli_save_load_in_fresh_process(tiny_model_dir, tiny_scan, tmp_path):

@@ -18,7 +18,7 @@ from tiny_onn.carve.calibrate import calibrate_routers, collect_ffn_inputs
 from tiny_onn.carve.cluster import balanced_kmeans, random_split
 from tiny_onn.carve.features import neuron_features
 from tiny_onn.carve.plan import CarvePlan, LayerPlan
-from tiny_onn.carve.select import METHODS, keep_scores, shared_scores
+from tiny_onn.carve.select import METHODS, SHARED_SCORES, keep_scores, shared_scores
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.errors import TinyOnnError
@@ -47,6 +47,8 @@ class CarveConfig(SourceArgs):
     """Fraction of each layer's neurons kept (top by the method's score)."""
     shared: float = 0.0
     """Fraction of each layer's neurons in the always-on shared expert (0 = none)."""
+    shared_score: str = "importance"
+    """dsc: what picks the shared expert, as the worst score over categories: importance (a·s) or s_p (the seed's S_p)."""
     experts: int = 16
     """Routed experts per layer (equal size)."""
     top_k: int = 4
@@ -95,6 +97,8 @@ class CarveConfig(SourceArgs):
                 setattr(self, k, v)
         if self.method not in METHODS:
             raise TinyOnnError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.shared_score not in SHARED_SCORES:
+            raise TinyOnnError(f"shared_score must be one of {', '.join(SHARED_SCORES)}, got {self.shared_score!r}")
         if not 0.0 < self.keep <= 1.0:
             raise TinyOnnError(f"keep must be in (0, 1], got {self.keep}")
         if not 0.0 <= self.shared < self.keep:
@@ -142,7 +146,7 @@ def plan_layer(scan: ScanResult, mlp, cfg: CarveConfig, gen: torch.Generator) ->
         )
     score = keep_scores(scan, mlp.layer, cfg.method, gen)
     kept = score.topk(n_keep).indices
-    shared = kept[shared_scores(scan, mlp.layer, cfg.method, gen)[kept].topk(n_shared).indices] if n_shared else kept[:0]
+    shared = kept[shared_scores(scan, mlp.layer, cfg.method, gen, cfg.shared_score)[kept].topk(n_shared).indices] if n_shared else kept[:0]
     rest = kept[~torch.isin(kept, shared)]
     rest = rest[score[rest].topk(per_expert * E).indices]  # drop the weakest few so experts are equal
     if cfg.method == "random":

@@ -25,20 +25,36 @@ def keep_scores(scan: ScanResult, layer: int, method: str, generator: torch.Gene
     raise ValueError(method)
 
 
-def shared_scores(scan: ScanResult, layer: int, method: str, generator: torch.Generator) -> torch.Tensor:
+SHARED_SCORES = ("importance", "s_p")
+
+
+def shared_scores(
+    scan: ScanResult, layer: int, method: str, generator: torch.Generator, dsc_shared: str = "importance"
+) -> torch.Tensor:
     """Per-neuron score for the always-on shared expert.
 
-    dsc: the neuron's *worst* S_p over the data categories, so only neurons strong in every category qualify (a
-    generalist); actgrad: a·s; coact: firing frequency f; random: random.
+    dsc: the neuron's *worst* score over the data categories, so only neurons strong in every category qualify (a
+    generalist). The score is `dsc_shared`: "importance" = z-scored a·s per category (default), or "s_p" = the seed's
+    per-category S_p. S_p rewards a low gradient (its z(1/s) term), so its generalists are the neurons the loss depends
+    on least; benchmarks/carve_quality.py measures both. actgrad: a·s; coact: firing frequency f; random: random.
     """
     if method == "dsc":
         cats = scan.categories
+        if dsc_shared not in SHARED_SCORES:
+            raise ValueError(dsc_shared)
         if not cats:
-            return scan.stat(layer, "s_p")
-        w = tuple(scan.meta["score_weights"][k] for k in ("act", "inv_grad", "freq"))
-        per_cat = torch.stack([
-            s_p(scan.stat(layer, "act", c), scan.stat(layer, "grad", c), scan.stat(layer, "freq", c), w) for c in cats
-        ])  # [C, N]
+            act, grad = scan.stat(layer, "act"), scan.stat(layer, "grad")
+            return scan.stat(layer, "s_p") if dsc_shared == "s_p" else act * grad
+        if dsc_shared == "s_p":
+            w = tuple(scan.meta["score_weights"][k] for k in ("act", "inv_grad", "freq"))
+            per_cat = torch.stack([
+                s_p(scan.stat(layer, "act", c), scan.stat(layer, "grad", c), scan.stat(layer, "freq", c), w)
+                for c in cats
+            ])  # [C, N]
+        else:
+            per_cat = torch.stack([
+                zscore(scan.stat(layer, "act", c) * scan.stat(layer, "grad", c)) for c in cats
+            ])  # [C, N]
         return per_cat.min(dim=0).values
     if method == "actgrad":
         return scan.stat(layer, "act") * scan.stat(layer, "grad")
