@@ -73,6 +73,9 @@ def carve_quality(d: dict) -> str:
     for r in rows:
         if (r["layout"], r["method"]) not in keys:
             keys.append((r["layout"], r["method"]))
+    order = ["dsc", "dsc, seed S_p shared", "actgrad", "coact", "random"]
+    layouts = list(dict.fromkeys(k[0] for k in keys))
+    keys.sort(key=lambda k: (layouts.index(k[0]), order.index(k[1]) if k[1] in order else len(order)))
     for layout, method in keys:
         cells = []
         for budget in ("25%", "50%"):

@@ -127,9 +127,15 @@ class TinyOnnExperts(nn.Module):
         return torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T)
 
     def forward(
-        self, x_ND: torch.Tensor, token_P: torch.Tensor, expert_P: torch.Tensor, weight_P: torch.Tensor | None
+        self,
+        x_ND: torch.Tensor,
+        token_P: torch.Tensor,
+        expert_P: torch.Tensor,
+        weight_P: torch.Tensor | None,
+        out_ND: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sum of the selected experts' outputs per token, each scaled by `weight_P` (None: weight 1)."""
+        """Sum of the selected experts' outputs per token, each scaled by `weight_P` (None: weight 1), added to `out_ND`
+        in place when given (the shared expert's output: saves a zero-filled buffer and a sum)."""
         order = torch.argsort(expert_P, stable=True)
         token_P = token_P[order]
         counts = torch.bincount(expert_P, minlength=self.num_experts).tolist()
@@ -153,7 +159,9 @@ class TinyOnnExperts(nn.Module):
                 self.routed_count += torch.bincount(expert_sorted, minlength=self.num_experts).float()
         if weight_P is not None:
             y_PD = y_PD * weight_P[order][:, None].to(y_PD.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_P, y_PD)
+        if out_ND is None:
+            out_ND = torch.zeros_like(x_ND)
+        return out_ND.index_add_(0, token_P, y_PD)
 
 
 class TinyOnnRouter(nn.Module):
@@ -241,9 +249,8 @@ class TinyOnnSparseMoeBlock(nn.Module):
             weight_P = (p_P - p_P.detach()) + 1.0
         else:
             weight_P = None  # weight 1 and no gradient wanted: skip the multiply
-        out_ND = self.experts(x_ND, token_P, expert_P, weight_P)
-        if self.shared_expert is not None:
-            out_ND = out_ND + self.shared_expert(x_ND)
+        shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
+        out_ND = self.experts(x_ND, token_P, expert_P, weight_P, out_ND=shared_ND)
         return out_ND.reshape(shape), logp_NE, selected_NE
 
 
