@@ -109,7 +109,7 @@ def train_policies(d: dict) -> str:
     for p in d["protocols"]:
         lines += [
             "",
-            f"`{p['command']}`: {p['steps']} steps × {p['batch_size']}×{p['seq_len']} tokens = {p['tokens_per_run']} "
+            f"{' + '.join(f'`{c}`' for c in p['commands'])}: {p['steps']} steps × {p['batch_size']}×{p['seq_len']} tokens = {p['tokens_per_run']} "
             f"training tokens per run, expert lr {p['lr']:g}, k = {p['k']}.",
             "",
             "| policy | KD | seed | ratio before | ratio after | median step s | emergent shared experts |",
@@ -118,7 +118,7 @@ def train_policies(d: dict) -> str:
         lines += [f"| {r['policy']} | {r['kd']} | {r['seed']} | {r['ratio_before']:.2f} | {r['ratio_after']:.2f} | "
                   f"{r['step_seconds_median']:.2f} | {r['emergent_shared_experts']} |" for r in p["runs"]]
         if p.get("step_time_ratio_smk2_over_full") is not None:
-            lines += ["", f"Step time smk2 ÷ full (no KD, median over seeds): "
+            lines += ["", f"Step time smk2 ÷ full (same KD, median over seeds): "
                       f"**{p['step_time_ratio_smk2_over_full']:.3f}** (target ≤ {d['targets']['step_time_ratio']})."]
     best = d.get("best_ratio_within_200k_tokens")
     if best is not None:

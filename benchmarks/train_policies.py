@@ -56,12 +56,14 @@ def main() -> None:
     dense = perplexity(source.model, held)["ppl"]
     del source
     protocol = {
-        "command": "python " + " ".join(sys.argv),
+        "commands": ["python " + " ".join(sys.argv)],
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "k": args.k,
         "tokens_per_run": args.steps * args.batch_size * args.seq_len, "seeds": args.seeds, "runs": [],
     }
-    protocols = _earlier_protocols(protocol, dense) if args.append else []
-    protocols.append(protocol)
+    planned = {(p, kd, seed) for seed in args.seeds for kd in args.kd for p in args.policies}
+    protocols = _earlier_protocols(protocol, dense, planned) if args.append else []
+    if protocol not in protocols:
+        protocols.append(protocol)
     for seed in args.seeds:
         for kd in args.kd:
             for policy in args.policies:
@@ -81,6 +83,7 @@ def main() -> None:
                        "emergent_shared_experts": report["emergent_shared_experts"]["count"],
                        "final_ce": report["final"]["ce"]}
                 protocol["runs"].append(row)
+                protocol["seeds"] = sorted({r["seed"] for r in protocol["runs"]})
                 print(f"{policy:>4} kd={kd} seed={seed}: ppl ratio {row['ratio_before']:.2f} -> {row['ratio_after']:.2f}, "
                       f"step {row['step_seconds_median']:.2f}s, emergent shared experts {row['emergent_shared_experts']}",
                       flush=True)
@@ -90,15 +93,18 @@ def main() -> None:
 
 
 def _step_time_ratio(runs: list[dict]) -> float | None:
-    """Median step time of smk2 ÷ full over the runs without KD (None until both have run)."""
-    def med(policy: str) -> list[float]:
-        return [r["step_seconds_median"] for r in runs if r["policy"] == policy and r["kd"] == 0.0]
+    """Median step time of smk2 ÷ full over the runs with the smallest KD weight both have (None until both ran)."""
+    for kd in sorted({r["kd"] for r in runs}):
+        smk2 = [r["step_seconds_median"] for r in runs if r["policy"] == "smk2" and r["kd"] == kd]
+        full = [r["step_seconds_median"] for r in runs if r["policy"] == "full" and r["kd"] == kd]
+        if smk2 and full:
+            return statistics.median(smk2) / statistics.median(full)
+    return None
 
-    smk2, full = med("smk2"), med("full")
-    return statistics.median(smk2) / statistics.median(full) if smk2 and full else None
 
-
-def _earlier_protocols(protocol: dict, dense: float) -> list[dict]:
+def _earlier_protocols(protocol: dict, dense: float, planned: set[tuple]) -> list[dict]:
+    """The protocols in the result file. One with the same settings as `protocol` is merged into it: its runs are kept
+    unless this invocation reruns them (same policy, KD and seed)."""
     path = RESULTS / "train_policies.json"
     if not path.exists():
         return []
@@ -107,7 +113,15 @@ def _earlier_protocols(protocol: dict, dense: float) -> list[dict]:
         print("--append: the earlier result used another held-out set; starting over", flush=True)
         return []
     keys = ("steps", "batch_size", "seq_len", "lr", "k")
-    return [p for p in old.get("protocols", []) if any(p.get(key) != protocol[key] for key in keys)]
+    protocols = []
+    for p in old.get("protocols", []):
+        if any(p.get(key) != protocol[key] for key in keys):
+            protocols.append(p)
+            continue
+        protocol["commands"] = p.get("commands", []) + protocol["commands"]
+        protocol["runs"] = [r for r in p["runs"] if (r["policy"], r["kd"], r["seed"]) not in planned]
+        protocols.append(protocol)
+    return protocols
 
 
 def _write(protocols: list[dict], dense: float) -> None:

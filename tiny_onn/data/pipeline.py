@@ -25,7 +25,7 @@ class DataArgs:
     heldout_fraction: float = 0.1
     """Fraction of examples held out (chosen by content hash, the same in every run)."""
     seed: int = 0
-    """Seed for the example order (and anything else random in the stage)."""
+    """Seed for the training example order (and anything else random in the stage); the held-out set never depends on it."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -57,7 +57,8 @@ def build_dataset(
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     train, heldout = split_examples(_cached_examples(args.data), args.heldout_fraction)
-    queues = shuffled_by_category(train if split == "train" else heldout, args.seed)
+    # the held-out order is fixed so that runs with different seeds are scored on the same tokens
+    queues = shuffled_by_category(train, args.seed) if split == "train" else shuffled_by_category(heldout, 0)
     if not queues:
         raise TinyOnnError(f"the {split} split of data {args.data!r} is empty (too few examples for heldout_fraction?)")
     names = list(queues)
