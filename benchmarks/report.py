@@ -120,10 +120,11 @@ def train_policies(d: dict) -> str:
         if p.get("step_time_ratio_smk2_over_full") is not None:
             lines += ["", f"Step time smk2 ÷ full (same KD, median over seeds): "
                       f"**{p['step_time_ratio_smk2_over_full']:.3f}** (target ≤ {d['targets']['step_time_ratio']})."]
-    best = d.get("best_ratio_within_200k_tokens")
-    if best is not None:
-        lines += ["", f"Best ratio within {d['targets']['within_tokens']:,} training tokens: **{best:.2f}** "
-                  f"(target ≤ {d['targets']['ppl_ratio']})."]
+    within = 204_800  # the 200-step protocol, 200 × 4 × 256 tokens ("200k")
+    best = min((r["ratio_after"], p["tokens_per_run"], r["policy"], r["kd"], p["lr"]) for p in d["protocols"]
+               for r in p["runs"] if p["tokens_per_run"] <= within)
+    lines += ["", f"Best ratio within {within:,} training tokens: **{best[0]:.2f}** ({best[2]}, KD {best[3]}, lr "
+              f"{best[4]:g}, {best[1]:,} tokens; target ≤ {d['targets']['ppl_ratio']})."]
     return "\n".join(lines)
 
 
