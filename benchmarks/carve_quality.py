@@ -41,7 +41,12 @@ METHODS = {  # row label -> CarveConfig settings
     "actgrad": {"method": "actgrad"},
     "coact": {"method": "coact"},
 }
-PLAIN = ("dsc", "random", "actgrad", "coact")
+WITH_ORACLE = ("dsc", "dsc, seed S_p shared", "random")
+
+
+def planned_methods(layout: dict) -> list[str]:
+    """Row labels carved for a layout: the shared-expert variant only where there is a shared expert."""
+    return [m for m, settings in METHODS.items() if layout["shared"] or "shared_score" not in settings]
 
 
 def oracle_forward(self, hidden_states):
@@ -84,14 +89,12 @@ def main() -> None:
 
     for layout_name in args.layouts:
         layout = LAYOUTS[layout_name]
-        for method, settings in METHODS.items():
-            if settings.get("shared_score") and not layout["shared"]:
-                continue  # no shared expert: the same carve as plain dsc
+        for method in planned_methods(layout):
             if any(r["layout"] == layout_name and r["method"] == method for r in rows):
                 print(f"{layout_name:>26} {method:>8}: kept from the previous run", flush=True)
                 continue
             start = time.perf_counter()
-            cfg = CarveConfig(**settings, experts=layout["experts"], shared=layout["shared"], top_k=1,
+            cfg = CarveConfig(**METHODS[method], experts=layout["experts"], shared=layout["shared"], top_k=1,
                               calib_tokens=args.calib_tokens, calib_steps=args.calib_steps)
             moe, plan, _ = carve_model(scan, source, cfg, calib)
             for budget, k in layout["top_k"].items():
@@ -100,7 +103,7 @@ def main() -> None:
                 row = {"layout": layout_name, "method": method, "budget": budget, "top_k": k,
                        "active_fraction": active_fraction(plan, k, 1536), "ppl": ppl["ppl"],
                        "ratio": ppl["ppl"] / dense["ppl"], "by_category": ppl["by_category"]}
-                if method in ("dsc", "dsc, seed S_p shared", "random"):
+                if method in WITH_ORACLE:
                     original = TinyOnnSparseMoeBlock.forward
                     TinyOnnSparseMoeBlock.forward = oracle_forward
                     try:
@@ -114,7 +117,7 @@ def main() -> None:
             del moe
             save(rows, complete=False)  # a long run keeps what it measured if it is stopped
     save(rows, complete=all(any(r["layout"] == n and r["method"] == m for r in rows)
-                            for n in LAYOUTS for m in METHODS if LAYOUTS[n]["shared"] or m in PLAIN))
+                            for n, layout in LAYOUTS.items() for m in planned_methods(layout)))
 
 
 def _previous_rows(args, dense: dict) -> list:

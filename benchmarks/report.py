@@ -120,7 +120,7 @@ def train_policies(d: dict) -> str:
         if p.get("step_time_ratio_smk2_over_full") is not None:
             lines += ["", f"Step time smk2 ÷ full (same KD, median over seeds): "
                       f"**{p['step_time_ratio_smk2_over_full']:.3f}** (target ≤ {d['targets']['step_time_ratio']})."]
-    within = 204_800  # the 200-step protocol, 200 × 4 × 256 tokens ("200k")
+    within = d["targets"]["within_tokens"]
     best = min((r["ratio_after"], p["tokens_per_run"], r["policy"], r["kd"], p["lr"]) for p in d["protocols"]
                for r in p["runs"] if p["tokens_per_run"] <= within)
     lines += ["", f"Best ratio within {within:,} training tokens: **{best[0]:.2f}** ({best[2]}, KD {best[3]}, lr "

@@ -146,7 +146,10 @@ def plan_layer(scan: ScanResult, mlp, cfg: CarveConfig, gen: torch.Generator) ->
         )
     score = keep_scores(scan, mlp.layer, cfg.method, gen)
     kept = score.topk(n_keep).indices
-    shared = kept[shared_scores(scan, mlp.layer, cfg.method, gen, cfg.shared_score)[kept].topk(n_shared).indices] if n_shared else kept[:0]
+    shared = kept[:0]
+    if n_shared:
+        shared_score = shared_scores(scan, mlp.layer, cfg.method, gen, cfg.shared_score)
+        shared = kept[shared_score[kept].topk(n_shared).indices]
     rest = kept[~torch.isin(kept, shared)]
     rest = rest[score[rest].topk(per_expert * E).indices]  # drop the weakest few so experts are equal
     if cfg.method == "random":
