@@ -27,6 +27,8 @@ class DataArgs:
     """Fraction of examples held out (chosen by content hash, the same in every run)."""
     seed: int = 0
     """Seed for the training example order (and anything else random in the stage); the held-out set never depends on it."""
+    categories: str = ""
+    """Use only these data categories (comma-separated, e.g. 'math'); empty = all."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -86,6 +88,13 @@ def build_dataset(
     train, heldout = split_examples(cached_examples(args.data), args.heldout_fraction)
     # the held-out order is fixed so that runs with different seeds are scored on the same tokens
     queues = shuffled_by_category(train, args.seed) if split == "train" else shuffled_by_category(heldout, 0)
+    if args.categories:
+        wanted = [c.strip() for c in args.categories.split(",") if c.strip()]
+        unknown = sorted(set(wanted) - set(queues))
+        if unknown:
+            raise TinyOnnError(f"categories {', '.join(unknown)} are not in data {args.data!r} "
+                               f"(its {split} split has: {', '.join(queues)})")
+        queues = {c: q for c, q in queues.items() if c in wanted}
     if not queues:
         raise TinyOnnError(f"the {split} split of data {args.data!r} is empty (too few examples for heldout_fraction?)")
     names = list(queues)
