@@ -188,7 +188,7 @@ class TrainState:
     ppl_before: dict | None = None
     """Held-out perplexity before training."""
 
-    def meta(self) -> dict:
+    def to_json(self) -> dict:
         """The JSON part (the tensors go to a safetensors file)."""
         return {"step": self.step, "phase": self.phase, "pi": self.pi, "history": self.history,
                 "ppl_before": self.ppl_before}
@@ -215,7 +215,7 @@ class Checkpoints:
             save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
             save_file({"update_counts": state.update_counts, "category_mass": state.category_mass},
                       tmp / "counters.safetensors")
-            write_json(tmp / "state.json", {**meta, **state.meta(), "python_rng": list(random.getstate())})
+            write_json(tmp / "state.json", {**meta, **state.to_json(), "python_rng": list(random.getstate())})
         write_json(self.root / "latest.json", {"folder": name, "step": state.step})
         for old in sorted(self.root.glob("step-*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
@@ -478,6 +478,10 @@ class Trainer:
                         latest)
             state.phase = 1 if state.step < self.cfg.phase1_steps else 2
             return state
+        if counters["update_counts"].shape != state.update_counts.shape:
+            raise TinyOnnError(f"checkpoint {latest} counted updates over other data categories "
+                               f"({tuple(counters['update_counts'].shape)} vs {tuple(state.update_counts.shape)}): "
+                               "resume with the same --data, or use another --out")
         state.phase, state.pi = meta["phase"], meta["pi"]
         state.update_counts, state.category_mass = counters["update_counts"], counters["category_mass"]
         return state
