@@ -104,3 +104,29 @@ def test_unreadable_quantized_weight_is_refused():
     layer.weight = nn.Parameter(torch.zeros(12, 1, dtype=torch.uint8), requires_grad=False)  # codes, no quant_state
     with pytest.raises(TinyOnnError, match="cannot be dequantized"):
         quantized.dense_weight(layer)
+
+
+class _FakeScan:
+    """Importance a·s per neuron (what width pruning ranks by), without running a scan."""
+
+    def __init__(self, layers: int, neurons: int):
+        g = torch.Generator().manual_seed(3)
+        self.stats = {(li, k): torch.rand(neurons, generator=g) for li in range(layers) for k in ("act", "grad")}
+
+    def stat(self, layer: int, name: str) -> torch.Tensor:
+        return self.stats[(layer, name)]
+
+
+def test_width_pruning_a_4bit_source_dequantizes(monkeypatch):
+    from tiny_onn.carve.baselines import width_pruned_dense
+
+    monkeypatch.setattr(quantized, "_dequantize_4bit", fake_dequantize)
+    source = make_tiny_model("llama", 100)
+    _quantize_linears(source)
+    reference = _dequantized_copy(source, "llama", 100)
+    scan = _FakeScan(source.config.num_hidden_layers, source.config.intermediate_size)
+    pruned, kept = width_pruned_dense(source, scan, 16)
+    expected, kept_ref = width_pruned_dense(reference, scan, 16)
+    assert kept == kept_ref
+    for (name, value), (name_ref, value_ref) in zip(pruned.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert name == name_ref and torch.equal(value, value_ref), name

@@ -119,6 +119,7 @@ def dense_models(tiny_moe, tmp_path_factory, tiny_tokenizer):
     small.load_state_dict(state)
     small.save_pretrained(pruned)
     tiny_tokenizer.save_pretrained(pruned)
+    (pruned / "provenance.json").write_text(json.dumps({"method": "width-pruned (every other neuron)"}))
     return {"dense": moe.parent / "dense", "pruned": pruned}
 
 
@@ -138,6 +139,7 @@ def test_dense_model_trains_with_policy_full(dense_models, tiny_moe, tmp_path, w
     assert torch.equal(after_w[attn], before_w[attn])  # attention stays frozen by default, as for the MoE
     report = json.loads((out / TRAIN_META).read_text())
     assert len(report["history"]) == 2 and "update_rate_per_category" not in report
+    assert (out / "model" / "provenance.json").is_file() == (which == "pruned")  # a control keeps its provenance
     assert report["history"][-1]["lb"] == 0.0 and report["perplexity"]["after"]["ppl"] > 0
 
 

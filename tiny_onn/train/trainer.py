@@ -550,14 +550,16 @@ class Trainer:
 
     def _save_model_folder(self, folder: Path, report: dict) -> None:
         card = _card(self.cfg, report, self.is_moe)
-        if not self.is_moe:  # a dense control: a plain Hugging Face folder
+        src = Path(self.cfg.model)
+        provenance = read_json(src / "provenance.json", "provenance") if (src / "provenance.json").is_file() else {}
+        if not self.is_moe:  # a dense control: a plain Hugging Face folder (with a width-pruned model's provenance)
             self.model.save_pretrained(folder)
             self.source.tokenizer.save_pretrained(folder)
+            if provenance:
+                write_json(folder / "provenance.json", provenance)
             write_json(folder / TRAIN_META, report)
             (folder / "README.md").write_text(card)
             return
-        src = Path(self.cfg.model)
-        provenance = read_json(src / "provenance.json", "provenance") if (src / "provenance.json").is_file() else {}
         carve_meta = read_carve_metadata(src)
         metadata = {**({CARVE_META: carve_meta} if carve_meta is not None else {}), TRAIN_META: report}
         save_model_folder(self.model, self.source.tokenizer, folder, provenance, metadata, card)
