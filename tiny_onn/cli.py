@@ -51,7 +51,7 @@ def _train_stage() -> Stage:
 
     return Stage(
         "train",
-        "continue training a carved MoE with expert-masked updates (full / smk / smk2) and distillation",
+        "continue training a carved MoE with expert-masked updates (full / smk / smk2) and distillation (or a dense control)",
         lambda: train.TrainConfig,
         train.run,
         train.summary,

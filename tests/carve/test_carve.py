@@ -113,7 +113,7 @@ def test_carve_cli_save_load_in_fresh_process(tiny_model_dir, tiny_scan, tmp_pat
     prov = json.loads((out / "provenance.json").read_text())
     assert len(prov["layers"]) == 2 and len(prov["layers"][0]["experts"]) == 4
     assert (tmp_path / "carve" / "neurons_umap.png").is_file()
-    meta = json.loads((out / "tiny_onn.json").read_text())
+    meta = json.loads((out / "carve.json").read_text())
     assert meta["perplexity"]["carved"]["ppl"] > 0
 
     from transformers import AutoModelForCausalLM

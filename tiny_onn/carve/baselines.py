@@ -17,6 +17,7 @@ from tiny_onn.artifacts import atomic_dir, versions, write_json
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, swiglu_mlps
+from tiny_onn.sources.quantized import dense_state_dict, dense_weight
 
 
 def importance_keep(scan: ScanResult, layer: int, n_keep: int) -> torch.Tensor:
@@ -34,16 +35,16 @@ def width_pruned_dense(source: PreTrainedModel, scan: ScanResult, n_keep: int) -
         raise TinyOnnError(f"n_keep must be in [1, {mlps[0].num_neurons}], got {n_keep}")
     config = copy.deepcopy(source.config)
     config.intermediate_size = n_keep
-    state = source.state_dict()
+    state = dense_state_dict(source)  # a 4-bit source dequantized: its packed bytes are not weights
     names = {id(m): n for n, m in source.named_modules()}
     kept = []
     for mlp in mlps:
         idx = importance_keep(scan, mlp.layer, n_keep)
         kept.append(idx.tolist())
         prefix = names[id(mlp.module)] + "."
-        state[prefix + "gate_proj.weight"] = mlp.gate_proj.weight[idx].clone()  # [n_keep, D]
-        state[prefix + "up_proj.weight"] = mlp.up_proj.weight[idx].clone()  # [n_keep, D]
-        state[prefix + "down_proj.weight"] = mlp.down_proj.weight[:, idx].clone()  # [D, n_keep]
+        state[prefix + "gate_proj.weight"] = dense_weight(mlp.gate_proj)[idx].clone()  # [n_keep, D]
+        state[prefix + "up_proj.weight"] = dense_weight(mlp.up_proj)[idx].clone()  # [n_keep, D]
+        state[prefix + "down_proj.weight"] = dense_weight(mlp.down_proj)[:, idx].clone()  # [D, n_keep]
     pruned = AutoModelForCausalLM.from_config(config, dtype=next(source.parameters()).dtype)
     pruned.load_state_dict(state)
     return pruned.to(next(source.parameters()).device).eval(), kept

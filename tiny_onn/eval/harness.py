@@ -210,16 +210,16 @@ def facts_row(spec: str, model, tok, cfg: EvalConfig) -> dict:
 def _source_neurons(spec: str, model) -> int:
     import json
 
+    from tiny_onn.model.export import read_carve_metadata
+
     prov = Path(spec) / "provenance.json"
     c = model.config
     if prov.is_file():
         layer0 = json.loads(prov.read_text())["layers"][0]
-        src_cfg = Path(spec) / "tiny_onn.json"
-        if src_cfg.is_file():
-            meta = json.loads(src_cfg.read_text())
-            if "active_fraction" in meta and c.num_experts_per_tok:
-                return round((c.shared_expert_intermediate_size + c.num_experts_per_tok * c.moe_intermediate_size)
-                             / meta["active_fraction"])
+        meta = read_carve_metadata(spec) or {}
+        if "active_fraction" in meta and c.num_experts_per_tok:
+            return round((c.shared_expert_intermediate_size + c.num_experts_per_tok * c.moe_intermediate_size)
+                         / meta["active_fraction"])
         return len(layer0["shared_expert"]["neurons"]) + sum(len(e["neurons"]) for e in layer0["experts"])
     return c.shared_expert_intermediate_size + c.num_experts * c.moe_intermediate_size
 
