@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -34,9 +36,33 @@ class DataArgs:
             raise TinyOnnError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
 
+def _local_files_stamp(spec: str) -> tuple:
+    """(name, size, mtime) of the spec's local files, so that a file edited in place is read again."""
+    stamp = []
+    for part in spec.split(","):
+        path = Path(part.strip()).expanduser()
+        if path.is_file():
+            st = path.stat()
+            stamp.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_examples(spec: str) -> tuple[Example, ...]:
+def _examples_of_version(spec: str, stamp: tuple) -> tuple[Example, ...]:
     return tuple(load_examples(spec))
+
+
+def _cached_examples(spec: str) -> tuple[Example, ...]:
+    return _examples_of_version(spec, _local_files_stamp(spec))
+
+
+def data_identity(spec: str) -> str:
+    """A hash of the examples a data spec yields (their content hashes, in order): changes when a file, the default mix
+    or a dataset changes, not when a file is only touched or reformatted."""
+    h = hashlib.sha256()
+    for ex in _cached_examples(spec):
+        h.update(ex.uid.encode())
+    return h.hexdigest()
 
 
 def shuffled_by_category(examples: list[Example], seed: int) -> dict[str, list[Example]]:
