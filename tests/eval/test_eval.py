@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
@@ -59,6 +60,34 @@ def test_acc_norm_differs_from_acc_when_lengths_differ(monkeypatch):
     result = score_mc(None, None, [item])
     assert result["acc"] == 0.0  # the short choice wins on the raw sum
     assert result["acc_norm"] == 1.0  # -2/2 < -3/9 per character: the long choice wins normalised
+
+
+def test_generated_code_cannot_read_files_outside_or_reach_the_network(tmp_path):
+    from tiny_onn.eval.sandbox import sandbox_layers
+
+    layers = sandbox_layers()
+    if not {"landlock filesystem", "network namespace"} <= set(layers):
+        pytest.skip(f"this kernel gives unprivileged processes only: {', '.join(layers)} (README: the fallback)")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret")
+    ok, err = run_program(f"print(open({str(secret)!r}).read())")
+    assert not ok and "PermissionError" in err, err
+    ok, err = run_program("import os\nprint(os.listdir('/root'))")
+    assert not ok and "PermissionError" in err, err
+    ok, err = run_program("open('out.txt', 'w').write('x')\nassert open('out.txt').read() == 'x'")
+    assert ok, err  # its own folder is writable
+    with socket.socket() as server:  # a TCP server on this machine's loopback device
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        ok, err = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+        assert not ok and ("PermissionError" in err or "Network is unreachable" in err), err
+    # UDP (which Landlock does not cover): the network namespace has no usable device
+    ok, err = run_program("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))")
+    assert not ok and "Network is unreachable" in err, err
+    # the standard library, C extensions included, still works
+    ok, err = run_program("import hashlib, json, math, re\nassert hashlib.md5(b'a').hexdigest().startswith('0cc175')")
+    assert ok, err
 
 
 def test_humaneval_needs_permission_and_sandboxes():

@@ -41,7 +41,11 @@ class EvalConfig(DataArgs):
     eval_tokens: int = 4096
     """Held-out tokens for perplexity."""
     allow_code_execution: bool = False
-    """Allow HumanEval to run model-generated code (in a sandboxed subprocess)."""
+    """Allow HumanEval to run model-generated code. Each program runs in `python -I` in an empty temporary folder with
+    CPU, memory and wall-clock limits and, where the Linux kernel allows, in a new network namespace (no network) under a
+    Landlock ruleset (reads only the standard library and system libraries, writes only its folder, no TCP); eval.json
+    records which of these layers applied (`humaneval.sandbox`) and a warning names any that is missing. Not a hardened
+    jail: it runs as your user on your kernel."""
     humaneval_limit: int = 0
     """Evaluate only the first N problems of HumanEval's evaluation part (0 = all of it: the problems, chosen by a hash of
     their prompts, that the default training mix leaves out)."""
