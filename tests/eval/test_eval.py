@@ -132,7 +132,7 @@ def test_humaneval_scores_only_problems_no_training_mix_holds(tiny_tokenizer, mo
     assert humaneval_pass_at_1(_InstantModel(), tiny_tokenizer, True, limit=3)["task_ids"] == result["task_ids"][:3]
 
 
-def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys):
+def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys, tiny_tokenizer):
     moe, data = tiny_moe
     arc = write_jsonl(tmp_path / "arc.jsonl", [ARC] * 3)
     out = tmp_path / "eval"
@@ -147,7 +147,22 @@ def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys):
     assert dense_row["params"]["active_per_token"] == dense_row["params"]["total"]
     assert moe_row["flops_per_token"] < dense_row["flops_per_token"]
     assert {p["top_k"] for p in moe_row["curve"]} == {1, 2, 3, 4}
-    assert moe_row["mc"][str(arc)]["n"] == 3 and 0 <= moe_row["probe"]["accuracy"] <= 1
+    # the MC score recomputed by hand from the exported MoE: log-probability of each choice after the ARC context
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(moe).eval()
+    (item, *_) = load_mc(arc)[1]
+    ctx = tiny_tokenizer(item.context, add_special_tokens=False)["input_ids"]
+    logliks = []
+    for choice in item.choices:
+        full = tiny_tokenizer(item.context + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([full])).logits[0], -1)
+        logliks.append(sum(float(logp[t - 1, full[t]]) for t in range(len(ctx), len(full))))
+    per_char = [v / len(c) for v, c in zip(logliks, item.choices, strict=True)]
+    right = float(max(range(len(logliks)), key=logliks.__getitem__) == item.gold)
+    right_norm = float(max(range(len(per_char)), key=per_char.__getitem__) == item.gold)
+    assert moe_row["mc"][str(arc)] == {"format": "arc", "acc": right, "acc_norm": right_norm, "n": 3}
     assert (out / "sparsity_quality.png").is_file() and "| model |" in (out / "eval.md").read_text()
     assert main(["eval", "--model", str(moe), "--tasks", "humaneval", "--out", str(tmp_path / "h")]) == 2
     assert "--allow-code-execution" in capsys.readouterr().err
