@@ -2,8 +2,8 @@
 
     python benchmarks/carve_quality.py
 
-Every method (dsc, random, actgrad, coact; and dsc with the seed's S_p-picked shared expert) at the same budget, routers calibrated in all, at 25 % and 50 % of FFN
-neurons active, for two layouts (16 routed experts; a 12.5 % shared expert + 14 routed experts). The plan and the router
+Every method (dsc, random, actgrad, coact; dsc without its per-category ΔSC features; dsc with the seed's S_p-picked
+shared expert) at the same budget, routers calibrated in all, at 25 % and 50 % of FFN neurons active, for two layouts (16 routed experts; a 12.5 % shared expert + 14 routed experts). The plan and the router
 calibration do not depend on top-k, so each (method, layout) is carved once and evaluated at both budgets. The oracle
 row replaces the router by the true per-token expert gains (an upper bound for any router on that split).
 Writes benchmarks/results/carve_quality.json. Targets: dsc <= 1.5 at 25 %, <= 1.05 at 50 %, dsc <= 0.9 x random at 25 %.

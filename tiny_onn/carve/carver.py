@@ -42,7 +42,7 @@ class CarveConfig(SourceArgs):
     model: str = ""
     """Source model; empty = the model recorded in the scan."""
     method: str = "dsc"
-    """Neuron selection and split: dsc (S_p/ΔSC scores, fingerprint+weight clustering), random, actgrad (LLaMA-MoE a·s importance), coact (co-activation clustering without the scores)."""
+    """Neuron selection and split: dsc (keep by S_p; shared expert = the neurons whose worst per-category a·s importance is highest; clustering on activation fingerprints, weight rows, category profile and per-category ΔSC), random (the baseline), actgrad (LLaMA-MoE's a·s importance), coact (activation keep, co-activation clustering on |h| only)."""
     keep: float = 1.0
     """Fraction of each layer's neurons kept (top by the method's score)."""
     shared: float = 0.0
