@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -57,7 +58,7 @@ def median(xs: list[float]) -> float:
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "command": "python " + " ".join(sys.argv), "machine": machine(), **payload}
+    payload = {"benchmark": name, "command": "python " + shlex.join(sys.argv), "machine": machine(), **payload}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)

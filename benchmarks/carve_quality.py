@@ -2,8 +2,8 @@
 
     python benchmarks/carve_quality.py
 
-Every method (dsc, random, actgrad, coact; and dsc with the seed's S_p-picked shared expert) at the same budget, routers calibrated in all, at 25 % and 50 % of FFN
-neurons active, for two layouts (16 routed experts; a 12.5 % shared expert + 14 routed experts). The plan and the router
+Every method (dsc, random, actgrad, coact; dsc without its per-category ΔSC features; dsc with the seed's S_p-picked
+shared expert) at the same budget, routers calibrated in all, at 25 % and 50 % of FFN neurons active, for two layouts (16 routed experts; a 12.5 % shared expert + 14 routed experts). The plan and the router
 calibration do not depend on top-k, so each (method, layout) is carved once and evaluated at both budgets. The oracle
 row replaces the router by the true per-token expert gains (an upper bound for any router on that split).
 Writes benchmarks/results/carve_quality.json. Targets: dsc <= 1.5 at 25 %, <= 1.05 at 50 %, dsc <= 0.9 x random at 25 %.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from _common import RESULTS, smollm2_scan, write_result  # noqa: E402
 from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
 from tiny_onn.carve.carver import active_fraction  # noqa: E402
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
+from tiny_onn.data.pipeline import data_identity  # noqa: E402
 from tiny_onn.eval import perplexity  # noqa: E402
 from tiny_onn.model.modeling_tiny_onn import TinyOnnSparseMoeBlock  # noqa: E402
 from tiny_onn.scan import ScanResult  # noqa: E402
@@ -36,6 +38,7 @@ LAYOUTS = {
 }
 METHODS = {  # row label -> CarveConfig settings
     "dsc": {"method": "dsc"},
+    "dsc without ΔSC": {"method": "dsc", "delta_sc_features": 0.0},  # the same method, ΔSC left out of the features
     "dsc, seed S_p shared": {"method": "dsc", "shared_score": "s_p"},  # the seed's shared-expert score, for comparison
     "random": {"method": "random"},
     "actgrad": {"method": "actgrad"},
@@ -44,9 +47,10 @@ METHODS = {  # row label -> CarveConfig settings
 WITH_ORACLE = ("dsc", "dsc, seed S_p shared", "random")
 
 
-def planned_methods(layout: dict) -> list[str]:
-    """Row labels carved for a layout: the shared-expert variant only where there is a shared expert."""
-    return [m for m, settings in METHODS.items() if layout["shared"] or "shared_score" not in settings]
+def planned_methods(layout: dict, chosen: list[str] | None = None) -> list[str]:
+    """Row labels carved for a layout (of `chosen`, default all): the shared-expert variant only where there is one."""
+    return [m for m, settings in METHODS.items()
+            if (layout["shared"] or "shared_score" not in settings) and (chosen is None or m in chosen)]
 
 
 def oracle_forward(self, hidden_states):
@@ -71,6 +75,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
                         help="which layouts to carve (default: both)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="which rows to carve (default: all)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of a stopped run with the same settings and carve only what is missing")
     args = parser.parse_args()
@@ -82,14 +88,15 @@ def main() -> None:
     held = build_dataset(source.tokenizer, data_args, "heldout", max_tokens=args.eval_tokens)
     dense = perplexity(source.model, held)
     print(f"dense held-out perplexity {dense['ppl']:.3f} on {dense['tokens']} response tokens", flush=True)
-    rows = _previous_rows(args, dense) if args.resume else []
+    rows, commands = _previous_rows(args, dense) if args.resume else ([], [])
+    commands.append("python " + shlex.join(sys.argv))
 
     def save(rows: list, complete: bool) -> None:
-        write_result("carve_quality", _payload(args, scan, calib, dense, rows, complete))
+        write_result("carve_quality", {**_payload(args, scan, calib, dense, rows, complete), "commands": commands})
 
     for layout_name in args.layouts:
         layout = LAYOUTS[layout_name]
-        for method in planned_methods(layout):
+        for method in planned_methods(layout, args.methods):
             if any(r["layout"] == layout_name and r["method"] == method for r in rows):
                 print(f"{layout_name:>26} {method:>8}: kept from the previous run", flush=True)
                 continue
@@ -120,25 +127,27 @@ def main() -> None:
                             for n, layout in LAYOUTS.items() for m in planned_methods(layout)))
 
 
-def _previous_rows(args, dense: dict) -> list:
-    """Rows of an earlier run of this script, if it used the same calibration and held-out set (else none)."""
+def _previous_rows(args, dense: dict) -> tuple[list, list]:
+    """Rows and commands of earlier runs of this script, if they used the same data, calibration and held-out set."""
     path = RESULTS / "carve_quality.json"
     if not path.exists():
-        return []
+        return [], []
     old = json.loads(path.read_text())
-    same = (old.get("calibration", {}).get("adam_steps") == args.calib_steps
+    same = (old.get("data", {}).get("identity") == data_identity("default")
+            and old.get("calibration", {}).get("adam_steps") == args.calib_steps
             and old.get("settings", {}).get("calib_tokens", args.calib_tokens) == args.calib_tokens
             and old.get("heldout_tokens_scored") == dense["tokens"]
             and abs(old.get("dense", {}).get("ppl", 0.0) - dense["ppl"]) < 1e-6 * dense["ppl"])
     if not same:
         print("--resume: the previous result used other settings; starting over", flush=True)
-        return []
-    return old.get("rows", [])
+        return [], []
+    return old.get("rows", []), old.get("commands", [old["command"]])
 
 
 def _payload(args, scan, calib, dense, rows, complete: bool) -> dict:
     return {
         "model": "smollm2 (SmolLM2-135M-Instruct, fp32)",
+        "data": {"spec": "default", "identity": data_identity("default")},  # the mix's examples, by content
         "scan_tokens": scan.meta["tokens_fed"],
         "calibration": {"tokens": calib.num_tokens, "adam_steps": args.calib_steps},
         "settings": {"calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens},

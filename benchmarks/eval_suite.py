@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/bench/eval_suite")
     parser.add_argument("--moe", default="runs/bench/train_policies/moe25",
                         help="the carved MoE to evaluate (carved here if the folder does not exist)")
-    parser.add_argument("--trained", default="runs/bench/train_policies/full-kd0.5-seed0/model",
+    parser.add_argument("--trained",
+                        default="runs/bench/train_policies/steps200-bs4-seq256-lr0.0003-k4/full-kd0.0-seed0/model",
                         help="a trained MoE to add to the table (skipped if the folder does not exist)")
     args = parser.parse_args()
     work = Path(args.workdir)

@@ -1,7 +1,9 @@
 """Do carved experts specialise by data category? NMI(top-1 expert, category) per layer on held-out SmolLM2 tokens, for
 the ΔSC carving, a random split at the same budget, and (if given) a trained model; plus one layer's heatmap.
 
-    python benchmarks/interpret_nmi.py [--trained runs/bench/train_policies/smk2-kd0.5-seed0/model]
+    python benchmarks/interpret_nmi.py [--trained runs/bench/train_policies/steps30-bs2-seq256-lr0.0001-k4/smk2-kd0.5-seed0/model]
+
+(--trained: a model folder of benchmarks/train_policies.py, one folder per protocol; the result records which.)
 
 Writes benchmarks/results/interpret_nmi.json and benchmarks/results/heatmap_dsc.png.
 """
@@ -24,7 +26,7 @@ from tiny_onn.interpret import run as interpret  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trained", default="")
+    parser.add_argument("--trained", default="", help="a trained model folder (from train_policies.py) to add")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--workdir", default="runs/bench/interpret")
     parser.add_argument("--dsc-moe", default="runs/bench/train_policies/moe25",

@@ -61,7 +61,8 @@ def carve_quality(d: dict) -> str:
         f"Held-out perplexity (response tokens, {d['heldout_tokens_scored']} scored) of the carved MoE ÷ the dense "
         f"source ({d['dense']['ppl']:.2f}), **no training**; routers calibrated on {d['calibration']['tokens']} tokens "
         f"({d['calibration']['adam_steps']} Adam steps after least squares); scan of {d['scan_tokens']} tokens "
-        f"(`{d['command']}`). Oracle = the router replaced by each token's true expert gains.",
+        f"({' + '.join(f'`{c}`' for c in d.get('commands', [d['command']]))}). "
+        "Oracle = the router replaced by each token's true expert gains.",
         "",
         "| layout | method | 25 % active | 50 % active |",
         "|---|---|---|---|",
@@ -73,7 +74,7 @@ def carve_quality(d: dict) -> str:
     for r in rows:
         if (r["layout"], r["method"]) not in keys:
             keys.append((r["layout"], r["method"]))
-    order = ["dsc", "dsc, seed S_p shared", "actgrad", "coact", "random"]
+    order = ["dsc", "dsc without ΔSC", "dsc, seed S_p shared", "actgrad", "coact", "random"]
     layouts = list(dict.fromkeys(k[0] for k in keys))
     keys.sort(key=lambda k: (layouts.index(k[0]), order.index(k[1]) if k[1] in order else len(order)))
     for layout, method in keys:
@@ -88,6 +89,20 @@ def carve_quality(d: dict) -> str:
                 cell += f" (oracle {r['oracle_ratio']:.2f})"
             cells.append(cell)
         lines.append(f"| {layout} | {method} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def lossless(d: dict) -> str:
+    lines = [
+        f"{d['model']}; {d['tokens'][0]}×{d['tokens'][1]} held-out tokens, largest logit {d['max_abs_logit']:.1f} "
+        f"(`{d['command']}`). The dense model's own fp32 rounding error (its fp32 logits against float64): "
+        f"{d['dense_fp32_vs_float64']:.2g}.",
+        "",
+        "| layout | max \\|MoE − dense\\| logit (both fp32) | relative to the largest logit | max \\|MoE − float64 dense\\| |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {r['max_abs_logit_difference']:.2g} | {r['relative_to_max_logit']:.1g} | "
+              f"{r['moe_vs_float64_dense']:.2g} |" for name, r in d["layouts"].items()]
     return "\n".join(lines)
 
 
@@ -196,7 +211,8 @@ def knowledge_recovery(d: dict) -> str:
 
 RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "carve_quality": carve_quality,
              "score_validity": score_validity, "train_policies": train_policies,
-             "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "knowledge_recovery": knowledge_recovery}
+             "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
+             "knowledge_recovery": knowledge_recovery}
 
 
 def main() -> None:

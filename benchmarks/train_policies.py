@@ -4,7 +4,8 @@
     python benchmarks/train_policies.py --steps 20 --batch-size 2 --seeds 0   # what fits a 2-core CPU session
     python benchmarks/train_policies.py --append --policies full --kd 0.5 --seeds 0   # one more protocol, kept beside
 
-Same carved start, data, steps, tokens and seed for every run. Reports held-out perplexity ÷ dense after training, and the
+Same carved start (runs/bench/train_policies/moe25), data, steps, tokens and seed for every run; each protocol's trained
+models stay in their own folder, runs/bench/train_policies/steps{S}-bs{B}-seq{T}-lr{LR}-k{K}/{policy}-kd{KD}-seed{N}/model. Reports held-out perplexity ÷ dense after training, and the
 median step time of smk2 ÷ full (target <= 1.05). Writes benchmarks/results/train_policies.json.
 """
 
@@ -60,6 +61,7 @@ def main() -> None:
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "k": args.k,
         "tokens_per_run": args.steps * args.batch_size * args.seq_len, "seeds": args.seeds, "runs": [],
     }
+    runs_dir = protocol_folder(work, args)
     planned = {(p, kd, seed) for seed in args.seeds for kd in args.kd for p in args.policies}
     protocols = _earlier_protocols(protocol, dense, planned) if args.append else []
     if protocol not in protocols:
@@ -67,7 +69,7 @@ def main() -> None:
     for seed in args.seeds:
         for kd in args.kd:
             for policy in args.policies:
-                out = work / f"{policy}-kd{kd}-seed{seed}"
+                out = runs_dir / f"{policy}-kd{kd}-seed{seed}"
                 shutil.rmtree(out, ignore_errors=True)
                 cfg = TrainConfig(model=str(moe), teacher="smollm2" if kd else "", kd=kd, policy=policy, max_k=args.k,
                                   min_k=args.k, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -81,7 +83,7 @@ def main() -> None:
                        "ratio_before": before / dense, "ratio_after": after / dense,
                        "step_seconds_median": report["step_seconds_median"],
                        "emergent_shared_experts": report["emergent_shared_experts"]["count"],
-                       "final_ce": report["final"]["ce"]}
+                       "final_ce": report["final"]["ce"], "model_folder": str(out / "model")}
                 protocol["runs"].append(row)
                 protocol["seeds"] = sorted({r["seed"] for r in protocol["runs"]})
                 print(f"{policy:>4} kd={kd} seed={seed}: ppl ratio {row['ratio_before']:.2f} -> {row['ratio_after']:.2f}, "
@@ -90,6 +92,11 @@ def main() -> None:
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
                 protocol["step_time_ratio_smk2_over_full"] = _step_time_ratio(protocol["runs"])
                 _write(protocols, dense)  # a stopped run keeps what it measured
+
+
+def protocol_folder(work: Path, args) -> Path:
+    """The folder of one protocol's runs: runs of different protocols never overwrite each other's models."""
+    return work / f"steps{args.steps}-bs{args.batch_size}-seq{args.seq_len}-lr{args.lr:g}-k{args.k}"
 
 
 def _step_time_ratio(runs: list[dict]) -> float | None:

@@ -74,3 +74,39 @@ def test_alchemy_runs_reuses_and_resumes(pipeline, tmp_path, monkeypatch, capsys
     hist_a = json.loads((a / "train" / "train.json").read_text())["history"]
     hist_b = json.loads((b / "train" / "train.json").read_text())["history"]
     assert [h["ce"] for h in hist_a] == [h["ce"] for h in hist_b]
+
+
+def test_a_changed_upstream_artifact_or_data_file_reruns_what_depends_on_it(tiny_moe, tmp_path):
+    """Each stage records the hashes of its inputs: a stage whose own configuration is unchanged still runs again when a
+    file it reads changed (a data file edited in place, a scan redone outside alchemy), and only then."""
+    from tiny_onn.alchemy import AlchemyConfig, _stage_configs
+    from tiny_onn.scan import run as scan
+
+    lines = tiny_moe[1].read_text().splitlines(keepends=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(lines))
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(LIGHT_PIPELINE.format(dense=tiny_moe[0].parent / "dense", data=data))
+    run = tmp_path / "run"
+    argv = ["alchemy", "--config", str(cfg), "--out", str(run), "--skip-train"]
+
+    def stages() -> dict:
+        assert main(argv) == 0
+        return json.loads((run / "alchemy.json").read_text())["stages"]
+
+    assert set(stages().values()) == {"ran"}
+    assert set(stages().values()) == {"reused"}
+    data.write_text("".join(lines[: len(lines) // 2]))  # same path, same configuration, other examples
+    assert set(stages().values()) == {"ran"}
+    # the scan made again outside alchemy with the very same configuration: a new artifact, so the carve runs again;
+    # its statistics are the same, so the carve writes the same model, and eval and interpret are still up to date
+    scan(_stage_configs(AlchemyConfig(config=str(cfg), out=str(run), skip_train=True))["scan"])
+    assert stages() == {"scan": "reused", "carve": "ran", "eval": "reused", "interpret": "reused"}
+
+
+LIGHT_PIPELINE = """
+scan: {{model: {dense}, data: {data}, tokens: 2000, seq_len: 32, batch_size: 4, fingerprint_tokens: 16, device: cpu}}
+carve: {{experts: 4, top_k: 2, calib_tokens: 256, calib_steps: 2, eval_tokens: 0, plots: false, device: cpu, seq_len: 32}}
+eval: {{data: {data}, tasks: "ppl", eval_tokens: 128, seq_len: 32, device: cpu}}
+interpret: {{data: {data}, tokens: 128, seq_len: 32, device: cpu}}
+"""

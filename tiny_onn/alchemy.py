@@ -1,15 +1,17 @@
 """`tiny-onn alchemy`: scan → carve → train → eval → interpret in one run folder, each stage skipped when its artifact
-already exists and was made with the same configuration (so an interrupted run continues), then a summary table."""
+already exists and was made with the same configuration from the same inputs (so an interrupted run continues, and a
+changed upstream artifact, model or data file makes every stage that depends on it run again), then a summary table."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiny_onn.artifacts import write_json
+from tiny_onn.artifacts import content_hash, write_json
 from tiny_onn.config import load_yaml, make_config
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.model.export import carve_metadata_path
@@ -42,6 +44,44 @@ def _stored_config(path: Path) -> dict | None:
         return None
 
 
+STAGE_RECORDS = "stages.json"
+"""In the run folder: for each stage, the configuration and the identity of the inputs it last ran with."""
+
+
+def input_identity(spec: str) -> str:
+    """What a stage input is, by content: a file or folder (the sha256 of its bytes), the bundled `smollm2` (its GGUF);
+    anything else, a hub id, by its name (it cannot be read offline)."""
+    from tiny_onn.sources.loading import SMOLLM2_ALIAS, smollm2_gguf_path
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        return content_hash(path)
+    if spec == SMOLLM2_ALIAS:
+        return content_hash(smollm2_gguf_path())
+    return f"name:{spec}"
+
+
+def stage_inputs(name: str, cfg) -> dict[str, str]:
+    """The identities of everything a stage reads besides its own configuration: upstream artifacts, models, data."""
+    from tiny_onn.data.pipeline import data_identity
+
+    if name == "carve":  # an empty model or data means the scan's, which the scan's own hash covers
+        models = {"scan": cfg.scan, "model": cfg.model}
+    elif name == "train":
+        models = {"model": cfg.model, "teacher": cfg.teacher}
+    elif name == "eval":
+        models = {f"model {i}": m for i, m in enumerate(cfg.model)}
+    else:  # scan, interpret
+        models = {"model": cfg.model}
+    ids = {key: input_identity(spec) for key, spec in models.items() if spec}
+    if cfg.data:
+        ids["data"] = data_identity(cfg.data)
+    for task in getattr(cfg, "task_list", []):
+        if task.startswith("mc:"):
+            ids[task] = input_identity(task[3:])
+    return ids
+
+
 def _stage_configs(acfg: AlchemyConfig) -> dict:
     from tiny_onn.carve import CarveConfig
     from tiny_onn.eval.harness import EvalConfig
@@ -65,6 +105,10 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     return {"scan": scan, "carve": carve, "train": train, "eval": ev, "interpret": interp}
 
 
+def _config_json(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
 def run(acfg: AlchemyConfig) -> Path:
     from tiny_onn import carve, interpret, scan, train
     from tiny_onn.eval import harness
@@ -72,14 +116,31 @@ def run(acfg: AlchemyConfig) -> Path:
     out = Path(acfg.out)
     cfgs = _stage_configs(acfg)
     done: dict[str, str] = {}
+    records_path = out / STAGE_RECORDS
+    records = json.loads(records_path.read_text()) if records_path.is_file() else {}
+
+    def record(name: str, cfg, inputs: dict, complete: bool) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        records[name] = {"config": _config_json(cfg), "inputs": inputs, "complete": complete}
+        write_json(records_path, records)
+
+    def same_inputs(name: str, inputs: dict) -> bool:
+        return records.get(name, {}).get("inputs") == inputs
 
     def stage(name: str, artifact: Path, fn, cfg) -> None:
-        if _same(_stored_config(artifact), cfg):
+        inputs = stage_inputs(name, cfg)  # after the stages before it ran: their artifacts are final now
+        if _same(_stored_config(artifact), cfg) and same_inputs(name, inputs) and records[name].get("complete"):
             log.info("%s: %s is up to date, skipped", name, artifact)
             done[name] = "reused"
             return
+        if records.get(name) and not same_inputs(name, inputs):
+            old = records[name]["inputs"]
+            changed = sorted(k for k in set(inputs) | set(old) if inputs.get(k) != old.get(k))
+            log.info("%s: its inputs changed (%s)", name, ", ".join(changed))
         log.info("%s: running", name)
+        record(name, cfg, inputs, complete=False)
         fn(cfg)
+        record(name, cfg, inputs, complete=True)
         done[name] = "ran"
 
     stage("scan", out / "scan" / "scan.json", scan.run, cfgs["scan"])
@@ -88,14 +149,20 @@ def run(acfg: AlchemyConfig) -> Path:
         tcfg = cfgs["train"]
         ckpt = out / "train" / "checkpoints" / "latest.json"
         if not _same(_stored_config(out / "train" / "train.json"), tcfg) and ckpt.is_file():
-            state = json.loads(ckpt.read_text())
-            stored = _stored_config(out / "train" / "checkpoints" / state["folder"] / "state.json")
-            if _same({**(stored or {}), "resume": True}, dataclasses.replace(tcfg, resume=True)):
-                log.info("train: continuing from checkpoint %s", state["folder"])
-                tcfg = dataclasses.replace(tcfg, resume=True)
+            if not same_inputs("train", stage_inputs("train", tcfg)):
+                log.info("train: %s was trained from other inputs; starting over", out / "train")
+                shutil.rmtree(out / "train")
             else:
-                raise TinyOnnError(f"{out / 'train'} holds checkpoints of another training configuration; "
-                                   "remove that folder or use another --out")
+                state = json.loads(ckpt.read_text())
+                stored = _stored_config(out / "train" / "checkpoints" / state["folder"] / "state.json")
+                if _same({**(stored or {}), "resume": True}, dataclasses.replace(tcfg, resume=True)):
+                    log.info("train: continuing from checkpoint %s", state["folder"])
+                    tcfg = dataclasses.replace(tcfg, resume=True)
+                else:
+                    raise TinyOnnError(f"{out / 'train'} holds checkpoints of another training configuration; "
+                                       "remove that folder or use another --out")
+        elif not same_inputs("train", stage_inputs("train", tcfg)) and (out / "train").exists():
+            shutil.rmtree(out / "train")  # finished on other inputs: its checkpoints must not be mistaken for ours
         stage("train", out / "train" / "train.json", train.run, tcfg)
     stage("eval", out / "eval" / "eval.json", harness.run, cfgs["eval"])
     stage("interpret", out / "report" / "interpret.json", interpret.run, cfgs["interpret"])

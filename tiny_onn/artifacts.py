@@ -7,6 +7,7 @@ interrupted stage never leaves a folder that a later stage would take for comple
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -51,6 +52,35 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once per version
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, or of a folder's files (their relative names and bytes, in sorted order; hidden entries
+    such as the temporary folders of `atomic_dir` are left out): the identity of an artifact, whatever its timestamps."""
+    path = Path(path)
+    if path.is_file():
+        return _file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+            h.update(f"{rel.as_posix()}\0{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -93,6 +93,28 @@ def test_dsc_shared_expert_is_strong_in_every_category(tiny_scan, shared_score):
     torch.testing.assert_close(score, torch.minimum(*per_cat))  # a generalist: its worst category decides
 
 
+def test_dsc_clusters_on_the_per_category_delta_sc(tiny_model_dir, tiny_scan):
+    """dsc reads ΔSC: change only the per-category gradients (ΔSC_c = z(a_c) − z(s_c) changes, nothing else dsc uses
+    without a shared expert does) and the experts change; with --delta-sc-features 0 they do not."""
+    from tiny_onn.carve.select import category_delta_sc
+
+    scan = ScanResult.load(tiny_scan[0])
+    for c, name in enumerate(scan.categories):
+        expected = zscore(scan.stat(0, "act", name)) - zscore(scan.stat(0, "grad", name))
+        torch.testing.assert_close(category_delta_sc(scan, 0)[:, c], expected)
+    shuffled = ScanResult(scan.meta, {
+        k: v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))] if ".by_category." in k
+        and k.endswith(".grad") else v for k, v in scan.tensors.items()})
+    source = load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))
+
+    def experts(result: ScanResult, share: float) -> list:
+        cfg = CarveConfig(scan=str(tiny_scan[0]), experts=4, top_k=2, delta_sc_features=share)
+        return [lp.experts.tolist() for lp in make_plan(result, source.model, cfg).layers]
+
+    assert experts(shuffled, 0.0) == experts(scan, 0.0)
+    assert experts(shuffled, 2.0) != experts(scan, 2.0)
+
+
 def test_unknown_shared_score_is_one_clear_error(tiny_scan):
     from tiny_onn.errors import TinyOnnError
 
@@ -153,6 +175,7 @@ def test_carve_cli_save_load_in_fresh_process(tiny_model_dir, tiny_scan, tmp_pat
         (["--keep", "1.5"], "keep must be in (0, 1]"),
         (["--router", "hierarchical", "--experts", "6", "--groups", "4"], "must be a multiple of groups"),
         (["--method", "magic"], "method must be one of"),
+        (["--delta-sc-features", "-1"], "must be non-negative"),
     ],
 )
 def test_carve_bad_input(tiny_model_dir, tiny_scan, tmp_path, capsys, extra, message):

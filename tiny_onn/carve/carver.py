@@ -42,7 +42,7 @@ class CarveConfig(SourceArgs):
     model: str = ""
     """Source model; empty = the model recorded in the scan."""
     method: str = "dsc"
-    """Neuron selection and split: dsc (S_p/ΔSC scores, fingerprint+weight clustering), random, actgrad (LLaMA-MoE a·s importance), coact (co-activation clustering without the scores)."""
+    """Neuron selection and split: dsc (keep by S_p; shared expert = the neurons whose worst per-category a·s importance is highest; clustering on activation fingerprints, weight rows, category profile and per-category ΔSC), random (the baseline), actgrad (LLaMA-MoE's a·s importance), coact (activation keep, co-activation clustering on |h| only)."""
     keep: float = 1.0
     """Fraction of each layer's neurons kept (top by the method's score)."""
     shared: float = 0.0
@@ -77,6 +77,8 @@ class CarveConfig(SourceArgs):
     """Held-out tokens for the dense-vs-carved perplexity check (0 = skip)."""
     weight_features: float = 0.5
     """Weight of the neurons' weight rows relative to their activation fingerprints in clustering."""
+    delta_sc_features: float = 0.5
+    """dsc: weight of each neuron's per-category ΔSC (z(a_c) − z(s_c) per data category) in clustering (0 = leave it out)."""
     pca_dims: int = 32
     """PCA components per feature block before clustering."""
     seed: int = 0
@@ -99,6 +101,8 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.shared_score not in SHARED_SCORES:
             raise TinyOnnError(f"shared_score must be one of {', '.join(SHARED_SCORES)}, got {self.shared_score!r}")
+        if self.delta_sc_features < 0 or self.weight_features < 0:
+            raise TinyOnnError("weight_features and delta_sc_features must be non-negative (0 = leave that block out)")
         if not 0.0 < self.keep <= 1.0:
             raise TinyOnnError(f"keep must be in (0, 1], got {self.keep}")
         if not 0.0 <= self.shared < self.keep:
@@ -156,7 +160,8 @@ def plan_layer(scan: ScanResult, mlp, cfg: CarveConfig, gen: torch.Generator) ->
         labels = random_split(rest.numel(), E, gen)
         feats = None
     else:
-        feats = neuron_features(scan, mlp, rest, cfg.method, cfg.weight_features, cfg.pca_dims, cfg.seed)
+        feats = neuron_features(scan, mlp, rest, cfg.method, cfg.weight_features, cfg.pca_dims, cfg.seed,
+                                cfg.delta_sc_features)
         labels = balanced_kmeans(feats, E, cfg.seed)
     experts = [rest[torch.from_numpy(labels == e)].sort().values for e in range(E)]
     G = cfg.num_groups

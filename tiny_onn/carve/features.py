@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from tiny_onn.carve.cluster import standardized_pca
-from tiny_onn.carve.select import category_profile
+from tiny_onn.carve.select import category_delta_sc, category_profile
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import SwiGluMlp
 from tiny_onn.sources.quantized import dense_weight
@@ -17,13 +17,21 @@ def _unit_rows(x: torch.Tensor) -> np.ndarray:
     return (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
 
 
+def _rms_scaled(block: torch.Tensor, share: float) -> np.ndarray:
+    """`block` [n, C] scaled so its rows have root-mean-square norm `share` (a fingerprint PCA block has 1)."""
+    x = block.numpy()
+    return share * x / max(float(np.sqrt((x**2).sum(1).mean())), 1e-12)
+
+
 def neuron_features(
-    scan: ScanResult, mlp: SwiGluMlp, neurons: torch.Tensor, method: str, weight_share: float, dims: int, seed: int
+    scan: ScanResult, mlp: SwiGluMlp, neurons: torch.Tensor, method: str, weight_share: float, dims: int, seed: int,
+    delta_sc_share: float = 0.0,
 ) -> np.ndarray:
     """[n, F] features of the given neurons.
 
     dsc / actgrad: PCA of the signed activation fingerprint (which tokens a neuron fires on, and with which sign), PCA of
-    the neuron's weights (gate row, up row, down column), and (dsc) its category profile; coact: |h| fingerprint only.
+    the neuron's weights (gate row, up row, down column), and (dsc) its category profile and, weighted by
+    `delta_sc_share`, its per-category ΔSC; coact: |h| fingerprint only.
     """
     fp = scan.stat(mlp.layer, "fingerprint")[neurons]  # [n, R]
     if method == "coact":
@@ -39,5 +47,8 @@ def neuron_features(
     if method == "dsc":
         prof = category_profile(scan, mlp.layer)[neurons]
         if prof.shape[1]:
-            blocks.append(0.5 * prof.numpy() / max(float(np.sqrt((prof.numpy() ** 2).sum(1).mean())), 1e-12))
+            blocks.append(_rms_scaled(prof, 0.5))
+        dsc = category_delta_sc(scan, mlp.layer)[neurons]
+        if dsc.shape[1] and delta_sc_share > 0:
+            blocks.append(_rms_scaled(dsc, delta_sc_share))
     return np.concatenate(blocks, axis=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tiny_onn.scan import ScanResult, zscore
-from tiny_onn.scan.scores import s_p
+from tiny_onn.scan.scores import delta_sc, s_p
 
 METHODS = ("dsc", "random", "actgrad", "coact")
 
@@ -63,6 +63,16 @@ def shared_scores(
     if method == "random":
         return torch.rand(scan.stat(layer, "act").shape, generator=generator)
     raise ValueError(method)
+
+
+def category_delta_sc(scan: ScanResult, layer: int) -> torch.Tensor:
+    """[N, C] ΔSC within each data category, z(a_c) − z(s_c) across the layer's neurons: in which categories a neuron is
+    highly active while the loss barely depends on it (high) or rarely active but relied on (low)."""
+    if not scan.categories:
+        return torch.zeros(scan.stat(layer, "act").numel(), 0)
+    return torch.stack(
+        [delta_sc(scan.stat(layer, "act", c), scan.stat(layer, "grad", c)) for c in scan.categories], dim=1
+    )
 
 
 def category_profile(scan: ScanResult, layer: int) -> torch.Tensor:

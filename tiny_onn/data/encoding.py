@@ -34,18 +34,37 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
+# private-use characters: no chat template or real text produces them, so they mark a position in a rendering
+_MARK = "\ue000tiny-onn\ue001"
+
+
+def _with_marker(chat: list[dict], i: int) -> list[dict]:
+    """`chat` with the marker appended to message i's content."""
+    return [{**m, "content": m["content"] + _MARK} if j == i else m for j, m in enumerate(chat)]
+
+
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (end-of-turn marker included)."""
+    """The rendered conversation and the character spans of its assistant turns (end-of-turn marker included).
+
+    Every turn is located inside the full rendering itself, not by rendering the conversation cut after that turn:
+    templates render a turn differently when it is the last one (Qwen3 adds an empty `<think></think>` block to the
+    assistant turns after the last user message), so the cut rendering need not be a prefix of the full one. For turn i:
+    it starts where the rendering of the turns before it plus the generation prompt ends; its content ends where the full
+    rendering and the one with a marker appended to that content part; its end-of-turn text is what the template writes
+    after the content when the turn is the last one, as far as the full rendering agrees with it.
+    """
     full = _render(tokenizer, chat)
     spans = []
     for i, m in enumerate(chat):
         if m["role"] != "assistant":
             continue
         before = _render(tokenizer, chat[:i], generation_prompt=True) if i else ""
-        upto = _render(tokenizer, chat[: i + 1])
         # templates that rewrite earlier turns (e.g. dropping reasoning) are not prefix-stable: fall back to the common prefix
-        start = _common_prefix_len(before, full) if not full.startswith(before) else len(before)
-        end = _common_prefix_len(upto, full)
+        start = len(before) if full.startswith(before) else _common_prefix_len(before, full)
+        content_end = _common_prefix_len(_render(tokenizer, _with_marker(chat, i)), full)
+        cut = _render(tokenizer, _with_marker(chat[: i + 1], i))
+        end_of_turn = cut[cut.index(_MARK) + len(_MARK):] if _MARK in cut else ""
+        end = content_end + _common_prefix_len(end_of_turn, full[content_end:])
         if end > start:
             spans.append((start, end))
     return full, spans

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -55,6 +56,15 @@ def _local_file_state(spec: str) -> tuple:
 @functools.lru_cache(maxsize=4)
 def _examples_for_state(spec: str, state: tuple) -> tuple[Example, ...]:
     return tuple(load_examples(spec))
+
+
+def data_identity(spec: str) -> str:
+    """A hash of the examples a data spec yields (their content hashes, in order): changes when a file, the default mix
+    or a dataset changes, not when a file is only touched or reformatted."""
+    h = hashlib.sha256()
+    for ex in cached_examples(spec):
+        h.update(ex.uid.encode())
+    return h.hexdigest()
 
 
 def shuffled_by_category(examples: list[Example], seed: int) -> dict[str, list[Example]]:

