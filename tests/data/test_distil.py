@@ -90,3 +90,13 @@ def test_other_settings_tokenizer_mismatch_and_unfinished_corpus(tiny_model_dir,
     (folder / "corpus.json").write_text(json.dumps({**meta, "complete": False}))
     with pytest.raises(TinyOnnError, match="unfinished"):
         build_dataset(tiny_tokenizer, DataArgs(data=str(folder), seq_len=32), "train")
+
+
+def test_resume_refuses_a_corpus_whose_prompts_changed(tiny_model_dir, tmp_path):
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", max_prompts=4))
+    lines = (folder / "corpus.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["messages"][0]["content"] = "a prompt the current settings do not give"
+    (folder / "corpus.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(TinyOnnError, match="answers other prompts"):
+        distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", max_prompts=8))

@@ -220,6 +220,10 @@ def run(cfg: DistilDataConfig) -> Path:
             "tokenizer_digest": tokenizer_digest(tok), "settings": settings, "prompts": len(prompts),
             "config": config_to_dict(cfg), "versions": versions(), "complete": False}
     records = _complete_records(data_path)
+    written = [r["messages"][0]["content"] for r in records]
+    if written != [p for _, p in prompts[: len(written)]]:
+        raise TinyOnnError(f"the corpus in {out} answers other prompts than these settings give now (the training mix "
+                           "or the facts changed since it was written); write a new corpus with another --out")
     if len(records) >= len(prompts):
         records = records[: len(prompts)]  # a smaller corpus is the first records of a larger one
     else:
