@@ -37,18 +37,18 @@ def fit_expert_scales(model, ffn_inputs: list[torch.Tensor], lam: float = 1e-2, 
         target_sq = 0.0
         for start in range(0, x_TD.shape[0], chunk):
             x = x_TD[start : start + chunk].to(experts.down_proj.device, experts.down_proj.dtype)
-            y_ETD = torch.stack([experts.expert_forward(e, x).double() for e in range(E)])
+            y_ETD = torch.stack([experts.expert_forward(e, x).float() for e in range(E)])
             R_TD = y_ETD.sum(0)
             _, p_TE = block.router(x)
             sel_TE = select_experts(p_TE, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok,
                                     cfg.max_experts_per_tok)
-            w_TE = (p_TE * sel_TE).double()  # the weight llama.cpp (and "probs") gives each expert
-            z_ETD = w_TE.T[:, :, None] * y_ETD  # prediction = sum_e c_e z_e
-            A_EE += torch.einsum("etd,ftd->ef", z_ETD, z_ETD).cpu()
-            b_E += torch.einsum("etd,td->e", z_ETD, R_TD).cpu()
-            w_sum_E += w_TE.sum(0).cpu()
+            w_TE = p_TE.float() * sel_TE  # the weight llama.cpp (and "probs") gives each expert
+            z_EX = (w_TE.T[:, :, None] * y_ETD).reshape(E, -1)  # prediction = sum_e c_e z_e, flattened over (t, d)
+            A_EE += (z_EX @ z_EX.T).double().cpu()
+            b_E += (z_EX @ R_TD.reshape(-1)).double().cpu()
+            w_sum_E += w_TE.sum(0).double().cpu()
             n_sel_E += sel_TE.sum(0).double().cpu()
-            target_sq += R_TD.pow(2).sum().item()
+            target_sq += R_TD.double().pow(2).sum().item()
         c0_E = torch.where(w_sum_E > 0, n_sel_E / w_sum_E.clamp_min(1e-12), torch.ones_like(w_sum_E))
         reg_E = lam * A_EE.diagonal().clamp_min(A_EE.diagonal().mean() * 1e-3)
         c_E = torch.linalg.solve(A_EE + torch.diag(reg_E), b_E + reg_E * c0_E)
