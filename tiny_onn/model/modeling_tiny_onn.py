@@ -345,8 +345,6 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("output_attentions", None)
         kwargs.pop("return_dict", None)
-        cache = kwargs.pop("cache", None)  # newer transformers' generate() passes the cache under this name
-        past_key_values = cache if past_key_values is None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
