@@ -6,8 +6,10 @@ benchmarks/gguf_speed.py (speed and quality as llama.cpp users see them).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +83,32 @@ def perplexity(llm, data: PackedData) -> dict:
     if not count:
         raise TinyOnnError("no response tokens to score")
     return {"ppl": math.exp(nll_sum / count), "nll": nll_sum / count, "tokens": count}
+
+
+def speed(llm, prompt_ids: list[int], new_tokens: int) -> dict:
+    """Prompt processing and greedy decoding (batch 1) of one fresh sequence, in tokens per second, by the wall clock
+    around the calls (the Python between decode calls is an argmax); llama.cpp's own decode timer beside it."""
+    llama_cpp = require_llama_cpp()
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    t0 = time.perf_counter()
+    llm.eval(prompt_ids)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([int(last_logits(llm).argmax())])
+    t2 = time.perf_counter()
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    return {"prompt_tok_s": len(prompt_ids) / (t1 - t0), "decode_tok_s": new_tokens / (t2 - t1),
+            "llama_timer_decode_tok_s": 1e3 * perf.n_eval / max(perf.t_eval_ms, 1e-9)}
+
+
+def requantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None) -> Path:
+    """llama.cpp's own quantizer (llama_model_quantize) from one GGUF to another type ('q8_0', 'f16', ...)."""
+    llama_cpp = require_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+    params.allow_requantize = True
+    params.nthread = threads or os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise TinyOnnError(f"llama.cpp could not quantize {src} to {quant}")
+    return Path(dst)
