@@ -33,13 +33,46 @@ WORK = Path("runs/bench/gguf")
 
 
 def carved_folder(weighting: str, work: Path = WORK) -> Path:
-    """The carved 25 %-active MoE with this weighting (carved on first use)."""
+    """The carved 25 %-active MoE with this weighting (carved on first use). The probs model is the straight-through
+    carve (same plan, same calibrated routers) plus what `carve --expert-weighting probs` adds after calibration: the
+    fitted router temperature and expert scales. Deriving it skips a second clustering run (minutes on 2 cores)."""
     out = work / f"moe25-{weighting}"
-    if not (out / "config.json").is_file():
-        carve(CarveConfig(scan=str(smollm2_scan()), experts=14, top_k=2, shared=0.125, calib_tokens=8192,
-                          calib_steps=300, eval_tokens=0, plots=False, device="cpu", expert_weighting=weighting,
-                          out=str(out)))
+    if (out / "config.json").is_file():
+        return out
+    if weighting == "probs":
+        derive_probs(carved_folder("straight_through", work), out)
+        return out
+    carve(CarveConfig(scan=str(smollm2_scan()), experts=14, top_k=2, shared=0.125, calib_tokens=8192,
+                      calib_steps=300, eval_tokens=0, plots=False, device="cpu", out=str(out)))
     return out
+
+
+def derive_probs(straight: Path, out: Path) -> None:
+    """Carve step 'probs' on an existing straight-through carve, with the calibration tokens that carve used."""
+    import torch
+
+    from tiny_onn.artifacts import atomic_dir
+    from tiny_onn.carve.calibrate import collect_ffn_inputs
+    from tiny_onn.carve.weighting import fit_expert_scales
+    from tiny_onn.model import TinyOnnForCausalLM
+    from tiny_onn.model.export import save_model_folder
+
+    extra = json.loads((straight / "tiny_onn.json").read_text())
+    cfg = extra["config"]
+    source = load_source(SourceArgs(model="smollm2", device="cpu"))
+    data_args = DataArgs(data=cfg["data"] or "default", seq_len=cfg["seq_len"], seed=cfg["seed"])
+    calib = build_dataset(source.tokenizer, data_args, "train", max_tokens=cfg["calib_tokens"])
+    model = TinyOnnForCausalLM.from_pretrained(straight, dtype=torch.float32).eval()
+    model.config.expert_weighting = "probs"
+    scales = fit_expert_scales(model, collect_ffn_inputs(source.model, calib))
+    for row, s in zip(extra["calibration"], scales, strict=True):
+        row["expert_scales"] = s
+    extra["config"]["expert_weighting"] = "probs"
+    extra["derived_from"] = str(straight)
+    card = (straight / "README.md").read_text() + "\nExpert weighting: probs (router temperature and expert scales fitted).\n"
+    with atomic_dir(out) as tmp:
+        save_model_folder(model, source.tokenizer, tmp, json.loads((straight / "provenance.json").read_text()), extra,
+                          card)
 
 
 def trained_folder(weighting: str, work: Path = WORK) -> Path:

@@ -23,13 +23,19 @@ from tiny_onn.carve import run as carve
 from tiny_onn.cli import main
 from tiny_onn.export.to_gguf import permute_for_rope_pairs, repeat_kv_heads
 
-# Tolerance of the logit match, relative to the largest |logit|. llama.cpp with an f16 file rounds weights to f16
-# (relative error 2^-11 ≈ 4.9e-4), converts activations to f16 for its f16 matmuls and keeps the KV cache in f16, so
-# each of ~7 matmuls per layer adds relative noise of order 1e-3; measured on SmolLM2 carved (30 layers) the worst
-# logit is off by well under 1 % of the logit range and on the tiny models by ~0.2 %. 2 % leaves room for machines
-# with other SIMD paths while a real mistake (a wrong weighting, an unpermuted q/k, a wrong expert) moves logits by
-# 10-100 % of their range: the negative controls below assert that.
-LOGIT_RTOL = 0.02
+# Tolerances of the logit match, relative to the largest |logit| of the prompt.
+# - f32 file, f32 KV cache: the same arithmetic as transformers in float32 up to summation order; measured on SmolLM2
+#   carved (30 layers) the worst logit is off by 3e-5 of the range. 1e-3 leaves 30x room and still catches any
+#   structural slip (a wrong weighting, an unpermuted q/k, a wrong expert move logits by 10-100 %).
+# - f16 file: weights rounded to f16 (relative 2^-11 ≈ 5e-4) and activations converted to f16 for the f16 matmuls,
+#   through 30 layers. Measured on SmolLM2 carved: about 1 % of the logit range. 5 % bounds that, and the negative
+#   control (the same weights summed with weight 1) lands far outside it. The KV cache is kept in f32 for this check:
+#   llama.cpp's default f16 cache adds noise that, in a carved model whose top-2 experts are often nearly tied, switches
+#   some routing decisions, and a switched expert moves the logits by far more than rounding does. On the untrained
+#   random-split SmolLM2 carve even f16 weight rounding does that (up to ~40 % of the range, f32 cache or not), so the
+#   real-model test checks exactness with the f32 file; the tiny models stay within 1 % in f16.
+EXACT_RTOL = 1e-3
+LOGIT_RTOL = 0.05
 
 
 def need_llama_cpp():
@@ -186,29 +192,35 @@ def test_export_writes_the_architecture_and_tensor_types(flat_probs_moe, tmp_pat
 
 def test_llama_cpp_matches_hf_logits_and_greedy(flat_probs_moe, tiny_tokenizer, tmp_path):
     llamacpp = need_llama_cpp()
-    out = tmp_path / "m-f16.gguf"
-    assert main(["export", "--model", str(flat_probs_moe), "--quant", "f16", "--out", str(out)]) == 0
-    llm = llamacpp.load(out, n_ctx=256, logits_all=True)
+    exact, f16 = tmp_path / "m-f32.gguf", tmp_path / "m-f16.gguf"
+    assert main(["export", "--model", str(flat_probs_moe), "--quant", "f32", "--out", str(exact)]) == 0
+    assert main(["export", "--model", str(flat_probs_moe), "--quant", "f16", "--out", str(f16)]) == 0
+    llm_exact = llamacpp.load(exact, n_ctx=256, logits_all=True, f32_kv_cache=True)
+    llm = llamacpp.load(f16, n_ctx=256, logits_all=True)
     try:
         for text in ["Hello number 7, how are you? I am fine", "def add3(a, b):\n    return a + b", "What is 12 + 7?"]:
             ids = tiny_tokenizer(text)["input_ids"]
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids  # the tokenizer travelled exactly
             ref = _hf_logits(flat_probs_moe, ids)
-            got = llamacpp.all_logits(llm, ids)
             scale = np.abs(ref).max()
+            err_exact = np.abs(llamacpp.all_logits(llm_exact, ids) - ref).max()
+            assert err_exact <= EXACT_RTOL * scale, (text, err_exact, scale)
+            got = llamacpp.all_logits(llm, ids)
             assert np.abs(got - ref).max() <= LOGIT_RTOL * scale, (text, np.abs(got - ref).max(), scale)
-            assert (got.argmax(-1) == ref.argmax(-1)).all()
+            assert got[-1].argmax() == ref[-1].argmax()
             # negative control: the same weights summed with weight 1 (straight-through) are far outside the tolerance
             wrong = _hf_logits(flat_probs_moe, ids, expert_weighting="straight_through")
-            assert np.abs(got - wrong).max() > 5 * LOGIT_RTOL * scale
+            assert np.abs(got - wrong).max() > 2 * LOGIT_RTOL * scale
         ids = tiny_tokenizer("Hello number 3")["input_ids"]
         model = AutoModelForCausalLM.from_pretrained(flat_probs_moe).eval()
         model.generation_config.eos_token_id = None  # always 16 tokens: llama.cpp's greedy loop does not stop either
         hf = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):]
         assert len(hf) == 16
+        assert llamacpp.greedy(llm_exact, ids, 16) == hf.tolist()
         assert llamacpp.greedy(llm, ids, 16) == hf.tolist()
     finally:
         llm.close()
+        llm_exact.close()
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_1"])
@@ -226,3 +238,48 @@ def test_quantised_exports_load_and_stay_close(flat_probs_moe, tiny_tokenizer, t
     # random tiny weights quantise badly (4 bits on rows of 32): ask for logits that still track the float model
     corr = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
     assert corr > {"q8_0": 0.99, "q4_1": 0.85}[quant], corr
+
+
+@pytest.mark.slow
+def test_smollm2_moe_in_llama_cpp(smollm2, smollm2_scan, tmp_path):
+    """The real model: SmolLM2 carved at 25 % active with the exportable weighting, exported at f16 with the bundled
+    GGUF's tokenizer and chat template, matches the HF MoE in llama.cpp on chat prompts and in 16 greedy tokens."""
+    llamacpp = need_llama_cpp()
+    moe_dir, out = tmp_path / "moe", tmp_path / "moe-f16.gguf"
+    assert main(["carve", "--scan", str(smollm2_scan), "--method", "random", "--experts", "14", "--top-k", "2",
+                 "--shared", "0.125", "--expert-weighting", "probs", "--calib-tokens", "1024", "--calib-steps", "20",
+                 "--eval-tokens", "0", "--no-plots", "--device", "cpu", "--out", str(moe_dir)]) == 0
+    assert main(["export", "--model", str(moe_dir), "--quant", "f16", "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "deepseek"
+    assert reader.fields["deepseek.expert_shared_count"].contents() == 2  # 192 shared neurons = 2 x 96, no padding
+    assert "<|im_start|>" in reader.fields["tokenizer.chat_template"].contents()
+    exact = tmp_path / "moe-f32.gguf"
+    assert main(["export", "--model", str(moe_dir), "--quant", "f32", "--out", str(exact)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(moe_dir).eval()
+    model.generation_config.eos_token_id = None
+    llm = llamacpp.load(out, n_ctx=256, logits_all=True, f32_kv_cache=True)
+    llm_exact = llamacpp.load(exact, n_ctx=256, logits_all=True, f32_kv_cache=True)
+    try:
+        for question in ["What is the capital of France?", "Write a Python function that adds two numbers.",
+                         "What is 12 + 7?"]:
+            messages = [{"role": "user", "content": question}]
+            text = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]
+            # llama.cpp renders the copied chat template and tokenizes it exactly as transformers does
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+            with torch.no_grad():
+                ref = model(torch.tensor([ids])).logits[0].numpy()
+            scale = np.abs(ref).max()
+            err_exact = np.abs(llamacpp.all_logits(llm_exact, ids) - ref).max()
+            assert err_exact <= EXACT_RTOL * scale, (question, err_exact, scale)
+            with torch.no_grad():
+                hf = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+            assert llamacpp.greedy(llm_exact, ids, 16) == hf, question
+            # the f16 file: this untrained random-split carve is chaotic (f16 rounding switches near-tied top-2 routing
+            # decisions, measured up to ~40 % of the logit range), so only ask that it tracks the float model
+            got = llamacpp.all_logits(llm, ids)
+            assert np.corrcoef(got[-1], ref[-1])[0, 1] > 0.9, question
+    finally:
+        llm.close()
+        llm_exact.close()

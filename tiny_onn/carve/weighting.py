@@ -67,7 +67,7 @@ def _solve(a: dict, lam: float) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 @torch.no_grad()
-def fit_expert_scales(model, ffn_inputs: list[torch.Tensor], lam: float = 1e-2, chunk: int = 2048,
+def fit_expert_scales(model, ffn_inputs: list[torch.Tensor], lam: float = 1.0, chunk: int = 2048,
                       temps: tuple[float, ...] = TEMPERATURES) -> list[dict]:
     """Pick each router's temperature factor, fit the expert scales, fold both in (in place); per-layer diagnostics."""
     assert model.config.expert_weighting == "probs", "expert scales only make sense with expert_weighting='probs'"

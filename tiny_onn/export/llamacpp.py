@@ -29,14 +29,17 @@ def require_llama_cpp():
     return llama_cpp
 
 
-def load(path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = False):
-    """A llama.cpp model + context for `path` (CPU, quiet). `logits_all` keeps every position's logits (perplexity)."""
+def load(path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = False,
+         f32_kv_cache: bool = False):
+    """A llama.cpp model + context for `path` (CPU, quiet). `logits_all` keeps every position's logits (perplexity);
+    `f32_kv_cache` keeps keys and values in float32 instead of llama.cpp's default f16 (for exactness checks)."""
     llama_cpp = require_llama_cpp()
     if not Path(path).is_file():
         raise TinyOnnError(f"GGUF file not found: {path}")
     threads = threads or os.cpu_count() or 1
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv_cache else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                           n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0)
+                           n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0, **kv)
 
 
 def last_logits(llm) -> np.ndarray:
