@@ -85,7 +85,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 def llama_cpp_rows(files: dict[str, Path], ids: list[int], new_tokens: int, repeats: int, threads: int, held) -> dict:
     models = {name: llamacpp.load(path, n_ctx=len(ids) + new_tokens + 8, threads=threads) for name, path in files.items()}
     runs: dict[str, list[dict]] = {name: [] for name in files}
-    for name, llm in models.items():  # warm-up
+    for llm in models.values():  # warm-up
         llamacpp.speed(llm, ids[:16], 4)
     for r in range(repeats):
         order = list(models) if r % 2 == 0 else list(reversed(models))
