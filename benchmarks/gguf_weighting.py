@@ -117,8 +117,9 @@ def main() -> None:
         if weighting == "probs":
             scales = [r["expert_scales"] for r in carved["calibration"]]
             row["expert_scale_mean"] = sum(s["scale_mean"] for s in scales) / len(scales)
+            row["router_temperature_factors"] = [s["router_temperature_factor"] for s in scales]
             row["routed_rel_err"] = {k: sum(s[k] for s in scales) / len(scales)
-                                     for k in ("rel_err_unscaled", "rel_err_mean_restoring", "rel_err_fitted")}
+                                     for k in ("rel_err_straight_through", "rel_err_mean_restoring", "rel_err_fitted")}
         row["ratio_carved"], row["ratio_trained"] = row["ppl_carved"] / dense, row["ppl_trained"] / dense
         rows.append(row)
         print(f"{weighting:>16}: carved {row['ppl_carved']:.2f} ({row['ratio_carved']:.2f}x dense), "
