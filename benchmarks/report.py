@@ -174,9 +174,58 @@ def gguf_speed(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _knowledge_row(label: str, r: dict, cats: list[str], extra: str = "") -> str:
+    ratio = r.get("ratios") or {"mix_ppl": 1.0, "general_ppl": 1.0, "mix_ppl_by_category": dict.fromkeys(cats, 1.0)}
+    per_cat = " | ".join(f"{ratio['mix_ppl_by_category'].get(c, float('nan')):.2f}" for c in cats)
+    return (f"| {label} | {extra}{r.get('training_tokens', 0):,} | {r['active_params'] / 1e6:.1f}M | "
+            f"**{r['fact_retention']:.3f}** ({r['facts_retained']}/{r['facts_known']}) | {r['fact_accuracy']:.3f} | "
+            f"**{ratio['general_ppl']:.2f}** | {ratio['mix_ppl']:.2f} | {per_cat} |")
+
+
+def knowledge_recovery(d: dict) -> str:
+    out = []
+    names = {"moe25": "MoE 25 %", "moe50": "MoE 50 %", "moe25k": "MoE 25 %, knowledge-aware scan",
+             "moe50k": "MoE 50 %, knowledge-aware scan", "width25": "width-pruned dense 25 %",
+             "width50": "width-pruned dense 50 %", "dense": "dense source"}
+    for entry in d["protocols"]:
+        p, dense = entry["protocol"], entry["start"]["dense"]
+        cats = sorted(dense["mix_ppl_by_category"])
+        out += [
+            f"Protocol: {p['steps']} steps × {p['batch_size']}×{p['seq_len']} tokens = {p['tokens_per_run']:,} training "
+            f"tokens per run, lr {p['lr']:g}, KD temperature {p['kd_temperature']:g}; scored on {dense['facts_n']} "
+            f"evaluation facts ({dense['facts_known']} known by the dense source), {p['general_tokens']:,} tokens of "
+            f"news and {p['eval_tokens']:,} held-out mix tokens. Dense source: fact accuracy "
+            f"{dense['fact_accuracy']:.3f}, general-text ppl {dense['general_ppl']:.2f}, mix ppl {dense['mix_ppl']:.2f}. "
+            "Commands: " + "; ".join(f"`{c}`" for c in entry.get("commands", [])),
+            "",
+            "| model | recipe | policy | seed | training tokens | active params | fact retention (kept/known) | fact acc | "
+            "general-text ppl ÷ dense | mix ppl ÷ dense | " + " | ".join(f"{c} ÷ dense" for c in cats) + " |",
+            "|" + "---|" * (10 + len(cats)),
+        ]
+        for name, r in entry["start"].items():
+            if name != "dense":
+                out.append(_knowledge_row(names.get(name, name), r, cats, "before training | – | – | "))
+        for r in sorted(entry["runs"].values(), key=lambda r: (list(names).index(r["model"]), r["recipe"], r["policy"],
+                                                                 r["seed"])):
+            out.append(_knowledge_row(names.get(r["model"], r["model"]), r, cats,
+                                      f"{r['recipe']} | {r['policy']} | {r['seed']} | "))
+        for base_key, f in entry.get("forgetting", {}).items():
+            before = f["before"]
+            out += ["", f"Forgetting: starting from `{base_key}`, {f['steps']} steps of plain CE on `{f['category']}` "
+                    "only, under each update policy (ratios after ÷ before; retention before → after):", "",
+                    "| policy | " + " | ".join(f"{c} ppl" for c in cats) + " | general-text ppl | fact retention |",
+                    "|" + "---|" * (3 + len(cats))]
+            for pol, r in f["after"].items():
+                per_cat = " | ".join(f"{r['mix_ppl_by_category'][c] / before['mix_ppl_by_category'][c]:.2f}" for c in cats)
+                out.append(f"| {pol} | {per_cat} | {r['general_ppl'] / before['general_ppl']:.2f} | "
+                           f"{before['fact_retention']:.3f} → {r['fact_retention']:.3f} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 RENDERERS = {"gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "scan_overhead": scan_overhead, "moe_speed": moe_speed, "carve_quality": carve_quality,
              "score_validity": score_validity, "train_policies": train_policies,
-             "eval_suite": eval_suite, "interpret_nmi": interpret_nmi}
+             "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "knowledge_recovery": knowledge_recovery}
 
 
 def main() -> None:

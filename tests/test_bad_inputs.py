@@ -54,7 +54,7 @@ CASES = {
     "carve: more experts than neurons": (["carve", "--scan", "{scan}", "--model", "{dense}", "--experts", "500"],
                                          "500 experts need at least 500"),
     "carve: keep out of range": (["carve", "--scan", "{scan}", "--keep", "1.2"], "keep must be in (0, 1]"),
-    "train: a dense model": (["train", "--model", "{dense}", "--data", "{data}"], "is not a TinyOnn MoE"),
+    "train: a dense model": (["train", "--model", "{dense}", "--data", "{data}"], "only --policy full applies"),
     "train: max-k above experts": (["train", "--model", "{moe}", "--data", "{data}", "--max-k", "99"],
                                    "larger than the model's 4 experts"),
     "train: kd without teacher": (["train", "--model", "{moe}", "--kd", "0.5"], "--kd needs a --teacher"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from tiny_onn.artifacts import write_json
 from tiny_onn.config import load_yaml, make_config
 from tiny_onn.errors import TinyOnnError
+from tiny_onn.model.export import carve_metadata_path
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def run(acfg: AlchemyConfig) -> Path:
         done[name] = "ran"
 
     stage("scan", out / "scan" / "scan.json", scan.run, cfgs["scan"])
-    stage("carve", out / "moe" / "tiny_onn.json", carve.run, cfgs["carve"])
+    stage("carve", carve_metadata_path(out / "moe"), carve.run, cfgs["carve"])
     if not acfg.skip_train:
         tcfg = cfgs["train"]
         ckpt = out / "train" / "checkpoints" / "latest.json"

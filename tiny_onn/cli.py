@@ -51,7 +51,7 @@ def _train_stage() -> Stage:
 
     return Stage(
         "train",
-        "continue training a carved MoE with expert-masked updates (full / smk / smk2) and distillation",
+        "continue training a carved MoE with expert-masked updates (full / smk / smk2) and distillation (or a dense control)",
         lambda: train.TrainConfig,
         train.run,
         train.summary,
@@ -94,6 +94,18 @@ def _export_stage() -> Stage:
     )
 
 
+def _distil_data_stage() -> Stage:
+    from tiny_onn.data import distil
+
+    return Stage(
+        "distil-data",
+        "write a distillation corpus: the dense source answers fact, open and training-mix prompts (resumable)",
+        lambda: distil.DistilDataConfig,
+        distil.run,
+        distil.summary,
+    )
+
+
 def _alchemy_stage() -> Stage:
     from tiny_onn import alchemy
 
@@ -118,7 +130,8 @@ def _generate_stage() -> Stage:
     )
 
 
-STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage, "train": _train_stage, "eval": _eval_stage,
+STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage, "distil-data": _distil_data_stage,
+                                          "train": _train_stage, "eval": _eval_stage,
                                           "interpret": _interpret_stage, "export": _export_stage,
                                           "alchemy": _alchemy_stage, "generate": _generate_stage}
 

@@ -33,9 +33,15 @@ def local_device(device: str) -> str:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor across ranks in place (identity in a single process)."""
+    """Sum a tensor across ranks in place (identity in a single process). NCCL reduces only CUDA tensors, so a CPU
+    tensor travels through this rank's GPU and back."""
     if world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            on_gpu = t.to(f"cuda:{torch.cuda.current_device()}")
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

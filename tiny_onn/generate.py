@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
@@ -54,3 +56,38 @@ def run(cfg: GenerateConfig) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+
+
+@torch.no_grad()
+def generate_batched(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    seed: int = 0,
+    desc: str | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (cut after the first end-of-sequence token), generated in left-padded batches with
+    the KV cache. temperature 0 = greedy; otherwise sampling, with the RNG seeded per batch from `seed` so a batch's
+    output depends only on its prompts and its index."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    starts = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None)):
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # [B, width], left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+            "do_sample": False}
+        if temperature > 0:
+            torch.manual_seed(seed * 1_000_003 + b)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             eos_token_id=eos, **sampling)
+        for row in gen[:, width:].tolist():
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out

@@ -113,7 +113,7 @@ def test_carve_cli_save_load_in_fresh_process(tiny_model_dir, tiny_scan, tmp_pat
     prov = json.loads((out / "provenance.json").read_text())
     assert len(prov["layers"]) == 2 and len(prov["layers"][0]["experts"]) == 4
     assert (tmp_path / "carve" / "neurons_umap.png").is_file()
-    meta = json.loads((out / "tiny_onn.json").read_text())
+    meta = json.loads((out / "carve.json").read_text())
     assert meta["perplexity"]["carved"]["ppl"] > 0
 
     from transformers import AutoModelForCausalLM
@@ -233,3 +233,23 @@ def test_generate_cli_with_routing_override(tiny_model_dir, tiny_scan, tmp_path,
     assert "this model is dense" in capsys.readouterr().err
     assert main(["scan", "--model", str(out), "--out", str(tmp_path / "s")]) == 2
     assert "needs the dense source model" in capsys.readouterr().err
+
+
+def test_width_pruned_dense_keeps_the_most_important_neurons(tiny_model_dir, small_jsonl, tmp_path):
+    """The control computes exactly the source FFN restricted to the top-n neurons by a·s."""
+    from tests.conftest import scan_tiny
+    from tiny_onn.carve.baselines import width_pruned_dense
+    from tiny_onn.scan import ScanResult
+    from tiny_onn.sources import SourceArgs, load_source, swiglu_mlps
+
+    scan = ScanResult.load(scan_tiny(tiny_model_dir, small_jsonl, tmp_path / "scan"))
+    src = load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))
+    pruned, kept = width_pruned_dense(src.model, scan, 16)
+    assert pruned.config.intermediate_size == 16 and src.model.config.intermediate_size == 64
+    x = torch.randn(5, src.model.config.hidden_size)
+    for mlp, mlp_p, idx in zip(swiglu_mlps(src.model), swiglu_mlps(pruned), kept, strict=True):
+        score = scan.stat(mlp.layer, "act") * scan.stat(mlp.layer, "grad")
+        assert sorted(idx) == sorted(score.topk(16).indices.tolist())
+        h = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # [5, 64]
+        expected = h[:, idx] @ mlp.down_proj.weight[:, idx].T
+        torch.testing.assert_close(mlp_p.module(x), expected, atol=1e-5, rtol=1e-5)

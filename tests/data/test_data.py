@@ -115,3 +115,16 @@ def test_seed_orders_training_data_but_never_the_heldout_set(tiny_tokenizer):
 
     assert not torch.equal(build("train", 0), build("train", 1))
     assert torch.equal(build("heldout", 0), build("heldout", 1))  # every run is scored on the same tokens
+
+
+def test_categories_option_keeps_only_those(tiny_tokenizer, small_jsonl):
+    from tiny_onn.data import DataArgs, build_dataset
+    from tiny_onn.errors import TinyOnnError
+
+    only_code = build_dataset(tiny_tokenizer, DataArgs(data=str(small_jsonl), seq_len=32, categories="code"), "train")
+    assert only_code.category_names == ["code"]
+    both = build_dataset(tiny_tokenizer, DataArgs(data=str(small_jsonl), seq_len=32), "train")
+    code_id = both.category_names.index("code")
+    assert only_code.num_tokens == int((both.category == code_id).sum())
+    with pytest.raises(TinyOnnError, match="categories poetry are not in data"):
+        build_dataset(tiny_tokenizer, DataArgs(data=str(small_jsonl), seq_len=32, categories="poetry"), "train")

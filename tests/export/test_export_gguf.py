@@ -124,7 +124,9 @@ def test_expert_scales_fold_and_reduce_the_routed_error(tiny_model_dir, flat_pro
 
     source = load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))
     moe = TinyOnnForCausalLM.from_pretrained(flat_probs_moe).eval()
-    reported = [r["expert_scales"] for r in json.loads((flat_probs_moe / "tiny_onn.json").read_text())["calibration"]]
+    from tiny_onn.model.export import read_carve_metadata
+
+    reported = [r["expert_scales"] for r in read_carve_metadata(flat_probs_moe)["calibration"]]
     # the carve's own calibration tokens (same data, split, packing and count)
     data = build_dataset(source.tokenizer, DataArgs(data=str(flat_probs_moe.parent / "d.jsonl"), seq_len=256), "train",
                          max_tokens=512)

@@ -78,11 +78,27 @@ def _ce(out):
     return [h["ce"] for h in json.loads((out / "train.json").read_text())["history"]]
 
 
+def _resumable(out) -> dict:
+    """What an interrupted and resumed run must reproduce exactly: the history (without timings), the per-category
+    update rates and the emergent shared experts."""
+    report = json.loads((out / "train.json").read_text())
+    timing = ("tokens_per_second", "step_seconds")
+    return {"history": [{k: v for k, v in h.items() if k not in timing} for h in report["history"]],
+            "update_rate_per_category": report["update_rate_per_category"],
+            "emergent_shared_experts": report["emergent_shared_experts"]}
+
+
+# phase 1 (dense mixture) until PI reaches 0.2, which happens after the first step (PI ≈ 0.44): phase and PI must
+# survive the checkpoint at step 3, or the resumed run would fall back to phase 1
+_PHASES = ["--phase1-steps", "5", "--phase2-pi", "0.2"]
+
+
 def test_resume_after_interrupt_is_bit_exact(tiny_moe, tmp_path, monkeypatch, capsys):
     moe, data = tiny_moe
-    assert main(_train_args(moe, data, tmp_path / "a")) == 0
-    reference = _ce(tmp_path / "a")
-    assert len(reference) == 6 and (tmp_path / "a" / "model" / "config.json").is_file()
+    assert main(_train_args(moe, data, tmp_path / "a", extra=_PHASES)) == 0
+    reference = _resumable(tmp_path / "a")
+    assert len(reference["history"]) == 6 and (tmp_path / "a" / "model" / "config.json").is_file()
+    assert [h["phase"] for h in reference["history"]] == [1, 2, 2, 2, 2, 2]
 
     calls = {"n": 0}
     original = MaskedAdamW.step
@@ -94,13 +110,16 @@ def test_resume_after_interrupt_is_bit_exact(tiny_moe, tmp_path, monkeypatch, ca
         return original(self, closure)
 
     monkeypatch.setattr(MaskedAdamW, "step", interrupted)
-    assert main(_train_args(moe, data, tmp_path / "b")) == 130
+    assert main(_train_args(moe, data, tmp_path / "b", extra=_PHASES)) == 130
     monkeypatch.setattr(MaskedAdamW, "step", original)
     assert not (tmp_path / "b" / "model").exists()
-    assert main(_train_args(moe, data, tmp_path / "b")) == 2  # refuses to overwrite without --resume
+    assert main(_train_args(moe, data, tmp_path / "b", extra=_PHASES)) == 2  # refuses to overwrite without --resume
     assert "--resume" in capsys.readouterr().err
-    assert main(_train_args(moe, data, tmp_path / "b", extra=["--resume"])) == 0
-    assert _ce(tmp_path / "b") == reference
+    assert main(_train_args(moe, data, tmp_path / "b", extra=[*_PHASES, "--resume"])) == 0
+    resumed = _resumable(tmp_path / "b")
+    assert resumed["history"] == reference["history"]
+    assert resumed["update_rate_per_category"] == reference["update_rate_per_category"]
+    assert resumed["emergent_shared_experts"] == reference["emergent_shared_experts"]
 
 
 def test_two_processes_match_one(tiny_moe, tmp_path):

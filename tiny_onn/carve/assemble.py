@@ -13,6 +13,7 @@ from tiny_onn.carve.plan import CarvePlan
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
 from tiny_onn.sources import swiglu_mlps
+from tiny_onn.sources.quantized import dense_state_dict, dense_weight
 
 _COPIED_CONFIG = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
@@ -47,10 +48,11 @@ def moe_config(source: PreTrainedModel, plan: CarvePlan, **moe_fields) -> TinyOn
 
 
 def moe_state_dict(source: PreTrainedModel, plan: CarvePlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Source weights outside the FFNs as they are; each FFN sliced into shared and routed experts."""
-    state = {k: v.to(dtype) for k, v in source.state_dict().items() if ".mlp." not in k}
+    """Source weights outside the FFNs as they are (dequantized if 4-bit); each FFN sliced into shared and routed experts."""
+    # a 4-bit source is dequantized before slicing: its packed bytes are not weights
+    state = {k: v.to(dtype) for k, v in dense_state_dict(source, skip=".mlp.").items()}
     for mlp, lp in zip(swiglu_mlps(source), plan.layers, strict=True):
-        gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [N, D], [N, D], [D, N]
+        gate, up, down = (dense_weight(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))  # [N, D], [N, D], [D, N]
         p = f"model.layers.{mlp.layer}.mlp."
         idx_EI = lp.experts
         state[p + "experts.gate_up_proj"] = torch.cat([gate[idx_EI], up[idx_EI]], dim=1).to(dtype)  # [E, 2I, D]

@@ -26,7 +26,7 @@ from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model import TinyOnnForCausalLM
 from tiny_onn.model.configuration_tiny_onn import EXPERT_WEIGHTINGS, ROUTER_TYPES
-from tiny_onn.model.export import save_model_folder
+from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
 
@@ -215,7 +215,7 @@ def export_folder(model: TinyOnnForCausalLM, source: Source, plan: CarvePlan, fo
         "method": plan.method,
         "layers": [lp.to_json() for lp in plan.layers],
     }
-    save_model_folder(model, source.tokenizer, folder, provenance, extra, model_card(model, source, extra))
+    save_model_folder(model, source.tokenizer, folder, provenance, {CARVE_META: extra}, model_card(model, source, extra))
 
 
 def model_card(model: TinyOnnForCausalLM, source: Source, extra: dict) -> str:
@@ -285,9 +285,7 @@ def run(cfg: CarveConfig) -> Path:
 
 def summary(cfg: CarveConfig, out: Path) -> str:
     """The line the CLI prints after carving."""
-    import json
-
-    extra = json.loads((Path(out) / "tiny_onn.json").read_text())
+    extra = read_carve_metadata(out)
     line = f"MoE written to {out} ({extra['active_fraction']:.1%} of FFN neurons active per token)"
     if "perplexity" in extra:
         p = extra["perplexity"]

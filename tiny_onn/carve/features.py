@@ -9,6 +9,7 @@ from tiny_onn.carve.cluster import standardized_pca
 from tiny_onn.carve.select import category_profile
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import SwiGluMlp
+from tiny_onn.sources.quantized import dense_weight
 
 
 def _unit_rows(x: torch.Tensor) -> np.ndarray:
@@ -31,7 +32,8 @@ def neuron_features(
     if weight_share > 0:
         with torch.no_grad():
             w = torch.cat(
-                [mlp.gate_proj.weight[neurons], mlp.up_proj.weight[neurons], mlp.down_proj.weight[:, neurons].T], dim=1
+                [dense_weight(mlp.gate_proj)[neurons], dense_weight(mlp.up_proj)[neurons],
+                 dense_weight(mlp.down_proj)[:, neurons].T], dim=1
             ).float().cpu()
         blocks.append(weight_share * standardized_pca(_unit_rows(w), dims, seed))
     if method == "dsc":

@@ -2,6 +2,7 @@
 
 from tiny_onn.data.encoding import IGNORE_INDEX, PackedData, encode_example, pack_examples
 from tiny_onn.data.pipeline import DataArgs, build_dataset
+from tiny_onn.data.scoring import scored_positions
 from tiny_onn.data.sources import Example, load_examples, split_examples
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "encode_example",
     "load_examples",
     "pack_examples",
+    "scored_positions",
     "split_examples",
 ]

@@ -114,3 +114,9 @@ def pack_examples(
         return torch.tensor(x, dtype=torch.long).view(-1, seq_len)  # [S, T]
 
     return PackedData(rows(ids), rows(labels), rows(mask), rows(cats), list(category_names))
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered with the chat template and the assistant's generation prompt (the input a
+    chat model answers)."""
+    return tokenizer(_render(tokenizer, chat, generation_prompt=True), add_special_tokens=False)["input_ids"]

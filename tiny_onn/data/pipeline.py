@@ -6,6 +6,7 @@ import functools
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -19,13 +20,15 @@ class DataArgs:
     """Options that choose and shape the instruction data."""
 
     data: str = "default"
-    """Data: 'default' (chat + code + math, offline), a .jsonl file, a hub dataset name, or several joined by commas."""
+    """Data: 'default' (chat + code + math, offline), a .jsonl file, a distillation corpus folder (tiny-onn distil-data), a hub dataset name, or several joined by commas."""
     seq_len: int = 256
     """Tokens per packed sequence."""
     heldout_fraction: float = 0.1
     """Fraction of examples held out (chosen by content hash, the same in every run)."""
     seed: int = 0
     """Seed for the training example order (and anything else random in the stage); the held-out set never depends on it."""
+    categories: str = ""
+    """Use only these data categories (comma-separated, e.g. 'math'); empty = all."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -34,8 +37,23 @@ class DataArgs:
             raise TinyOnnError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
 
+def cached_examples(spec: str) -> tuple[Example, ...]:
+    """`load_examples(spec)`, cached in memory while the local files it reads are unchanged."""
+    return _examples_for_state(spec, _local_file_state(spec))
+
+
+def _local_file_state(spec: str) -> tuple:
+    """(path, size, mtime) of every local file a data spec reads (a corpus folder: its two files)."""
+    state = []
+    for part in spec.split(","):
+        path = Path(part.strip()).expanduser()
+        files = [path / "corpus.json", path / "corpus.jsonl"] if path.is_dir() else [path]
+        state += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return tuple(state)
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_examples(spec: str) -> tuple[Example, ...]:
+def _examples_for_state(spec: str, state: tuple) -> tuple[Example, ...]:
     return tuple(load_examples(spec))
 
 
@@ -50,15 +68,33 @@ def shuffled_by_category(examples: list[Example], seed: int) -> dict[str, list[E
     return dict(sorted(by_cat.items()))
 
 
+def check_corpus_tokenizers(spec: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Distillation corpora in a data spec must have been written with this tokenizer."""
+    from tiny_onn.data.distil import check_corpus_tokenizer, is_corpus_folder
+
+    for part in spec.split(","):
+        path = Path(part.strip()).expanduser()
+        if is_corpus_folder(path):
+            check_corpus_tokenizer(path, tokenizer)
+
+
 def build_dataset(
     tokenizer: PreTrainedTokenizerBase, args: DataArgs, split: str = "train", max_tokens: int | None = None
 ) -> PackedData:
     """Encode and pack the `split` ('train' or 'heldout') of `args.data`, stopping once `max_tokens` tokens are encoded."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    train, heldout = split_examples(_cached_examples(args.data), args.heldout_fraction)
+    check_corpus_tokenizers(args.data, tokenizer)
+    train, heldout = split_examples(cached_examples(args.data), args.heldout_fraction)
     # the held-out order is fixed so that runs with different seeds are scored on the same tokens
     queues = shuffled_by_category(train, args.seed) if split == "train" else shuffled_by_category(heldout, 0)
+    if args.categories:
+        wanted = [c.strip() for c in args.categories.split(",") if c.strip()]
+        unknown = sorted(set(wanted) - set(queues))
+        if unknown:
+            raise TinyOnnError(f"categories {', '.join(unknown)} are not in data {args.data!r} "
+                               f"(its {split} split has: {', '.join(queues)})")
+        queues = {c: q for c, q in queues.items() if c in wanted}
     if not queues:
         raise TinyOnnError(f"the {split} split of data {args.data!r} is empty (too few examples for heldout_fraction?)")
     names = list(queues)

@@ -172,7 +172,8 @@ def hub_examples(name: str) -> list[Example]:
 
 
 def load_examples(spec: str) -> list[Example]:
-    """Examples for a data spec: 'default', a .jsonl path, a hub dataset name, or several joined by commas."""
+    """Examples for a data spec: 'default', a .jsonl path, a distillation corpus folder (`tiny-onn distil-data`), a hub
+    dataset name, or several joined by commas."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise TinyOnnError("empty data spec; use 'default', a .jsonl file, or a hub dataset name")
@@ -181,6 +182,10 @@ def load_examples(spec: str) -> list[Example]:
         path = Path(part).expanduser()
         if part == DEFAULT_MIX:
             examples += default_mix()
+        elif path.is_dir() and (path / "corpus.json").is_file():
+            from tiny_onn.data.distil import corpus_examples
+
+            examples += corpus_examples(path)
         elif path.suffix == ".jsonl" or path.exists():
             examples += jsonl_examples(path)
         else:

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
-from tiny_onn.artifacts import atomic_dir, versions, write_json
+from tiny_onn.artifacts import atomic_dir, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
+from tiny_onn.data.facts import Fact, load_facts
+from tiny_onn.data.general import build_general_dataset
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval.efficiency import (
     decode_tokens_per_second,
@@ -20,6 +22,7 @@ from tiny_onn.eval.efficiency import (
     parameter_counts,
     prefill_tokens_per_second,
 )
+from tiny_onn.eval.facts import KnownFacts, answer_facts, facts_scores, source_identity
 from tiny_onn.eval.humaneval import humaneval_pass_at_1
 from tiny_onn.eval.perplexity import perplexity
 from tiny_onn.eval.probe import factual_probe
@@ -27,7 +30,7 @@ from tiny_onn.eval.tasks import load_mc, score_mc
 from tiny_onn.sources import SourceArgs, load_source
 
 log = logging.getLogger(__name__)
-KNOWN_TASKS = ("ppl", "probe", "humaneval", "speed", "curve")
+KNOWN_TASKS = ("ppl", "general", "facts", "probe", "humaneval", "speed", "curve")
 
 
 @dataclass
@@ -36,10 +39,24 @@ class EvalConfig(DataArgs):
 
     model: list[str] = field(default_factory=lambda: ["smollm2"])
     """Models to compare (repeat --model or list several): MoE folders, 'smollm2', .gguf files, HF folders."""
-    tasks: str = "ppl,probe,speed,curve"
-    """Comma-separated: ppl, probe, speed, curve, humaneval, mc:FILE.jsonl (ARC/MMLU/HellaSwag/C-Eval format)."""
+    tasks: str = "ppl,general,facts,speed,curve"
+    """Comma-separated: ppl (held-out split of the training mix), general (perplexity on general English text no training data shares a source with), facts (fact accuracy and retention of the dense source's known facts), probe (24 easy questions), speed, curve, humaneval, mc:FILE.jsonl (ARC/MMLU/HellaSwag/C-Eval format)."""
     eval_tokens: int = 4096
     """Held-out tokens for perplexity."""
+    general: str = "news"
+    """General-text set: 'news' (the Lee news corpus bundled in the gensim package) or a plain-text file."""
+    general_tokens: int = 4096
+    """Tokens of the general-text set to score."""
+    facts: str = "builtin"
+    """Fact questions: 'builtin' (countries and chemical elements from bundled knowledge bases) or a jsonl file of {question, answer(s)}."""
+    facts_limit: int = 0
+    """Score only N evaluation-split facts (a fixed hash-ordered subset; 0 = all)."""
+    facts_source: str = ""
+    """Dense model whose correctly answered facts define retention; empty = each MoE's source (provenance.json), or the model itself."""
+    facts_max_new_tokens: int = 32
+    """Greedy reply length for fact questions."""
+    facts_batch: int = 16
+    """Fact questions generated together."""
     allow_code_execution: bool = False
     """Allow HumanEval to run model-generated code (in a sandboxed subprocess)."""
     humaneval_limit: int = 0
@@ -123,6 +140,11 @@ def evaluate_model(spec: str, cfg: EvalConfig) -> dict:
         held = build_dataset(tok, cfg, "heldout", max_tokens=cfg.eval_tokens)
     if "ppl" in tasks:
         row["perplexity"] = perplexity(model, held)
+    if "general" in tasks:
+        general = build_general_dataset(tok, cfg.general, cfg.seq_len, cfg.general_tokens)
+        row["general"] = perplexity(model, general)
+    if "facts" in tasks:
+        row["facts"] = facts_row(spec, model, tok, cfg)
     if "probe" in tasks:
         row["probe"] = factual_probe(model, tok)
     for task in tasks:
@@ -147,19 +169,57 @@ def evaluate_model(spec: str, cfg: EvalConfig) -> dict:
     return row
 
 
+def evaluation_facts(cfg: EvalConfig) -> list[Fact]:
+    """The evaluation-split facts scored by `eval` (a fixed subset when `facts_limit` is set)."""
+    facts = sorted(load_facts(cfg.facts, "eval"), key=lambda f: f.uid)
+    return facts[: cfg.facts_limit] if cfg.facts_limit else facts
+
+
+def facts_source_of(spec: str, cfg: EvalConfig) -> str:
+    """The dense source whose known facts define a model's retention."""
+    if cfg.facts_source:
+        return cfg.facts_source
+    prov = Path(spec) / "provenance.json"
+    if prov.is_file():
+        source = read_json(prov, "provenance").get("source_model")
+        if source:
+            return source
+    return spec
+
+
+def facts_row(spec: str, model, tok, cfg: EvalConfig) -> dict:
+    """Accuracy on the evaluation facts, and retention of those the source answers correctly (computed once per
+    source and stored)."""
+    facts = evaluation_facts(cfg)
+    answers = answer_facts(model, tok, facts, cfg.facts_max_new_tokens, cfg.facts_batch)
+    source = facts_source_of(spec, cfg)
+    store = KnownFacts(source, cfg.facts_max_new_tokens)
+    missing = store.missing(facts)
+    if missing and model.config.model_type != "tiny_onn" and source_identity(spec) == store.identity:
+        store.add(answers)  # this model is the source itself
+    elif missing:
+        log.info("computing the facts %s knows (once; stored in %s)", source, store.path)
+        src = load_source(SourceArgs(model=source, device=cfg.device, dtype=cfg.dtype,
+                                     trust_remote_code=cfg.trust_remote_code))
+        store.add(answer_facts(src.model, src.tokenizer, missing, cfg.facts_max_new_tokens, cfg.facts_batch))
+        del src
+    return {**facts_scores(answers, store.known(facts)), "source": source, "known_store": str(store.path),
+            "answers": answers}
+
+
 def _source_neurons(spec: str, model) -> int:
     import json
+
+    from tiny_onn.model.export import read_carve_metadata
 
     prov = Path(spec) / "provenance.json"
     c = model.config
     if prov.is_file():
         layer0 = json.loads(prov.read_text())["layers"][0]
-        src_cfg = Path(spec) / "tiny_onn.json"
-        if src_cfg.is_file():
-            meta = json.loads(src_cfg.read_text())
-            if "active_fraction" in meta and c.num_experts_per_tok:
-                return round((c.shared_expert_intermediate_size + c.num_experts_per_tok * c.moe_intermediate_size)
-                             / meta["active_fraction"])
+        meta = read_carve_metadata(spec) or {}
+        if "active_fraction" in meta and c.num_experts_per_tok:
+            return round((c.shared_expert_intermediate_size + c.num_experts_per_tok * c.moe_intermediate_size)
+                         / meta["active_fraction"])
         return len(layer0["shared_expert"]["neurons"]) + sum(len(e["neurons"]) for e in layer0["experts"])
     return c.shared_expert_intermediate_size + c.num_experts * c.moe_intermediate_size
 
@@ -168,20 +228,28 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+_COLUMNS = (  # (header, value of a row or None, format)
+    ("total params", lambda r: r["params"]["total"] / 1e6, ".1f", "M"),
+    ("active params/token", lambda r: r["params"]["active_per_token"] / 1e6, ".1f", "M"),
+    ("GFLOPs/token", lambda r: r["flops_per_token"] / 1e9, ".3f", ""),
+    ("mix held-out ppl", lambda r: r.get("perplexity", {}).get("ppl"), ".2f", ""),
+    ("general-text ppl", lambda r: r.get("general", {}).get("ppl"), ".2f", ""),
+    ("fact acc", lambda r: r.get("facts", {}).get("accuracy"), ".3f", ""),
+    ("fact retention", lambda r: r.get("facts", {}).get("retention"), ".3f", ""),
+    ("probe acc", lambda r: r.get("probe", {}).get("accuracy"), ".2f", ""),
+    ("prefill tok/s", lambda r: r.get("prefill_tokens_per_second"), ".0f", ""),
+    ("decode tok/s", lambda r: r.get("decode_tokens_per_second"), ".1f", ""),
+    ("weights MB", lambda r: r["memory"]["weights_bytes"] / 2**20, ".0f", ""),
+)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| model | kind | total params | active params/token | GFLOPs/token | held-out ppl | probe acc | "
-        "prefill tok/s | decode tok/s | weights MB |",
-        "|" + "---|" * 10,
-    ]
+    """One row per model; a column appears when some model has its value."""
+    cols = [c for c in _COLUMNS if any(c[1](r) is not None for r in rows)]
+    lines = ["| model | kind | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for r in rows:
-        lines.append(" | ".join([
-            f"| {r['model']}", r["kind"], f"{r['params']['total'] / 1e6:.1f}M",
-            f"{r['params']['active_per_token'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}",
-            _fmt(r.get("perplexity", {}).get("ppl"), ".2f"), _fmt(r.get("probe", {}).get("accuracy"), ".2f"),
-            _fmt(r.get("prefill_tokens_per_second"), ".0f"), _fmt(r.get("decode_tokens_per_second"), ".1f"),
-            f"{r['memory']['weights_bytes'] / 2**20:.0f} |",
-        ]))
+        cells = [_fmt(get(r), fmt) + (unit if get(r) is not None else "") for _, get, fmt, unit in cols]
+        lines.append(f"| {r['model']} | {r['kind']} | " + " | ".join(cells) + " |")
     extra = []
     for r in rows:
         for path, sc in r.get("mc", {}).items():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from tiny_onn.data import IGNORE_INDEX, PackedData
+from tiny_onn.data import PackedData, scored_positions
 
 
 @torch.no_grad()
@@ -22,8 +22,7 @@ def perplexity(model: PreTrainedModel, data: PackedData, batch_size: int = 8) ->
     for batch in data.batches(batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        targets = batch["labels"][:, 1:]
-        scored = targets != IGNORE_INDEX  # [B, T-1]
+        targets, scored = scored_positions(batch["labels"])  # [B, T-1]
         nll = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none").double().cpu()
         cats = batch["category"][:, 1:][scored].cpu()
         nll_sum[0] += nll.sum()

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 from tiny_onn import distributed
 from tiny_onn.artifacts import atomic_dir, versions, write_json
 from tiny_onn.config import config_to_dict
-from tiny_onn.data import IGNORE_INDEX, DataArgs, PackedData, build_dataset
+from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.scan.scores import delta_sc, s_p
 from tiny_onn.sources import SourceArgs, load_source, swiglu_mlps
@@ -164,7 +164,7 @@ def counted_tokens(batch: dict[str, torch.Tensor], num_categories: int, position
     labels = batch["labels"]
     if positions == "scored":
         counted_BT = torch.zeros_like(labels, dtype=torch.bool)
-        counted_BT[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # positions that predict a response token
+        counted_BT[:, :-1] = scored_positions(labels)[1]  # positions that predict a response token
     else:
         counted_BT = batch["attention_mask"].bool()
     rows_S = counted_BT.reshape(-1).nonzero().squeeze(-1)
@@ -176,8 +176,7 @@ def counted_tokens(batch: dict[str, torch.Tensor], num_categories: int, position
 
 def summed_response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """Summed next-token CE over response tokens; the LM head runs only on the scored positions. None if there are none."""
-    labels = batch["labels"]
-    scored_BT = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+    targets_BT, scored_BT = scored_positions(batch["labels"])  # [B, T-1]
     if not scored_BT.any():
         return None
     hidden = model.base_model(
@@ -185,7 +184,7 @@ def summed_response_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor])
     ).last_hidden_state  # [B, T, d]
     hidden_Sd = hidden[:, :-1][scored_BT]  # [S, d]
     logits_SV = model.get_output_embeddings()(hidden_Sd).float()
-    return F.cross_entropy(logits_SV, labels[:, 1:][scored_BT], reduction="sum")
+    return F.cross_entropy(logits_SV, targets_BT[scored_BT], reduction="sum")
 
 
 @contextlib.contextmanager

@@ -7,13 +7,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tiny_onn.data import IGNORE_INDEX
+from tiny_onn.data import scored_positions
 
 
 def response_ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token CE over response tokens, mean predictive entropy over them); both 0-d."""
-    targets = labels_BT[:, 1:]
-    scored = targets != IGNORE_INDEX
+    targets, scored = scored_positions(labels_BT)
     logits_SV = logits_BTV[:, :-1][scored].float()
     ce = F.cross_entropy(logits_SV, targets[scored], reduction="sum")
     with torch.no_grad():
@@ -24,7 +23,7 @@ def response_ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[
 
 def kd_sum(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, labels_BT: torch.Tensor, temperature: float) -> torch.Tensor:
     """T²·KL(teacher ‖ student) summed over response positions (the teacher's temperature-softened distribution)."""
-    scored = labels_BT[:, 1:] != IGNORE_INDEX
+    _, scored = scored_positions(labels_BT)
     s = (student_BTV[:, :-1][scored].float() / temperature).log_softmax(-1)
     t = (teacher_BTV[:, :-1][scored].float() / temperature).log_softmax(-1)
     return temperature**2 * F.kl_div(s, t, log_target=True, reduction="sum")

@@ -1,5 +1,9 @@
 """Train stage: continued training of a carved MoE with expert-masked updates (full / SMK / SMK²), distillation from the
-dense source, and the two-phase schedule. Runs on accelerate, so 1 CPU, 1 GPU or DDP use the same loop.
+dense source, and the two-phase schedule; a dense model trains with the same recipe (policy full) as a control.
+Runs on accelerate, so 1 CPU, 1 GPU or DDP use the same loop.
+
+Laid out like a torchtune recipe: `Trainer.__init__` sets up (models, optimizer, data, resume), `Trainer.train_step` is
+one optimizer step, `evaluate`, `save_checkpoint` / `resume`, and `finish` writes the outputs; `run` = `Trainer(cfg).fit()`.
 
 Legend: B sequences per micro-batch, T positions, V vocabulary, E experts.
 """
@@ -24,11 +28,11 @@ from tqdm.auto import tqdm
 from tiny_onn import distributed
 from tiny_onn.artifacts import atomic_dir, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
-from tiny_onn.data import IGNORE_INDEX, DataArgs, PackedData, build_dataset
+from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
-from tiny_onn.model.export import save_model_folder
-from tiny_onn.sources import SourceArgs, load_source
+from tiny_onn.model.export import CARVE_META, TRAIN_META, read_carve_metadata, save_model_folder
+from tiny_onn.sources import Source, SourceArgs, load_source
 from tiny_onn.train.losses import kd_sum, performance_index, response_ce_sum, router_z_loss
 from tiny_onn.train.optim import MaskedAdamW
 from tiny_onn.train.policies import POLICIES, expert_grad_norms, update_mask
@@ -38,12 +42,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig(SourceArgs, DataArgs):
-    """Continue training a carved TinyOnn MoE."""
+    """Continue training a carved TinyOnn MoE (or, as a control, a dense model with the same recipe)."""
 
     model: str = "runs/demo/moe"
-    """The MoE folder to train (from `tiny-onn carve`)."""
+    """The model to train: a MoE folder (from `tiny-onn carve`), or a dense model ('smollm2', a .gguf, a folder) as a
+    control (then only --policy full applies and there are no experts, routers or load balance)."""
     teacher: str = ""
     """Dense teacher for distillation ('smollm2', a .gguf, a folder); empty = no distillation."""
+    load_in_4bit: bool = False
+    """Load the teacher in 4-bit NF4 with bitsandbytes (CUDA only); the trained model itself is never quantized."""
+    ce_weight: float = 1.0
+    """Weight of the next-token CE on response tokens (0 = pure distillation: needs --kd > 0).
+    Loss = ce_weight·CE + kd·T²·KL + α_lb·load balance + z_loss_coef·z."""
     kd: float = 0.0
     """Weight α_kd of the distillation loss α·T²·KL(teacher ‖ student)."""
     kd_temperature: float = 2.0
@@ -79,13 +89,13 @@ class TrainConfig(SourceArgs, DataArgs):
     warmup_steps: int = 10
     """Linear warm-up steps before the cosine decay."""
     clip: float = 1.0
-    """Gradient-norm clipping (0 = off)."""
+    """Gradient-norm clipping over what updates: masked experts' gradients do not count (0 = off)."""
     aux_loss_coef: float = 0.01
-    """Weight α_lb of the Switch load-balancing loss."""
+    """Weight α_lb of the Switch load-balancing loss (MoE only)."""
     z_loss_coef: float = 0.0
     """Weight of the router z-loss."""
     train_experts: bool = True
-    """Train the routed experts."""
+    """Train the routed experts (in a dense model: its FFNs)."""
     train_shared: bool = True
     """Train the shared expert."""
     train_routers: bool = True
@@ -123,6 +133,11 @@ class TrainConfig(SourceArgs, DataArgs):
             raise TinyOnnError("kd_temperature must be positive")
         if self.lr <= 0 or self.router_lr <= 0:
             raise TinyOnnError("learning rates must be positive")
+        if self.ce_weight < 0 or (self.ce_weight == 0 and not self.kd):
+            raise TinyOnnError(f"ce_weight must be non-negative, and 0 (pure distillation) needs --kd > 0; got "
+                               f"ce_weight={self.ce_weight}, kd={self.kd}")
+        if self.load_in_4bit and not self.teacher:
+            raise TinyOnnError("--load-in-4bit loads the teacher in 4 bits (the trained model never is): it needs a --teacher")
 
 
 def _set_trainable(model, cfg: TrainConfig) -> None:
@@ -133,6 +148,8 @@ def _set_trainable(model, cfg: TrainConfig) -> None:
             p.requires_grad_(cfg.train_shared)
         elif ".mlp.router." in name:
             p.requires_grad_(cfg.train_routers)
+        elif ".mlp." in name:  # a dense model's FFN: trained like the experts it would be carved into
+            p.requires_grad_(cfg.train_experts)
         elif "embed_tokens" in name or "lm_head" in name:
             p.requires_grad_(cfg.train_embeddings)
         else:
@@ -152,6 +169,31 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the weights, the optimizer and the RNGs."""
+
+    step: int
+    """Optimizer steps done."""
+    phase: int
+    """1 = dense mixture (forced differentiation), 2 = sparse (adaptive emergence)."""
+    pi: float
+    """PI of the last step (drives the switch to phase 2 and adaptive k)."""
+    history: list[dict]
+    """One record per step."""
+    update_counts: torch.Tensor
+    """[layers, E, C] expert updates weighted by each step's token share of category c."""
+    category_mass: torch.Tensor
+    """[C] summed token share of each category over the steps."""
+    ppl_before: dict | None = None
+    """Held-out perplexity before training."""
+
+    def to_json(self) -> dict:
+        """The JSON part (the tensors go to a safetensors file)."""
+        return {"step": self.step, "phase": self.phase, "pi": self.pi, "history": self.history,
+                "ppl_before": self.ppl_before}
+
+
 class Checkpoints:
     """checkpoints/step-NNNNNN folders (written atomically) and a `latest` pointer; the last two are kept."""
 
@@ -165,38 +207,42 @@ class Checkpoints:
         folder = self.root / read_json(pointer, "checkpoint pointer")["folder"]
         return folder if folder.is_dir() else None
 
-    def save(self, step: int, model, optimizer, rng: dict, meta: dict) -> Path:
-        name = f"step-{step:06d}"
+    def save(self, model, optimizer, state: TrainState, meta: dict) -> Path:
+        name = f"step-{state.step:06d}"
         with atomic_dir(self.root / name) as tmp:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-            write_json(tmp / "state.json", {**meta, "step": step, "python_rng": rng["python"]})
-        write_json(self.root / "latest.json", {"folder": name, "step": step})
+            save_file({"update_counts": state.update_counts, "category_mass": state.category_mass},
+                      tmp / "counters.safetensors")
+            write_json(tmp / "state.json", {**meta, **state.to_json(), "python_rng": list(random.getstate())})
+        write_json(self.root / "latest.json", {"folder": name, "step": state.step})
         for old in sorted(self.root.glob("step-*"))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         return self.root / name
 
     @staticmethod
-    def load(folder: Path, model, optimizer, fingerprint: str) -> dict:
-        state = read_json(folder / "state.json", "checkpoint state")
-        if state.get("model_fingerprint") != fingerprint:
+    def load(folder: Path, model, optimizer, fingerprint: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Restore weights, optimizer and RNGs from `folder`; return its state.json and its counters (empty if none)."""
+        meta = read_json(folder / "state.json", "checkpoint state")
+        if meta.get("model_fingerprint") != fingerprint:
             raise TinyOnnError(
-                f"checkpoint {folder} was made for a different model (layout {state.get('model_fingerprint')} vs "
+                f"checkpoint {folder} was made for a different model (layout {meta.get('model_fingerprint')} vs "
                 f"{fingerprint}); use another --out or drop --resume"
             )
         load_model(model, str(folder / "model.safetensors"))
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         torch.set_rng_state(load_file(folder / "rng.safetensors")["torch_rng"])
-        random.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
-        return state
+        random.setstate((meta["python_rng"][0], tuple(meta["python_rng"][1]), meta["python_rng"][2]))
+        counters = folder / "counters.safetensors"
+        return meta, load_file(counters) if counters.is_file() else {}
 
 
 def step_batches(data: PackedData, step: int, cfg: TrainConfig, rank: int, world: int) -> tuple[list[dict], int]:
     """This rank's micro-batches of global step `step` (the data cycles), and the step's global count of scored tokens."""
     per_step = cfg.batch_size * cfg.grad_accum * world
     rows = torch.arange(step * per_step, (step + 1) * per_step) % len(data)
-    scored = int((data.labels[rows][:, 1:] != IGNORE_INDEX).sum())
+    scored = int(scored_positions(data.labels[rows])[1].sum())
     micro = []
     for m in range(cfg.grad_accum):
         start = (m * world + rank) * cfg.batch_size
@@ -205,222 +251,345 @@ def step_batches(data: PackedData, step: int, cfg: TrainConfig, rank: int, world
     return micro, scored
 
 
-def run(cfg: TrainConfig) -> Path:
-    """Train `cfg.model` and write checkpoints, TensorBoard logs, the trained folder and train.json to `cfg.out`."""
-    from accelerate import Accelerator
-
-    rank, world = distributed.init_from_env()
-    cfg.device = distributed.local_device(cfg.device)
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+def load_models(cfg: TrainConfig) -> tuple[Source, torch.nn.Module | None]:
+    """The model to train (never quantized) and the frozen teacher (4-bit when `cfg.load_in_4bit`), or None."""
     src_args = SourceArgs(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SourceArgs)})
-    student = load_source(src_args, dense_only=False)
-    model = student.model
+    student = load_source(dataclasses.replace(src_args, load_in_4bit=False), dense_only=False)
+    if not cfg.teacher:
+        return student, None
+    teacher = load_source(dataclasses.replace(src_args, model=cfg.teacher)).model
+    if teacher.config.vocab_size != student.model.config.vocab_size:
+        raise TinyOnnError("the teacher's vocabulary differs from the student's: distillation needs the same tokenizer")
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def check_model_fits_config(model, cfg: TrainConfig) -> None:
+    """Expert options need a MoE; a policy's k must not exceed the experts."""
     if model.config.model_type != "tiny_onn":
-        raise TinyOnnError(f"{cfg.model!r} is not a TinyOnn MoE; carve one first (`tiny-onn carve`)")
+        moe_options = [name for name in ("phase1_steps", "phase2_pi", "top_p", "adaptive_k", "z_loss_coef")
+                       if getattr(cfg, name)]
+        if cfg.policy != "full" or moe_options:
+            raise TinyOnnError(
+                f"{cfg.model!r} is a dense model: it has no experts, so only --policy full applies"
+                + (f" and {', '.join(moe_options)} must stay off" if moe_options else "")
+                + f" (got --policy {cfg.policy}); carve a MoE first (`tiny-onn carve`) to train experts"
+            )
+        return
     E = model.config.num_experts
     k = cfg.max_k if cfg.policy == "smk2" else cfg.min_k
     if cfg.policy != "full" and k > E:
         raise TinyOnnError(f"{'max_k' if cfg.policy == 'smk2' else 'min_k'} ({k}) is larger than the model's {E} experts")
-    teacher = None
-    if cfg.teacher:
-        teacher = load_source(dataclasses.replace(src_args, model=cfg.teacher, load_in_4bit=cfg.load_in_4bit)).model
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise TinyOnnError("the teacher's vocabulary differs from the student's: distillation needs the same tokenizer")
-        teacher.requires_grad_(False)
 
-    accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu",
-                              mixed_precision="bf16" if torch.cuda.is_available() and cfg.dtype != "fp32" else "no")
-    _set_trainable(model, cfg)
-    model.train()
-    experts = [layer.mlp.experts for layer in model.model.layers]
-    for ex in experts:
-        ex.track_stats = True
+
+def build_optimizer(model, cfg: TrainConfig) -> MaskedAdamW:
+    """MaskedAdamW over the trainable parameters: routers at router_lr, everything else at lr."""
     router_params = [p for n, p in model.named_parameters() if ".mlp.router." in n and p.requires_grad]
     other_params = [p for n, p in model.named_parameters() if ".mlp.router." not in n and p.requires_grad]
     groups = [g for g in ({"params": other_params, "lr": cfg.lr}, {"params": router_params, "lr": cfg.router_lr})
               if g["params"]]
     if not groups:
         raise TinyOnnError("nothing to train: every --train-* switch is off")
-    optimizer = MaskedAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    fingerprint = model_fingerprint(model)
-    ckpts = Checkpoints(out)
-    start_step, history, ppl_before = 0, [], None
-    if cfg.resume:
-        latest = ckpts.latest()
-        if latest is None:
-            raise TinyOnnError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        state = Checkpoints.load(latest, model, optimizer, fingerprint)
-        start_step, history, ppl_before = state["step"], state["history"], state.get("ppl_before")
-    elif ckpts.latest() is not None:
-        raise TinyOnnError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    ddp_model = accelerator.prepare(model)
+    return MaskedAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    global_rows = cfg.steps * cfg.batch_size * cfg.grad_accum * world
-    data = build_dataset(student.tokenizer, cfg, "train", max_tokens=global_rows * cfg.seq_len)
-    held = build_dataset(student.tokenizer, cfg, "heldout", max_tokens=cfg.eval_tokens) if cfg.eval_tokens else None
-    if held is not None and ppl_before is None:
-        ppl_before = perplexity(model, held)
-        model.train()
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
-    C = len(data.category_names)
-    update_counts = torch.zeros(len(experts), E, C)  # [layers, E, categories]
-    category_mass = torch.zeros(C)
-    phase = 1 if start_step < cfg.phase1_steps else 2
-    bar = tqdm(range(start_step, cfg.steps), desc="train", disable=rank != 0, dynamic_ncols=True, initial=start_step,
-               total=cfg.steps)
-    pi = 0.0
-    for step in bar:
-        t0 = time.perf_counter()
-        if phase == 1 and (step >= cfg.phase1_steps or (cfg.phase2_pi and pi >= cfg.phase2_pi)):
-            phase = 2
-        model.config.moe_mode = "dense_mixture" if phase == 1 else "sparse"
-        if phase == 2 and cfg.top_p:
-            model.config.router_top_p = cfg.top_p
-        for i, g in enumerate(optimizer.param_groups):
-            g["lr"] = base_lrs[i] * lr_lambda(step, cfg.warmup_steps, cfg.steps)
-        for ex in experts:
+class Trainer:
+    """One training run, laid out like a torchtune recipe: setup (`__init__`), `train_step`, `evaluate`,
+    `save_checkpoint` / `resume`, `finish`; `fit` is the loop that ties them together."""
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.rank, self.world = distributed.init_from_env()
+        cfg.device = distributed.local_device(cfg.device)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.source, self.teacher = load_models(cfg)
+        self.model = self.source.model
+        check_model_fits_config(self.model, cfg)
+        self.is_moe = self.model.config.model_type == "tiny_onn"
+        self.accelerator = Accelerator(
+            cpu=next(self.model.parameters()).device.type == "cpu",
+            mixed_precision="bf16" if torch.cuda.is_available() and cfg.dtype != "fp32" else "no",
+        )
+        _set_trainable(self.model, cfg)
+        self.model.train()
+        self.experts = [layer.mlp.experts for layer in self.model.model.layers] if self.is_moe else []
+        for ex in self.experts:
+            ex.track_stats = True
+        self.k = cfg.max_k if cfg.policy == "smk2" else cfg.min_k
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.fingerprint = model_fingerprint(self.model)
+        self.checkpoints = Checkpoints(self.out)
+        if not cfg.resume and self.checkpoints.latest() is not None:
+            raise TinyOnnError(f"{self.out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        tok = self.source.tokenizer
+        global_rows = cfg.steps * cfg.batch_size * cfg.grad_accum * self.world
+        self.data = build_dataset(tok, cfg, "train", max_tokens=global_rows * cfg.seq_len)
+        self.held = build_dataset(tok, cfg, "heldout", max_tokens=cfg.eval_tokens) if cfg.eval_tokens else None
+        self.state = self.resume() if cfg.resume else self.fresh_state()
+        self.ddp_model = self.accelerator.prepare(self.model)
+        if self.held is not None and self.state.ppl_before is None:
+            self.state.ppl_before = self.evaluate()
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+
+    def fresh_state(self) -> TrainState:
+        E = self.model.config.num_experts if self.is_moe else 0
+        C = len(self.data.category_names)
+        return TrainState(step=0, phase=1 if self.cfg.phase1_steps > 0 else 2, pi=0.0, history=[],
+                          update_counts=torch.zeros(len(self.experts), E, C), category_mass=torch.zeros(C))
+
+    # ---- one training step ---------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        """One optimizer step: phase and learning rate, forward/backward over the micro-batches, PI, this step's
+        expert update masks, clipping over what updates, the masked AdamW step. Returns the step's history record."""
+        cfg, opt, t0 = self.cfg, self.optimizer, time.perf_counter()
+        self._enter_phase(step)
+        for group, base_lr in zip(opt.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * lr_lambda(step, cfg.warmup_steps, cfg.steps)
+        for ex in self.experts:
             ex.reset_stats()
-        micro, scored_global = step_batches(data, step, cfg, rank, world)
-        sums = torch.zeros(5, dtype=torch.float64)  # ce, kd, lb, z, entropy·n
-        n_local = 0
+        micro, scored_global = step_batches(self.data, step, cfg, self.rank, self.world)
+        losses, cat_tokens = self.forward_backward(micro, scored_global, step)
+        grad_norm = opt.clip_grad_norm_(float("inf"))  # every trainable gradient: PI's S (no mask set yet)
+        self.state.pi = performance_index(losses["ce"], losses["entropy"], grad_norm, cfg.pi_alpha, cfg.pi_gamma)
+        share = cat_tokens / cat_tokens.sum().clamp_min(1)  # [C] this step's token share per category
+        updated = self.mask_experts(share)
+        update_norm = opt.clip_grad_norm_(cfg.clip if cfg.clip > 0 else float("inf"))  # masks set: what updates
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.state.category_mass += share
+        dt = time.perf_counter() - t0
+        tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro)) * self.world
+        return {"step": step + 1, "phase": self.state.phase, "ce": losses["ce"], "kd": losses["kd"], "lb": losses["lb"],
+                "z": losses["z"], "pi": self.state.pi, "grad_norm": grad_norm, "update_grad_norm": update_norm,
+                "lr": opt.param_groups[0]["lr"], "tokens_per_second": tokens / dt,
+                "experts_updated_mean": sum(updated) / max(len(updated), 1), "step_seconds": dt}
+
+    def _enter_phase(self, step: int) -> None:
+        """Switch to phase 2 at phase1_steps or when PI reaches phase2_pi; tell the MoE layers how to route."""
+        cfg, state = self.cfg, self.state
+        if state.phase == 1 and (step >= cfg.phase1_steps or (cfg.phase2_pi and state.pi >= cfg.phase2_pi)):
+            state.phase = 2
+        if self.is_moe:
+            self.model.config.moe_mode = "dense_mixture" if state.phase == 1 else "sparse"
+            if state.phase == 2 and cfg.top_p:
+                self.model.config.router_top_p = cfg.top_p
+
+    def forward_backward(self, micro: list[dict], scored_global: int, step: int) -> tuple[dict, torch.Tensor]:
+        """Accumulate the gradients of the step's micro-batches; return the losses as global means and the [C] count of
+        scored tokens per category (both summed over ranks)."""
+        C = self.state.category_mass.numel()
+        sums = torch.zeros(6, dtype=torch.float64)  # ce, kd, lb, z, entropy·n, n
         cat_tokens = torch.zeros(C)
         for mb in micro:
-            mb = {k: v.to(accelerator.device) for k, v in mb.items()}
-            with accelerator.autocast():
-                outputs = ddp_model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                    output_router_logits=True, use_cache=False)
-                ce, entropy = response_ce_sum(outputs.logits, mb["labels"])
-                scale = world / max(scored_global, 1)  # DDP averages over ranks: this makes it the global token mean
-                loss = ce * scale
-                kd = torch.zeros(())
-                if teacher is not None and cfg.kd:
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-                    kd = kd_sum(outputs.logits, t_logits, mb["labels"], cfg.kd_temperature)
-                    loss = loss + cfg.kd * kd * scale
-                lb = outputs.aux_loss
-                z = router_z_loss(model) if cfg.z_loss_coef else torch.zeros(())
-                loss = loss + (cfg.aux_loss_coef * lb + cfg.z_loss_coef * z) / len(micro)
+            mb = {k: v.to(self.accelerator.device) for k, v in mb.items()}
+            with self.accelerator.autocast():
+                loss, parts = self.micro_batch_loss(mb, scale=self.world / max(scored_global, 1), n_micro=len(micro))
             if not torch.isfinite(loss):
-                last = ckpts.latest()
                 raise TinyOnnError(
                     f"the loss became {loss.item()} at step {step}; stopped without saving. "
-                    f"Last good checkpoint: {last or 'none'} (lower --lr or --router-lr, then --resume)"
+                    f"Last good checkpoint: {self.checkpoints.latest() or 'none'} (lower --lr or --router-lr, then --resume)"
                 )
-            accelerator.backward(loss)
-            n = int((mb["labels"][:, 1:] != IGNORE_INDEX).sum())
-            n_local += n
-            sums += torch.tensor([ce.item(), kd.item(), lb.item() / len(micro), z.item() / len(micro), entropy.item() * n],
-                                 dtype=torch.float64)
-            valid = mb["labels"][:, 1:] != IGNORE_INDEX
-            cats = mb["category"][:, 1:][valid].cpu()
+            self.accelerator.backward(loss)
+            _, scored = scored_positions(mb["labels"])
+            n = int(scored.sum())
+            sums += torch.tensor([parts["ce"].item(), parts["kd"].item(), parts["lb"].item() / len(micro),
+                                  parts["z"].item() / len(micro), parts["entropy"].item() * n, n], dtype=torch.float64)
+            cats = mb["category"][:, 1:][scored].cpu()
             cat_tokens += torch.bincount(cats[cats >= 0], minlength=C).float()
-        # global statistics (identical on every rank)
-        stats = torch.cat([sums, torch.tensor([float(n_local)], dtype=torch.float64)])
-        distributed.all_reduce_sum(stats)
+        distributed.all_reduce_sum(sums)
         distributed.all_reduce_sum(cat_tokens)
-        ce_mean = stats[0].item() / max(stats[5].item(), 1)
-        kd_mean = stats[1].item() / max(stats[5].item(), 1)
-        entropy_mean = stats[4].item() / max(stats[5].item(), 1)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
-        pi = performance_index(ce_mean, entropy_mean, grad_norm, cfg.pi_alpha, cfg.pi_gamma)
-        k_eff = k
-        if phase == 2 and cfg.adaptive_k:
-            k_eff = max(1, round(k * (1 - pi)))
+        n_all = max(sums[5].item(), 1)
+        losses = {"ce": sums[0].item() / n_all, "kd": sums[1].item() / n_all, "lb": sums[2].item() / self.world,
+                  "z": sums[3].item() / self.world, "entropy": sums[4].item() / n_all}
+        return losses, cat_tokens
+
+    def micro_batch_loss(self, mb: dict, scale: float, n_micro: int) -> tuple[torch.Tensor, dict]:
+        """ce_weight·CE + kd·T²·KL (token sums × `scale`: after DDP's averaging, the step's global token mean) +
+        (α_lb·load balance + z_loss_coef·z) / micro-batches. Also returns each part (0-d tensors) for logging."""
+        cfg = self.cfg
+        zero = torch.zeros(())
+        moe_kwargs = {"output_router_logits": True} if self.is_moe else {}
+        outputs = self.ddp_model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False,
+                                 **moe_kwargs)
+        ce, entropy = response_ce_sum(outputs.logits, mb["labels"])
+        loss = cfg.ce_weight * ce * scale
+        kd = zero
+        if self.teacher is not None and cfg.kd:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            kd = kd_sum(outputs.logits, t_logits, mb["labels"], cfg.kd_temperature)
+            loss = loss + cfg.kd * kd * scale
+        lb = outputs.aux_loss if self.is_moe else zero
+        z = router_z_loss(self.model) if self.is_moe and cfg.z_loss_coef else zero
+        loss = loss + (cfg.aux_loss_coef * lb + cfg.z_loss_coef * z) / n_micro
+        return loss, {"ce": ce, "kd": kd, "lb": lb, "z": z, "entropy": entropy}
+
+    def mask_experts(self, share: torch.Tensor) -> list[int]:
+        """Set this step's update mask of every MoE layer by the policy; count updates per category. Returns the number
+        of experts updated per layer (empty when no experts train)."""
+        cfg, state = self.cfg, self.state
+        if not self.experts or not cfg.train_experts:
+            return []
+        k = max(1, round(self.k * (1 - state.pi))) if state.phase == 2 and cfg.adaptive_k else self.k
         updated = []
-        for li, ex in enumerate(experts):
-            if not cfg.train_experts:
-                break
+        for li, ex in enumerate(self.experts):
             act_sum = distributed.all_reduce_sum(ex.output_norm_sum.clone())
             count = distributed.all_reduce_sum(ex.routed_count.clone())
             act_E = act_sum / count.clamp_min(1)
-            mask = update_mask(cfg.policy, expert_grad_norms(ex).to(act_E.device), act_E, count > 0, k_eff,
-                               cfg.only_routed)
-            optimizer.set_update_mask(ex.gate_up_proj, mask)
-            optimizer.set_update_mask(ex.down_proj, mask)
+            mask = update_mask(cfg.policy, expert_grad_norms(ex).to(act_E.device), act_E, count > 0, k, cfg.only_routed)
+            self.optimizer.set_update_mask(ex.gate_up_proj, mask)
+            self.optimizer.set_update_mask(ex.down_proj, mask)
             updated.append(int(mask.sum()))
-            update_counts[li] += mask.float().cpu()[:, None] * (cat_tokens / cat_tokens.sum().clamp_min(1))[None, :]
-        category_mass += cat_tokens / cat_tokens.sum().clamp_min(1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro)) * world
-        rec = {"step": step + 1, "phase": phase, "ce": ce_mean, "kd": kd_mean, "lb": stats[2].item() / world,
-               "z": stats[3].item() / world, "pi": pi, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
-               "tokens_per_second": tokens / dt, "experts_updated_mean": sum(updated) / max(len(updated), 1),
-               "step_seconds": dt}
-        history.append(rec)
-        bar.set_postfix(loss=f"{ce_mean:.3f}", PI=f"{pi:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{tokens / dt:.0f}")
-        if writer is not None and (step + 1) % cfg.log_every == 0:
-            for key in ("ce", "kd", "lb", "z", "pi", "grad_norm", "lr", "tokens_per_second", "experts_updated_mean"):
-                writer.add_scalar(f"train/{key}", rec[key], step + 1)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and rank == 0:
-            meta = {"model_fingerprint": fingerprint, "history": history, "ppl_before": ppl_before,
-                    "config": config_to_dict(cfg)}
-            ckpts.save(step + 1, model, optimizer, {"python": list(random.getstate())}, meta)
+            state.update_counts[li] += mask.float().cpu()[:, None] * share[None, :]
+        return updated
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Held-out perplexity on response tokens (the model goes back to training mode)."""
+        result = perplexity(self.model, self.held)
+        self.model.train()
+        return result
+
+    # ---- checkpoint / resume -------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        meta = {"model_fingerprint": self.fingerprint, "config": config_to_dict(self.cfg)}
+        return self.checkpoints.save(self.model, self.optimizer, self.state, meta)
+
+    def resume(self) -> TrainState:
+        """Restore the latest checkpoint: weights, optimizer, RNGs and the TrainState."""
+        latest = self.checkpoints.latest()
+        if latest is None:
+            raise TinyOnnError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        meta, counters = Checkpoints.load(latest, self.model, self.optimizer, self.fingerprint)
+        state = self.fresh_state()
+        state.step, state.history, state.ppl_before = meta["step"], meta["history"], meta.get("ppl_before")
+        if "phase" not in meta:  # a checkpoint from before the counters and PI were saved
+            log.warning("checkpoint %s predates saved update counters and PI: update rates cover the resumed steps only",
+                        latest)
+            state.phase = 1 if state.step < self.cfg.phase1_steps else 2
+            return state
+        if counters["update_counts"].shape != state.update_counts.shape:
+            raise TinyOnnError(f"checkpoint {latest} counted updates over other data categories "
+                               f"({tuple(counters['update_counts'].shape)} vs {tuple(state.update_counts.shape)}): "
+                               "resume with the same --data, or use another --out")
+        state.phase, state.pi = meta["phase"], meta["pi"]
+        state.update_counts, state.category_mass = counters["update_counts"], counters["category_mass"]
+        return state
+
+    # ---- the loop and the end ------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Train from the current step to cfg.steps, checkpointing as configured; then write the outputs."""
+        cfg = self.cfg
+        bar = tqdm(range(self.state.step, cfg.steps), desc="train", disable=self.rank != 0, dynamic_ncols=True,
+                   initial=self.state.step, total=cfg.steps)
+        for step in bar:
+            rec = self.train_step(step)
+            self.state.history.append(rec)
+            self.state.step = step + 1
+            bar.set_postfix(loss=f"{rec['ce']:.3f}", PI=f"{rec['pi']:.3f}", lr=f"{rec['lr']:.1e}",
+                            tok_s=f"{rec['tokens_per_second']:.0f}")
+            if self.writer is not None and (step + 1) % cfg.log_every == 0:
+                for key in ("ce", "kd", "lb", "z", "pi", "grad_norm", "update_grad_norm", "lr", "tokens_per_second",
+                            "experts_updated_mean"):
+                    self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and self.rank == 0:
+                self.save_checkpoint()
+            distributed.barrier()
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> Path:
+        """Write the trained model folder and train.json (rank 0)."""
+        if self.writer is not None:
+            self.writer.close()
+        for ex in self.experts:
+            ex.track_stats = False
+        self.model.eval()
+        if self.is_moe:
+            self.model.config.moe_mode = "sparse"
+        if self.rank == 0:
+            report = self.report()
+            with atomic_dir(self.out / "model") as tmp:
+                self._save_model_folder(tmp, report)
+            write_json(self.out / TRAIN_META, report)
         distributed.barrier()
-    bar.close()
-    if writer is not None:
-        writer.close()
-    for ex in experts:
-        ex.track_stats = False
-    model.eval()
-    model.config.moe_mode = "sparse"
-    if rank == 0:
-        report = _report(cfg, data, history, update_counts, category_mass, held, model, ppl_before)
-        src_folder = Path(cfg.model)
-        provenance = json.loads((src_folder / "provenance.json").read_text()) if (src_folder / "provenance.json").is_file() else {}
-        with atomic_dir(out / "model") as tmp:
-            save_model_folder(model, student.tokenizer, tmp, provenance, report, _card(cfg, report))
-        write_json(out / "train.json", report)
-    distributed.barrier()
-    return out
+        return self.out
+
+    def report(self) -> dict:
+        history = self.state.history
+        report = {
+            "format": "tiny_onn.train/1",
+            "config": config_to_dict(self.cfg),
+            "versions": versions(),
+            "categories": self.data.category_names,
+            "history": history,
+            "final": history[-1] if history else None,
+            "step_seconds_median": sorted(h["step_seconds"] for h in history)[len(history) // 2] if history else None,
+        }
+        if self.is_moe:
+            # [layers, E, C] update rate per category
+            rate = self.state.update_counts / self.state.category_mass.clamp_min(1e-9)[None, None, :]
+            shared = [[e for e in range(rate.shape[1]) if bool((rate[li, e] >= 0.5).all())] for li in range(rate.shape[0])]
+            report["update_rate_per_category"] = rate.tolist()
+            report["emergent_shared_experts"] = {
+                "rule": "updated in at least half of the steps' token mass of every category",
+                "per_layer": shared, "count": sum(len(s) for s in shared)}
+        if self.held is not None:
+            report["perplexity"] = {"before": self.state.ppl_before, "after": perplexity(self.model, self.held)}
+        return report
+
+    def _save_model_folder(self, folder: Path, report: dict) -> None:
+        card = _card(self.cfg, report, self.is_moe)
+        src = Path(self.cfg.model)
+        provenance = read_json(src / "provenance.json", "provenance") if (src / "provenance.json").is_file() else {}
+        if not self.is_moe:  # a dense control: a plain Hugging Face folder (with a width-pruned model's provenance)
+            self.model.save_pretrained(folder)
+            self.source.tokenizer.save_pretrained(folder)
+            if provenance:
+                write_json(folder / "provenance.json", provenance)
+            write_json(folder / TRAIN_META, report)
+            (folder / "README.md").write_text(card)
+            return
+        carve_meta = read_carve_metadata(src)
+        metadata = {**({CARVE_META: carve_meta} if carve_meta is not None else {}), TRAIN_META: report}
+        save_model_folder(self.model, self.source.tokenizer, folder, provenance, metadata, card)
 
 
-def _report(cfg, data, history, update_counts, category_mass, held, model, ppl_before) -> dict:
-    rate = update_counts / category_mass.clamp_min(1e-9)[None, None, :]  # [layers, E, C] update rate per category
-    shared = [[e for e in range(rate.shape[1]) if bool((rate[li, e] >= 0.5).all())] for li in range(rate.shape[0])]
-    report = {
-        "format": "tiny_onn.train/1",
-        "config": config_to_dict(cfg),
-        "versions": versions(),
-        "categories": data.category_names,
-        "history": history,
-        "final": history[-1] if history else None,
-        "update_rate_per_category": rate.tolist(),
-        "emergent_shared_experts": {"rule": "updated in at least half of the steps' token mass of every category",
-                                    "per_layer": shared, "count": sum(len(s) for s in shared)},
-        "step_seconds_median": sorted(h["step_seconds"] for h in history)[len(history) // 2] if history else None,
-    }
-    if held is not None:
-        after = perplexity(model, held)
-        report["perplexity"] = {"before": ppl_before, "after": after}
-    return report
+def run(cfg: TrainConfig) -> Path:
+    """Train `cfg.model` and write checkpoints, TensorBoard logs, the trained folder and train.json to `cfg.out`."""
+    return Trainer(cfg).fit()
 
 
-def _card(cfg: TrainConfig, report: dict) -> str:
-    lines = ["---", "library_name: transformers", "tags: [tiny-onn, mixture-of-experts]", "---", "",
-             f"# TinyOnn MoE trained from {cfg.model}", "",
-             f"Policy `{cfg.policy}`, {cfg.steps} steps, lr {cfg.lr}, router lr {cfg.router_lr}, "
+def _card(cfg: TrainConfig, report: dict, is_moe: bool) -> str:
+    kind = "TinyOnn MoE" if is_moe else "Dense model"
+    tags = "[tiny-onn, mixture-of-experts]" if is_moe else "[tiny-onn]"
+    lines = ["---", "library_name: transformers", f"tags: {tags}", "---", "",
+             f"# {kind} trained from {cfg.model}", "",
+             f"Policy `{cfg.policy}`, {cfg.steps} steps, lr {cfg.lr}, router lr {cfg.router_lr}, CE weight {cfg.ce_weight}, "
              f"KD {cfg.kd if cfg.teacher else 0} (teacher {cfg.teacher or 'none'}), data `{cfg.data}`.", ""]
     if "perplexity" in report and report["perplexity"]["before"]:
         p = report["perplexity"]
         lines.append(f"Held-out perplexity: {p['before']['ppl']:.2f} before, {p['after']['ppl']:.2f} after training.")
-    lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.", ""]
+    remote = ", trust_remote_code=True" if is_moe else ""
+    lines += ["", f"Load with `AutoModelForCausalLM.from_pretrained(folder{remote})`; `{TRAIN_META}` is the training report.",
+              ""]
     return "\n".join(lines)
 
 
 def summary(cfg: TrainConfig, out: Path) -> str:
-    report = json.loads((Path(out) / "train.json").read_text())
-    line = f"trained model written to {Path(out) / 'model'} (log: {Path(out) / 'train.json'}, TensorBoard: {Path(out) / 'tb'})"
+    out = Path(out)
+    report = json.loads((out / TRAIN_META).read_text())
+    line = f"trained model written to {out / 'model'} (log: {out / TRAIN_META}, TensorBoard: {out / 'tb'})"
     if "perplexity" in report and report["perplexity"]["before"]:
         p = report["perplexity"]
         line += f"\nheld-out perplexity: before {p['before']['ppl']:.2f}, after {p['after']['ppl']:.2f}"

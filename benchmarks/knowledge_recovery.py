@@ -1,0 +1,239 @@
+"""Which training recipe brings the dense source's knowledge back into a carved MoE? SmolLM2 carved at 25 % and 50 %
+active, every run with the same token budget, scored on fact retention, general-text perplexity and mix perplexity.
+
+    python benchmarks/knowledge_recovery.py                                  # the default grid (see --help)
+    python benchmarks/knowledge_recovery.py --models moe25 --recipes kd-both --policies smk2 --append
+    python benchmarks/knowledge_recovery.py --models dense width25 --recipes kd-both --append   # the controls
+    python benchmarks/knowledge_recovery.py --forgetting moe25:kd-both:full:0 --append         # the forgetting test
+
+Models: `moe25` / `moe50` (dsc carve, shared 12.5 % + 14 experts of 96, top-2 / top-6; `moe25k` / `moe50k`: the same
+carve from a scan that also sees the teacher-written corpus, so the shared expert and the clustering see knowledge
+categories), `width25` / `width50` (the
+dense source with each FFN cut to its top 25 % / 50 % neurons by importance a·s: same active neurons, no router) and
+`dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
+Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
+teacher on the mix), `kd-corpus` (KL on the teacher-written corpus of `tiny-onn distil-data`), `kd-both` (KL on
+both). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
+perplexity ÷ dense, mix held-out perplexity ÷ dense, per category, active parameters, training tokens.
+The forgetting test starts from a trained run, learns one category only (plain CE) under each update policy, and
+reports what the other categories, the general text and the facts lose.
+Writes benchmarks/results/knowledge_recovery.json (rows merge into the protocol with the same settings: --append).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, smollm2_scan, write_result  # noqa: E402
+
+from tiny_onn.carve import CarveConfig  # noqa: E402
+from tiny_onn.carve import run as carve  # noqa: E402
+from tiny_onn.carve.baselines import save_width_pruned  # noqa: E402
+from tiny_onn.data.distil import DistilDataConfig  # noqa: E402
+from tiny_onn.data.distil import run as distil_data  # noqa: E402
+from tiny_onn.eval.harness import EvalConfig, evaluate_model  # noqa: E402
+from tiny_onn.scan import ScanResult  # noqa: E402
+from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
+from tiny_onn.train import TrainConfig  # noqa: E402
+from tiny_onn.train import run as train  # noqa: E402
+
+MODELS = ("moe25", "moe50", "moe25k", "moe50k", "width25", "width50", "dense")
+RECIPES = {  # data, teacher KD weight, CE weight
+    "ce-mix": ("default", 0.0, 1.0),
+    "kd-mix": ("default", 1.0, 0.0),
+    "kd-corpus": ("{corpus}", 1.0, 0.0),
+    "kd-both": ("default,{corpus}", 1.0, 0.0),
+}
+FORGET_POLICIES = {"full": ("full", 4), "smk": ("smk", 4), "smk2": ("smk2", 4), "smk-min1": ("smk", 1)}
+SOURCE = "smollm2"
+NEURONS = 1536  # SmolLM2's FFN width
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=["moe25", "moe50"])
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument("--policies", nargs="+", choices=("full", "smk", "smk2"), default=["full"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of experts (MoE) or FFNs (dense controls)")
+    p.add_argument("--k", type=int, default=4, help="smk/smk2: experts updated per layer and step")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--corpus", default="runs/corpus-smollm2", help="teacher-written corpus folder (made if missing)")
+    p.add_argument("--corpus-prompts", type=int, default=1008)
+    p.add_argument("--eval-tokens", type=int, default=4096, help="mix held-out tokens")
+    p.add_argument("--general-tokens", type=int, default=4096)
+    p.add_argument("--facts-limit", type=int, default=240, help="evaluation facts scored per model (fixed subset)")
+    p.add_argument("--forgetting", default="", help="MODEL:RECIPE:POLICY:SEED of a finished run to start from")
+    p.add_argument("--forget-category", default="math")
+    p.add_argument("--forget-steps", type=int, default=40)
+    p.add_argument("--forget-policies", nargs="+", choices=list(FORGET_POLICIES), default=list(FORGET_POLICIES))
+    p.add_argument("--workdir", default="runs/bench/knowledge")
+    p.add_argument("--append", action="store_true", help="merge into the result file's protocol with these settings")
+    args = p.parse_args()
+
+    protocol = {key: getattr(args, key) for key in PROTOCOL_KEYS}
+    protocol["tokens_per_run"] = args.steps * args.batch_size * args.seq_len
+    work = Path(args.workdir) / protocol_name(protocol)
+    results = load_results(protocol) if args.append else {"protocol": protocol, "start": {}, "runs": {}, "forgetting": {}}
+    results["commands"] = results.get("commands", []) + ["python " + " ".join(sys.argv)]
+    ecfg = EvalConfig(model=[SOURCE], tasks="ppl,general,facts", eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+                      general_tokens=args.general_tokens, facts_limit=args.facts_limit, facts_source=SOURCE,
+                      device="cpu", out=str(work / "eval-unused"))
+    if "dense" not in results["start"]:
+        results["start"]["dense"] = evaluate(SOURCE, ecfg)
+        save(results)
+    dense = results["start"]["dense"]
+
+    if args.forgetting:
+        forgetting(args, results, work, ecfg, dense)
+        return
+    needs_corpus = any("{corpus}" in RECIPES[r][0] for r in args.recipes) or any(m.endswith("k") for m in args.models)
+    corpus = ensure_corpus(args) if needs_corpus else ""
+    for name in args.models:
+        start = ensure_start_model(name, Path(args.workdir), corpus)
+        if name not in results["start"]:
+            row = evaluate(str(start), ecfg)
+            results["start"][name] = {**row, "ratios": ratios(row, dense)}
+            save(results)
+        for recipe in args.recipes:
+            for policy in args.policies if name.startswith("moe") else ["full"]:
+                for seed in args.seeds:
+                    key = f"{name}:{recipe}:{policy}:{seed}"
+                    out = work / key.replace(":", "-")
+                    data, kd, ce = RECIPES[recipe]
+                    cfg = train_config(args, start, out, data.format(corpus=corpus), kd, ce, policy, args.k, seed)
+                    row = train_and_evaluate(cfg, out, ecfg, dense)
+                    results["runs"][key] = {"model": name, "recipe": recipe, "policy": policy, "seed": seed, **row}
+                    save(results)
+                    print(f"{key}: {summarise(results['runs'][key])}", flush=True)
+
+
+PROTOCOL_KEYS = ("steps", "batch_size", "seq_len", "lr", "k", "kd_temperature", "eval_tokens", "general_tokens",
+                 "facts_limit")
+
+
+def protocol_name(protocol: dict) -> str:
+    return f"{protocol['steps']}x{protocol['batch_size']}x{protocol['seq_len']}-lr{protocol['lr']:g}"
+
+
+def ensure_corpus(args) -> str:
+    """The teacher-written corpus (its first `corpus_prompts` records; generated or extended when missing)."""
+    distil_data(DistilDataConfig(model=SOURCE, max_prompts=args.corpus_prompts, batch_size=48, max_new_tokens=160,
+                                 device="cpu", out=args.corpus))
+    return args.corpus
+
+
+def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
+    """The carved MoE or the width-pruned control a run starts from (made once, shared by every protocol)."""
+    if name == "dense":
+        return Path(SOURCE)
+    folder = root / "start" / name
+    if (folder / "config.json").is_file():
+        return folder
+    knowledge = name.endswith("k")
+    scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
+    if name.startswith("moe"):
+        top_k = {"25": 2, "50": 6}[name[3:5]]
+        carve(CarveConfig(scan=str(scan), experts=14, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
+                          eval_tokens=0, plots=False, device="cpu", out=str(folder)))
+    else:
+        source = load_source(SourceArgs(model=SOURCE, device="cpu"))
+        save_width_pruned(source, ScanResult.load(scan), round(NEURONS * int(name[5:]) / 100), folder)
+    return folder
+
+
+def train_config(args, start: Path, out: Path, data: str, kd: float, ce: float, policy: str, k: int, seed: int,
+                 categories: str = "") -> TrainConfig:
+    return TrainConfig(model=str(start), data=data, categories=categories, teacher=SOURCE if kd else "", kd=kd,
+                       ce_weight=ce, kd_temperature=args.kd_temperature, policy=policy, max_k=k, min_k=k,
+                       steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=seed,
+                       eval_tokens=0, checkpoint_every=0, device="cpu", out=str(out))
+
+
+def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dict) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    train(cfg)
+    report = json.loads((out / "train.json").read_text())
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    row = evaluate(str(out / "model"), ecfg)
+    return {**row, "ratios": ratios(row, dense), "training_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+            "step_seconds_median": report.get("step_seconds_median"), "model_folder": str(out / "model"),
+            "config": {k: getattr(cfg, k) for k in ("data", "categories", "kd", "ce_weight", "policy", "max_k", "min_k",
+                                                     "steps", "lr", "seed")}}
+
+
+def evaluate(spec: str, ecfg: EvalConfig) -> dict:
+    """Mix perplexity (per category), general-text perplexity, facts (accuracy, retention), parameters."""
+    row = evaluate_model(spec, ecfg)
+    facts = row["facts"]
+    return {"mix_ppl": row["perplexity"]["ppl"], "mix_ppl_by_category": row["perplexity"]["by_category"],
+            "general_ppl": row["general"]["ppl"], "fact_accuracy": facts["accuracy"], "facts_known": facts["known"],
+            "facts_retained": facts["retained"], "fact_retention": facts["retention"], "facts_n": facts["n"],
+            "active_params": row["params"]["active_per_token"], "total_params": row["params"]["total"]}
+
+
+def ratios(row: dict, dense: dict) -> dict:
+    return {"mix_ppl": row["mix_ppl"] / dense["mix_ppl"], "general_ppl": row["general_ppl"] / dense["general_ppl"],
+            "mix_ppl_by_category": {c: v / dense["mix_ppl_by_category"][c]
+                                    for c, v in row["mix_ppl_by_category"].items() if c in dense["mix_ppl_by_category"]}}
+
+
+def summarise(row: dict) -> str:
+    r = row["ratios"]
+    return (f"retention {row['fact_retention']:.3f} ({row['facts_retained']}/{row['facts_known']}), "
+            f"general ppl ×{r['general_ppl']:.2f}, mix ppl ×{r['mix_ppl']:.2f}")
+
+
+def forgetting(args, results: dict, work: Path, ecfg: EvalConfig, dense: dict) -> None:
+    """Learn one category only (CE) from a trained run under each policy; report what the rest loses."""
+    base = results["runs"].get(args.forgetting)
+    if base is None:
+        raise SystemExit(f"--forgetting {args.forgetting}: no such run in this protocol; run it first")
+    start = Path(base["model_folder"])
+    section = results["forgetting"].setdefault(args.forgetting, {"category": args.forget_category,
+                                                                 "steps": args.forget_steps, "before": base, "after": {}})
+    for name in args.forget_policies:
+        policy, k = FORGET_POLICIES[name]
+        out = work / f"forget-{args.forgetting.replace(':', '-')}-{args.forget_category}-{name}"
+        cfg = train_config(args, start, out, "default", 0.0, 1.0, policy, k, 0, categories=args.forget_category)
+        cfg.steps = args.forget_steps
+        row = train_and_evaluate(cfg, out, ecfg, dense)
+        section["after"][name] = row
+        save(results)
+        before = base["mix_ppl_by_category"]
+        change = {c: row["mix_ppl_by_category"][c] / before[c] for c in before}
+        print(f"forget {name}: per-category ppl change {change}, retention {base['fact_retention']:.3f} -> "
+              f"{row['fact_retention']:.3f}, general ppl ×{row['general_ppl'] / base['general_ppl']:.2f}", flush=True)
+
+
+def load_results(protocol: dict) -> dict:
+    path = RESULTS / "knowledge_recovery.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for entry in old.get("protocols", []):
+            if all(entry["protocol"].get(k) == protocol[k] for k in PROTOCOL_KEYS):
+                return entry
+    return {"protocol": protocol, "start": {}, "runs": {}, "forgetting": {}}
+
+
+def save(entry: dict) -> None:
+    """Write this protocol's entry into the result file, keeping the other protocols."""
+    path = RESULTS / "knowledge_recovery.json"
+    protocols = json.loads(path.read_text()).get("protocols", []) if path.is_file() else []
+    protocols = [p for p in protocols if any(p["protocol"].get(k) != entry["protocol"][k] for k in PROTOCOL_KEYS)]
+    write_result("knowledge_recovery", {
+        "source": SOURCE, "targets": {"25": {"retention": 0.8, "general_ppl_ratio": 1.3},
+                                      "50": {"retention": 0.95, "general_ppl_ratio": 1.05}, "max_tokens_cpu": 400_000},
+        "protocols": [*protocols, entry]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The distillation corpus: deterministic for a seed, resumes after an interruption without duplicates, usable as
+data only with the tokenizer that wrote it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tiny_onn.data import DataArgs, build_dataset
+from tiny_onn.data import distil as distil_module
+from tiny_onn.data.distil import DistilDataConfig, build_prompts, open_prompts
+from tiny_onn.data.facts import load_facts, normalise
+from tiny_onn.errors import TinyOnnError
+
+
+def _cfg(model_dir, out, **kw) -> DistilDataConfig:
+    base = dict(model=str(model_dir), device="cpu", prompts="facts,open", max_prompts=10, max_new_tokens=6,
+                batch_size=4, temperature=1.0, seed=3, out=str(out))
+    return DistilDataConfig(**{**base, **kw})
+
+
+def _records(folder):
+    return [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines()]
+
+
+def test_prompts_use_training_facts_only_and_never_name_an_eval_subject():
+    eval_questions = {f.question for f in load_facts("builtin", "eval")}
+    prompts = build_prompts(DistilDataConfig(prompts="facts,open", max_prompts=0))
+    facts_part = [p for s, p in prompts if s == "facts"]
+    assert facts_part and not set(facts_part) & eval_questions
+    eval_text = [f" {normalise(x)} " for f in load_facts("builtin", "eval") for x in (f.question, *f.answers)]
+    used = {t for t in distil_module.TOPICS if any(t in p for p in open_prompts("builtin"))}
+    assert len(used) > 100
+    for topic in used:  # e.g. "gold" or "Paris" would be dropped: they name an evaluation fact
+        assert not any(f" {normalise(topic)} " in text for text in eval_text), topic
+    # interleaved: the first prompts alternate between the sets
+    assert [s for s, _ in prompts[:4]] == ["facts", "open", "facts", "open"]
+
+
+def test_corpus_is_deterministic_and_resumes_without_duplicates(tiny_model_dir, tmp_path, monkeypatch):
+    first = distil_module.run(_cfg(tiny_model_dir, tmp_path / "a"))
+    second = distil_module.run(_cfg(tiny_model_dir, tmp_path / "b"))
+    assert _records(first) == _records(second)
+    assert json.loads((first / "corpus.json").read_text())["complete"]
+
+    # interrupt during the second batch, then resume
+    real = distil_module.run.__globals__["load_source"]
+    calls = {"n": 0}
+    import tiny_onn.generate as gen_module
+
+    original = gen_module.generate_batched
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gen_module, "generate_batched", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        distil_module.run(_cfg(tiny_model_dir, tmp_path / "c"))
+    partial = _records(tmp_path / "c")
+    assert len(partial) == 4  # the first batch only
+    with (tmp_path / "c" / "corpus.jsonl").open("a") as f:
+        f.write('{"index": 4, "set": "fa')  # a line cut by the interruption
+    monkeypatch.setattr(gen_module, "generate_batched", original)
+    assert real is distil_module.run.__globals__["load_source"]
+    distil_module.run(_cfg(tiny_model_dir, tmp_path / "c"))
+    resumed = _records(tmp_path / "c")
+    assert resumed == _records(first)
+    assert [r["index"] for r in resumed] == list(range(10))
+
+
+def test_other_settings_tokenizer_mismatch_and_unfinished_corpus(tiny_model_dir, tmp_path, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus"))
+    with pytest.raises(TinyOnnError, match="other settings"):
+        distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", seed=4))
+    # the corpus is data for the same tokenizer ...
+    data = build_dataset(tiny_tokenizer, DataArgs(data=str(folder), seq_len=32, heldout_fraction=0.3), "train")
+    assert data.num_tokens > 0 and set(data.category_names) <= {"distil-facts", "distil-open"}
+    # ... and refused for another
+    other = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    other.add_tokens(["<extra>"])
+    with pytest.raises(TinyOnnError, match="tokenizer"):
+        build_dataset(other, DataArgs(data=str(folder), seq_len=32), "train")
+    meta = json.loads((folder / "corpus.json").read_text())
+    (folder / "corpus.json").write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(TinyOnnError, match="unfinished"):
+        build_dataset(tiny_tokenizer, DataArgs(data=str(folder), seq_len=32), "train")

@@ -1,0 +1,106 @@
+"""The fact generator: exact answers (a hand-checked sample), splits, and one clear error per bad knowledge base."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiny_onn.data import facts as facts_module
+from tiny_onn.data.facts import builtin_facts, facts_from_jsonl, load_facts, normalise
+from tiny_onn.errors import TinyOnnError
+
+# (question, expected first answer, another accepted answer or None) — checked by hand against an atlas and a
+# periodic table, not derived from the code
+HAND_CHECKED = [
+    ("What is the capital of France?", "Paris", None),
+    ("What is the capital of Japan?", "Tokyo", None),
+    ("What is the capital of Canada?", "Ottawa", None),
+    ("What is the capital of Australia?", "Canberra", None),
+    ("What is the capital of Kenya?", "Nairobi", None),
+    ("What is the capital of Peru?", "Lima", None),
+    ("What is the capital of the United States?", "Washington D.C.", "Washington"),
+    ("Madrid is the capital of which country?", "Spain", None),
+    ("Bangkok is the capital of which country?", "Thailand", None),
+    ("What is the currency of Japan?", "Yen", None),
+    ("What is the currency of Switzerland?", "Swiss Franc", "Franc"),
+    ("What is the currency of India?", "Indian Rupee", "Rupee"),
+    ("What is the currency of the United Kingdom?", "Pound Sterling", "Pound"),
+    ("What is the official language of Brazil?", "Portuguese", None),
+    ("What is the official language of Austria?", "German", None),
+    ("What is the chemical symbol for gold?", "Au", None),
+    ("What is the chemical symbol for sodium?", "Na", None),
+    ("Which chemical element has the symbol K?", "Potassium", None),
+    ("Which chemical element has the symbol Fe?", "Iron", None),
+    ("What is the atomic number of carbon?", "6", "six"),
+    ("What is the atomic number of oxygen?", "8", "eight"),
+]
+
+
+@pytest.fixture(scope="module")
+def by_question():
+    return {f.question: f for f in builtin_facts()}
+
+
+@pytest.mark.parametrize("question,answer,alias", HAND_CHECKED)
+def test_generated_answers_are_exact(by_question, question, answer, alias):
+    fact = by_question[question]
+    assert fact.answers[0] == answer
+    if alias is not None:
+        assert alias in fact.answers
+
+
+def test_several_hundred_facts_split_deterministically(by_question):
+    facts = builtin_facts()
+    assert len(facts) >= 600
+    assert {f.kind for f in facts} >= {"capital", "currency", "language", "element_symbol", "atomic_number"}
+    train, held = load_facts("builtin", "train"), load_facts("builtin", "eval")
+    assert len(train) + len(held) == len(facts)
+    assert not {f.uid for f in train} & {f.uid for f in held}
+    assert 0.4 < len(held) / len(facts) < 0.6
+    assert [f.uid for f in load_facts("builtin", "eval")] == [f.uid for f in held]
+
+
+def test_no_question_contains_its_answer():
+    for f in builtin_facts():
+        q = f" {normalise(f.question)} "
+        assert not any(f" {normalise(a)} " in q for a in f.answers), f.question
+
+
+def test_symbols_that_are_english_words_are_left_out(by_question):
+    assert "What is the chemical symbol for iodine?" not in by_question  # "I"
+    assert by_question["What is the chemical symbol for gold?"].case_sensitive
+
+
+def test_empty_or_broken_knowledge_base_is_one_clear_error(monkeypatch):
+    import countryinfo
+
+    monkeypatch.setattr(countryinfo, "all_countries", lambda: [])
+    with pytest.raises(TinyOnnError, match="knowledge base is empty"):
+        facts_module.country_facts()
+
+    def broken():
+        raise ValueError("Expecting value: line 1 column 1")
+
+    monkeypatch.setattr(countryinfo, "all_countries", broken)
+    with pytest.raises(TinyOnnError, match="could not read the countryinfo knowledge base"):
+        facts_module.country_facts()
+
+
+def test_fact_file_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(TinyOnnError, match="holds no facts"):
+        facts_from_jsonl(empty)
+    no_answer = tmp_path / "noanswer.jsonl"
+    no_answer.write_text('{"question": "What is the capital of Mali?"}\n')
+    with pytest.raises(TinyOnnError, match="noanswer.jsonl:1: no answer"):
+        facts_from_jsonl(no_answer)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x", "answer": "y"}\n{not json\n')
+    with pytest.raises(TinyOnnError, match="bad.jsonl:2: not valid JSON"):
+        facts_from_jsonl(bad)
+    with pytest.raises(TinyOnnError, match="fact file not found"):
+        facts_from_jsonl(tmp_path / "missing.jsonl")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "Who wrote Hamlet?", "answers": ["Shakespeare", "William Shakespeare"]}\n')
+    (fact,) = facts_from_jsonl(good)
+    assert fact.answers == ("Shakespeare", "William Shakespeare") and fact.kind == "good"

@@ -1,0 +1,43 @@
+"""The general-text held-out set: bundled English news, every token scored, no overlap with the training mix."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiny_onn.data import IGNORE_INDEX
+from tiny_onn.data.general import build_general_dataset, general_documents
+from tiny_onn.data.sources import default_mix
+from tiny_onn.errors import TinyOnnError
+
+
+def test_bundled_news_is_real_english_and_not_in_the_training_mix():
+    docs = general_documents("news")
+    assert len(docs) == 350  # lee.cor (50) + lee_background.cor (300)
+    assert sum(len(d.split()) for d in docs) > 50_000
+    mix_text = " ".join(c for ex in default_mix() for _, c in ex.messages)
+    assert not any(d[:80] in mix_text for d in docs)
+
+
+def test_every_token_is_scored_and_budget_respected(tiny_tokenizer):
+    data = build_general_dataset(tiny_tokenizer, "news", seq_len=64, max_tokens=1000)
+    assert data.num_tokens == 1000
+    assert data.category_names == ["general"]
+    real = data.attention_mask.bool()
+    assert bool((data.labels[real] == data.input_ids[real]).all())
+    assert bool((data.labels[~real] == IGNORE_INDEX).all())
+
+
+def test_own_text_file_and_bad_files(tmp_path, tiny_tokenizer):
+    own = tmp_path / "prose.txt"
+    own.write_text("The first story is short.\n\nThe second story is shorter.\n")
+    assert general_documents(str(own)) == ["The first story is short.", "The second story is shorter."]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(TinyOnnError, match="holds no text"):
+        general_documents(str(empty))
+    with pytest.raises(TinyOnnError, match="not found"):
+        general_documents(str(tmp_path / "missing.txt"))
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x80")
+    with pytest.raises(TinyOnnError, match="not UTF-8"):
+        general_documents(str(binary))

@@ -1,0 +1,221 @@
+"""Factual questions with exact answers, generated from knowledge bases that ship in packages.
+
+Sources: `countryinfo` (MIT: countries, capitals, currencies, languages) with `pycountry` (LGPL: ISO 4217 currency and
+ISO 639 language names for the codes countryinfo gives), and `periodictable` (public domain: chemical elements).
+Users can also give their own jsonl file of `{"question", "answer" | "answers", ["kind", "split"]}` records.
+
+Every fact has a stable id (a content hash) and a split: `eval` facts are reserved for evaluation; `train` facts may be
+used as training or distillation prompts. A question whose answer already appears in the question (e.g. "What is the
+capital of Singapore?") is dropped: any reply that repeats the question would match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from tiny_onn.errors import TinyOnnError
+
+BUILTIN = "builtin"
+SPLITS = ("train", "eval")
+EVAL_SHARE = 0.5  # half of the built-in facts are reserved for evaluation
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One question with its accepted answers (any one of them, as a whole word or phrase, counts as correct)."""
+
+    kind: str
+    question: str
+    answers: tuple[str, ...]
+    case_sensitive: bool = False  # chemical symbols: "I" (iodine) must not match the pronoun "i"
+
+    @property
+    def uid(self) -> str:
+        return hashlib.sha1(json.dumps([self.kind, self.question]).encode()).hexdigest()[:16]
+
+    @property
+    def split(self) -> str:
+        return "eval" if int(self.uid[:8], 16) % 1000 < EVAL_SHARE * 1000 else "train"
+
+    def to_json(self) -> dict:
+        return {"id": self.uid, "kind": self.kind, "question": self.question, "answers": list(self.answers),
+                "case_sensitive": self.case_sensitive, "split": self.split}
+
+
+def normalise(text: str) -> str:
+    """Lower case, accents and punctuation removed, thousands separators dropped, single spaces."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    text = text.lower().replace("&", " and ").replace("'", "").replace("\u2019", "")
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text).split())
+
+
+# --- countries ---------------------------------------------------------------------------------------------------------
+
+# names that people (and models) use for a capital or currency beside the knowledge base's own
+_CAPITAL_ALIASES = {"Washington D.C.": ("Washington",), "Vatican City State": ("Vatican City",)}
+# ISO 4217 fund and accounting codes that countryinfo lists beside the circulating currency
+_FUND_CODES = {"CHE", "CHW", "USN", "USS", "BOV", "CLF", "COU", "MXV", "UYI", "UYW", "XDR", "XSU", "XUA"}
+_CURRENCY_ALIASES = {"Pound Sterling": ("Pound", "Sterling"), "Yuan Renminbi": ("Yuan", "Renminbi")}
+# countries named with an article in English questions
+_THE = re.compile(r"^(United |Republic |Democratic |Czech |Central African |Dominican |Netherlands|Bahamas|Gambia|"
+                  r"Philippines|Maldives|Comoros|Seychelles)|(Islands|Republic|Emirates)$")
+
+
+def _country_records() -> list[dict]:
+    try:
+        import countryinfo
+    except ImportError as e:
+        raise TinyOnnError("the built-in facts need the package countryinfo: pip install countryinfo") from e
+    try:
+        records = [c.info() for c in countryinfo.all_countries()]
+    except Exception as e:  # a damaged data folder raises json/key errors from inside the package
+        raise TinyOnnError(f"could not read the countryinfo knowledge base: {type(e).__name__}: {e}") from e
+    if not records:
+        raise TinyOnnError("the countryinfo knowledge base is empty; reinstall it: pip install --force-reinstall countryinfo")
+    return records
+
+
+def _clean_name(name: str) -> str | None:
+    """A country name usable in a question (skip 'Virgin Islands, British', 'Holy See (Vatican City State)', …)."""
+    return name if name and not re.search(r"[,()/]", name) else None
+
+
+def _language_names(codes: list[str]) -> tuple[str, ...]:
+    import pycountry
+
+    names = []
+    for code in codes:
+        lang = pycountry.languages.get(alpha_2=code) if len(code) == 2 else None
+        if lang is not None:
+            # "Modern Greek (1453-)" -> "Greek", "Swahili (macrolanguage)" -> "Swahili"
+            names.append(re.sub(r"\s*\(.*?\)", "", lang.name).replace("Modern ", "").split(";")[0].strip())
+    return tuple(dict.fromkeys(names))
+
+
+def _currency_answers(codes: list[str]) -> tuple[str, ...]:
+    import pycountry
+
+    answers = []
+    for code in codes:
+        cur = pycountry.currencies.get(alpha_3=code) if code not in _FUND_CODES else None
+        if cur is None:
+            continue
+        answers.append(cur.name)
+        if cur.name in _CURRENCY_ALIASES:
+            answers += _CURRENCY_ALIASES[cur.name]
+        elif cur.name.startswith("CFA"):
+            answers.append("CFA Franc")  # "CFA Franc BCEAO": the issuing bank is rarely named
+        elif " " in cur.name:
+            answers.append(cur.name.split()[-1])  # the currency's own noun: "Indian Rupee" -> "Rupee"
+    return tuple(dict.fromkeys(answers))
+
+
+def country_facts() -> list[Fact]:
+    """Capitals (both directions), currencies and official languages of the countries in `countryinfo`."""
+    facts = []
+    for r in _country_records():
+        name = _clean_name(r.get("name") or "")
+        if not name:
+            continue
+        subject = f"the {name}" if _THE.search(name) else name
+        capital = r.get("capital") or ""
+        capital = (capital[0] if isinstance(capital, list) and capital else capital if isinstance(capital, str) else "").strip()
+        if capital and "/" not in capital:
+            caps = (capital, *_CAPITAL_ALIASES.get(capital, ()))
+            facts.append(Fact("capital", f"What is the capital of {subject}?", caps))
+            alt = [a for a in r.get("altSpellings") or [] if len(a) > 3 and _clean_name(a)]
+            facts.append(Fact("country_of_capital", f"{capital} is the capital of which country?",
+                              tuple(dict.fromkeys([name, *alt]))))
+        currencies = _currency_answers(r.get("currencies") or [])
+        if currencies:
+            facts.append(Fact("currency", f"What is the currency of {subject}?", currencies))
+        languages = _language_names(r.get("languages") or [])
+        if languages:
+            facts.append(Fact("language", f"What is the official language of {subject}?", languages))
+    return facts
+
+
+# --- chemical elements -------------------------------------------------------------------------------------------------
+
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+# symbols that are also common English words: a reply would contain them by chance
+_WORD_SYMBOLS = {"I", "In", "As", "Be", "He", "No", "At", "Am", "Es", "Os"}
+
+
+def element_facts() -> list[Fact]:
+    """Symbol of an element, element of a symbol, and atomic number, for the 118 elements of `periodictable`."""
+    try:
+        import periodictable
+    except ImportError as e:
+        raise TinyOnnError("the built-in facts need the package periodictable: pip install periodictable") from e
+    facts = []
+    for el in periodictable.elements:
+        if el.number < 1 or el.number > 118:
+            continue  # periodictable's element 0 is the neutron
+        name = el.name.capitalize()
+        if el.symbol not in _WORD_SYMBOLS:
+            facts.append(Fact("element_symbol", f"What is the chemical symbol for {el.name}?", (el.symbol,),
+                              case_sensitive=True))
+        facts.append(Fact("element_of_symbol", f"Which chemical element has the symbol {el.symbol}?", (name,)))
+        number = (str(el.number),) + ((_NUMBER_WORDS[el.number],) if el.number < len(_NUMBER_WORDS) else ())
+        facts.append(Fact("atomic_number", f"What is the atomic number of {el.name}?", number))
+    return facts
+
+
+# --- loading -----------------------------------------------------------------------------------------------------------
+
+def _answer_in_question(fact: Fact) -> bool:
+    q = f" {normalise(fact.question)} "
+    return any(f" {normalise(a)} " in q for a in fact.answers)
+
+
+def builtin_facts() -> list[Fact]:
+    """All built-in facts (several hundred), deduplicated, in a fixed order."""
+    facts = {f.uid: f for f in country_facts() + element_facts() if not _answer_in_question(f)}
+    return sorted(facts.values(), key=lambda f: (f.kind, f.uid))
+
+
+def facts_from_jsonl(path: Path) -> list[Fact]:
+    """A user fact file: one `{"question": ..., "answer": ... | "answers": [...], "kind"?: ...}` per line."""
+    if not path.is_file():
+        raise TinyOnnError(f"fact file not found: {path}")
+    facts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TinyOnnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip():
+            raise TinyOnnError(f"{path}:{lineno}: each line needs a non-empty string 'question'")
+        answers = record.get("answers", [record["answer"]] if "answer" in record else [])
+        answers = [str(a).strip() for a in answers if str(a).strip()] if isinstance(answers, list) else []
+        if not answers:
+            raise TinyOnnError(f"{path}:{lineno}: no answer: give 'answer' (a string) or 'answers' (a list of strings)")
+        facts.append(Fact(str(record.get("kind", path.stem)), record["question"].strip(), tuple(answers),
+                          bool(record.get("case_sensitive", False))))
+    if not facts:
+        raise TinyOnnError(f"fact file {path} holds no facts (it is empty)")
+    return facts
+
+
+def load_facts(spec: str = BUILTIN, split: str | None = None) -> list[Fact]:
+    """Facts from 'builtin' or a jsonl file, optionally only one split ('train' or 'eval')."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    facts = builtin_facts() if spec == BUILTIN else facts_from_jsonl(Path(spec).expanduser())
+    return [f for f in facts if split is None or f.split == split]
+
+
+def facts_digest(facts: list[Fact]) -> str:
+    """Identity of a fact set (ids and answers), stored beside dense-known sets."""
+    text = json.dumps([[f.uid, list(f.answers), f.case_sensitive] for f in facts])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
