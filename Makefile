@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup gguf browser demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# llama-cpp-python (the `gguf` extra), compiled from source by pip: 10-20 minutes on 2 cores the first time, then pip's
+# wheel cache makes it seconds. Needed to run exported GGUFs (tests/export, benchmarks/gguf_speed.py).
+$(VENV)/.gguf-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[gguf]'
+	touch $@
+
+gguf: $(VENV)/.gguf-installed
 
 # Debian's chromium for the dashboard's browser test (playwright drives it; no browser download). Where it cannot be
 # installed (not root, no apt), the browser test is skipped, not failed.

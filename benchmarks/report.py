@@ -160,6 +160,35 @@ def interpret_nmi(d: dict) -> str:
     return "\n".join(lines)
 
 
+def gguf_weighting(d: dict) -> str:
+    pr = d["protocol"]
+    lines = [f"Same carve plan, data and seed; each trained {pr['steps']} steps × {pr['batch_size']}×{pr['seq_len']} tokens "
+             f"({pr['tokens_per_run']:,}), policy {pr['policy']}, lr {pr['lr']}. Held-out perplexity (mix held-out "
+             f"responses, {pr['eval_tokens']} tokens); dense SmolLM2: {d['dense_ppl']:.2f}.", "",
+             "| weighting | llama.cpp can run it | carved ppl (× dense) | trained ppl (× dense) |", "|---|---|---|---|"]
+    for r in d["rows"]:
+        runs = "yes (deepseek)" if r["weighting"] == "probs" else "no"
+        lines.append(f"| {r['weighting']} | {runs} | {r['ppl_carved']:.1f} ({r['ratio_carved']:.1f}×) | "
+                     f"{r['ppl_trained']:.2f} ({r['ratio_trained']:.2f}×) |")
+    return "\n".join(lines)
+
+
+def gguf_speed(d: dict) -> str:
+    rows = d["rows"]
+    lines = [f"llama-cpp-python {d['llama_cpp_python']}, {d['threads']} thread(s), prompt {d['prompt_tokens']} tokens, "
+             f"decode {d['new_tokens']} tokens at batch 1, median of {d['repeats']} interleaved rounds "
+             "(shared 2-core machine: compare within the table).", "",
+             "| model | runtime | file MiB | prompt tok/s | decode tok/s | held-out ppl |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        size = f"{r['file_mib']:.0f}" if "file_mib" in r else "–"
+        lines.append(f"| {name} | {r['runtime']} | {size} | {r['prompt_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['heldout_ppl']:.2f} |")
+    lines += ["", "| same quantisation | MoE decode ÷ dense | MoE prompt ÷ dense | MoE ppl ÷ dense |", "|---|---|---|---|"]
+    for q, x in d["moe_vs_dense_same_quant"].items():
+        lines.append(f"| {q} | {x['decode']:.2f}× | {x['prompt']:.2f}× | {x['ppl_ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
 def _knowledge_row(label: str, r: dict, cats: list[str], extra: str = "") -> str:
     ratio = r.get("ratios") or {"mix_ppl": 1.0, "general_ppl": 1.0, "mix_ppl_by_category": dict.fromkeys(cats, 1.0)}
     per_cat = " | ".join(f"{ratio['mix_ppl_by_category'].get(c, float('nan')):.2f}" for c in cats)
@@ -209,7 +238,7 @@ def knowledge_recovery(d: dict) -> str:
     return "\n".join(out).rstrip()
 
 
-RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "carve_quality": carve_quality,
+RENDERERS = {"gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "scan_overhead": scan_overhead, "moe_speed": moe_speed, "carve_quality": carve_quality,
              "score_validity": score_validity, "train_policies": train_policies,
              "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
              "knowledge_recovery": knowledge_recovery}

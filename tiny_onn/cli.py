@@ -82,6 +82,18 @@ def _interpret_stage() -> Stage:
     )
 
 
+def _export_stage() -> Stage:
+    from tiny_onn import export
+
+    return Stage(
+        "export",
+        "export a MoE folder for llama.cpp: a GGUF file (f16, q8_0, q4_0, q4_1) with the source's tokenizer",
+        lambda: export.ExportConfig,
+        export.run,
+        export.summary,
+    )
+
+
 def _distil_data_stage() -> Stage:
     from tiny_onn.data import distil
 
@@ -120,8 +132,8 @@ def _generate_stage() -> Stage:
 
 STAGES: dict[str, Callable[[], Stage]] = {"scan": _scan_stage, "carve": _carve_stage, "distil-data": _distil_data_stage,
                                           "train": _train_stage, "eval": _eval_stage,
-                                          "interpret": _interpret_stage, "alchemy": _alchemy_stage,
-                                          "generate": _generate_stage}
+                                          "interpret": _interpret_stage, "export": _export_stage,
+                                          "alchemy": _alchemy_stage, "generate": _generate_stage}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,12 +19,13 @@ from tiny_onn.carve.cluster import balanced_kmeans, random_split
 from tiny_onn.carve.features import neuron_features
 from tiny_onn.carve.plan import CarvePlan, LayerPlan
 from tiny_onn.carve.select import METHODS, SHARED_SCORES, keep_scores, shared_scores
+from tiny_onn.carve.weighting import fit_expert_scales
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model import TinyOnnForCausalLM
-from tiny_onn.model.configuration_tiny_onn import ROUTER_TYPES
+from tiny_onn.model.configuration_tiny_onn import EXPERT_WEIGHTINGS, ROUTER_TYPES
 from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
@@ -63,6 +64,8 @@ class CarveConfig(SourceArgs):
     """Dynamic routing: fewest experts per token."""
     max_k: int = 0
     """Dynamic routing: most experts per token (0 = all)."""
+    expert_weighting: str = "straight_through"
+    """straight_through (selected experts summed with weight 1, the default) or probs (each weighted by its softmax probability, as llama.cpp's MoE architectures do: needed for `tiny-onn export --format gguf`; a per-expert scale fitted after calibration is folded into the experts)."""
     preset: str = ""
     """Named layout overriding experts/groups/router/top_k: 'seed' = 100 experts in 10 groups, hierarchical, top-10."""
     data: str = ""
@@ -115,6 +118,11 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError(f"router must be one of {', '.join(ROUTER_TYPES)}, got {self.router!r}")
         if self.router == "hierarchical" and (self.groups < 1 or self.experts % self.groups):
             raise TinyOnnError(f"experts ({self.experts}) must be a multiple of groups ({self.groups})")
+        if self.expert_weighting not in EXPERT_WEIGHTINGS:
+            raise TinyOnnError(f"expert_weighting must be one of {', '.join(EXPERT_WEIGHTINGS)}, got {self.expert_weighting!r}")
+        if self.expert_weighting == "probs" and (self.router != "flat" or self.top_p):
+            raise TinyOnnError("expert_weighting probs is the llama.cpp-exportable layout: use it with --router flat "
+                               "and --top-p 0")
         if not 0.0 <= self.top_p <= 1.0:
             raise TinyOnnError(f"top_p must be in [0, 1], got {self.top_p}")
         max_k = self.max_k or self.experts
@@ -189,10 +197,15 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
         source.model, plan, dtype=next(source.model.parameters()).dtype,
         num_experts_per_tok=cfg.top_k, router_type=cfg.router, router_top_p=cfg.top_p,
         min_experts_per_tok=cfg.min_k, max_experts_per_tok=cfg.max_k or cfg.experts,
+        expert_weighting=cfg.expert_weighting,
     )
     report = []
     if calib_data is not None:
-        report = calibrate_routers(model, collect_ffn_inputs(source.model, calib_data), refine_steps=cfg.calib_steps)
+        ffn_inputs = collect_ffn_inputs(source.model, calib_data)
+        report = calibrate_routers(model, ffn_inputs, refine_steps=cfg.calib_steps)
+        if cfg.expert_weighting == "probs":
+            for row, scales in zip(report, fit_expert_scales(model, ffn_inputs), strict=True):
+                row["expert_scales"] = scales
     return model, plan, report
 
 
