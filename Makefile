@@ -38,8 +38,6 @@ browser:
 
 demo: setup
 	$(VENV)/bin/tiny-onn alchemy --config configs/demo.yaml --out $(RUN)
-	$(VENV)/bin/tiny-onn generate --model $(RUN)/train/model --prompt "What is 12 + 7?" --max-new-tokens 32
-	@echo "results in $(RUN): scan/ moe/ carve/ train/ eval/ report/dashboard.html summary.md"
 
 test: setup browser
 	$(PY) -m pytest -q

@@ -11,13 +11,15 @@ from tiny_onn.cli import main
 from tiny_onn.train import MaskedAdamW
 
 PIPELINE = """
+alchemy: {{questions: ["What is the capital of France?", "Hello number 3, how are you?"]}}
+distil: {{data: {data}, prompts: "facts,mix", max_prompts: 8, batch_size: 4, max_new_tokens: 6, device: cpu}}
 scan: {{model: {dense}, data: {data}, tokens: 100000, seq_len: 32, batch_size: 4, fingerprint_tokens: 32, device: cpu}}
 carve: {{experts: 4, top_k: 2, shared: 0.125, calib_tokens: 512, calib_steps: 10, eval_tokens: 256, plots: false,
         device: cpu, seq_len: 32}}
-train: {{data: {data}, policy: smk2, max_k: 2, steps: 6, batch_size: 2, seq_len: 32, checkpoint_every: 2,
+train: {{data: "{data},{{corpus}}", teacher: {dense}, kd: 1.0, policy: smk2, max_k: 2, steps: 6, batch_size: 2, seq_len: 32, checkpoint_every: 2,
         eval_tokens: 128, device: cpu, warmup_steps: 2}}
-eval: {{data: {data}, tasks: "ppl,probe,speed", eval_tokens: 256, seq_len: 32, speed_batch: 2, speed_seq_len: 16,
-       repeats: 1, device: cpu}}
+eval: {{data: {data}, tasks: "ppl,general,facts,probe,speed", eval_tokens: 256, general_tokens: 256, facts_limit: 6,
+       seq_len: 32, speed_batch: 2, speed_seq_len: 16, repeats: 1, device: cpu}}
 interpret: {{data: {data}, tokens: 256, seq_len: 32, device: cpu}}
 """
 
@@ -42,7 +44,14 @@ def test_alchemy_runs_reuses_and_resumes(pipeline, tmp_path, monkeypatch, capsys
     a = tmp_path / "a"
     assert main(["alchemy", "--config", str(pipeline), "--out", str(a)]) == 0
     text = capsys.readouterr().out
-    assert "| trained MoE |" in text and "dashboard:" in text
+    assert "| trained MoE |" in text and "dashboard.html" in text
+    # the summary puts knowledge beside the mix perplexity and ends with the side-by-side answers
+    assert "fact retention" in text and "general-text ppl" in text
+    assert text.rstrip().split("\n")[-4].startswith("| question | dense source | trained MoE |")  # + 2 questions
+    corpus = json.loads((a / "corpus" / "corpus.json").read_text())
+    assert corpus["complete"] and corpus["records"] == 8
+    train_cfg = json.loads((a / "train" / "train.json").read_text())["config"]
+    assert train_cfg["data"].endswith(str(a / "corpus"))
     for path in ("scan/scan.json", "moe/provenance.json", "train/model/config.json", "eval/eval.json",
                  "report/dashboard.html", "summary.md", "moe/README.md", "train/model/README.md"):
         assert (a / path).is_file(), path

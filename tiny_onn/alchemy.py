@@ -21,14 +21,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AlchemyConfig:
-    """Run the whole pipeline from one YAML file (sections scan, carve, train, eval, interpret)."""
+    """Run the whole pipeline from one YAML file (sections scan, distil, carve, train, eval, interpret)."""
 
     config: str = "configs/demo.yaml"
-    """Pipeline YAML with one section per stage."""
+    """Pipeline YAML with one section per stage; with a `distil` section the teacher writes a corpus first, and `{corpus}` in a stage's data names it."""
     out: str = "runs/demo"
-    """Run folder: scan/, moe/, carve/, train/, eval/, report/, summary.md."""
+    """Run folder: scan/, corpus/, moe/, carve/, train/, eval/, report/, summary.md."""
     skip_train: bool = False
     """Stop after carving (no training): eval compares dense and carved only."""
+    questions: list[str] = dataclasses.field(default_factory=list)
+    """Questions the dense source and the final MoE answer side by side at the end of the summary (empty = the pipeline YAML's `alchemy: questions:`, if any)."""
 
 
 def _same(stored: dict | None, cfg) -> bool:
@@ -84,6 +86,7 @@ def stage_inputs(name: str, cfg) -> dict[str, str]:
 
 def _stage_configs(acfg: AlchemyConfig) -> dict:
     from tiny_onn.carve import CarveConfig
+    from tiny_onn.data.distil import DistilDataConfig
     from tiny_onn.eval.harness import EvalConfig
     from tiny_onn.interpret import InterpretConfig
     from tiny_onn.scan import ScanConfig
@@ -91,8 +94,18 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
 
     out = Path(acfg.out)
     raw = {k: load_yaml(acfg.config, k) if isinstance(load_yaml(acfg.config).get(k), dict) else {}
-           for k in ("scan", "carve", "train", "eval", "interpret")}
+           for k in ("scan", "distil", "carve", "train", "eval", "interpret")}
+    for section in raw.values():  # `{corpus}` in a data spec is this run's teacher-written corpus
+        if isinstance(section.get("data"), str):
+            section["data"] = section["data"].replace("{corpus}", str(out / "corpus"))
     scan = make_config(ScanConfig, {**raw["scan"], "out": str(out / "scan")}, f"{acfg.config} [scan]")
+    distil = None
+    if load_yaml(acfg.config).get("distil") is not None:
+        distil = make_config(DistilDataConfig, {"model": scan.model, **raw["distil"], "out": str(out / "corpus")},
+                             f"{acfg.config} [distil]")
+    elif any("{corpus}" in str(sec.get("data", "")) or str(out / "corpus") in str(sec.get("data", ""))
+             for sec in raw.values()):
+        raise TinyOnnError(f"{acfg.config} uses {{corpus}} in a data spec but has no `distil` section to write it")
     carve = make_config(CarveConfig, {**raw["carve"], "scan": str(out / "scan"), "out": str(out / "moe"),
                                       "plots_out": str(out / "carve")}, f"{acfg.config} [carve]")
     train = make_config(TrainConfig, {**raw["train"], "model": str(out / "moe"), "out": str(out / "train")},
@@ -102,7 +115,7 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     final = str(out / "moe") if acfg.skip_train else str(out / "train" / "model")
     interp = make_config(InterpretConfig, {**raw["interpret"], "model": final, "out": str(out / "report")},
                          f"{acfg.config} [interpret]")
-    return {"scan": scan, "carve": carve, "train": train, "eval": ev, "interpret": interp}
+    return {"scan": scan, "distil": distil, "carve": carve, "train": train, "eval": ev, "interpret": interp}
 
 
 def _config_json(cfg) -> dict:
@@ -111,6 +124,7 @@ def _config_json(cfg) -> dict:
 
 def run(acfg: AlchemyConfig) -> Path:
     from tiny_onn import carve, interpret, scan, train
+    from tiny_onn.data import distil as distil_data
     from tiny_onn.eval import harness
 
     out = Path(acfg.out)
@@ -143,6 +157,11 @@ def run(acfg: AlchemyConfig) -> Path:
         record(name, cfg, inputs, complete=True)
         done[name] = "ran"
 
+    if cfgs["distil"] is not None:
+        dcfg = cfgs["distil"]
+        if records.get("distil") and not same_inputs("distil", stage_inputs("distil", dcfg)) and (out / "corpus").exists():
+            shutil.rmtree(out / "corpus")  # written from another teacher or mix: a resume would mix two corpora
+        stage("distil", out / "corpus" / "corpus.json", distil_data.run, dcfg)
     stage("scan", out / "scan" / "scan.json", scan.run, cfgs["scan"])
     stage("carve", carve_metadata_path(out / "moe"), carve.run, cfgs["carve"])
     if not acfg.skip_train:
@@ -167,28 +186,64 @@ def run(acfg: AlchemyConfig) -> Path:
     stage("eval", out / "eval" / "eval.json", harness.run, cfgs["eval"])
     stage("interpret", out / "report" / "interpret.json", interpret.run, cfgs["interpret"])
     table = summary_table(out, acfg)
+    questions = acfg.questions or (load_yaml(acfg.config).get("alchemy") or {}).get("questions") or []
+    if questions:
+        final = out / ("moe" if acfg.skip_train else "train/model")
+        table += "\n\n" + side_by_side([str(q) for q in questions], cfgs["scan"].model, str(final), cfgs["eval"].device)
     (out / "summary.md").write_text(table + "\n")
     write_json(out / "alchemy.json", {"stages": done, "config_file": acfg.config})
     return out
 
 
 def summary_table(out: Path, acfg: AlchemyConfig) -> str:
+    """Dense vs carved vs trained: knowledge (fact retention, general-text perplexity) beside the mix perplexity."""
     report = json.loads((out / "eval" / "eval.json").read_text())
     names = ["dense source", "carved MoE"] + ([] if acfg.skip_train else ["trained MoE"])
-    lines = ["| model | held-out ppl | probe acc | MC acc | active params/token | prefill tok/s |",
-             "|---|---|---|---|---|---|"]
+    dense = report["models"][0]
+
+    def ratio(row: dict, task: str) -> str:
+        value, ref = row.get(task, {}).get("ppl"), dense.get(task, {}).get("ppl")
+        return "–" if value is None else f"{value:.2f}" + (f" ({value / ref:.2f}×)" if ref else "")
+
+    def num(value, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    lines = ["| model | fact retention | fact acc | general-text ppl (÷ dense) | mix held-out ppl (÷ dense) | "
+             "active params/token | prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|---|"]
     for name, row in zip(names, report["models"], strict=True):
-        ppl = row.get("perplexity", {}).get("ppl")
-        probe = row.get("probe", {}).get("accuracy")
-        mc = next(iter(row.get("mc", {}).values()), {}).get("acc")
-        tps = row.get("prefill_tokens_per_second")
-        lines.append(f"| {name} | {ppl:.2f} | " if ppl else f"| {name} | – | ")
-        lines[-1] += (f"{probe:.2f} | " if probe is not None else "– | ") + (f"{mc:.2f} | " if mc is not None else "– | ")
-        lines[-1] += f"{row['params']['active_per_token'] / 1e6:.1f}M | " + (f"{tps:.0f} |" if tps else "– |")
+        facts = row.get("facts", {})
+        retained = f" ({facts['retained']}/{facts['known']})" if facts.get("known") else ""
+        retention = facts.get("retention") if facts.get("known") else None
+        lines.append(f"| {name} | {num(retention, '.3f')}{retained} | {num(facts.get('accuracy'), '.3f')} | "
+                     f"{ratio(row, 'general')} | {ratio(row, 'perplexity')} | "
+                     f"{row['params']['active_per_token'] / 1e6:.1f}M | {num(row.get('prefill_tokens_per_second'), '.0f')} | "
+                     f"{num(row.get('decode_tokens_per_second'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def side_by_side(questions: list[str], dense: str, moe: str, device: str = "auto", max_new_tokens: int = 40) -> str:
+    """A markdown table of the dense source's and the MoE's greedy answers to the same questions."""
+    from tiny_onn.data.encoding import prompt_ids
+    from tiny_onn.generate import generate_batched
+    from tiny_onn.sources import SourceArgs, load_source
+
+    answers = {}
+    for label, spec in (("dense source", dense), ("trained MoE" if "train" in moe else "carved MoE", moe)):
+        src = load_source(SourceArgs(model=spec, device=device), dense_only=False)
+        prompts = [prompt_ids(src.tokenizer, [{"role": "user", "content": q}]) for q in questions]
+        replies = generate_batched(src.model, src.tokenizer, prompts, max_new_tokens, batch_size=len(prompts))
+        answers[label] = [" ".join(src.tokenizer.decode(r, skip_special_tokens=True).split()) for r in replies]
+    labels = list(answers)
+    lines = ["| question | " + " | ".join(labels) + " |", "|---|---|---|"]
+    for i, q in enumerate(questions):
+        cells = [answers[label][i].replace("|", "\\|") for label in labels]
+        lines.append(f"| {q} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def summary(acfg: AlchemyConfig, out: Path) -> str:
+    """What the CLI prints: where things are, then the summary (ending with the side-by-side answers)."""
     stages = json.loads((Path(out) / "alchemy.json").read_text())["stages"]
     ran = ", ".join(f"{k} {v}" for k, v in stages.items())
-    return (Path(out) / "summary.md").read_text() + f"\nstages: {ran}\ndashboard: {Path(out) / 'report' / 'dashboard.html'}"
+    return (f"stages: {ran}\nresults in {out}: summary.md, eval/, report/dashboard.html, moe/, train/model/\n\n"
+            + (Path(out) / "summary.md").read_text())
