@@ -101,8 +101,36 @@ class TinyOnnMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _grouped_mm_supported(x: torch.Tensor, inter: int) -> bool:
+    """Whether `torch._grouped_mm` (one kernel for all experts, no host sync) runs here: CUDA bf16 on compute capability
+    >= 9.0 (Hopper or newer), with every matrix stride a multiple of 16 bytes."""
+    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9 and (inter * x.element_size()) % 16 == 0 and (
+        x.shape[-1] * x.element_size()
+    ) % 16 == 0
+
+
+def _norms(a_XI: torch.Tensor, aG_XI: torch.Tensor) -> torch.Tensor:
+    """Norms of expert outputs y = W_down a from the activations a and a·G (G = W_downᵀ W_down): ||y|| = sqrt(aᵀ G a)."""
+    return (aG_XI * a_XI).sum(-1).clamp_min(0.0).sqrt()
+
+
 class TinyOnnExperts(nn.Module):
-    """E equal-size SwiGLU experts stored as fused 3-D tensors; tokens are grouped by expert, one matmul pair per expert."""
+    """E equal-size SwiGLU experts stored as fused 3-D tensors, with several ways to run the selected ones.
+
+    `forward` computes, for every token n, the sum over its selected experts e of w_ne · expert_e(x_n) (w = 1 when no
+    weights are given); every path below computes that same function, they differ only in speed. `path` picks one
+    ("auto": by device and shape, see `pick_path`; tests force each). The routing weights scale the activations (before
+    the down projection), and the statistics use the Gram matrices of the down projections, so no path has to
+    materialise one output row per (token, expert) pair:
+    - "dense": every expert on every token (one GEMM per projection), unselected pairs weighted 0; for top-k = E.
+    - "loop": the selected experts one after another (tokens grouped by one sort); few kernels when few experts.
+    - "gather": copy each token's selected experts (index_select), two batched matmuls; no host sync (decode).
+    - "padded": tokens grouped by expert into an [E, C, D] batch (C = the busiest expert's count), batched matmuls;
+      with `dense_down` the down projection is one GEMM over a zero-filled [N, E·I] activation matrix instead.
+    - "grouped_mm": `torch._grouped_mm` on the expert-sorted tokens (CUDA; on CPU only when forced).
+    """
 
     def __init__(self, config: TinyOnnConfig):
         super().__init__()
@@ -111,6 +139,11 @@ class TinyOnnExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, D))  # [E, 2I, D]: rows [:I] gate, [I:] up
         self.down_proj = nn.Parameter(torch.empty(E, D, inter))  # [E, D, I]
         self.act_fn = ACT2FN[config.hidden_act]
+        self.path = "auto"
+        # thresholds of the "auto" choice (measured on CPU by benchmarks/moe_speed.py)
+        self.loop_max_experts = 4  # one-token decode on CPU: loop over at most this many selected experts
+        self.gather_max_tokens = 8  # up to this many tokens: the gather path
+        self.dense_down_max_inter = 32  # padded path: experts this narrow use the dense down projection
         # training statistics (SMK²): summed norm of each expert's routed outputs and routed token counts, while tracking
         self.track_stats = False
         self.output_norm_sum: torch.Tensor | None = None  # [E], created by reset_stats
@@ -126,42 +159,206 @@ class TinyOnnExperts(nn.Module):
         inter = self.down_proj.shape[-1]
         return torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T)
 
+    def pick_path(self, tokens: int, k: int, x: torch.Tensor) -> str:
+        """The path `forward` takes for `tokens` tokens with k selected experts each."""
+        if self.path != "auto":
+            return self.path
+        inter = self.down_proj.shape[-1]
+        if k == self.num_experts:
+            return "dense"
+        if tokens == 1 and not x.is_cuda and k <= self.loop_max_experts:
+            return "loop"  # reads each selected expert once; the gather path's copies cost more on CPU
+        if tokens <= self.gather_max_tokens:
+            return "gather"
+        if _grouped_mm_supported(x, inter):
+            return "grouped_mm"
+        return "padded"
+
     def forward(
         self,
         x_ND: torch.Tensor,
-        token_P: torch.Tensor,
-        expert_P: torch.Tensor,
-        weight_P: torch.Tensor | None,
+        idx_NK: torch.Tensor,
+        weight_NK: torch.Tensor | None = None,
+        keep_NK: torch.Tensor | None = None,
         out_ND: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sum of the selected experts' outputs per token, each scaled by `weight_P` (None: weight 1), added to `out_ND`
-        in place when given (the shared expert's output: saves a zero-filled buffer and a sum)."""
-        order = torch.argsort(expert_P, stable=True)
-        token_P = token_P[order]
-        counts = torch.bincount(expert_P, minlength=self.num_experts).tolist()
-        x_PD = x_ND.index_select(0, token_P)  # tokens grouped by expert
-        ends = list(accumulate(counts))
-        bounds = [(e, ends[e] - n, ends[e]) for e, n in enumerate(counts) if n]  # expert e owns rows [start, end)
-        if torch.is_grad_enabled() and (x_ND.requires_grad or self.down_proj.requires_grad):
-            y_PD = torch.cat([self.expert_forward(e, x_PD[a:b]) for e, a, b in bounds])
-        else:  # inference: write each expert's rows in place, no concatenation copy
-            y_PD = torch.empty_like(x_PD)
-            inter = self.down_proj.shape[-1]
-            for e, a, b in bounds:
-                h = torch.mm(x_PD[a:b], self.gate_up_proj[e].T)
-                torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T, out=y_PD[a:b])
+        """Sum over each token's selected experts `idx_NK` (only where `keep_NK`, when given) of their outputs times
+        `weight_NK` (None: weight 1), added to `out_ND` when given (the shared expert's output)."""
+        N, K = idx_NK.shape
+        path = self.pick_path(N, K, x_ND)
+        gram = None
         if self.track_stats:
             if self.output_norm_sum is None:
                 self.reset_stats()
             with torch.no_grad():
-                expert_sorted = expert_P[order]
-                self.output_norm_sum.index_add_(0, expert_sorted, y_PD.detach().float().norm(dim=-1))
-                self.routed_count += torch.bincount(expert_sorted, minlength=self.num_experts).float()
-        if weight_P is not None:
-            y_PD = y_PD * weight_P[order][:, None].to(y_PD.dtype)
+                d = self.down_proj.detach().float()
+                gram = torch.bmm(d.transpose(1, 2), d)  # [E, I, I]
+        if path in ("dense", "gather"):
+            if keep_NK is not None:
+                keep = keep_NK.to(x_ND.dtype if weight_NK is None else weight_NK.dtype)
+                weight_NK = keep if weight_NK is None else weight_NK * keep
+            run = self._dense if path == "dense" else self._gather
+            y_ND = run(x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram)
+        else:
+            token_P, expert_P, weight_P = self._pairs(idx_NK, weight_NK, keep_NK)
+            run = {"loop": self._loop, "padded": self._padded, "grouped_mm": self._grouped_mm}[path]
+            y_ND = run(x_ND, token_P, expert_P, weight_P, out_ND, gram)
+        return y_ND
+
+    @staticmethod
+    def _pairs(idx_NK, weight_NK, keep_NK):
+        """Flatten the selection to (token, expert, weight) per selected pair [P], dropping pairs that are not kept."""
+        N, K = idx_NK.shape
+        expert_P = idx_NK.reshape(-1)
+        token_P = torch.arange(N, device=idx_NK.device).repeat_interleave(K)
+        weight_P = None if weight_NK is None else weight_NK.reshape(-1)
+        if keep_NK is not None:
+            kept = keep_NK.reshape(-1).nonzero().squeeze(1)  # top-p: a host sync for the number of pairs
+            expert_P, token_P = expert_P[kept], token_P[kept]
+            weight_P = None if weight_P is None else weight_P[kept]
+        return token_P, expert_P, weight_P
+
+    def _activations(self, h: torch.Tensor) -> torch.Tensor:
+        inter = self.down_proj.shape[-1]
+        return self.act_fn(h[..., :inter]) * h[..., inter:]
+
+    def _record(self, norms_E: torch.Tensor, counts_E: torch.Tensor) -> None:
+        self.output_norm_sum += norms_E.float()
+        self.routed_count += counts_E.float()
+
+    def _down_flat(self) -> torch.Tensor:
+        E, D, inter = self.down_proj.shape
+        return self.down_proj.permute(1, 0, 2).reshape(D, E * inter)  # [D, E·I], a copy
+
+    def _dense(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram):
+        N, D = x_ND.shape
+        E, I2, _ = self.gate_up_proj.shape
+        h = F.linear(x_ND, self.gate_up_proj.reshape(E * I2, D)).view(N, E, I2)  # [N, E, 2I]
+        a = self._activations(h)  # [N, E, I]
+        selected = torch.ones(N, E, dtype=torch.bool, device=x_ND.device)
+        if keep_NK is not None or idx_NK.shape[1] < E:
+            keep = True if keep_NK is None else keep_NK
+            selected = torch.zeros_like(selected).scatter_(1, idx_NK, keep)
+        if gram is not None:
+            with torch.no_grad():
+                a_ENI = a.detach().float().transpose(0, 1)
+                norms_EN = _norms(a_ENI, torch.bmm(a_ENI, gram)) * selected.T
+                self._record(norms_EN.sum(1), selected.sum(0))
+        if weight_NK is not None:  # weights in expert order, 0 where not selected
+            w_NE = weight_NK.new_zeros(N, E).scatter(1, idx_NK, weight_NK)
+            a = a * w_NE[:, :, None].to(a.dtype)
+        elif not bool(selected.all()):
+            a = a * selected[:, :, None].to(a.dtype)
+        a_NF = a.reshape(N, -1)  # [N, E·I]
+        if out_ND is None:
+            return F.linear(a_NF, self._down_flat())
+        return torch.addmm(out_ND, a_NF, self._down_flat().T)
+
+    def _gather(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram):
+        N, K = idx_NK.shape
+        E, I2, D = self.gate_up_proj.shape
+        flat = idx_NK.reshape(-1)  # [N·K]
+        gate_up = self.gate_up_proj.index_select(0, flat).view(N, K * I2, D)  # each token's experts, stacked
+        a = self._activations(torch.bmm(gate_up, x_ND[:, :, None]).view(N, K, I2))  # [N, K, I]
+        if gram is not None:
+            with torch.no_grad():
+                a32 = a.detach().float().view(N * K, 1, -1)
+                norms = _norms(a32, torch.bmm(a32, gram.index_select(0, flat))).view(-1)  # [N·K]
+                kept = torch.ones_like(norms) if keep_NK is None else keep_NK.reshape(-1).float()
+                self._record(torch.zeros(E, device=a.device).index_add_(0, flat, norms * kept),
+                             torch.zeros(E, device=a.device).index_add_(0, flat, kept))
+        if weight_NK is not None:
+            a = a * weight_NK[:, :, None].to(a.dtype)
+        down = self.down_proj.index_select(0, flat)  # [N·K, D, I]
+        y = torch.bmm(down, a.reshape(N * K, -1, 1)).view(N, K, D).sum(1)  # [N, D]
+        return y if out_ND is None else out_ND + y
+
+    def _loop(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
+        """The selected experts one after another (the host learns which: one sync); one token needs no sort."""
+        one_token = x_ND.shape[0] == 1
+        if one_token:  # decode: the token's experts in selection order, the sum folded into addmm
+            order, token_sorted, x_PD = None, token_P, x_ND.expand(expert_P.numel(), -1)
+            bounds = [(e, i, i + 1) for i, e in enumerate(expert_P.tolist())]
+        else:
+            order = torch.argsort(expert_P, stable=True)
+            token_sorted = token_P[order]
+            x_PD = x_ND.index_select(0, token_sorted)  # [P, D] tokens grouped by expert
+            counts = torch.bincount(expert_P, minlength=self.num_experts).tolist()
+            ends = list(accumulate(counts))
+            bounds = [(e, ends[e] - n, ends[e]) for e, n in enumerate(counts) if n]  # expert e owns rows [lo, hi)
+        w_P = weight_P if weight_P is None or order is None else weight_P[order]
+        ys = []
+        for e, lo, hi in bounds:
+            a = self._activations(F.linear(x_PD[lo:hi], self.gate_up_proj[e]))  # [n, I]
+            if gram is not None:
+                with torch.no_grad():
+                    a32 = a.detach().float()
+                    self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
+                    self.routed_count[e] += hi - lo
+            if w_P is not None:
+                a = a * w_P[lo:hi, None].to(a.dtype)
+            if one_token:
+                out_ND = F.linear(a, self.down_proj[e]) if out_ND is None else torch.addmm(out_ND, a, self.down_proj[e].T)
+            else:
+                ys.append(F.linear(a, self.down_proj[e]))  # [n, D]
+        if one_token:
+            return out_ND
         if out_ND is None:
             out_ND = torch.zeros_like(x_ND)
-        return out_ND.index_add_(0, token_P, y_PD)
+        return out_ND.index_add(0, token_sorted, torch.cat(ys))
+
+    def _padded(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
+        N, D = x_ND.shape
+        E, inter = self.num_experts, self.down_proj.shape[-1]
+        P = expert_P.numel()
+        order = torch.argsort(expert_P, stable=True)
+        expert_sorted, token_sorted = expert_P[order], token_P[order]
+        counts = torch.bincount(expert_P, minlength=E)  # [E]
+        C = int(counts.max())  # capacity: the busiest expert's tokens (host sync)
+        starts = counts.cumsum(0) - counts
+        slot = expert_sorted * C + torch.arange(P, device=x_ND.device) - starts[expert_sorted]  # [P] row in [E·C]
+        token_slot = torch.full((E * C,), N, device=x_ND.device).index_copy_(0, slot, token_sorted)  # N: padding
+        x_pad = torch.cat([x_ND, x_ND.new_zeros(1, D)])  # [N + 1, D], the last row zeros for padding slots
+        x_ECD = x_pad.index_select(0, token_slot).view(E, C, D)
+        a = self._activations(torch.bmm(x_ECD, self.gate_up_proj.transpose(1, 2)))  # [E, C, I], padding rows 0
+        if gram is not None:
+            with torch.no_grad():
+                a32 = a.detach().float()
+                self._record(_norms(a32, torch.bmm(a32, gram)).sum(1), counts)
+        if weight_P is not None:
+            w_slot = weight_P.new_zeros(E * C).index_copy(0, slot, weight_P[order])
+            a = a * w_slot.view(E, C, 1).to(a.dtype)
+        if inter <= self.dense_down_max_inter:  # narrow experts: one dense GEMM beats E thin ones
+            pos = token_sorted * E + expert_sorted  # [P] row of each pair in [N·E]
+            a_NF = a.new_zeros(N * E, inter).index_copy(0, pos, a.view(E * C, inter).index_select(0, slot))
+            a_NF = a_NF.view(N, E * inter)
+            if out_ND is None:
+                return F.linear(a_NF, self._down_flat())
+            return torch.addmm(out_ND, a_NF, self._down_flat().T)
+        y = torch.bmm(a, self.down_proj.transpose(1, 2)).view(E * C, D)  # [E·C, D]
+        if out_ND is None:
+            out_ND = torch.zeros_like(x_ND)
+        return out_ND.index_add(0, token_sorted, y.index_select(0, slot))
+
+    def _grouped_mm(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
+        E = self.num_experts
+        order = torch.argsort(expert_P, stable=True)
+        expert_sorted, token_sorted = expert_P[order], token_P[order]
+        offs = torch.bincount(expert_P, minlength=E).cumsum(0).to(torch.int32)  # group ends, no host sync
+        x_PD = x_ND.index_select(0, token_sorted)
+        a = self._activations(torch._grouped_mm(x_PD, self.gate_up_proj.transpose(1, 2), offs=offs))  # [P, I]
+        if gram is not None:
+            with torch.no_grad():
+                a32 = a.detach().float()
+                norms = _norms(a32, torch._grouped_mm(a32, gram, offs=offs))
+                self._record(torch.zeros(E, device=a.device).index_add_(0, expert_sorted, norms),
+                             torch.bincount(expert_P, minlength=E))
+        if weight_P is not None:
+            a = a * weight_P[order][:, None].to(a.dtype)
+        y = torch._grouped_mm(a, self.down_proj.transpose(1, 2), offs=offs)  # [P, D]
+        if out_ND is None:
+            out_ND = torch.zeros_like(x_ND)
+        return out_ND.index_add(0, token_sorted, y)
 
 
 class TinyOnnRouter(nn.Module):
@@ -176,11 +373,9 @@ class TinyOnnRouter(nn.Module):
         if self.hierarchical:
             self.group_weight = nn.Parameter(torch.empty(self.num_groups, config.hidden_size))  # the main router
 
-    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (log-probabilities, probabilities), both [N, E], computed in float32.
-
-        In training mode also sets `self.z_loss`, the mean squared log-sum-exp of the raw router logits (ST-MoE).
-        """
+    def log_probs(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [N, E] in float32. In training mode also sets `self.z_loss`, the mean squared
+        log-sum-exp of the raw router logits (ST-MoE)."""
         logits_NE = F.linear(x_ND.float(), self.weight.float())
         if not self.hierarchical:
             logp_NE = F.log_softmax(logits_NE, dim=-1)
@@ -194,22 +389,39 @@ class TinyOnnRouter(nn.Module):
             z_terms = [main_NG, sub_NGe]
         if self.training:
             self.z_loss = sum(torch.logsumexp(z, dim=-1).pow(2).mean() for z in z_terms) / len(z_terms)
+        return logp_NE
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (log-probabilities, probabilities), both [N, E], computed in float32."""
+        logp_NE = self.log_probs(x_ND)
         return logp_NE, logp_NE.exp()
+
+
+def expert_indices(
+    scores_NE: torch.Tensor, top_k: int, top_p: float = 0.0, min_k: int = 1, max_k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each token's selected experts [N, K], best first, and (top_p > 0) which of them are kept [N, K] (else None).
+
+    Top-k ranks `scores_NE` (probabilities or log-probabilities); top-p (`scores_NE` must be probabilities) keeps the
+    fewest experts reaching cumulative probability top_p, clamped to [min_k, max_k]; K is then the batch's largest k
+    (a host sync)."""
+    if top_p <= 0.0:
+        return scores_NE.topk(top_k, dim=-1).indices, None
+    E = scores_NE.shape[-1]
+    sorted_NE, order_NE = scores_NE.sort(dim=-1, descending=True)
+    before_NE = sorted_NE.cumsum(dim=-1) - sorted_NE  # mass of the better-ranked experts
+    k_N = (before_NE < top_p).sum(dim=-1).clamp(min_k, max_k or E)
+    K = int(k_N.max())
+    keep_NK = torch.arange(K, device=scores_NE.device)[None, :] < k_N[:, None]
+    return order_NE[:, :K], keep_NK
 
 
 def select_experts(
     probs_NE: torch.Tensor, top_k: int, top_p: float = 0.0, min_k: int = 1, max_k: int | None = None
 ) -> torch.Tensor:
     """Boolean [N, E] selection: the top-k experts, or (top_p > 0) the fewest reaching cumulative probability top_p."""
-    N, E = probs_NE.shape
-    if top_p <= 0.0:
-        idx_Nk = probs_NE.topk(top_k, dim=-1).indices
-        return torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(1, idx_Nk, True)
-    sorted_NE, order_NE = probs_NE.sort(dim=-1, descending=True)
-    before_NE = sorted_NE.cumsum(dim=-1) - sorted_NE  # mass of the better-ranked experts
-    k_N = (before_NE < top_p).sum(dim=-1).clamp(min_k, max_k or E)
-    keep_NE = torch.arange(E, device=probs_NE.device)[None, :] < k_N[:, None]
-    return torch.zeros_like(keep_NE).scatter_(1, order_NE, keep_NE)
+    idx_NK, keep_NK = expert_indices(probs_NE, top_k, top_p, min_k, max_k)
+    return torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
 
 
 class TinyOnnSparseMoeBlock(nn.Module):
@@ -224,33 +436,40 @@ class TinyOnnSparseMoeBlock(nn.Module):
             TinyOnnMLP(config, config.shared_expert_intermediate_size) if config.shared_expert_intermediate_size else None
         )
 
+    def route(self, logp_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Selected experts [N, K], their weights [N, K] (None: exactly 1, no gradient wanted) and, for top-p, which
+        of the K are kept [N, K] (else None)."""
+        cfg = self.config
+        N, E = logp_NE.shape
+        if getattr(cfg, "moe_mode", "sparse") == "dense_mixture":  # training phase 1: every expert, weights E·p
+            idx_NE = torch.arange(E, device=logp_NE.device).expand(N, E)
+            return idx_NE, logp_NE.exp() * E, None  # scaled so that uniform routing equals the dense FFN
+        wants_probs = cfg.router_top_p > 0 or cfg.expert_weighting != "straight_through" or logp_NE.requires_grad
+        probs_NE = logp_NE.exp() if wants_probs else None
+        with torch.no_grad():
+            scores = probs_NE if cfg.router_top_p > 0 else logp_NE
+            idx_NK, keep_NK = expert_indices(
+                scores, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok, cfg.max_experts_per_tok
+            )
+        if cfg.expert_weighting != "straight_through":
+            return idx_NK, probs_NE.gather(1, idx_NK), keep_NK
+        if logp_NE.requires_grad:
+            p_NK = probs_NE.gather(1, idx_NK)
+            # exactly 1 in value (the router selects, it does not rescale), d/dp = 1 so the router learns
+            return idx_NK, (p_NK - p_NK.detach()) + 1.0, keep_NK
+        return idx_NK, None, keep_NK  # weight 1 and no gradient wanted: skip the multiply
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (output [B, T, D], router log-probabilities [N, E], selection [N, E])."""
         shape = hidden_states.shape
         x_ND = hidden_states.reshape(-1, shape[-1])
-        logp_NE, probs_NE = self.router(x_ND)
-        cfg = self.config
-        dense_mixture = getattr(cfg, "moe_mode", "sparse") == "dense_mixture"
+        logp_NE = self.router.log_probs(x_ND)
+        idx_NK, weight_NK, keep_NK = self.route(logp_NE)
         with torch.no_grad():
-            if dense_mixture:  # training phase 1: every expert computes and receives gradients
-                selected_NE = torch.ones_like(probs_NE, dtype=torch.bool)
-            else:
-                selected_NE = select_experts(
-                    probs_NE, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok, cfg.max_experts_per_tok
-                )
-        token_P, expert_P = selected_NE.nonzero(as_tuple=True)
-        p_P = probs_NE[token_P, expert_P]
-        if dense_mixture:
-            weight_P = p_P * probs_NE.shape[-1]  # softmax mixture scaled so uniform routing equals the dense FFN
-        elif cfg.expert_weighting != "straight_through":
-            weight_P = p_P
-        elif p_P.requires_grad:
-            # exactly 1 in value (the router selects, it does not rescale), d/dp = 1 so the router learns
-            weight_P = (p_P - p_P.detach()) + 1.0
-        else:
-            weight_P = None  # weight 1 and no gradient wanted: skip the multiply
+            selected_NE = torch.zeros(logp_NE.shape, dtype=torch.bool, device=logp_NE.device)
+            selected_NE.scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
         shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
-        out_ND = self.experts(x_ND, token_P, expert_P, weight_P, out_ND=shared_ND)
+        out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND)
         return out_ND.reshape(shape), logp_NE, selected_NE
 
 
@@ -443,4 +662,4 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["TinyOnnForCausalLM", "TinyOnnModel", "TinyOnnPreTrainedModel", "select_experts"]
+__all__ = ["TinyOnnForCausalLM", "TinyOnnModel", "TinyOnnPreTrainedModel", "expert_indices", "select_experts"]
