@@ -9,6 +9,8 @@ P selected (token, expert) pairs.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from itertools import accumulate
 
@@ -27,6 +29,12 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+
+# transformers renamed the KV cache from `past_key_values` to `cache` (generate's kwarg, the mask helper's parameter and
+# the output field); use whichever name the installed version has, so exported folders load on either side of it
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeModelOutputWithPast)} else (
+    "past_key_values")
 
 try:  # inside the tiny_onn package
     from .configuration_tiny_onn import TinyOnnConfig
@@ -546,10 +554,12 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        past_key_values = cache if cache is not None else past_key_values  # newer generate() passes `cache`
         kwargs.pop("output_router_logits", None)
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("output_attentions", None)
@@ -566,8 +576,8 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{_MASK_CACHE_ARG: past_key_values},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -585,8 +595,8 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
             selections.append(selected_NE)
         out = MoeModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values,
             router_logits=tuple(router_logits),
+            **{_OUTPUT_CACHE_FIELD: past_key_values},
         )
         out.expert_selections = tuple(selections)  # [N, E] booleans per layer, for load balance and analysis
         return out
@@ -630,8 +640,10 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values  # newer generate() passes `cache`
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         outputs = self.model(
             input_ids=input_ids,
@@ -657,8 +669,8 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             router_logits=outputs.router_logits if output_router_logits else None,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
         )
 
 
