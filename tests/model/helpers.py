@@ -6,8 +6,8 @@ import torch
 
 from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
 
-# every way TinyOnnExperts can run the selected experts; "padded-dense-down" is "padded" with the dense down projection
-PATHS = ("dense", "loop", "gather", "padded", "padded-dense-down", "grouped_mm")
+# every way TinyOnnExperts can run the selected experts; "X-dense-down" is path X with the dense down projection
+PATHS = ("dense", "loop", "loop-dense-down", "gather", "padded", "padded-dense-down", "grouped_mm")
 
 ROUTINGS = {
     "flat top-k": dict(),
@@ -43,6 +43,8 @@ def use_path(model: TinyOnnForCausalLM, path: str) -> None:
     """Force every MoE block of `model` onto one dispatch path ("auto" restores the automatic choice)."""
     for layer in model.model.layers:
         experts = layer.mlp.experts
-        experts.path = "padded" if path == "padded-dense-down" else path
-        inter = experts.down_proj.shape[-1]
-        experts.dense_down_max_inter = inter if path == "padded-dense-down" else 0
+        experts.path = path.removesuffix("-dense-down")
+        if path == "auto":
+            experts.dense_down_max_inter = type(experts).dense_down_max_inter
+        else:
+            experts.dense_down_max_inter = experts.down_proj.shape[-1] if path.endswith("-dense-down") else 0

@@ -128,17 +128,27 @@ class TinyOnnExperts(nn.Module):
     """E equal-size SwiGLU experts stored as fused 3-D tensors, with several ways to run the selected ones.
 
     `forward` computes, for every token n, the sum over its selected experts e of w_ne · expert_e(x_n) (w = 1 when no
-    weights are given); every path below computes that same function, they differ only in speed. `path` picks one
-    ("auto": by device and shape, see `pick_path`; tests force each). The routing weights scale the activations (before
-    the down projection), and the statistics use the Gram matrices of the down projections, so no path has to
-    materialise one output row per (token, expert) pair:
+    weights are given); every path computes that same function (tests/model/test_dispatch.py), they differ in speed.
+    `path` picks one ("auto": by device and shape, see `pick_path`). Routing weights scale the activations before the
+    down projection, and the statistics come from the Gram matrices of the down projections, so no path has to keep one
+    output row per (token, expert) pair:
     - "dense": every expert on every token (one GEMM per projection), unselected pairs weighted 0; for top-k = E.
-    - "loop": the selected experts one after another (tokens grouped by one sort); few kernels when few experts.
-    - "gather": copy each token's selected experts (index_select), two batched matmuls; no host sync (decode).
-    - "padded": tokens grouped by expert into an [E, C, D] batch (C = the busiest expert's count), batched matmuls;
-      with `dense_down` the down projection is one GEMM over a zero-filled [N, E·I] activation matrix instead.
-    - "grouped_mm": `torch._grouped_mm` on the expert-sorted tokens (CUDA; on CPU only when forced).
+    - "loop": the selected experts one after another, tokens grouped by one sort (CPU prefill and training, and
+      one-token decode with few experts: it reads each selected expert in place, no copies).
+    - "gather": copy each token's selected experts (index_select), two batched matmuls; no host sync, no Python loop
+      (few tokens; on CPU it loses to "loop" at top-2 because the copies double the bytes moved per token).
+    - "padded": tokens grouped into an [E, C, D] batch (C = the busiest expert's count), batched matmuls (CUDA without
+      grouped GEMM).
+    - "grouped_mm": `torch._grouped_mm` on the expert-sorted tokens, no host sync (CUDA bf16, Hopper or newer).
+    Under autograd, "loop" and "padded" run the down projection of narrow experts (`dense_down_max_inter`) as one GEMM
+    over a zero-filled [N, E·I] activation matrix: more FLOPs, but no [P, D] outputs to write, sum and differentiate.
     """
+
+    path = "auto"
+    # thresholds of the "auto" choice, measured on CPU by benchmarks/moe_speed.py (an instance may override them)
+    loop_max_experts = 4  # one-token decode on CPU: the loop over at most this many selected experts, else gather
+    gather_max_tokens = 8  # up to this many tokens: the gather path
+    dense_down_max_inter = 32  # loop and padded paths under autograd: experts this narrow use the dense down projection
 
     def __init__(self, config: TinyOnnConfig):
         super().__init__()
@@ -147,11 +157,6 @@ class TinyOnnExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, D))  # [E, 2I, D]: rows [:I] gate, [I:] up
         self.down_proj = nn.Parameter(torch.empty(E, D, inter))  # [E, D, I]
         self.act_fn = ACT2FN[config.hidden_act]
-        self.path = "auto"
-        # thresholds of the "auto" choice (measured on CPU by benchmarks/moe_speed.py)
-        self.loop_max_experts = 4  # one-token decode on CPU: loop over at most this many selected experts
-        self.gather_max_tokens = 8  # up to this many tokens: the gather path
-        self.dense_down_max_inter = 32  # padded path: experts this narrow use the dense down projection
         # training statistics (SMK²): summed norm of each expert's routed outputs and routed token counts, while tracking
         self.track_stats = False
         self.output_norm_sum: torch.Tensor | None = None  # [E], created by reset_stats
@@ -282,38 +287,74 @@ class TinyOnnExperts(nn.Module):
         return y if out_ND is None else out_ND + y
 
     def _loop(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
-        """The selected experts one after another (the host learns which: one sync); one token needs no sort."""
-        one_token = x_ND.shape[0] == 1
-        if one_token:  # decode: the token's experts in selection order, the sum folded into addmm
-            order, token_sorted, x_PD = None, token_P, x_ND.expand(expert_P.numel(), -1)
-            bounds = [(e, i, i + 1) for i, e in enumerate(expert_P.tolist())]
-        else:
-            order = torch.argsort(expert_P, stable=True)
-            token_sorted = token_P[order]
-            x_PD = x_ND.index_select(0, token_sorted)  # [P, D] tokens grouped by expert
-            counts = torch.bincount(expert_P, minlength=self.num_experts).tolist()
-            ends = list(accumulate(counts))
-            bounds = [(e, ends[e] - n, ends[e]) for e, n in enumerate(counts) if n]  # expert e owns rows [lo, hi)
-        w_P = weight_P if weight_P is None or order is None else weight_P[order]
-        ys = []
-        for e, lo, hi in bounds:
-            a = self._activations(F.linear(x_PD[lo:hi], self.gate_up_proj[e]))  # [n, I]
+        """The selected experts one after another (one sort; the host learns the counts). Without autograd each expert
+        gathers its own tokens and adds its outputs right away (per-pair copies small enough for the CPU caches); with
+        autograd one gather split into per-expert views, so that backward adds one gradient, not one per expert."""
+        if x_ND.shape[0] == 1:
+            return self._loop_one_token(x_ND, expert_P, weight_P, out_ND, gram)
+        E, inter = self.num_experts, self.down_proj.shape[-1]
+        order = torch.argsort(expert_P, stable=True)
+        token_sorted, expert_sorted = token_P[order], expert_P[order]
+        counts = torch.bincount(expert_P, minlength=E).tolist()
+        ends = list(accumulate(counts))
+        # views taken once (unbind, split): indexing or slicing per expert would make backward build one full-size zero
+        # gradient per expert (cost ~ E², as the number of pairs grows with E at a fixed active fraction)
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        w_parts = None if weight_P is None else weight_P[order].split(counts)
+        autograd = torch.is_grad_enabled() and (x_ND.requires_grad or self.down_proj.requires_grad or weight_P is not None
+                                                 and weight_P.requires_grad)
+        x_parts = x_ND.index_select(0, token_sorted).split(counts) if autograd else None  # [n_e, D] per expert
+        dense_down = autograd and inter <= self.dense_down_max_inter
+        if out_ND is None:
+            out_ND = torch.zeros_like(x_ND)
+        parts = []  # per expert: activations (dense_down) or outputs (autograd)
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            tokens = token_sorted[ends[e] - n : ends[e]]
+            x_e = x_parts[e] if autograd else x_ND.index_select(0, tokens)
+            a = self._activations(F.linear(x_e, gate_up[e]))  # [n, I]
             if gram is not None:
                 with torch.no_grad():
                     a32 = a.detach().float()
                     self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
-                    self.routed_count[e] += hi - lo
-            if w_P is not None:
-                a = a * w_P[lo:hi, None].to(a.dtype)
-            if one_token:
-                out_ND = F.linear(a, self.down_proj[e]) if out_ND is None else torch.addmm(out_ND, a, self.down_proj[e].T)
+                    self.routed_count[e] += n
+            if w_parts is not None:
+                a = a * w_parts[e][:, None].to(a.dtype)
+            if dense_down:
+                parts.append(a)
+            elif autograd:
+                parts.append(F.linear(a, down[e]))  # [n, D]
             else:
-                ys.append(F.linear(a, self.down_proj[e]))  # [n, D]
-        if one_token:
-            return out_ND
+                out_ND.index_add_(0, tokens, F.linear(a, down[e]))  # in place: out_ND is this call's own buffer
+        if dense_down:
+            return self._dense_down(torch.cat(parts), token_sorted, expert_sorted, x_ND.shape[0], out_ND)
+        return out_ND.index_add(0, token_sorted, torch.cat(parts)) if autograd else out_ND
+
+    def _loop_one_token(self, x_1D, expert_P, weight_P, out_1D, gram):
+        """Decode on CPU: the token's few experts read in place (no copies), their sum folded into addmm."""
+        for i, e in enumerate(expert_P.tolist()):
+            a = self._activations(F.linear(x_1D, self.gate_up_proj[e]))  # [1, I]
+            if gram is not None:
+                with torch.no_grad():
+                    a32 = a.detach().float()
+                    self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
+                    self.routed_count[e] += 1
+            if weight_P is not None:
+                a = a * weight_P[i].to(a.dtype)
+            down = self.down_proj[e]  # [D, I]
+            out_1D = F.linear(a, down) if out_1D is None else torch.addmm(out_1D, a, down.T)
+        return out_1D
+
+    def _dense_down(self, a_PI, token_P, expert_P, N: int, out_ND):
+        """The down projection of all pairs as one GEMM over an [N, E·I] activation matrix, zeros where a token did not
+        select an expert: more FLOPs than the selected experts need, but no [P, D] outputs to write and sum, which is
+        what makes narrow experts slow."""
+        E, inter = self.num_experts, self.down_proj.shape[-1]
+        a_NF = a_PI.new_zeros(N * E, inter).index_copy(0, token_P * E + expert_P, a_PI).view(N, E * inter)
         if out_ND is None:
-            out_ND = torch.zeros_like(x_ND)
-        return out_ND.index_add(0, token_sorted, torch.cat(ys))
+            return F.linear(a_NF, self._down_flat())
+        return torch.addmm(out_ND, a_NF, self._down_flat().T)
 
     def _padded(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
         N, D = x_ND.shape
@@ -336,13 +377,9 @@ class TinyOnnExperts(nn.Module):
         if weight_P is not None:
             w_slot = weight_P.new_zeros(E * C).index_copy(0, slot, weight_P[order])
             a = a * w_slot.view(E, C, 1).to(a.dtype)
-        if inter <= self.dense_down_max_inter:  # narrow experts: one dense GEMM beats E thin ones
-            pos = token_sorted * E + expert_sorted  # [P] row of each pair in [N·E]
-            a_NF = a.new_zeros(N * E, inter).index_copy(0, pos, a.view(E * C, inter).index_select(0, slot))
-            a_NF = a_NF.view(N, E * inter)
-            if out_ND is None:
-                return F.linear(a_NF, self._down_flat())
-            return torch.addmm(out_ND, a_NF, self._down_flat().T)
+        if torch.is_grad_enabled() and a.requires_grad and inter <= self.dense_down_max_inter:
+            a_PI = a.view(E * C, inter).index_select(0, slot)
+            return self._dense_down(a_PI, token_sorted, expert_sorted, N, out_ND)
         y = torch.bmm(a, self.down_proj.transpose(1, 2)).view(E * C, D)  # [E·C, D]
         if out_ND is None:
             out_ND = torch.zeros_like(x_ND)
