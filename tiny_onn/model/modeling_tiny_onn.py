@@ -212,6 +212,11 @@ class TinyOnnExperts(nn.Module):
                 weight_NK = keep if weight_NK is None else weight_NK * keep
             run = self._dense if path == "dense" else self._gather
             y_ND = run(x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram)
+        elif path == "loop" and N == 1:  # decode: no pairs to sort
+            expert_K, weight_K = idx_NK[0], None if weight_NK is None else weight_NK[0]
+            if keep_NK is not None:
+                expert_K, weight_K = expert_K[keep_NK[0]], None if weight_K is None else weight_K[keep_NK[0]]
+            y_ND = self._loop_one_token(x_ND, expert_K, weight_K, out_ND, gram)
         else:
             token_P, expert_P, weight_P = self._pairs(idx_NK, weight_NK, keep_NK)
             run = {"loop": self._loop, "padded": self._padded, "grouped_mm": self._grouped_mm}[path]
@@ -282,16 +287,17 @@ class TinyOnnExperts(nn.Module):
                              torch.zeros(E, device=a.device).index_add_(0, flat, kept))
         if weight_NK is not None:
             a = a * weight_NK[:, :, None].to(a.dtype)
-        down = self.down_proj.index_select(0, flat)  # [N·K, D, I]
-        y = torch.bmm(down, a.reshape(N * K, -1, 1)).view(N, K, D).sum(1)  # [N, D]
-        return y if out_ND is None else out_ND + y
+        inter = a.shape[-1]
+        # each token's experts side by side, [N, D, K·I], so that one GEMV per token also sums over its experts
+        down = self.down_proj.index_select(0, flat).view(N, K, D, inter).transpose(1, 2).reshape(N, D, K * inter)
+        a_N = a.reshape(N, K * inter, 1)
+        y = torch.bmm(down, a_N) if out_ND is None else torch.baddbmm(out_ND[:, :, None], down, a_N)
+        return y.view(N, D)
 
     def _loop(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
         """The selected experts one after another (one sort; the host learns the counts). Without autograd each expert
         gathers its own tokens and adds its outputs right away (per-pair copies small enough for the CPU caches); with
         autograd one gather split into per-expert views, so that backward adds one gradient, not one per expert."""
-        if x_ND.shape[0] == 1:
-            return self._loop_one_token(x_ND, expert_P, weight_P, out_ND, gram)
         E, inter = self.num_experts, self.down_proj.shape[-1]
         order = torch.argsort(expert_P, stable=True)
         token_sorted, expert_sorted = token_P[order], expert_P[order]
