@@ -77,7 +77,8 @@ def refine_kl(x_TD: torch.Tensor, w_ED: torch.Tensor, target_TE: torch.Tensor, g
     in cache, where one GEMM over all T tokens would read x from memory twice per step."""
     T, E = target_TE.shape
     x = x_TD.float()
-    p_tgt = target_TE.float().view(T, groups, E // groups).softmax(-1).view(T, E)
+    # [E, T] layout: logitsᵀ = W xᵀ runs faster than x Wᵀ for E << D on CPU, and the gradient is then (qᵀ - pᵀ) x
+    p_ET = target_TE.float().view(T, groups, E // groups).softmax(-1).view(T, E).T.contiguous()
     w = w_ED.float().clone()
     m, v = torch.zeros_like(w), torch.zeros_like(w)
     beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
@@ -87,8 +88,8 @@ def refine_kl(x_TD: torch.Tensor, w_ED: torch.Tensor, target_TE: torch.Tensor, g
         grad.zero_()
         for lo in range(0, T, chunk):
             x_c = x[lo : lo + chunk]
-            q = (x_c @ w.T).view(-1, groups, E // groups).softmax(-1).view(-1, E)  # [t, E]
-            grad.addmm_((q - p_tgt[lo : lo + chunk]).T, x_c)  # [E, D]
+            q_Et = (w @ x_c.T).view(groups, E // groups, -1).softmax(1).view(E, -1)  # [E, t]
+            grad.addmm_(q_Et - p_ET[:, lo : lo + chunk], x_c)  # [E, D]
         grad /= T * groups
         m.mul_(beta1).add_(grad, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
