@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,8 +47,34 @@ LAYOUTS = {
 TARGETS = {"decode_speedup shared+14x96": 1.5, "prefill_speedup shared+14x96": 1.8, "mlp_time_ratio shared+14x96": 0.35,
            "prefill_speedup 64x24": 1.0, "decode_speedup 64x24": 1.4, "train_step E=128 / E=16": 1.3}
 MLP_LAYER = 15
+BASELINE_COMMIT = "79efbce"  # the MoE block before this benchmark's dispatch paths: the "before" column
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = f"before ({BASELINE_COMMIT})"
 PATHS = {"inference": ("dense", "loop", "gather", "padded"),
          "training": ("dense", "loop", "loop-dense-down", "padded", "padded-dense-down")}
+
+
+def baseline_blocks(moe) -> list[torch.nn.Module]:
+    """Every layer's MoE block as implemented at BASELINE_COMMIT (read from git), holding the same weights."""
+    src = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:tiny_onn/model/modeling_tiny_onn.py"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType("tiny_onn.model.modeling_baseline")
+    module.__package__ = "tiny_onn.model"  # its relative import of the configuration resolves as in the package
+    exec(compile(src, f"modeling_tiny_onn.py@{BASELINE_COMMIT}", "exec"), module.__dict__)
+    blocks = []
+    for layer in moe.model.layers:
+        block = module.TinyOnnSparseMoeBlock(moe.config)
+        block.load_state_dict(layer.mlp.state_dict())
+        blocks.append(block)
+    return blocks
+
+
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    rss = psutil.Process().memory_info().rss / 2**30
+    print(f"[{time.perf_counter() - START:6.0f}s, {rss:.1f} GiB] {message}", flush=True)
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, list[float]]]:
@@ -145,9 +174,15 @@ class Inputs:
 def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: int) -> dict:
     cfg = CarveConfig(method="random", calib_tokens=4096, calib_steps=100, **layout)
     moe, plan, _ = carve_model(scan, source, cfg, calib)
+    log(f"{name}: carved")
     dense = inp.dense
     moe.eval()
     dense_block, moe_block = dense.model.layers[MLP_LAYER].mlp, moe.model.layers[MLP_LAYER].mlp
+    experts = moe_block.experts
+    auto = {"prefill": experts.pick_path(inp.x_prefill.shape[0], cfg.top_k, inp.x_prefill),
+            "decode": experts.pick_path(1, cfg.top_k, inp.x_token)}
+    auto["train"] = auto["prefill"] + ("-dense-down" if experts.down_proj.shape[-1] <= experts.dense_down_max_inter
+                                       and auto["prefill"] in ("loop", "padded") else "")
     with torch.no_grad():
         idx_NK = moe_block.router.log_probs(inp.x_prefill).topk(cfg.top_k, dim=-1).indices
         counts = torch.bincount(idx_NK.reshape(-1), minlength=cfg.experts).float()
@@ -158,6 +193,7 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
         "dense_mlp": lambda: inp.block(dense_block), "moe_mlp": lambda: inp.block(moe_block),
         "dense_ffn_sweep_1_token": lambda: inp.ffn_sweep(dense), "moe_ffn_sweep_1_token": lambda: inp.ffn_sweep(moe),
     }, repeats))
+    log(f"{name}: inference measured")
     wall = inf["wall"]
     per_token = {k: (wall[f"{k}_generate_64"] - wall[f"{k}_generate_1"]) / 63 for k in ("dense", "moe")}
     # one training step of each model
@@ -170,21 +206,36 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
         layer.mlp.experts.reset_stats()
     train = medians(interleaved({"dense_train_step": training_step(dense, inp.train_ids, opt_dense),
                                  "moe_train_step": training_step(moe, inp.train_ids, opt_moe)}, repeats))
+    del opt_dense, opt_moe
+    log(f"{name}: training steps measured")
     # the dispatch paths of one block (training: forward + backward on the prefill input)
     def on_path(path: str, fn: Callable[[], None]) -> Callable[[], None]:
         return lambda: (set_path(moe, path), fn())
 
+    before = baseline_blocks(moe)
+    sweep_before = types.SimpleNamespace(model=types.SimpleNamespace(
+        layers=[types.SimpleNamespace(mlp=b) for b in before]))
     paths_inf = medians(interleaved({
         **{f"prefill {p}": on_path(p, lambda: inp.block(moe_block)) for p in PATHS["inference"]},
+        f"prefill {BEFORE}": lambda: inp.block(before[MLP_LAYER]),
         **{f"decode sweep {p}": on_path(p, lambda: inp.ffn_sweep(moe)) for p in PATHS["inference"]},
+        f"decode sweep {BEFORE}": lambda: inp.ffn_sweep(sweep_before),
     }, repeats))
+    log(f"{name}: inference paths measured")
+    for b in before:
+        b.train()
+        b.experts.track_stats = True  # as the current blocks in training
     paths_train = medians(interleaved({
         "dense MLP": lambda: inp.block_train(dense_block),
         **{f"train {p}": on_path(p, lambda: inp.block_train(moe_block)) for p in PATHS["training"]},
+        f"train {BEFORE}": lambda: inp.block_train(before[MLP_LAYER]),
     }, repeats))
+    log(f"{name}: training paths measured")
+    auto_path(moe)
     dense.eval()
     for p in dense.parameters():
         p.requires_grad_(True)
+        p.grad = None
     tokens = inp.ids.numel()
     return {
         "layout": layout,
@@ -205,11 +256,13 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
             "train_step": train["cpu"]["moe_train_step"] / train["cpu"]["dense_train_step"],
         },
         "paths_time_ratio_vs_dense": {
-            "prefill block": {p: paths_inf["wall"][f"prefill {p}"] / wall["dense_mlp"] for p in PATHS["inference"]},
+            "prefill block": {p: paths_inf["wall"][f"prefill {p}"] / wall["dense_mlp"]
+                              for p in (*PATHS["inference"], BEFORE)},
             "decode sweep": {p: paths_inf["wall"][f"decode sweep {p}"] / wall["dense_ffn_sweep_1_token"]
-                             for p in PATHS["inference"]},
+                             for p in (*PATHS["inference"], BEFORE)},
             "training block": {p: paths_train["wall"][f"train {p}"] / paths_train["wall"]["dense MLP"]
-                               for p in PATHS["training"]},
+                               for p in (*PATHS["training"], BEFORE)},
+            "auto": {"prefill block": auto["prefill"], "decode sweep": auto["decode"], "training block": auto["train"]},
         },
         "median_seconds": {"inference": inf, "training": train, "paths_inference": paths_inf,
                            "paths_training": paths_train},
