@@ -18,6 +18,7 @@ Writes benchmarks/results/moe_speed.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import subprocess
 import sys
@@ -199,8 +200,8 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
     # one training step of each model
     moe.train()
     dense.train()
-    opt_dense = torch.optim.AdamW(train_params(dense), lr=1e-6)
-    opt_moe = torch.optim.AdamW(train_params(moe), lr=1e-6)
+    opt_dense = torch.optim.AdamW(train_params(dense), lr=1e-6, foreach=False)  # foreach=False: fewer temporaries
+    opt_moe = torch.optim.AdamW(train_params(moe), lr=1e-6, foreach=False)
     for layer in moe.model.layers:
         layer.mlp.experts.track_stats = True
         layer.mlp.experts.reset_stats()
@@ -286,6 +287,7 @@ def main() -> None:
     results = {}
     for name in args.layouts:
         results[name] = r = measure(name, LAYOUTS[name], inp, scan, source, calib, args.repeats)
+        gc.collect()
         print(f"{name}: prefill {r['prefill_speedup']:.2f}x, decode {r['decode_speedup']:.2f}x, MLP ratio "
               f"{r['mlp_time_ratio']:.3f}, train step ratio {r['train_step_time_ratio']:.2f}", flush=True)
     e16, e128 = results.get("16x96, top-4"), results.get("128x12, top-32")

@@ -116,7 +116,7 @@ def test_auto_path_choice():
     assert experts.pick_path(1, 2, x) == "loop"  # one token, few experts, CPU
     assert experts.pick_path(1, 6, x) == "gather"
     assert experts.pick_path(8, 2, x) == "gather"
-    assert experts.pick_path(9, 2, x) == "padded"
+    assert experts.pick_path(9, 2, x) == "loop"  # CPU prefill
     assert experts.pick_path(1, 8, x) == experts.pick_path(512, 8, x) == "dense"  # every expert selected
     experts.path = "loop"
     assert experts.pick_path(512, 2, x) == "loop"

@@ -185,7 +185,7 @@ class TinyOnnExperts(nn.Module):
             return "gather"
         if _grouped_mm_supported(x, inter):
             return "grouped_mm"
-        return "padded"
+        return "padded" if x.is_cuda else "loop"  # CPU: per-expert GEMMs on cached gathers beat padded batches
 
     def forward(
         self,
