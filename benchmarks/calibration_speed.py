@@ -71,15 +71,18 @@ def main() -> None:
     collect_seconds = time.perf_counter() - t0
     impl = {"baseline": baseline_module().calibrate_routers, "current": current.calibrate_routers}
     seconds = {name: [] for name in impl}
+    cpu_seconds = {name: [] for name in impl}
     overlap = {name: [] for name in impl}
     for i, x in enumerate(inputs):
         order = list(impl) if i % 2 == 0 else list(reversed(impl))
         for name in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             rep = impl[name](one_layer(models[name], i), [x], refine_steps=args.calib_steps)
             seconds[name].append(time.perf_counter() - t0)
+            cpu_seconds[name].append(time.process_time() - c0)
             overlap[name].append(rep[0]["top_k_overlap_with_oracle"])
-        print(f"layer {i}: " + ", ".join(f"{n} {seconds[n][-1]:.1f}s" for n in impl), flush=True)
+        print(f"layer {i}: " + ", ".join(f"{n} {seconds[n][-1]:.1f}s (CPU {cpu_seconds[n][-1]:.1f}s)" for n in impl),
+              flush=True)
     held = build_dataset(source.tokenizer, data_args, "heldout", max_tokens=args.eval_tokens)
     dense = perplexity(source.model, held)
     ppl = {name: perplexity(m, held) for name, m in models.items()}
@@ -92,11 +95,15 @@ def main() -> None:
         "baseline": f"tiny_onn/carve/calibrate.py at commit {BASELINE_COMMIT}",
         "calibration_tokens": tokens,
         "adam_steps": args.calib_steps,
-        "shared_machine": "2 CPU cores shared with other jobs; per-layer times interleaved, medians",
+        "shared_machine": "2 CPU cores shared with other jobs; per-layer times interleaved, medians; wall-clock and the "
+                          "process's CPU time (less sensitive to the other jobs)",
         "seconds_per_layer_median": per_layer,
         "seconds_total": {n: sum(s) for n, s in seconds.items()},
         "speedup": per_layer["baseline"] / per_layer["current"],
+        "cpu_seconds_per_layer_median": {n: statistics.median(s) for n, s in cpu_seconds.items()},
+        "cpu_speedup": statistics.median(cpu_seconds["baseline"]) / statistics.median(cpu_seconds["current"]),
         "seconds_per_layer": seconds,
+        "cpu_seconds_per_layer": cpu_seconds,
         "top_k_overlap_with_oracle_mean": {n: statistics.mean(o) for n, o in overlap.items()},
         "heldout_tokens_scored": dense["tokens"],
         "dense_ppl": dense["ppl"],
