@@ -4,7 +4,7 @@ Organised like transformers' qwen3_moe: Router -> SparseMoeBlock (dispatch/combi
 Model and ForCausalLM. Imports only torch and transformers, so exported folders load with `trust_remote_code=True`.
 
 Legend: N tokens (batch * sequence flattened), D hidden size, E routed experts, G expert groups, I neurons per expert,
-P selected (token, expert) pairs.
+K experts selected per token, P selected (token, expert) pairs, C tokens of the busiest expert, F = E·I.
 """
 
 from __future__ import annotations
@@ -253,10 +253,10 @@ class TinyOnnExperts(nn.Module):
         E, I2, _ = self.gate_up_proj.shape
         h = F.linear(x_ND, self.gate_up_proj.reshape(E * I2, D)).view(N, E, I2)  # [N, E, 2I]
         a = self._activations(h)  # [N, E, I]
+        masked = keep_NK is not None or idx_NK.shape[1] < E  # some (token, expert) pairs are not selected
         selected = torch.ones(N, E, dtype=torch.bool, device=x_ND.device)
-        if keep_NK is not None or idx_NK.shape[1] < E:
-            keep = True if keep_NK is None else keep_NK
-            selected = torch.zeros_like(selected).scatter_(1, idx_NK, keep)
+        if masked:
+            selected = torch.zeros_like(selected).scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
         if gram is not None:
             with torch.no_grad():
                 a_ENI = a.detach().float().transpose(0, 1)
@@ -265,7 +265,7 @@ class TinyOnnExperts(nn.Module):
         if weight_NK is not None:  # weights in expert order, 0 where not selected
             w_NE = weight_NK.new_zeros(N, E).scatter(1, idx_NK, weight_NK)
             a = a * w_NE[:, :, None].to(a.dtype)
-        elif not bool(selected.all()):
+        elif masked:
             a = a * selected[:, :, None].to(a.dtype)
         a_NF = a.reshape(N, -1)  # [N, E·I]
         if out_ND is None:
