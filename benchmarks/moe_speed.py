@@ -1,23 +1,37 @@
-"""Speed of a carved MoE against its dense source on SmolLM2 (CPU, fp32, batch 8x256, interleaved repeats, median).
+"""Speed of carved MoEs against their dense source on SmolLM2: prefill, decode, FFN blocks, training steps, dispatch paths.
 
-    python benchmarks/moe_speed.py [--repeats 5]
+    python benchmarks/moe_speed.py [--repeats 5] [--threads 2]
 
-Writes benchmarks/results/moe_speed.json:
-- prefill tokens/s of the whole model (forward over the prompt, logits for the last position only, as generate's prefill),
-- the time of one MoE FFN block ÷ the dense FFN on the same [2048, 576] input (router, dispatch and combine included),
-for several layouts at 25 % of FFN neurons active. Targets: prefill ratio >= 1.5, MLP ratio <= 0.35.
+Layouts at 25 % of FFN neurons active: shared 12.5 % + 14 experts of 96 (top-2), 16 x 96 (top-4), 64 x 24 (top-16),
+128 x 12 (top-32). Experts are random splits of each FFN (the compute shapes of any carve), routers calibrated on 4096
+tokens, so tokens spread over experts as in a carved model. Each measure runs the dense model and the MoE alternately
+(interleaved repeats, median); wall-clock times give the ratios, CPU times of the process are recorded beside them.
+- prefill: batch 8 x 256, logits for the last position only (generate's prefill);
+- decode: batch 1, greedy, 64 new tokens after a 32-token prompt with the KV cache: (time(64) - time(1)) / 63 per token;
+- FFN: one block (layer 15) on the prefill's [2048, 576] input, and all 30 blocks one after another on one token;
+- training step: batch 4 x 256, loss (+ the router's load balance) forward and backward, AdamW step over the FFN
+  parameters (experts, shared expert, routers: what `tiny-onn train` trains by default), expert statistics tracked;
+- paths: the FFN block's time on every dispatch path (prefill, decode sweep, training forward + backward).
+Writes benchmarks/results/moe_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import statistics
+import subprocess
 import sys
+import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, median, smollm2_scan, write_result  # noqa: E402
+from _common import smollm2_scan, write_result  # noqa: E402
 
 from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
 from tiny_onn.carve.carver import active_fraction  # noqa: E402
@@ -26,70 +40,270 @@ from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
 LAYOUTS = {
-    "16 experts, top-4": dict(experts=16, top_k=4),
-    "shared 12.5% + 14 experts, top-2": dict(experts=14, top_k=2, shared=0.125),
-    "64 experts, top-16": dict(experts=64, top_k=16),
+    "shared 12.5% + 14x96, top-2": dict(experts=14, top_k=2, shared=0.125),
+    "16x96, top-4": dict(experts=16, top_k=4),
+    "64x24, top-16": dict(experts=64, top_k=16),
+    "128x12, top-32": dict(experts=128, top_k=32),
 }
+TARGETS = {"decode_speedup shared+14x96": 1.5, "prefill_speedup shared+14x96": 1.8, "mlp_time_ratio shared+14x96": 0.35,
+           "prefill_speedup 64x24": 1.0, "decode_speedup 64x24": 1.4, "train_step E=128 / E=16": 1.3}
+MLP_LAYER = 15
+BASELINE_COMMIT = "79efbce"  # the MoE block before this benchmark's dispatch paths: the "before" column
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = f"before ({BASELINE_COMMIT})"
+PATHS = {"inference": ("dense", "loop", "gather", "padded"),
+         "training": ("dense", "loop", "loop-dense-down", "padded", "padded-dense-down")}
+
+
+def baseline_blocks(moe) -> list[torch.nn.Module]:
+    """Every layer's MoE block as implemented at BASELINE_COMMIT (read from git), holding the same weights."""
+    src = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:tiny_onn/model/modeling_tiny_onn.py"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType("tiny_onn.model.modeling_baseline")
+    module.__package__ = "tiny_onn.model"  # its relative import of the configuration resolves as in the package
+    exec(compile(src, f"modeling_tiny_onn.py@{BASELINE_COMMIT}", "exec"), module.__dict__)
+    blocks = []
+    for layer in moe.model.layers:
+        block = module.TinyOnnSparseMoeBlock(moe.config)
+        block.load_state_dict(layer.mlp.state_dict())
+        blocks.append(block)
+    return blocks
+
+
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    rss = psutil.Process().memory_info().rss / 2**30
+    print(f"[{time.perf_counter() - START:6.0f}s, {rss:.1f} GiB] {message}", flush=True)
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Wall-clock and process CPU seconds of each variant, `repeats` times, alternating the order (one warm-up each)."""
+    for fn in variants.values():
+        fn()
+    out = {"wall": {n: [] for n in variants}, "cpu": {n: [] for n in variants}}
+    for r in range(repeats):
+        for name in list(variants) if r % 2 == 0 else list(reversed(variants)):
+            wall, cpu = time.perf_counter(), time.process_time()
+            variants[name]()
+            out["wall"][name].append(time.perf_counter() - wall)
+            out["cpu"][name].append(time.process_time() - cpu)
+    return out
+
+
+def medians(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {clock: {n: statistics.median(v) for n, v in per.items()} for clock, per in times.items()}
+
+
+def set_path(model, path: str) -> None:
+    """Force every MoE block onto one dispatch path ("X-dense-down": X with the dense down projection in training)."""
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        experts.path = path.removesuffix("-dense-down")
+        experts.dense_down_max_inter = experts.down_proj.shape[-1] if path.endswith("-dense-down") else 0
+
+
+def auto_path(model) -> None:
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        experts.path = "auto"
+        experts.dense_down_max_inter = type(experts).dense_down_max_inter
+
+
+def train_params(model) -> list[torch.nn.Parameter]:
+    """The FFN parameters (experts, shared expert and routers in a MoE; the MLPs of the dense model), trainable."""
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(".mlp." in name)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def training_step(model, ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    is_moe = model.config.model_type == "tiny_onn"
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=ids, use_cache=False, **({"output_router_logits": True} if is_moe else {}))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+class Inputs:
+    """The dense model and every input the measures share (prefill batch, decode prompt, training batch, FFN inputs)."""
+
+    def __init__(self, dense, ids: torch.Tensor, mask: torch.Tensor):
+        self.dense, self.ids, self.mask = dense, ids, mask
+        self.prompt, self.train_ids = ids[:1, :32], ids[:4]
+        x_BTD = {}
+        hook = dense.model.layers[MLP_LAYER].mlp.register_forward_pre_hook(lambda m, a: x_BTD.setdefault("x", a[0]))
+        with torch.no_grad():
+            dense(input_ids=ids, attention_mask=mask, use_cache=False)
+        hook.remove()
+        self.x_prefill = x_BTD["x"].reshape(-1, x_BTD["x"].shape[-1])  # [2048, 576]
+        self.x_token = self.x_prefill[:1]
+
+    @torch.no_grad()
+    def prefill(self, model) -> None:
+        model(input_ids=self.ids, attention_mask=self.mask, use_cache=False, logits_to_keep=1)
+
+    @torch.no_grad()
+    def generate(self, model, n: int) -> None:
+        model.generate(self.prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    @torch.no_grad()
+    def ffn_sweep(self, model) -> None:
+        """Every layer's FFN on one token: the weights stream from memory as in decode."""
+        for layer in model.model.layers:
+            layer.mlp(self.x_token)
+
+    @torch.no_grad()
+    def block(self, block) -> None:
+        block(self.x_prefill)
+
+    def block_train(self, block) -> None:
+        x = self.x_prefill.detach().requires_grad_(True)
+        y = block(x)
+        y = y[0] if isinstance(y, tuple) else y
+        y.backward(torch.ones_like(y))
+
+
+def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: int) -> dict:
+    cfg = CarveConfig(method="random", calib_tokens=4096, calib_steps=100, **layout)
+    moe, plan, _ = carve_model(scan, source, cfg, calib)
+    log(f"{name}: carved")
+    dense = inp.dense
+    moe.eval()
+    dense_block, moe_block = dense.model.layers[MLP_LAYER].mlp, moe.model.layers[MLP_LAYER].mlp
+    experts = moe_block.experts
+    auto = {"prefill": experts.pick_path(inp.x_prefill.shape[0], cfg.top_k, inp.x_prefill),
+            "decode": experts.pick_path(1, cfg.top_k, inp.x_token)}
+    auto["train"] = auto["prefill"] + ("-dense-down" if experts.down_proj.shape[-1] <= experts.dense_down_max_inter
+                                       and auto["prefill"] in ("loop", "padded") else "")
+    with torch.no_grad():
+        idx_NK = moe_block.router.log_probs(inp.x_prefill).topk(cfg.top_k, dim=-1).indices
+        counts = torch.bincount(idx_NK.reshape(-1), minlength=cfg.experts).float()
+    inf = medians(interleaved({
+        "dense_prefill": lambda: inp.prefill(dense), "moe_prefill": lambda: inp.prefill(moe),
+        "dense_generate_64": lambda: inp.generate(dense, 64), "moe_generate_64": lambda: inp.generate(moe, 64),
+        "dense_generate_1": lambda: inp.generate(dense, 1), "moe_generate_1": lambda: inp.generate(moe, 1),
+        "dense_mlp": lambda: inp.block(dense_block), "moe_mlp": lambda: inp.block(moe_block),
+        "dense_ffn_sweep_1_token": lambda: inp.ffn_sweep(dense), "moe_ffn_sweep_1_token": lambda: inp.ffn_sweep(moe),
+    }, repeats))
+    log(f"{name}: inference measured")
+    wall = inf["wall"]
+    per_token = {k: (wall[f"{k}_generate_64"] - wall[f"{k}_generate_1"]) / 63 for k in ("dense", "moe")}
+    # one training step of each model
+    moe.train()
+    dense.train()
+    opt_dense = torch.optim.AdamW(train_params(dense), lr=1e-6, foreach=False)  # foreach=False: fewer temporaries
+    opt_moe = torch.optim.AdamW(train_params(moe), lr=1e-6, foreach=False)
+    for layer in moe.model.layers:
+        layer.mlp.experts.track_stats = True
+        layer.mlp.experts.reset_stats()
+    train = medians(interleaved({"dense_train_step": training_step(dense, inp.train_ids, opt_dense),
+                                 "moe_train_step": training_step(moe, inp.train_ids, opt_moe)}, repeats))
+    del opt_dense, opt_moe
+    log(f"{name}: training steps measured")
+    # the dispatch paths of one block (training: forward + backward on the prefill input)
+    def on_path(path: str, fn: Callable[[], None]) -> Callable[[], None]:
+        return lambda: (set_path(moe, path), fn())
+
+    before = baseline_blocks(moe)
+    sweep_before = types.SimpleNamespace(model=types.SimpleNamespace(
+        layers=[types.SimpleNamespace(mlp=b) for b in before]))
+    paths_inf = medians(interleaved({
+        **{f"prefill {p}": on_path(p, lambda: inp.block(moe_block)) for p in PATHS["inference"]},
+        f"prefill {BEFORE}": lambda: inp.block(before[MLP_LAYER]),
+        **{f"decode sweep {p}": on_path(p, lambda: inp.ffn_sweep(moe)) for p in PATHS["inference"]},
+        f"decode sweep {BEFORE}": lambda: inp.ffn_sweep(sweep_before),
+    }, repeats))
+    log(f"{name}: inference paths measured")
+    for b in before:
+        b.train()
+        b.experts.track_stats = True  # as the current blocks in training
+    paths_train = medians(interleaved({
+        "dense MLP": lambda: inp.block_train(dense_block),
+        **{f"train {p}": on_path(p, lambda: inp.block_train(moe_block)) for p in PATHS["training"]},
+        f"train {BEFORE}": lambda: inp.block_train(before[MLP_LAYER]),
+    }, repeats))
+    log(f"{name}: training paths measured")
+    auto_path(moe)
+    dense.eval()
+    for p in dense.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    tokens = inp.ids.numel()
+    return {
+        "layout": layout,
+        "active_fraction": active_fraction(plan, cfg.top_k, 1536),
+        "tokens_per_expert_max_over_mean_layer15": float(counts.max() / counts.mean()),
+        "prefill_tokens_per_second": {"dense": tokens / wall["dense_prefill"], "moe": tokens / wall["moe_prefill"]},
+        "prefill_speedup": wall["dense_prefill"] / wall["moe_prefill"],
+        "decode_tokens_per_second": {k: 1 / v for k, v in per_token.items()},
+        "decode_speedup": per_token["dense"] / per_token["moe"],
+        "mlp_time_ratio": wall["moe_mlp"] / wall["dense_mlp"],
+        "ffn_decode_sweep_time_ratio": wall["moe_ffn_sweep_1_token"] / wall["dense_ffn_sweep_1_token"],
+        "train_step_seconds": {"dense": train["wall"]["dense_train_step"], "moe": train["wall"]["moe_train_step"]},
+        "train_step_time_ratio": train["wall"]["moe_train_step"] / train["wall"]["dense_train_step"],
+        "cpu_time_ratios": {
+            "prefill": inf["cpu"]["moe_prefill"] / inf["cpu"]["dense_prefill"],
+            "mlp": inf["cpu"]["moe_mlp"] / inf["cpu"]["dense_mlp"],
+            "ffn_decode_sweep": inf["cpu"]["moe_ffn_sweep_1_token"] / inf["cpu"]["dense_ffn_sweep_1_token"],
+            "train_step": train["cpu"]["moe_train_step"] / train["cpu"]["dense_train_step"],
+        },
+        "paths_time_ratio_vs_dense": {
+            "prefill block": {p: paths_inf["wall"][f"prefill {p}"] / wall["dense_mlp"]
+                              for p in (*PATHS["inference"], BEFORE)},
+            "decode sweep": {p: paths_inf["wall"][f"decode sweep {p}"] / wall["dense_ffn_sweep_1_token"]
+                             for p in (*PATHS["inference"], BEFORE)},
+            "training block": {p: paths_train["wall"][f"train {p}"] / paths_train["wall"]["dense MLP"]
+                               for p in (*PATHS["training"], BEFORE)},
+            "auto": {"prefill block": auto["prefill"], "decode sweep": auto["decode"], "training block": auto["train"]},
+        },
+        "median_seconds": {"inference": inf, "training": train, "paths_inference": paths_inf,
+                           "paths_training": paths_train},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     source = load_source(SourceArgs(model="smollm2", device="cpu"))
     scan = ScanResult.load(smollm2_scan())
     data_args = DataArgs(seq_len=256)
     calib = build_dataset(source.tokenizer, data_args, "train", max_tokens=4096)
     batch = next(build_dataset(source.tokenizer, data_args, "heldout", max_tokens=8 * 256).batches(8))
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    layer = 15
-    x_BTD = {}
-    hook = source.model.model.layers[layer].mlp.register_forward_pre_hook(lambda m, a: x_BTD.setdefault("x", a[0]))
-    with torch.no_grad():
-        source.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    hook.remove()
-    x = x_BTD["x"]
-    dense_mlp = source.model.model.layers[layer].mlp
-
+    inp = Inputs(source.model.eval(), batch["input_ids"], batch["attention_mask"])
     results = {}
-    for name, layout in LAYOUTS.items():
-        cfg = CarveConfig(calib_tokens=4096, calib_steps=100, **layout)
-        moe, plan, _ = carve_model(scan, source, cfg, calib)
-        moe_block = moe.model.layers[layer].mlp
-
-        @torch.no_grad()
-        def prefill(model):
-            return model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
-
-        with torch.no_grad():
-            times = interleaved({
-                "dense_prefill": lambda: prefill(source.model),
-                "moe_prefill": lambda m=moe: prefill(m),
-                "dense_mlp": lambda: dense_mlp(x),
-                "moe_mlp": lambda b=moe_block: b(x),
-            }, args.repeats)
-        med = {k: median(v) for k, v in times.items()}
-        tokens = ids.numel()
-        results[name] = {
-            "layout": layout,
-            "active_fraction": active_fraction(plan, cfg.top_k, 1536),
-            "median_seconds": med,
-            "prefill_tokens_per_second": {"dense": tokens / med["dense_prefill"], "moe": tokens / med["moe_prefill"]},
-            "prefill_speedup_moe_over_dense": med["dense_prefill"] / med["moe_prefill"],
-            "mlp_time_ratio_moe_over_dense": med["moe_mlp"] / med["dense_mlp"],
-            "all_seconds": times,
-        }
-        r = results[name]
-        print(f"{name}: active {r['active_fraction']:.3f}, prefill speed-up {r['prefill_speedup_moe_over_dense']:.2f}x, "
-              f"MLP time ratio {r['mlp_time_ratio_moe_over_dense']:.3f}", flush=True)
-        del moe
+    for name in args.layouts:
+        results[name] = r = measure(name, LAYOUTS[name], inp, scan, source, calib, args.repeats)
+        gc.collect()
+        print(f"{name}: prefill {r['prefill_speedup']:.2f}x, decode {r['decode_speedup']:.2f}x, MLP ratio "
+              f"{r['mlp_time_ratio']:.3f}, train step ratio {r['train_step_time_ratio']:.2f}", flush=True)
+    e16, e128 = results.get("16x96, top-4"), results.get("128x12, top-32")
     write_result("moe_speed", {
         "model": "smollm2 (SmolLM2-135M-Instruct, fp32)",
-        "batch": list(ids.shape),
-        "mlp_layer": layer,
+        "batch": {"prefill": list(inp.ids.shape), "decode_prompt": list(inp.prompt.shape), "decode_new_tokens": 64,
+                  "train": list(inp.train_ids.shape)},
+        "mlp_layer": MLP_LAYER,
         "repeats": args.repeats,
-        "targets": {"prefill_speedup": 1.5, "mlp_time_ratio": 0.35},
+        "threads": args.threads,
+        "shared_machine": "2 CPU cores shared with other engineers' jobs: ratios come from interleaved repeats (median); "
+                          "absolute tokens/s vary with the load",
+        "targets": TARGETS,
+        # each layout's step relative to the dense step timed beside it, so the load of other hours cancels
+        "train_step_ratio_e128_over_e16": (e128["train_step_time_ratio"] / e16["train_step_time_ratio"]
+                                           if e16 and e128 else None),
         "layouts": results,
     })
 

@@ -6,6 +6,12 @@ output (the FFN minus the shared expert). Router logits are fitted to the per-to
 (closed form), a single temperature is fitted so that softmax(logits) matches softmax(gains), and a few Adam steps
 on that KL refine the ranking. Hierarchical routers
 fit the main router on group gains and the sub-routers on expert gains.
+
+Cost per layer (T calibration tokens, D hidden, F FFN neurons, E experts): the gains take about 1.3 dense FFN passes over
+the tokens (all experts' activations in one GEMM, the output norms from the down projections' Gram matrices); the
+refinement takes two [T, D] x [D, E] GEMMs per Adam step, run over cache-sized token chunks. The collected FFN inputs
+are T·D values per layer for all layers at once, kept in the source's dtype on the CPU; each layer is moved to the
+experts' device while it is calibrated.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from tiny_onn.sources import swiglu_mlps
 
 @torch.no_grad()
 def collect_ffn_inputs(source: PreTrainedModel, data: PackedData, batch_size: int = 8) -> list[torch.Tensor]:
-    """The dense source's FFN inputs (post-attention-norm hidden states) at every non-padding token: [T, D] per layer."""
+    """The dense source's FFN inputs (post-attention-norm hidden states) at every non-padding token: [T, D] per layer,
+    on the CPU in the source's dtype (float32 for a float32 source; half the memory, and no rounding, for bf16 ones)."""
     device = next(source.parameters()).device
     inputs: list[list[torch.Tensor]] = [[] for _ in swiglu_mlps(source)]
     keep: list[torch.Tensor] = []
@@ -28,7 +35,7 @@ def collect_ffn_inputs(source: PreTrainedModel, data: PackedData, batch_size: in
     def hook(layer: int):
         def pre_hook(module, args):
             x = args[0]
-            inputs[layer].append(x.reshape(-1, x.shape[-1])[keep[0]].float().cpu())
+            inputs[layer].append(x.reshape(-1, x.shape[-1])[keep[0]].cpu())
 
         return pre_hook
 
@@ -48,30 +55,47 @@ def _centred_scaled(g_TE: torch.Tensor) -> torch.Tensor:
     return g / g.std().clamp_min(1e-12)
 
 
-def ridge(x_TD: torch.Tensor, y_TE: torch.Tensor, alpha: float) -> torch.Tensor:
-    """argmin_W ||x W - y||² + alpha·(tr(xᵀx)/D)·||W||², returned as router weights [E, D]."""
-    xtx = x_TD.T @ x_TD
-    reg = alpha * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype)
+def ridge(x_TD: torch.Tensor, y_TE: torch.Tensor, alpha: float, xtx: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_W ||x W - y||² + alpha·(tr(xᵀx)/D)·||W||², returned as router weights [E, D] (`xtx`: xᵀx when known)."""
+    xtx = x_TD.T @ x_TD if xtx is None else xtx
+    reg = alpha * xtx.diagonal().mean() * torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     return torch.linalg.solve(xtx + reg, x_TD.T @ y_TE).T
+
+
+def _token_chunk(x_TD: torch.Tensor, cache_bytes: int = 4 << 20) -> int:
+    """Tokens per chunk so that one chunk of x stays in a CPU cache between the two GEMMs of a step."""
+    return max(256, cache_bytes // (x_TD.shape[1] * x_TD.element_size()))
 
 
 def refine_kl(x_TD: torch.Tensor, w_ED: torch.Tensor, target_TE: torch.Tensor, groups: int = 1, steps: int = 200,
               lr: float = 1e-2) -> torch.Tensor:
     """Refine router weights by Adam on KL(softmax(target) || softmax(x W)) within each group (a ranking loss the
-    least-squares start does not optimise)."""
+    least-squares start does not optimise).
+
+    The same steps as `torch.optim.Adam` on the autograd loss -(p log q).sum(-1).mean(), with the gradient
+    ((q - p) / (T·G))ᵀ x written out and summed over token chunks: each chunk's logits and gradient reuse x while it is
+    in cache, where one GEMM over all T tokens would read x from memory twice per step."""
     T, E = target_TE.shape
     x = x_TD.float()
-    p_tgt = target_TE.float().view(T, groups, E // groups).softmax(-1)
-    w = w_ED.float().clone().requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            logq = (x @ w.T).view(T, groups, E // groups).log_softmax(-1)
-            loss = -(p_tgt * logq).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return w.detach().to(w_ED.dtype)
+    # [E, T] layout: logitsᵀ = W xᵀ runs faster than x Wᵀ for E << D on CPU, and the gradient is then (qᵀ - pᵀ) x
+    p_ET = target_TE.float().view(T, groups, E // groups).softmax(-1).view(T, E).T.contiguous()
+    w = w_ED.float().clone()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
+    chunk = _token_chunk(x)
+    grad = torch.empty_like(w)
+    for step in range(1, steps + 1):
+        grad.zero_()
+        for lo in range(0, T, chunk):
+            x_c = x[lo : lo + chunk]
+            q_Et = (w @ x_c.T).view(groups, E // groups, -1).softmax(1).view(E, -1)  # [E, t]
+            grad.addmm_(q_Et - p_ET[:, lo : lo + chunk], x_c)  # [E, D]
+        grad /= T * groups
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+        w.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+    return w.to(w_ED.dtype)
 
 
 def fit_temperature(pred_TE: torch.Tensor, target_TE: torch.Tensor, groups: int = 1) -> float:
@@ -90,18 +114,32 @@ def fit_temperature(pred_TE: torch.Tensor, target_TE: torch.Tensor, groups: int 
 @torch.no_grad()
 def expert_and_group_gains(moe_block, x_TD: torch.Tensor, groups: int = 1, chunk: int = 2048):
     """Gains 2<R, y> - ||y||² of every expert [T, E] and of every whole group of experts [T, G] (R = sum of all routed
-    experts' outputs), from one pass of the experts over the calibration tokens."""
+    experts' outputs), in float32.
+
+    Without materialising any expert's output: with a the activations [t, E, I] and W_e the down projection of expert e,
+    <R, y_e> = a_e · (W_eᵀ R) and ||y_e||² = a_eᵀ (W_eᵀ W_e) a_e; only the G group outputs are formed (their sum is R),
+    so a chunk costs about 1.3 dense FFN passes."""
     experts = moe_block.experts
-    E = experts.num_experts
-    dtype = experts.gate_up_proj.dtype
+    E, D, inter = experts.down_proj.shape
+    per = E // groups
+    gate_up = experts.gate_up_proj.detach().float().reshape(-1, D)  # [E·2I, D]
+    down_EDI = experts.down_proj.detach().float()  # [E, D, I]
+    down_DF = down_EDI.permute(1, 0, 2).reshape(D, E * inter)  # [D, E·I]
+    down_GJD = down_DF.T.reshape(groups, per * inter, D)  # [G, per·I, D]: each group's neurons
+    gram_E = torch.bmm(down_EDI.transpose(1, 2), down_EDI)  # [E, I, I]
     per_expert, per_group = [], []
     for start in range(0, x_TD.shape[0], chunk):
-        x = x_TD[start : start + chunk].to(experts.gate_up_proj.device, dtype)
-        y_ETD = torch.stack([experts.expert_forward(e, x).float() for e in range(E)])
-        R_TD = y_ETD.sum(0)
-        per_expert.append((2 * (y_ETD * R_TD).sum(-1) - (y_ETD**2).sum(-1)).T.cpu())  # [t, E]
-        y_GTD = y_ETD.view(groups, E // groups, *y_ETD.shape[1:]).sum(1)
-        per_group.append((2 * (y_GTD * R_TD).sum(-1) - (y_GTD**2).sum(-1)).T.cpu())  # [t, G]
+        x = x_TD[start : start + chunk].to(gate_up.device, torch.float32)
+        t = x.shape[0]
+        h = (x @ gate_up.T).view(t, E, 2 * inter)
+        a = experts.act_fn(h[..., :inter]) * h[..., inter:]  # [t, E, I]
+        y_GtD = torch.bmm(a.reshape(t, groups, per * inter).transpose(0, 1), down_GJD)  # [G, t, D]: group outputs
+        R = y_GtD.sum(0)  # [t, D]: all routed experts' output
+        Ry = ((R @ down_DF).view(t, E, inter) * a).sum(-1)  # [t, E]: <R, y_e>
+        a_E = a.transpose(0, 1)  # [E, t, I]
+        yy = (torch.bmm(a_E, gram_E) * a_E).sum(-1).T  # [t, E]: ||y_e||²
+        per_expert.append((2 * Ry - yy).cpu())
+        per_group.append((2 * Ry.view(t, groups, per).sum(-1) - y_GtD.pow(2).sum(-1).T).cpu())  # [t, G]
     return torch.cat(per_expert), torch.cat(per_group)
 
 
@@ -112,21 +150,23 @@ def calibrate_routers(
     """Fit every layer's router in place; returns per-layer fit diagnostics (oracle top-k agreement)."""
     report = []
     layers = model.model.layers
-    for i, x_TD in enumerate(tqdm(ffn_inputs, desc="calibrate routers", unit="layer", leave=False)):
+    for i, x_in in enumerate(tqdm(ffn_inputs, desc="calibrate routers", unit="layer", leave=False)):
         block = layers[i].mlp
         router = block.router
+        x_TD = x_in.to(router.weight.device, torch.float32)
         x64 = x_TD.double()
+        xtx = x64.T @ x64  # shared by every least-squares fit of this layer
         gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
-        g_TE = _centred_scaled(gains_TE.double())
+        g_TE = _centred_scaled(gains_TE.double()).to(x64.device)
         E, G = g_TE.shape[1], router.num_groups
         if router.hierarchical:
             per = E // G
             sub_target = g_TE.view(-1, G, per)
             sub_target = (sub_target - sub_target.mean(-1, keepdim=True)).reshape(-1, E)
-            w_sub = ridge(x64, sub_target, alpha)
+            w_sub = ridge(x64, sub_target, alpha, xtx)
             w_sub = fit_temperature(x64 @ w_sub.T, sub_target, G) * w_sub
-            g_TG = _centred_scaled(gains_TG.double())
-            w_main = ridge(x64, g_TG, alpha)
+            g_TG = _centred_scaled(gains_TG.double()).to(x64.device)
+            w_main = ridge(x64, g_TG, alpha, xtx)
             w_main = fit_temperature(x64 @ w_main.T, g_TG) * w_main
             if refine_steps:
                 w_sub = refine_kl(x_TD, w_sub, sub_target, G, refine_steps)
@@ -134,15 +174,15 @@ def calibrate_routers(
             router.weight.copy_(w_sub.to(router.weight.dtype))
             router.group_weight.copy_(w_main.to(router.group_weight.dtype))
         else:
-            w = ridge(x64, g_TE, alpha)
+            w = ridge(x64, g_TE, alpha, xtx)
             w = fit_temperature(x64 @ w.T, g_TE) * w
             if refine_steps:
                 w = refine_kl(x_TD, w, g_TE, 1, refine_steps)
             router.weight.copy_(w.to(router.weight.dtype))
-        _, probs = router(x_TD.to(router.weight.device, router.weight.dtype))
+        logp = router.log_probs(x_TD.to(router.weight.dtype))
         k = model.config.num_experts_per_tok
-        chosen = probs.topk(k, -1).indices.cpu()
-        oracle = g_TE.topk(k, -1).indices
+        chosen = logp.topk(k, -1).indices.cpu()
+        oracle = g_TE.topk(k, -1).indices.cpu()
         overlap = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().mean().item()
         report.append({"layer": i, "top_k_overlap_with_oracle": round(overlap, 4)})
     return report

@@ -4,7 +4,7 @@ Organised like transformers' qwen3_moe: Router -> SparseMoeBlock (dispatch/combi
 Model and ForCausalLM. Imports only torch and transformers, so exported folders load with `trust_remote_code=True`.
 
 Legend: N tokens (batch * sequence flattened), D hidden size, E routed experts, G expert groups, I neurons per expert,
-P selected (token, expert) pairs.
+K experts selected per token, P selected (token, expert) pairs, C tokens of the busiest expert, F = E·I.
 """
 
 from __future__ import annotations
@@ -109,8 +109,46 @@ class TinyOnnMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _grouped_mm_supported(x: torch.Tensor, inter: int) -> bool:
+    """Whether `torch._grouped_mm` (one kernel for all experts, no host sync) runs here: CUDA bf16 on compute capability
+    >= 9.0 (Hopper or newer), with every matrix stride a multiple of 16 bytes."""
+    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9 and (inter * x.element_size()) % 16 == 0 and (
+        x.shape[-1] * x.element_size()
+    ) % 16 == 0
+
+
+def _norms(a_XI: torch.Tensor, aG_XI: torch.Tensor) -> torch.Tensor:
+    """Norms of expert outputs y = W_down a from the activations a and a·G (G = W_downᵀ W_down): ||y|| = sqrt(aᵀ G a)."""
+    return (aG_XI * a_XI).sum(-1).clamp_min(0.0).sqrt()
+
+
 class TinyOnnExperts(nn.Module):
-    """E equal-size SwiGLU experts stored as fused 3-D tensors; tokens are grouped by expert, one matmul pair per expert."""
+    """E equal-size SwiGLU experts stored as fused 3-D tensors, with several ways to run the selected ones.
+
+    `forward` computes, for every token n, the sum over its selected experts e of w_ne · expert_e(x_n) (w = 1 when no
+    weights are given); every path computes that same function (tests/model/test_dispatch.py), they differ in speed.
+    `path` picks one ("auto": by device and shape, see `pick_path`). Routing weights scale the activations before the
+    down projection, and the statistics come from the Gram matrices of the down projections, so no path has to keep one
+    output row per (token, expert) pair:
+    - "dense": every expert on every token (one GEMM per projection), unselected pairs weighted 0; for top-k = E.
+    - "loop": the selected experts one after another, tokens grouped by one sort (CPU prefill and training, and
+      one-token decode with few experts: it reads each selected expert in place, no copies).
+    - "gather": copy each token's selected experts (index_select), two batched matmuls; no host sync, no Python loop
+      (few tokens; on CPU it loses to "loop" at top-2 because the copies double the bytes moved per token).
+    - "padded": tokens grouped into an [E, C, D] batch (C = the busiest expert's count), batched matmuls (CUDA without
+      grouped GEMM).
+    - "grouped_mm": `torch._grouped_mm` on the expert-sorted tokens, no host sync (CUDA bf16, Hopper or newer).
+    Under autograd, "loop" and "padded" run the down projection of narrow experts (`dense_down_max_inter`) as one GEMM
+    over a zero-filled [N, E·I] activation matrix: more FLOPs, but no [P, D] outputs to write, sum and differentiate.
+    """
+
+    path = "auto"
+    # thresholds of the "auto" choice, measured on CPU by benchmarks/moe_speed.py (an instance may override them)
+    loop_max_experts = 4  # one-token decode on CPU: the loop over at most this many selected experts, else gather
+    gather_max_tokens = 8  # up to this many tokens: the gather path
+    dense_down_max_inter = 32  # loop and padded paths under autograd: experts this narrow use the dense down projection
 
     def __init__(self, config: TinyOnnConfig):
         super().__init__()
@@ -134,42 +172,244 @@ class TinyOnnExperts(nn.Module):
         inter = self.down_proj.shape[-1]
         return torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T)
 
+    def pick_path(self, tokens: int, k: int, x: torch.Tensor) -> str:
+        """The path `forward` takes for `tokens` tokens with k selected experts each."""
+        if self.path != "auto":
+            return self.path
+        inter = self.down_proj.shape[-1]
+        if k == self.num_experts:
+            return "dense"
+        if tokens == 1 and not x.is_cuda and k <= self.loop_max_experts:
+            return "loop"  # reads each selected expert once; the gather path's copies cost more on CPU
+        if tokens <= self.gather_max_tokens:
+            return "gather"
+        if _grouped_mm_supported(x, inter):
+            return "grouped_mm"
+        return "padded" if x.is_cuda else "loop"  # CPU: per-expert GEMMs on cached gathers beat padded batches
+
     def forward(
         self,
         x_ND: torch.Tensor,
-        token_P: torch.Tensor,
-        expert_P: torch.Tensor,
-        weight_P: torch.Tensor | None,
+        idx_NK: torch.Tensor,
+        weight_NK: torch.Tensor | None = None,
+        keep_NK: torch.Tensor | None = None,
         out_ND: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sum of the selected experts' outputs per token, each scaled by `weight_P` (None: weight 1), added to `out_ND`
-        in place when given (the shared expert's output: saves a zero-filled buffer and a sum)."""
-        order = torch.argsort(expert_P, stable=True)
-        token_P = token_P[order]
-        counts = torch.bincount(expert_P, minlength=self.num_experts).tolist()
-        x_PD = x_ND.index_select(0, token_P)  # tokens grouped by expert
-        ends = list(accumulate(counts))
-        bounds = [(e, ends[e] - n, ends[e]) for e, n in enumerate(counts) if n]  # expert e owns rows [start, end)
-        if torch.is_grad_enabled() and (x_ND.requires_grad or self.down_proj.requires_grad):
-            y_PD = torch.cat([self.expert_forward(e, x_PD[a:b]) for e, a, b in bounds])
-        else:  # inference: write each expert's rows in place, no concatenation copy
-            y_PD = torch.empty_like(x_PD)
-            inter = self.down_proj.shape[-1]
-            for e, a, b in bounds:
-                h = torch.mm(x_PD[a:b], self.gate_up_proj[e].T)
-                torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T, out=y_PD[a:b])
+        """Sum over each token's selected experts `idx_NK` (only where `keep_NK`, when given) of their outputs times
+        `weight_NK` (None: weight 1), added to `out_ND` when given (the shared expert's output)."""
+        N, K = idx_NK.shape
+        path = self.pick_path(N, K, x_ND)
+        gram = None
         if self.track_stats:
             if self.output_norm_sum is None:
                 self.reset_stats()
             with torch.no_grad():
-                expert_sorted = expert_P[order]
-                self.output_norm_sum.index_add_(0, expert_sorted, y_PD.detach().float().norm(dim=-1))
-                self.routed_count += torch.bincount(expert_sorted, minlength=self.num_experts).float()
-        if weight_P is not None:
-            y_PD = y_PD * weight_P[order][:, None].to(y_PD.dtype)
+                d = self.down_proj.detach().float()
+                gram = torch.bmm(d.transpose(1, 2), d)  # [E, I, I]
+        if path in ("dense", "gather"):
+            if keep_NK is not None:
+                keep = keep_NK.to(x_ND.dtype if weight_NK is None else weight_NK.dtype)
+                weight_NK = keep if weight_NK is None else weight_NK * keep
+            run = self._dense if path == "dense" else self._gather
+            y_ND = run(x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram)
+        elif path == "loop" and N == 1:  # decode: no pairs to sort
+            expert_K, weight_K = idx_NK[0], None if weight_NK is None else weight_NK[0]
+            if keep_NK is not None:
+                expert_K, weight_K = expert_K[keep_NK[0]], None if weight_K is None else weight_K[keep_NK[0]]
+            y_ND = self._loop_one_token(x_ND, expert_K, weight_K, out_ND, gram)
+        else:
+            token_P, expert_P, weight_P = self._pairs(idx_NK, weight_NK, keep_NK)
+            run = {"loop": self._loop, "padded": self._padded, "grouped_mm": self._grouped_mm}[path]
+            y_ND = run(x_ND, token_P, expert_P, weight_P, out_ND, gram)
+        return y_ND
+
+    @staticmethod
+    def _pairs(idx_NK, weight_NK, keep_NK):
+        """Flatten the selection to (token, expert, weight) per selected pair [P], dropping pairs that are not kept."""
+        N, K = idx_NK.shape
+        expert_P = idx_NK.reshape(-1)
+        token_P = torch.arange(N, device=idx_NK.device).repeat_interleave(K)
+        weight_P = None if weight_NK is None else weight_NK.reshape(-1)
+        if keep_NK is not None:
+            kept = keep_NK.reshape(-1).nonzero().squeeze(1)  # top-p: a host sync for the number of pairs
+            expert_P, token_P = expert_P[kept], token_P[kept]
+            weight_P = None if weight_P is None else weight_P[kept]
+        return token_P, expert_P, weight_P
+
+    def _activations(self, h: torch.Tensor) -> torch.Tensor:
+        inter = self.down_proj.shape[-1]
+        return self.act_fn(h[..., :inter]) * h[..., inter:]
+
+    def _record(self, norms_E: torch.Tensor, counts_E: torch.Tensor) -> None:
+        self.output_norm_sum += norms_E.float()
+        self.routed_count += counts_E.float()
+
+    def _down_flat(self) -> torch.Tensor:
+        E, D, inter = self.down_proj.shape
+        return self.down_proj.permute(1, 0, 2).reshape(D, E * inter)  # [D, E·I], a copy
+
+    def _dense(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram):
+        N, D = x_ND.shape
+        E, I2, _ = self.gate_up_proj.shape
+        h = F.linear(x_ND, self.gate_up_proj.reshape(E * I2, D)).view(N, E, I2)  # [N, E, 2I]
+        a = self._activations(h)  # [N, E, I]
+        masked = keep_NK is not None or idx_NK.shape[1] < E  # some (token, expert) pairs are not selected
+        selected = torch.ones(N, E, dtype=torch.bool, device=x_ND.device)
+        if masked:
+            selected = torch.zeros_like(selected).scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
+        if gram is not None:
+            with torch.no_grad():
+                a_ENI = a.detach().float().transpose(0, 1)
+                norms_EN = _norms(a_ENI, torch.bmm(a_ENI, gram)) * selected.T
+                self._record(norms_EN.sum(1), selected.sum(0))
+        if weight_NK is not None:  # weights in expert order, 0 where not selected
+            w_NE = weight_NK.new_zeros(N, E).scatter(1, idx_NK, weight_NK)
+            a = a * w_NE[:, :, None].to(a.dtype)
+        elif masked:
+            a = a * selected[:, :, None].to(a.dtype)
+        a_NF = a.reshape(N, -1)  # [N, E·I]
+        if out_ND is None:
+            return F.linear(a_NF, self._down_flat())
+        return torch.addmm(out_ND, a_NF, self._down_flat().T)
+
+    def _gather(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram):
+        N, K = idx_NK.shape
+        E, I2, D = self.gate_up_proj.shape
+        flat = idx_NK.reshape(-1)  # [N·K]
+        gate_up = self.gate_up_proj.index_select(0, flat).view(N, K * I2, D)  # each token's experts, stacked
+        a = self._activations(torch.bmm(gate_up, x_ND[:, :, None]).view(N, K, I2))  # [N, K, I]
+        if gram is not None:
+            with torch.no_grad():
+                a32 = a.detach().float().view(N * K, 1, -1)
+                norms = _norms(a32, torch.bmm(a32, gram.index_select(0, flat))).view(-1)  # [N·K]
+                kept = torch.ones_like(norms) if keep_NK is None else keep_NK.reshape(-1).float()
+                self._record(torch.zeros(E, device=a.device).index_add_(0, flat, norms * kept),
+                             torch.zeros(E, device=a.device).index_add_(0, flat, kept))
+        if weight_NK is not None:
+            a = a * weight_NK[:, :, None].to(a.dtype)
+        inter = a.shape[-1]
+        # each token's experts side by side, [N, D, K·I], so that one GEMV per token also sums over its experts
+        down = self.down_proj.index_select(0, flat).view(N, K, D, inter).transpose(1, 2).reshape(N, D, K * inter)
+        a_N = a.reshape(N, K * inter, 1)
+        y = torch.bmm(down, a_N) if out_ND is None else torch.baddbmm(out_ND[:, :, None], down, a_N)
+        return y.view(N, D)
+
+    def _loop(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
+        """The selected experts one after another (one sort; the host learns the counts). Without autograd each expert
+        gathers its own tokens and adds its outputs right away (per-pair copies small enough for the CPU caches); with
+        autograd one gather split into per-expert views, so that backward adds one gradient, not one per expert."""
+        E, inter = self.num_experts, self.down_proj.shape[-1]
+        order = torch.argsort(expert_P, stable=True)
+        token_sorted, expert_sorted = token_P[order], expert_P[order]
+        counts = torch.bincount(expert_P, minlength=E).tolist()
+        ends = list(accumulate(counts))
+        # views taken once (unbind, split): indexing or slicing per expert would make backward build one full-size zero
+        # gradient per expert (cost ~ E², as the number of pairs grows with E at a fixed active fraction)
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        w_parts = None if weight_P is None else weight_P[order].split(counts)
+        autograd = torch.is_grad_enabled() and (x_ND.requires_grad or self.down_proj.requires_grad or weight_P is not None
+                                                 and weight_P.requires_grad)
+        x_parts = x_ND.index_select(0, token_sorted).split(counts) if autograd else None  # [n_e, D] per expert
+        dense_down = autograd and inter <= self.dense_down_max_inter
         if out_ND is None:
             out_ND = torch.zeros_like(x_ND)
-        return out_ND.index_add_(0, token_P, y_PD)
+        parts = []  # per expert: activations (dense_down) or outputs (autograd)
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            tokens = token_sorted[ends[e] - n : ends[e]]
+            x_e = x_parts[e] if autograd else x_ND.index_select(0, tokens)
+            a = self._activations(F.linear(x_e, gate_up[e]))  # [n, I]
+            if gram is not None:
+                with torch.no_grad():
+                    a32 = a.detach().float()
+                    self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
+                    self.routed_count[e] += n
+            if w_parts is not None:
+                a = a * w_parts[e][:, None].to(a.dtype)
+            if dense_down:
+                parts.append(a)
+            elif autograd:
+                parts.append(F.linear(a, down[e]))  # [n, D]
+            else:
+                out_ND.index_add_(0, tokens, F.linear(a, down[e]))  # in place: out_ND is this call's own buffer
+        if dense_down:
+            return self._dense_down(torch.cat(parts), token_sorted, expert_sorted, x_ND.shape[0], out_ND)
+        return out_ND.index_add(0, token_sorted, torch.cat(parts)) if autograd else out_ND
+
+    def _loop_one_token(self, x_1D, expert_P, weight_P, out_1D, gram):
+        """Decode on CPU: the token's few experts read in place (no copies), their sum folded into addmm."""
+        for i, e in enumerate(expert_P.tolist()):
+            a = self._activations(F.linear(x_1D, self.gate_up_proj[e]))  # [1, I]
+            if gram is not None:
+                with torch.no_grad():
+                    a32 = a.detach().float()
+                    self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
+                    self.routed_count[e] += 1
+            if weight_P is not None:
+                a = a * weight_P[i].to(a.dtype)
+            down = self.down_proj[e]  # [D, I]
+            out_1D = F.linear(a, down) if out_1D is None else torch.addmm(out_1D, a, down.T)
+        return out_1D
+
+    def _dense_down(self, a_PI, token_P, expert_P, N: int, out_ND):
+        """The down projection of all pairs as one GEMM over an [N, E·I] activation matrix, zeros where a token did not
+        select an expert: more FLOPs than the selected experts need, but no [P, D] outputs to write and sum, which is
+        what makes narrow experts slow."""
+        E, inter = self.num_experts, self.down_proj.shape[-1]
+        a_NF = a_PI.new_zeros(N * E, inter).index_copy(0, token_P * E + expert_P, a_PI).view(N, E * inter)
+        if out_ND is None:
+            return F.linear(a_NF, self._down_flat())
+        return torch.addmm(out_ND, a_NF, self._down_flat().T)
+
+    def _padded(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
+        N, D = x_ND.shape
+        E, inter = self.num_experts, self.down_proj.shape[-1]
+        P = expert_P.numel()
+        order = torch.argsort(expert_P, stable=True)
+        expert_sorted, token_sorted = expert_P[order], token_P[order]
+        counts = torch.bincount(expert_P, minlength=E)  # [E]
+        C = int(counts.max())  # capacity: the busiest expert's tokens (host sync)
+        starts = counts.cumsum(0) - counts
+        slot = expert_sorted * C + torch.arange(P, device=x_ND.device) - starts[expert_sorted]  # [P] row in [E·C]
+        token_slot = torch.full((E * C,), N, device=x_ND.device).index_copy_(0, slot, token_sorted)  # N: padding
+        x_pad = torch.cat([x_ND, x_ND.new_zeros(1, D)])  # [N + 1, D], the last row zeros for padding slots
+        x_ECD = x_pad.index_select(0, token_slot).view(E, C, D)
+        a = self._activations(torch.bmm(x_ECD, self.gate_up_proj.transpose(1, 2)))  # [E, C, I], padding rows 0
+        if gram is not None:
+            with torch.no_grad():
+                a32 = a.detach().float()
+                self._record(_norms(a32, torch.bmm(a32, gram)).sum(1), counts)
+        if weight_P is not None:
+            w_slot = weight_P.new_zeros(E * C).index_copy(0, slot, weight_P[order])
+            a = a * w_slot.view(E, C, 1).to(a.dtype)
+        if torch.is_grad_enabled() and a.requires_grad and inter <= self.dense_down_max_inter:
+            a_PI = a.view(E * C, inter).index_select(0, slot)
+            return self._dense_down(a_PI, token_sorted, expert_sorted, N, out_ND)
+        y = torch.bmm(a, self.down_proj.transpose(1, 2)).view(E * C, D)  # [E·C, D]
+        if out_ND is None:
+            out_ND = torch.zeros_like(x_ND)
+        return out_ND.index_add(0, token_sorted, y.index_select(0, slot))
+
+    def _grouped_mm(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
+        E = self.num_experts
+        order = torch.argsort(expert_P, stable=True)
+        expert_sorted, token_sorted = expert_P[order], token_P[order]
+        offs = torch.bincount(expert_P, minlength=E).cumsum(0).to(torch.int32)  # group ends, no host sync
+        x_PD = x_ND.index_select(0, token_sorted)
+        a = self._activations(torch._grouped_mm(x_PD, self.gate_up_proj.transpose(1, 2), offs=offs))  # [P, I]
+        if gram is not None:
+            with torch.no_grad():
+                a32 = a.detach().float()
+                norms = _norms(a32, torch._grouped_mm(a32, gram, offs=offs))
+                self._record(torch.zeros(E, device=a.device).index_add_(0, expert_sorted, norms),
+                             torch.bincount(expert_P, minlength=E))
+        if weight_P is not None:
+            a = a * weight_P[order][:, None].to(a.dtype)
+        y = torch._grouped_mm(a, self.down_proj.transpose(1, 2), offs=offs)  # [P, D]
+        if out_ND is None:
+            out_ND = torch.zeros_like(x_ND)
+        return out_ND.index_add(0, token_sorted, y)
 
 
 class TinyOnnRouter(nn.Module):
@@ -184,11 +424,9 @@ class TinyOnnRouter(nn.Module):
         if self.hierarchical:
             self.group_weight = nn.Parameter(torch.empty(self.num_groups, config.hidden_size))  # the main router
 
-    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (log-probabilities, probabilities), both [N, E], computed in float32.
-
-        In training mode also sets `self.z_loss`, the mean squared log-sum-exp of the raw router logits (ST-MoE).
-        """
+    def log_probs(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [N, E] in float32. In training mode also sets `self.z_loss`, the mean squared
+        log-sum-exp of the raw router logits (ST-MoE)."""
         logits_NE = F.linear(x_ND.float(), self.weight.float())
         if not self.hierarchical:
             logp_NE = F.log_softmax(logits_NE, dim=-1)
@@ -202,22 +440,39 @@ class TinyOnnRouter(nn.Module):
             z_terms = [main_NG, sub_NGe]
         if self.training:
             self.z_loss = sum(torch.logsumexp(z, dim=-1).pow(2).mean() for z in z_terms) / len(z_terms)
+        return logp_NE
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (log-probabilities, probabilities), both [N, E], computed in float32."""
+        logp_NE = self.log_probs(x_ND)
         return logp_NE, logp_NE.exp()
+
+
+def expert_indices(
+    scores_NE: torch.Tensor, top_k: int, top_p: float = 0.0, min_k: int = 1, max_k: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each token's selected experts [N, K], best first, and (top_p > 0) which of them are kept [N, K] (else None).
+
+    Top-k ranks `scores_NE` (probabilities or log-probabilities); top-p (`scores_NE` must be probabilities) keeps the
+    fewest experts reaching cumulative probability top_p, clamped to [min_k, max_k]; K is then the batch's largest k
+    (a host sync)."""
+    if top_p <= 0.0:
+        return scores_NE.topk(top_k, dim=-1).indices, None
+    E = scores_NE.shape[-1]
+    sorted_NE, order_NE = scores_NE.sort(dim=-1, descending=True)
+    before_NE = sorted_NE.cumsum(dim=-1) - sorted_NE  # mass of the better-ranked experts
+    k_N = (before_NE < top_p).sum(dim=-1).clamp(min_k, max_k or E)
+    K = int(k_N.max())
+    keep_NK = torch.arange(K, device=scores_NE.device)[None, :] < k_N[:, None]
+    return order_NE[:, :K], keep_NK
 
 
 def select_experts(
     probs_NE: torch.Tensor, top_k: int, top_p: float = 0.0, min_k: int = 1, max_k: int | None = None
 ) -> torch.Tensor:
     """Boolean [N, E] selection: the top-k experts, or (top_p > 0) the fewest reaching cumulative probability top_p."""
-    N, E = probs_NE.shape
-    if top_p <= 0.0:
-        idx_Nk = probs_NE.topk(top_k, dim=-1).indices
-        return torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(1, idx_Nk, True)
-    sorted_NE, order_NE = probs_NE.sort(dim=-1, descending=True)
-    before_NE = sorted_NE.cumsum(dim=-1) - sorted_NE  # mass of the better-ranked experts
-    k_N = (before_NE < top_p).sum(dim=-1).clamp(min_k, max_k or E)
-    keep_NE = torch.arange(E, device=probs_NE.device)[None, :] < k_N[:, None]
-    return torch.zeros_like(keep_NE).scatter_(1, order_NE, keep_NE)
+    idx_NK, keep_NK = expert_indices(probs_NE, top_k, top_p, min_k, max_k)
+    return torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
 
 
 class TinyOnnSparseMoeBlock(nn.Module):
@@ -232,33 +487,40 @@ class TinyOnnSparseMoeBlock(nn.Module):
             TinyOnnMLP(config, config.shared_expert_intermediate_size) if config.shared_expert_intermediate_size else None
         )
 
+    def route(self, logp_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Selected experts [N, K], their weights [N, K] (None: exactly 1, no gradient wanted) and, for top-p, which
+        of the K are kept [N, K] (else None)."""
+        cfg = self.config
+        N, E = logp_NE.shape
+        if getattr(cfg, "moe_mode", "sparse") == "dense_mixture":  # training phase 1: every expert, weights E·p
+            idx_NE = torch.arange(E, device=logp_NE.device).expand(N, E)
+            return idx_NE, logp_NE.exp() * E, None  # scaled so that uniform routing equals the dense FFN
+        wants_probs = cfg.router_top_p > 0 or cfg.expert_weighting != "straight_through" or logp_NE.requires_grad
+        probs_NE = logp_NE.exp() if wants_probs else None
+        with torch.no_grad():
+            scores = probs_NE if cfg.router_top_p > 0 else logp_NE
+            idx_NK, keep_NK = expert_indices(
+                scores, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok, cfg.max_experts_per_tok
+            )
+        if cfg.expert_weighting != "straight_through":
+            return idx_NK, probs_NE.gather(1, idx_NK), keep_NK
+        if logp_NE.requires_grad:
+            p_NK = probs_NE.gather(1, idx_NK)
+            # exactly 1 in value (the router selects, it does not rescale), d/dp = 1 so the router learns
+            return idx_NK, (p_NK - p_NK.detach()) + 1.0, keep_NK
+        return idx_NK, None, keep_NK  # weight 1 and no gradient wanted: skip the multiply
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (output [B, T, D], router log-probabilities [N, E], selection [N, E])."""
         shape = hidden_states.shape
         x_ND = hidden_states.reshape(-1, shape[-1])
-        logp_NE, probs_NE = self.router(x_ND)
-        cfg = self.config
-        dense_mixture = getattr(cfg, "moe_mode", "sparse") == "dense_mixture"
+        logp_NE = self.router.log_probs(x_ND)
+        idx_NK, weight_NK, keep_NK = self.route(logp_NE)
         with torch.no_grad():
-            if dense_mixture:  # training phase 1: every expert computes and receives gradients
-                selected_NE = torch.ones_like(probs_NE, dtype=torch.bool)
-            else:
-                selected_NE = select_experts(
-                    probs_NE, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok, cfg.max_experts_per_tok
-                )
-        token_P, expert_P = selected_NE.nonzero(as_tuple=True)
-        p_P = probs_NE[token_P, expert_P]
-        if dense_mixture:
-            weight_P = p_P * probs_NE.shape[-1]  # softmax mixture scaled so uniform routing equals the dense FFN
-        elif cfg.expert_weighting != "straight_through":
-            weight_P = p_P
-        elif p_P.requires_grad:
-            # exactly 1 in value (the router selects, it does not rescale), d/dp = 1 so the router learns
-            weight_P = (p_P - p_P.detach()) + 1.0
-        else:
-            weight_P = None  # weight 1 and no gradient wanted: skip the multiply
+            selected_NE = torch.zeros(logp_NE.shape, dtype=torch.bool, device=logp_NE.device)
+            selected_NE.scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
         shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
-        out_ND = self.experts(x_ND, token_P, expert_P, weight_P, out_ND=shared_ND)
+        out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND)
         return out_ND.reshape(shape), logp_NE, selected_NE
 
 
@@ -455,4 +717,4 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["TinyOnnForCausalLM", "TinyOnnModel", "TinyOnnPreTrainedModel", "select_experts"]
+__all__ = ["TinyOnnForCausalLM", "TinyOnnModel", "TinyOnnPreTrainedModel", "expert_indices", "select_experts"]

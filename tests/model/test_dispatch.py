@@ -1,0 +1,150 @@
+"""Every dispatch path of the MoE block computes the same function as the original per-expert implementation: outputs,
+gradients, selections and the training statistics SMK² reads, in every routing mode; every expert active = dense."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from tests.model.helpers import PATHS, ROUTINGS, tiny_moe, use_path
+from tiny_onn.carve.assemble import assemble
+from tiny_onn.carve.plan import CarvePlan, LayerPlan
+from tiny_onn.model import select_experts
+
+
+def reference_forward(block, hidden_states):
+    """The block as first written (boolean selection, `nonzero`, one expert at a time through `expert_forward`, outputs
+    weighted then summed with index_add): the reference every path must match."""
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    logp, probs = block.router(x)
+    cfg, experts = block.config, block.experts
+    E = probs.shape[-1]
+    dense_mixture = cfg.moe_mode == "dense_mixture"
+    with torch.no_grad():
+        if dense_mixture:
+            selected = torch.ones_like(probs, dtype=torch.bool)
+        else:
+            selected = select_experts(probs, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok,
+                                      cfg.max_experts_per_tok)
+    token_P, expert_P = selected.nonzero(as_tuple=True)
+    p_P = probs[token_P, expert_P]
+    if dense_mixture:
+        weight_P = p_P * E
+    elif cfg.expert_weighting == "probs":
+        weight_P = p_P
+    else:
+        weight_P = (p_P - p_P.detach()) + 1.0
+    out = block.shared_expert(x) if block.shared_expert is not None else torch.zeros_like(x)
+    for e in range(E):
+        rows = expert_P == e
+        if not rows.any():
+            continue
+        y = experts.expert_forward(e, x[token_P[rows]])
+        if experts.track_stats:
+            experts.output_norm_sum[e] += y.detach().float().norm(dim=-1).sum()
+            experts.routed_count[e] += rows.sum()
+        out = out.index_add(0, token_P[rows], y * weight_P[rows, None].to(y.dtype))
+    return out.reshape(shape), logp, selected
+
+
+def use_reference(model) -> None:
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(reference_forward, layer.mlp)
+
+
+def _run(model, ids, track_stats: bool):
+    for layer in model.model.layers:
+        layer.mlp.experts.track_stats = track_stats
+        layer.mlp.experts.reset_stats()
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    stats = [(layer.mlp.experts.output_norm_sum.clone(), layer.mlp.experts.routed_count.clone())
+             for layer in model.model.layers]
+    with torch.no_grad():
+        selections = model.model(input_ids=ids).expert_selections
+    return out.logits.detach(), grads, stats, selections
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_matches_the_reference(routing, path):
+    """Logits, every parameter's gradient (router included), selections and statistics, in float64 (grouped_mm
+    supports float32 only: there float32 and a float32 tolerance)."""
+    dtype = torch.float32 if path == "grouped_mm" else torch.float64
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-6, rtol=1e-6)
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    model = tiny_moe(**ROUTINGS[routing]).to(dtype).train()
+    use_path(model, path)
+    logits, grads, stats, selections = _run(model, ids, track_stats=True)
+    ref = tiny_moe(**ROUTINGS[routing]).to(dtype).train()
+    use_reference(ref)
+    ref_logits, ref_grads, ref_stats, ref_selections = _run(ref, ids, track_stats=True)
+    torch.testing.assert_close(logits, ref_logits, **tol)
+    assert grads.keys() == ref_grads.keys() and any(".router." in n for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+    for (norm_sum, count), (ref_norm_sum, ref_count) in zip(stats, ref_stats, strict=True):
+        assert torch.equal(count, ref_count) and count.sum() > 0
+        torch.testing.assert_close(norm_sum, ref_norm_sum, rtol=1e-4, atol=1e-5)
+    for sel, ref_sel in zip(selections, ref_selections, strict=True):
+        assert torch.equal(sel, ref_sel)
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_decode_paths_equal_the_grouped_path_for_1_to_16_tokens(routing):
+    """The few-token paths (gather, and the CPU loop) give the grouped (padded) path's logits for N = 1..16 tokens."""
+    model = tiny_moe(seed=2, **ROUTINGS[routing])
+    ids = torch.randint(2, 64, (1, 16), generator=torch.Generator().manual_seed(3))
+    for n in range(1, 17):
+        logits = {}
+        for path in ("padded", "gather", "loop"):
+            use_path(model, path)
+            with torch.no_grad():
+                logits[path] = model(ids[:, :n]).logits
+        torch.testing.assert_close(logits["gather"], logits["padded"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits["loop"], logits["padded"], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_path_choice():
+    experts = tiny_moe().model.layers[0].mlp.experts
+    x = torch.zeros(1, 32)
+    assert experts.pick_path(1, 2, x) == "loop"  # one token, few experts, CPU
+    assert experts.pick_path(1, 6, x) == "gather"
+    assert experts.pick_path(8, 2, x) == "gather"
+    assert experts.pick_path(9, 2, x) == "loop"  # CPU prefill
+    assert experts.pick_path(1, 8, x) == experts.pick_path(512, 8, x) == "dense"  # every expert selected
+    experts.path = "loop"
+    assert experts.pick_path(512, 2, x) == "loop"
+
+
+def _random_split(source, experts: int, seed: int = 0) -> CarvePlan:
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, layer in enumerate(source.model.layers):
+        n = layer.mlp.gate_proj.weight.shape[0]
+        layers.append(LayerPlan(layer=i, shared=torch.zeros(0, dtype=torch.long),
+                                experts=torch.randperm(n, generator=g).view(experts, -1)))
+    return CarvePlan(layers=layers, method="random")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_expert_active_equals_dense_on_every_path(tiny_model_dir, path):
+    """Prefill logits and greedy decoding with the KV cache (one token at a time) equal the dense source's."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    moe = assemble(dense, _random_split(dense, 4), num_experts_per_tok=4)
+    use_path(moe, path)
+    ids = torch.randint(3, dense.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+        kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        got, want = moe.generate(ids[:1], **kw), dense.generate(ids[:1], **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
