@@ -60,12 +60,12 @@ def oracle_forward(self, hidden_states):
     y_ENd = torch.stack([self.experts.expert_forward(e, x) for e in range(self.experts.num_experts)])
     R_Nd = y_ENd.sum(0)
     gain_NE = (2 * (y_ENd * R_Nd).sum(-1) - (y_ENd**2).sum(-1)).T
-    top = gain_NE.topk(self.config.num_experts_per_tok, dim=-1).indices
+    top = gain_NE.topk(self.routing.top_k, dim=-1).indices
     sel_NE = torch.zeros_like(gain_NE, dtype=torch.bool).scatter_(1, top, True)
     out = (y_ENd * sel_NE.T[:, :, None]).sum(0)
     if self.shared_expert is not None:
         out = out + self.shared_expert(x)
-    return out.reshape(shape), gain_NE.log_softmax(-1), sel_NE
+    return out.reshape(shape), gain_NE.log_softmax(-1), sel_NE, None
 
 
 def main() -> None:
@@ -105,7 +105,7 @@ def main() -> None:
                               calib_tokens=args.calib_tokens, calib_steps=args.calib_steps)
             moe, plan, _ = carve_model(scan, source, cfg, calib)
             for budget, k in layout["top_k"].items():
-                moe.config.num_experts_per_tok = k
+                moe.set_routing(top_k=k)
                 ppl = perplexity(moe, held)
                 row = {"layout": layout_name, "method": method, "budget": budget, "top_k": k,
                        "active_fraction": active_fraction(plan, k, 1536), "ppl": ppl["ppl"],

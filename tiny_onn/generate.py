@@ -40,9 +40,9 @@ def run(cfg: GenerateConfig) -> str:
         if cfg.top_k:
             if not 1 <= cfg.top_k <= conf.num_experts:
                 raise TinyOnnError(f"top_k must be between 1 and the model's {conf.num_experts} experts")
-            conf.num_experts_per_tok = cfg.top_k
+            source.model.set_routing(top_k=cfg.top_k)
         if cfg.top_p >= 0:
-            conf.router_top_p = cfg.top_p
+            source.model.set_routing(top_p=cfg.top_p)
     tok = source.tokenizer
     chat = [{"role": "user", "content": cfg.prompt}]
     if tok.chat_template:

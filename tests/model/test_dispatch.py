@@ -19,15 +19,16 @@ def reference_forward(block, hidden_states):
     weighted then summed with index_add): the reference every path must match."""
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
-    logp, probs = block.router(x)
-    cfg, experts = block.config, block.experts
+    logp, z_loss = block.router.log_probs_and_z_loss(x, z_loss=block.training)
+    probs = logp.exp()
+    cfg, routing, experts = block.config, block.routing, block.experts
     E = probs.shape[-1]
-    dense_mixture = cfg.moe_mode == "dense_mixture"
+    dense_mixture = routing.mode == "dense_mixture"
     with torch.no_grad():
         if dense_mixture:
             selected = torch.ones_like(probs, dtype=torch.bool)
         else:
-            selected = select_experts(probs, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok,
+            selected = select_experts(probs, routing.top_k, routing.top_p, cfg.min_experts_per_tok,
                                       cfg.max_experts_per_tok)
     token_P, expert_P = selected.nonzero(as_tuple=True)
     p_P = probs[token_P, expert_P]
@@ -47,7 +48,7 @@ def reference_forward(block, hidden_states):
             experts.output_norm_sum[e] += y.detach().float().norm(dim=-1).sum()
             experts.routed_count[e] += rows.sum()
         out = out.index_add(0, token_P[rows], y * weight_P[rows, None].to(y.dtype))
-    return out.reshape(shape), logp, selected
+    return out.reshape(shape), logp, selected, z_loss
 
 
 def use_reference(model) -> None:

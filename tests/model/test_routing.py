@@ -4,6 +4,8 @@ weights as exported (`model.layers.{l}.mlp.{router,experts,shared_expert}`), `se
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,7 +157,7 @@ def test_dense_mixture_with_uniform_routing_equals_the_dense_ffn():
     out.square().sum().backward()
     for e in range(4):  # phase 1: every expert computes and receives gradients
         assert block.experts.gate_up_proj.grad[e].abs().sum() > 0 and block.experts.down_proj.grad[e].abs().sum() > 0
-    block.config.moe_mode = "sparse"  # top-2 of 4 experts is another function
+    block.routing = dataclasses.replace(block.routing, mode="sparse")  # top-2 of 4 experts is another function
     with torch.no_grad():
         assert not torch.allclose(layer_output(block, x), dense(x), atol=1e-3)
 
@@ -175,3 +177,52 @@ def test_hierarchical_probabilities_are_group_times_expert_and_sum_to_one():
     torch.testing.assert_close(probs_NE, (main_NG[:, :, None] * sub_NGe).reshape(9, 6), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(probs_NE.sum(-1), torch.ones(9), atol=1e-6, rtol=0)
     assert probs_NE.max() > 0.3 and probs_NE.min() < 0.1  # far from uniform: the check is not trivially met
+
+
+def _tiny_model(**overrides) -> TinyOnnForCausalLM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, hidden_size=D, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=3)
+    return TinyOnnForCausalLM(TinyOnnConfig(**(cfg | overrides)))
+
+
+def test_router_z_loss_is_returned_in_training_and_matches_a_hand_computation():
+    model = _tiny_model().train()
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
+    inputs = []
+    hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: inputs.append(o.reshape(-1, D)))
+             for layer in model.model.layers]
+    out = model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    by_hand = torch.stack([torch.logsumexp(x @ layer.mlp.router.weight.T, dim=-1).pow(2).mean()
+                           for x, layer in zip(inputs, model.model.layers, strict=True)]).mean()
+    torch.testing.assert_close(out.router_z_loss, by_hand)
+    out.router_z_loss.backward()  # differentiable: it trains the routers
+    assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+    assert model.eval()(input_ids=ids).router_z_loss is None  # inference computes none
+    assert not any(hasattr(layer.mlp.router, "z_loss") for layer in model.model.layers)  # no hidden attribute
+
+
+def test_set_routing_changes_the_routing_but_not_the_saved_config(tmp_path):
+    model = _tiny_model().eval()
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        top2 = model(input_ids=ids).logits
+        with model.routing_settings(top_k=4):
+            every = model(input_ids=ids).logits
+            assert all(s.all() for s in model.model(input_ids=ids).expert_selections)
+        assert torch.equal(model(input_ids=ids).logits, top2)  # restored after the block
+        before = model.set_routing(mode="dense_mixture")
+        assert before.mode == "sparse" and model.config.moe_mode == "sparse"
+        mixture = model(input_ids=ids).logits
+    assert not torch.allclose(every, top2) and not torch.allclose(mixture, top2)
+    model.save_pretrained(tmp_path)
+    reloaded = TinyOnnForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.moe_mode == "sparse" and reloaded.model.layers[0].mlp.routing.mode == "sparse"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, top2)
+    with pytest.raises(ValueError, match="top_k must be between 1"):
+        model.set_routing(top_k=5)
+    with pytest.raises(ValueError, match="routing mode"):
+        model.set_routing(mode="soft")

@@ -28,8 +28,7 @@ def _tiny_moe() -> TinyOnnForCausalLM:
 @pytest.mark.parametrize("policy", ["smk", "smk2"])
 def test_masked_experts_do_not_move(policy):
     model = _tiny_moe()
-    for layer in model.model.layers:
-        layer.mlp.experts.track_stats = True
+    model.track_expert_stats(True)
     opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ids = torch.randint(0, 60, (4, 12), generator=torch.Generator().manual_seed(1))
     for _ in range(2):  # build up momentum everywhere first
@@ -167,3 +166,21 @@ def test_train_bad_inputs(tiny_moe, tmp_path, capsys, monkeypatch):
                     calib_tokens=256, calib_steps=2, eval_tokens=0, plots=False, device="cpu", out=str(other)))
     assert main(_train_args(other, data, tmp_path / "nan", extra=["--resume", "--max-k", "1"])) == 2
     assert "was made for a different model" in capsys.readouterr().err
+
+
+def test_training_phases_route_without_changing_the_saved_config(tiny_moe, tmp_path):
+    """Phase 1 (dense mixture) and phase 2's top-p are runtime routing: a checkpoint taken in phase 1 and the trained
+    folder both say `sparse`, and only a run that reached phase 2 saves the top-p it trained with."""
+    moe, data = tiny_moe
+    phase1 = ["--phase1-steps", "5", "--top-p", "0.6", "--policy", "full"]
+    assert main(_train_args(moe, data, tmp_path / "p1", steps=3, extra=phase1)) == 0
+    report = json.loads((tmp_path / "p1" / "train.json").read_text())
+    assert [h["phase"] for h in report["history"]] == [1, 1, 1]
+    checkpoint_configs = list((tmp_path / "p1" / "checkpoints").rglob("config.json"))
+    for cfg_path in [tmp_path / "p1" / "model" / "config.json", *checkpoint_configs]:
+        cfg = json.loads(cfg_path.read_text())
+        assert cfg["moe_mode"] == "sparse" and cfg["router_top_p"] == 0.0, cfg_path
+    phase2 = ["--phase1-steps", "1", "--top-p", "0.6", "--policy", "full"]
+    assert main(_train_args(moe, data, tmp_path / "p2", steps=3, extra=phase2)) == 0
+    cfg = json.loads((tmp_path / "p2" / "model" / "config.json").read_text())
+    assert cfg["moe_mode"] == "sparse" and cfg["router_top_p"] == 0.6

@@ -101,19 +101,16 @@ class EvalConfig(DataArgs):
 def sparsity_curve(model, held, ids: torch.Tensor, source_neurons: int, repeats: int) -> list[dict]:
     """Perplexity and prefill speed of one MoE at every top-k (a subset for many experts) and a few top-p values."""
     c = model.config
-    k0, p0 = c.num_experts_per_tok, c.router_top_p
+    k0 = c.num_experts_per_tok
     ks = sorted({k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100, c.num_experts) if k <= c.num_experts})
     points = []
-    try:
-        for k, p in [(k, 0.0) for k in ks] + [(k0, p) for p in (0.5, 0.7, 0.9)]:
-            c.num_experts_per_tok, c.router_top_p = k, p
+    for k, p in [(k, 0.0) for k in ks] + [(k0, p) for p in (0.5, 0.7, 0.9)]:
+        with model.routing_settings(top_k=k, top_p=p):
             chosen = _mean_experts_per_token(model, held)
             active = (c.shared_expert_intermediate_size + chosen * c.moe_intermediate_size) / source_neurons
             points.append({"top_k": k, "top_p": p, "experts_per_token": chosen, "active_fraction": active,
                            "ppl": perplexity(model, held)["ppl"],
                            "prefill_tokens_per_second": prefill_tokens_per_second(model, ids, repeats)})
-    finally:
-        c.num_experts_per_tok, c.router_top_p = k0, p0
     return points
 
 

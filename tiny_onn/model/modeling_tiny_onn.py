@@ -9,6 +9,7 @@ K experts selected per token, P selected (token, expert) pairs, C tokens of the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Callable
@@ -40,6 +41,47 @@ try:  # inside the tiny_onn package
     from .configuration_tiny_onn import TinyOnnConfig
 except ImportError:  # pragma: no cover - loaded as a flat module
     from configuration_tiny_onn import TinyOnnConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSettings:
+    """How a MoE block routes right now: runtime state, not saved with the model (the config holds the saved
+    defaults). Training switches `mode` for phase 1; evaluation sweeps `top_k`/`top_p`; see
+    `TinyOnnForCausalLM.set_routing`."""
+
+    mode: str = "sparse"
+    """"sparse" (top-k / top-p selection) or "dense_mixture" (every expert runs, weighted by E·p)."""
+    top_k: int = 2
+    top_p: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: TinyOnnConfig) -> RoutingSettings:
+        return cls(mode=config.moe_mode, top_k=config.num_experts_per_tok, top_p=config.router_top_p)
+
+    def checked(self, num_experts: int) -> RoutingSettings:
+        if self.mode not in ("sparse", "dense_mixture"):
+            raise ValueError(f"routing mode must be 'sparse' or 'dense_mixture', got {self.mode!r}")
+        if not 1 <= self.top_k <= num_experts:
+            raise ValueError(f"top_k must be between 1 and the model's {num_experts} experts, got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        return self
+
+
+@dataclasses.dataclass
+class TinyOnnModelOutput(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus each layer's expert selection [N, E] (booleans) and, in training mode, the
+    routers' z-loss averaged over layers."""
+
+    expert_selections: tuple[torch.Tensor, ...] | None = None
+    router_z_loss: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class TinyOnnCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus the routers' z-loss (training mode only; ST-MoE)."""
+
+    router_z_loss: torch.Tensor | None = None
 
 
 class TinyOnnAttention(nn.Module):
@@ -425,8 +467,12 @@ class TinyOnnRouter(nn.Module):
             self.group_weight = nn.Parameter(torch.empty(self.num_groups, config.hidden_size))  # the main router
 
     def log_probs(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities [N, E] in float32. In training mode also sets `self.z_loss`, the mean squared
-        log-sum-exp of the raw router logits (ST-MoE)."""
+        """Log-probabilities [N, E] in float32."""
+        return self.log_probs_and_z_loss(x_ND, z_loss=False)[0]
+
+    def log_probs_and_z_loss(self, x_ND: torch.Tensor, z_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities [N, E] in float32 and (when `z_loss`) the mean squared log-sum-exp of the raw router
+        logits (ST-MoE's z-loss; for a hierarchical router the mean over the main router and the sub-routers)."""
         logits_NE = F.linear(x_ND.float(), self.weight.float())
         if not self.hierarchical:
             logp_NE = F.log_softmax(logits_NE, dim=-1)
@@ -438,9 +484,8 @@ class TinyOnnRouter(nn.Module):
             main_NG = F.linear(x_ND.float(), self.group_weight.float())
             logp_NE = (F.log_softmax(main_NG, dim=-1)[:, :, None] + logp_sub_NGe).reshape(N, -1)
             z_terms = [main_NG, sub_NGe]
-        if self.training:
-            self.z_loss = sum(torch.logsumexp(z, dim=-1).pow(2).mean() for z in z_terms) / len(z_terms)
-        return logp_NE
+        z = sum(torch.logsumexp(t, dim=-1).pow(2).mean() for t in z_terms) / len(z_terms) if z_loss else None
+        return logp_NE, z
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (log-probabilities, probabilities), both [N, E], computed in float32."""
@@ -486,21 +531,22 @@ class TinyOnnSparseMoeBlock(nn.Module):
         self.shared_expert = (
             TinyOnnMLP(config, config.shared_expert_intermediate_size) if config.shared_expert_intermediate_size else None
         )
+        self.routing = RoutingSettings.from_config(config).checked(config.num_experts)
 
     def route(self, logp_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Selected experts [N, K], their weights [N, K] (None: exactly 1, no gradient wanted) and, for top-p, which
         of the K are kept [N, K] (else None)."""
-        cfg = self.config
+        cfg, routing = self.config, self.routing
         N, E = logp_NE.shape
-        if getattr(cfg, "moe_mode", "sparse") == "dense_mixture":  # training phase 1: every expert, weights E·p
+        if routing.mode == "dense_mixture":  # training phase 1: every expert, weights E·p
             idx_NE = torch.arange(E, device=logp_NE.device).expand(N, E)
             return idx_NE, logp_NE.exp() * E, None  # scaled so that uniform routing equals the dense FFN
-        wants_probs = cfg.router_top_p > 0 or cfg.expert_weighting != "straight_through" or logp_NE.requires_grad
+        wants_probs = routing.top_p > 0 or cfg.expert_weighting != "straight_through" or logp_NE.requires_grad
         probs_NE = logp_NE.exp() if wants_probs else None
         with torch.no_grad():
-            scores = probs_NE if cfg.router_top_p > 0 else logp_NE
+            scores = probs_NE if routing.top_p > 0 else logp_NE
             idx_NK, keep_NK = expert_indices(
-                scores, cfg.num_experts_per_tok, cfg.router_top_p, cfg.min_experts_per_tok, cfg.max_experts_per_tok
+                scores, routing.top_k, routing.top_p, cfg.min_experts_per_tok, cfg.max_experts_per_tok
             )
         if cfg.expert_weighting != "straight_through":
             return idx_NK, probs_NE.gather(1, idx_NK), keep_NK
@@ -510,18 +556,21 @@ class TinyOnnSparseMoeBlock(nn.Module):
             return idx_NK, (p_NK - p_NK.detach()) + 1.0, keep_NK
         return idx_NK, None, keep_NK  # weight 1 and no gradient wanted: skip the multiply
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (output [B, T, D], router log-probabilities [N, E], selection [N, E])."""
+    def forward(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return (output [B, T, D], router log-probabilities [N, E], selection [N, E], router z-loss (training mode
+        only, else None))."""
         shape = hidden_states.shape
         x_ND = hidden_states.reshape(-1, shape[-1])
-        logp_NE = self.router.log_probs(x_ND)
+        logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training)
         idx_NK, weight_NK, keep_NK = self.route(logp_NE)
         with torch.no_grad():
             selected_NE = torch.zeros(logp_NE.shape, dtype=torch.bool, device=logp_NE.device)
             selected_NE.scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
         shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
         out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND)
-        return out_ND.reshape(shape), logp_NE, selected_NE
+        return out_ND.reshape(shape), logp_NE, selected_NE, z_loss
 
 
 class TinyOnnDecoderLayer(nn.Module):
@@ -540,7 +589,7 @@ class TinyOnnDecoderLayer(nn.Module):
         past_key_values: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -551,8 +600,8 @@ class TinyOnnDecoderLayer(nn.Module):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        moe_out, logp_NE, selected_NE = self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states + moe_out, logp_NE, selected_NE
+        moe_out, logp_NE, selected_NE, z_loss = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + moe_out, logp_NE, selected_NE, z_loss
 
 
 class TinyOnnPreTrainedModel(PreTrainedModel):
@@ -599,7 +648,7 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
         use_cache: bool | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
+    ) -> TinyOnnModelOutput:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         past_key_values = cache if cache is not None else past_key_values  # newer generate() passes `cache`
@@ -624,9 +673,9 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        router_logits, selections = [], []
+        router_logits, selections, z_losses = [], [], []
         for layer in self.layers:
-            hidden_states, logp_NE, selected_NE = layer(
+            hidden_states, logp_NE, selected_NE, z_loss = layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
@@ -636,13 +685,14 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
             )
             router_logits.append(logp_NE)
             selections.append(selected_NE)
-        out = MoeModelOutputWithPast(
+            z_losses.append(z_loss)
+        return TinyOnnModelOutput(
             last_hidden_state=self.norm(hidden_states),
             router_logits=tuple(router_logits),
+            expert_selections=tuple(selections),  # [N, E] booleans per layer, for load balance and analysis
+            router_z_loss=torch.stack(z_losses).mean() if self.training else None,
             **{_OUTPUT_CACHE_FIELD: past_key_values},
         )
-        out.expert_selections = tuple(selections)  # [N, E] booleans per layer, for load balance and analysis
-        return out
 
 
 def load_balancing_loss(
@@ -672,6 +722,36 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def moe_blocks(self) -> list[TinyOnnSparseMoeBlock]:
+        return [layer.mlp for layer in self.model.layers]
+
+    def set_routing(self, **changes) -> RoutingSettings:
+        """Change how every MoE block routes from now on (`mode`, `top_k`, `top_p`; see `RoutingSettings`) without
+        touching the config: the saved model keeps the routing it was carved or trained with. Returns the settings
+        before the change."""
+        blocks = self.moe_blocks()
+        before = blocks[0].routing
+        new = dataclasses.replace(before, **changes).checked(self.config.num_experts)
+        for block in blocks:
+            block.routing = new
+        return before
+
+    @contextlib.contextmanager
+    def routing_settings(self, **changes):
+        """`set_routing(**changes)` inside the block, the previous settings restored afterwards."""
+        before = self.set_routing(**changes)
+        try:
+            yield self.moe_blocks()[0].routing
+        finally:
+            for block in self.moe_blocks():
+                block.routing = before
+
+    def track_expert_stats(self, on: bool = True) -> None:
+        """Accumulate each expert's routed-output norm and token count (SMK², `TinyOnnExperts.output_norm_sum` and
+        `routed_count`) in every forward from now on (on) or stop (off)."""
+        for block in self.moe_blocks():
+            block.experts.track_stats = on
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -685,7 +765,7 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         cache: Cache | None = None,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> TinyOnnCausalLMOutput:
         past_key_values = cache if cache is not None else past_key_values  # newer generate() passes `cache`
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         outputs = self.model(
@@ -708,13 +788,15 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
             aux_loss = load_balancing_loss(outputs.router_logits, outputs.expert_selections, attention_mask)
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+        return TinyOnnCausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
             router_logits=outputs.router_logits if output_router_logits else None,
+            router_z_loss=outputs.router_z_loss,
             **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
         )
 
 
-__all__ = ["TinyOnnForCausalLM", "TinyOnnModel", "TinyOnnPreTrainedModel", "expert_indices", "select_experts"]
+__all__ = ["RoutingSettings", "TinyOnnForCausalLM", "TinyOnnModel", "TinyOnnPreTrainedModel", "expert_indices",
+           "select_experts"]

@@ -29,11 +29,6 @@ def kd_sum(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, labels_BT: torc
     return temperature**2 * F.kl_div(s, t, log_target=True, reduction="sum")
 
 
-def router_z_loss(model) -> torch.Tensor:
-    """ST-MoE router z-loss averaged over layers (each router sets it during its training-mode forward)."""
-    return torch.stack([layer.mlp.router.z_loss for layer in model.model.layers]).mean()
-
-
 def performance_index(ce: float, entropy: float, grad_norm: float, alpha: float, gamma: float) -> float:
     """PI = exp(−α·((1−γ)·ε/τ + γ·S)), ε the CE loss, τ the mean predictive entropy, S the global gradient norm."""
     tau = max(entropy, 1e-6)

@@ -33,7 +33,7 @@ from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model.export import CARVE_META, TRAIN_META, read_carve_metadata, save_model_folder
 from tiny_onn.sources import Source, SourceArgs, load_source
-from tiny_onn.train.losses import kd_sum, performance_index, response_ce_sum, router_z_loss
+from tiny_onn.train.losses import kd_sum, performance_index, response_ce_sum
 from tiny_onn.train.optim import MaskedAdamW
 from tiny_onn.train.policies import POLICIES, expert_grad_norms, update_mask
 
@@ -318,8 +318,8 @@ class Trainer:
         _set_trainable(self.model, cfg)
         self.model.train()
         self.experts = [layer.mlp.experts for layer in self.model.model.layers] if self.is_moe else []
-        for ex in self.experts:
-            ex.track_stats = True
+        if self.is_moe:
+            self.model.track_expert_stats(True)
         self.k = cfg.max_k if cfg.policy == "smk2" else cfg.min_k
         self.optimizer = build_optimizer(self.model, cfg)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -380,9 +380,9 @@ class Trainer:
         if state.phase == 1 and (step >= cfg.phase1_steps or (cfg.phase2_pi and state.pi >= cfg.phase2_pi)):
             state.phase = 2
         if self.is_moe:
-            self.model.config.moe_mode = "dense_mixture" if state.phase == 1 else "sparse"
+            self.model.set_routing(mode="dense_mixture" if state.phase == 1 else "sparse")
             if state.phase == 2 and cfg.top_p:
-                self.model.config.router_top_p = cfg.top_p
+                self.model.set_routing(top_p=cfg.top_p)
 
     def forward_backward(self, micro: list[dict], scored_global: int, step: int) -> tuple[dict, torch.Tensor]:
         """Accumulate the gradients of the step's micro-batches; return the losses as global means and the [C] count of
@@ -430,7 +430,7 @@ class Trainer:
             kd = kd_sum(outputs.logits, t_logits, mb["labels"], cfg.kd_temperature)
             loss = loss + cfg.kd * kd * scale
         lb = outputs.aux_loss if self.is_moe else zero
-        z = router_z_loss(self.model) if self.is_moe and cfg.z_loss_coef else zero
+        z = outputs.router_z_loss if self.is_moe and cfg.z_loss_coef else zero
         loss = loss + (cfg.aux_loss_coef * lb + cfg.z_loss_coef * z) / n_micro
         return loss, {"ce": ce, "kd": kd, "lb": lb, "z": z, "entropy": entropy}
 
@@ -512,11 +512,12 @@ class Trainer:
         """Write the trained model folder and train.json (rank 0)."""
         if self.writer is not None:
             self.writer.close()
-        for ex in self.experts:
-            ex.track_stats = False
         self.model.eval()
         if self.is_moe:
-            self.model.config.moe_mode = "sparse"
+            self.model.track_expert_stats(False)
+            self.model.set_routing(mode="sparse")
+            if self.state.phase == 2 and self.cfg.top_p:  # the saved model routes as it was trained
+                self.model.config.router_top_p = self.cfg.top_p
         if self.rank == 0:
             report = self.report()
             with atomic_dir(self.out / "model") as tmp:
