@@ -259,15 +259,15 @@ def routing_margins(model):
     margins: list[float] = []
     k = model.config.num_experts_per_tok
 
-    def record(module, inputs, output):
-        top = output[0].topk(k + 1, dim=-1).values  # [N, k+1] log-probabilities
+    def record(module, inputs, output):  # the MoE block returns (output, router log-probabilities [N, E], ...)
+        top = output[1].topk(k + 1, dim=-1).values  # [N, k+1]
         per_call[-1].append(top[:, k - 1] - top[:, k])
 
     def new_call(module, inputs):
         per_call.append([])
 
     hooks = [model.model.register_forward_pre_hook(new_call)]
-    hooks += [layer.mlp.router.register_forward_hook(record) for layer in model.model.layers]
+    hooks += [layer.mlp.register_forward_hook(record) for layer in model.model.layers]
     try:
         yield margins
     finally:
