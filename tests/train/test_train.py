@@ -169,18 +169,29 @@ def test_train_bad_inputs(tiny_moe, tmp_path, capsys, monkeypatch):
 
 
 def test_training_phases_route_without_changing_the_saved_config(tiny_moe, tmp_path):
-    """Phase 1 (dense mixture) and phase 2's top-p are runtime routing: a checkpoint taken in phase 1 and the trained
-    folder both say `sparse`, and only a run that reached phase 2 saves the top-p it trained with."""
+    """Phase 1 (dense mixture) and phase 2's top-p are runtime routing: the config (what a save writes) stays as
+    carved while the blocks route by phase, and only a run that reached phase 2 saves the top-p it trained with."""
+    from tiny_onn.train import TrainConfig
+    from tiny_onn.train.trainer import Trainer
+
     moe, data = tiny_moe
+    cfg = TrainConfig(model=str(moe), data=str(data), steps=3, batch_size=2, seq_len=32, eval_tokens=0, device="cpu",
+                      policy="full", phase1_steps=2, top_p=0.6, checkpoint_every=0, out=str(tmp_path / "t"))
+    trainer = Trainer(cfg)
+    blocks = [layer.mlp for layer in trainer.model.model.layers]
+    trainer._enter_phase(0)
+    assert {b.routing.mode for b in blocks} == {"dense_mixture"}
+    assert trainer.model.config.moe_mode == "sparse" and trainer.model.config.router_top_p == 0.0
+    trainer.state.phase = 1
+    trainer._enter_phase(2)  # phase 1 ends at phase1_steps
+    assert {(b.routing.mode, b.routing.top_p) for b in blocks} == {("sparse", 0.6)}
+    assert trainer.model.config.router_top_p == 0.0
     phase1 = ["--phase1-steps", "5", "--top-p", "0.6", "--policy", "full"]
     assert main(_train_args(moe, data, tmp_path / "p1", steps=3, extra=phase1)) == 0
-    report = json.loads((tmp_path / "p1" / "train.json").read_text())
-    assert [h["phase"] for h in report["history"]] == [1, 1, 1]
-    checkpoint_configs = list((tmp_path / "p1" / "checkpoints").rglob("config.json"))
-    for cfg_path in [tmp_path / "p1" / "model" / "config.json", *checkpoint_configs]:
-        cfg = json.loads(cfg_path.read_text())
-        assert cfg["moe_mode"] == "sparse" and cfg["router_top_p"] == 0.0, cfg_path
+    assert [h["phase"] for h in json.loads((tmp_path / "p1" / "train.json").read_text())["history"]] == [1, 1, 1]
+    saved = json.loads((tmp_path / "p1" / "model" / "config.json").read_text())
+    assert saved["moe_mode"] == "sparse" and saved["router_top_p"] == 0.0
     phase2 = ["--phase1-steps", "1", "--top-p", "0.6", "--policy", "full"]
     assert main(_train_args(moe, data, tmp_path / "p2", steps=3, extra=phase2)) == 0
-    cfg = json.loads((tmp_path / "p2" / "model" / "config.json").read_text())
-    assert cfg["moe_mode"] == "sparse" and cfg["router_top_p"] == 0.6
+    saved = json.loads((tmp_path / "p2" / "model" / "config.json").read_text())
+    assert saved["moe_mode"] == "sparse" and saved["router_top_p"] == 0.6

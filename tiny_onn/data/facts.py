@@ -18,6 +18,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from tiny_onn.data.sources import jsonl_records
 from tiny_onn.errors import TinyOnnError
 
 BUILTIN = "builtin"
@@ -184,22 +185,14 @@ def builtin_facts() -> list[Fact]:
 
 def facts_from_jsonl(path: Path) -> list[Fact]:
     """A user fact file: one `{"question": ..., "answer": ... | "answers": [...], "kind"?: ...}` per line."""
-    if not path.is_file():
-        raise TinyOnnError(f"fact file not found: {path}")
     facts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TinyOnnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    for where, record in jsonl_records(path, "fact file"):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip():
-            raise TinyOnnError(f"{path}:{lineno}: each line needs a non-empty string 'question'")
+            raise TinyOnnError(f"{where}: each line needs a non-empty string 'question'")
         answers = record.get("answers", [record["answer"]] if "answer" in record else [])
         answers = [str(a).strip() for a in answers if str(a).strip()] if isinstance(answers, list) else []
         if not answers:
-            raise TinyOnnError(f"{path}:{lineno}: no answer: give 'answer' (a string) or 'answers' (a list of strings)")
+            raise TinyOnnError(f"{where}: no answer: give 'answer' (a string) or 'answers' (a list of strings)")
         facts.append(Fact(str(record.get("kind", path.stem)), record["question"].strip(), tuple(answers),
                           bool(record.get("case_sensitive", False))))
     if not facts:

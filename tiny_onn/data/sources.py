@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,20 +160,25 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
     )
 
 
-def jsonl_examples(path: Path) -> list[Example]:
-    """A local jsonl file: each line `{"messages": [...]}` or `{"instruction", "input", "output"}`, optional `category`."""
+def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
+    """(`path:line`, parsed JSON) of each non-blank line of a local jsonl file; one clear error for a missing file
+    (named `what`, e.g. "data file") or a line that is not JSON."""
     if not path.is_file():
-        raise TinyOnnError(f"data file not found: {path}")
-    examples = []
+        raise TinyOnnError(f"{what} not found: {path}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise TinyOnnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            examples.append(_example_from_record(record, f"{path}:{lineno}", default_category=path.stem))
+
+
+def jsonl_examples(path: Path) -> list[Example]:
+    """A local jsonl file: each line `{"messages": [...]}` or `{"instruction", "input", "output"}`, optional `category`."""
+    examples = [_example_from_record(record, where, default_category=path.stem)
+                for where, record in jsonl_records(path, "data file")]
     if not examples:
         raise TinyOnnError(f"data file {path} holds no examples (it is empty)")
     return examples
