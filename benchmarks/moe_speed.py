@@ -51,7 +51,9 @@ MLP_LAYER = 15
 BASELINE_COMMIT = "79efbce"  # the MoE block before this benchmark's dispatch paths: the "before" column
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = f"before ({BASELINE_COMMIT})"
-PATHS = {"inference": ("dense", "loop", "gather", "padded"),
+# prefill leaves out "gather": it copies every selected expert's weights per token (GiBs at 2048 tokens); moe_paths.py
+# measures it where it is meant to run (few tokens)
+PATHS = {"prefill": ("dense", "loop", "padded"), "decode": ("dense", "loop", "gather", "padded"),
          "training": ("dense", "loop", "loop-dense-down", "padded", "padded-dense-down")}
 
 
@@ -61,11 +63,13 @@ def baseline_blocks(moe) -> list[torch.nn.Module]:
                          check=True, capture_output=True, text=True).stdout
     module = types.ModuleType("tiny_onn.model.modeling_baseline")
     module.__package__ = "tiny_onn.model"  # its relative import of the configuration resolves as in the package
+    sys.modules[module.__name__] = module  # transformers resolves the classes' annotations through sys.modules
     exec(compile(src, f"modeling_tiny_onn.py@{BASELINE_COMMIT}", "exec"), module.__dict__)
     blocks = []
     for layer in moe.model.layers:
         block = module.TinyOnnSparseMoeBlock(moe.config)
         block.load_state_dict(layer.mlp.state_dict())
+        block.eval()  # a new module starts in training mode
         blocks.append(block)
     return blocks
 
@@ -213,16 +217,23 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
     def on_path(path: str, fn: Callable[[], None]) -> Callable[[], None]:
         return lambda: (set_path(moe, path), fn())
 
+    # inference paths in inference mode, as `generate` runs them (training mode would add the z-loss and the statistics)
+    moe.eval()
+    for layer in moe.model.layers:
+        layer.mlp.experts.track_stats = False
     before = baseline_blocks(moe)
     sweep_before = types.SimpleNamespace(model=types.SimpleNamespace(
         layers=[types.SimpleNamespace(mlp=b) for b in before]))
     paths_inf = medians(interleaved({
-        **{f"prefill {p}": on_path(p, lambda: inp.block(moe_block)) for p in PATHS["inference"]},
+        **{f"prefill {p}": on_path(p, lambda: inp.block(moe_block)) for p in PATHS["prefill"]},
         f"prefill {BEFORE}": lambda: inp.block(before[MLP_LAYER]),
-        **{f"decode sweep {p}": on_path(p, lambda: inp.ffn_sweep(moe)) for p in PATHS["inference"]},
+        **{f"decode sweep {p}": on_path(p, lambda: inp.ffn_sweep(moe)) for p in PATHS["decode"]},
         f"decode sweep {BEFORE}": lambda: inp.ffn_sweep(sweep_before),
     }, repeats))
     log(f"{name}: inference paths measured")
+    moe.train()
+    for layer in moe.model.layers:
+        layer.mlp.experts.track_stats = True
     for b in before:
         b.train()
         b.experts.track_stats = True  # as the current blocks in training
@@ -258,9 +269,9 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
         },
         "paths_time_ratio_vs_dense": {
             "prefill block": {p: paths_inf["wall"][f"prefill {p}"] / wall["dense_mlp"]
-                              for p in (*PATHS["inference"], BEFORE)},
+                              for p in (*PATHS["prefill"], BEFORE)},
             "decode sweep": {p: paths_inf["wall"][f"decode sweep {p}"] / wall["dense_ffn_sweep_1_token"]
-                             for p in (*PATHS["inference"], BEFORE)},
+                             for p in (*PATHS["decode"], BEFORE)},
             "training block": {p: paths_train["wall"][f"train {p}"] / paths_train["wall"]["dense MLP"]
                                for p in (*PATHS["training"], BEFORE)},
             "auto": {"prefill block": auto["prefill"], "decode sweep": auto["decode"], "training block": auto["train"]},

@@ -87,15 +87,20 @@ def moe_speed(d: dict) -> str:
               f"{tg['train_step E=128 / E=16']}."]
     if d.get("train_step_ratio_e128_over_e16") is not None:
         lines[-1] += f" Measured E = 128 ÷ E = 16: **{d['train_step_ratio_e128_over_e16']:.2f}**."
-    lines += ["", "Time of each dispatch path ÷ the dense FFN's (bold: the one `auto` picks; prefill = one block on "
-              "2048 tokens, decode = the 30 blocks on one token, training = one block's forward + backward):", "",
-              "| layout | stage | " + " | ".join(_PATH_NAMES) + " |", "|---|---|" + "---|" * len(_PATH_NAMES)]
+    lines += ["", "Time of each dispatch path ÷ the dense FFN's (bold: the path `auto` picks; prefill = one block on "
+              "2048 tokens, decode = the 30 blocks on one token, training = one block's forward + backward; before = "
+              "the MoE block before the dispatch paths):", "",
+              "| layout | stage | " + " | ".join(_PATH_NAMES) + " | before |", "|---|---|" + "---|" * (len(_PATH_NAMES) + 1)]
     for name, r in d["layouts"].items():
-        for stage, ratios in r["paths_time_ratio_vs_dense"].items():
-            best = min(ratios, key=ratios.get)
-            cells = [("**" if p == best else "") + f"{ratios[p]:.2f}" + ("**" if p == best else "") if p in ratios
-                     else "–" for p in _PATH_NAMES]
-            lines.append(f"| {name} | {stage} | " + " | ".join(cells) + " |")
+        paths = r["paths_time_ratio_vs_dense"]
+        picks = paths.get("auto", {})
+        for stage, ratios in paths.items():
+            if stage == "auto":
+                continue
+            before = next((v for p, v in ratios.items() if p.startswith("before")), None)
+            cells = [("**{:.2f}**" if p == picks.get(stage) else "{:.2f}").format(ratios[p]) if p in ratios else "–"
+                     for p in _PATH_NAMES]
+            lines.append(f"| {name} | {stage} | " + " | ".join(cells) + f" | {'–' if before is None else f'{before:.2f}'} |")
     return "\n".join(lines)
 
 

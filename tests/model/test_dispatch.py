@@ -78,7 +78,13 @@ def test_every_path_matches_the_reference(routing, path):
     supports float32 only: there float32 and a float32 tolerance)."""
     dtype = torch.float32 if path == "grouped_mm" else torch.float64
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-6, rtol=1e-6)
-    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    # 18 tokens; the dense path also on 4 (its down projection changes form when tokens <= the expert width, 8)
+    for shape in [(2, 9)] + ([(1, 4)] if path == "dense" else []):
+        _check_path_against_the_reference(routing, path, dtype, tol, shape)
+
+
+def _check_path_against_the_reference(routing, path, dtype, tol, shape):
+    ids = torch.randint(2, 64, shape, generator=torch.Generator().manual_seed(1))
     model = tiny_moe(**ROUTINGS[routing]).to(dtype).train()
     use_path(model, path)
     logits, grads, stats, selections = _run(model, ids, track_stats=True)
@@ -98,27 +104,32 @@ def test_every_path_matches_the_reference(routing, path):
 
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_decode_paths_equal_the_grouped_path_for_1_to_16_tokens(routing):
-    """The few-token paths (gather, and the CPU loop) give the grouped (padded) path's logits for N = 1..16 tokens."""
+    """The few-token paths (gather, the CPU loop, dense) give the grouped (padded) path's logits for N = 1..16 tokens."""
     model = tiny_moe(seed=2, **ROUTINGS[routing])
     ids = torch.randint(2, 64, (1, 16), generator=torch.Generator().manual_seed(3))
     for n in range(1, 17):
         logits = {}
-        for path in ("padded", "gather", "loop"):
+        for path in ("padded", "gather", "loop", "dense"):
             use_path(model, path)
             with torch.no_grad():
                 logits[path] = model(ids[:, :n]).logits
-        torch.testing.assert_close(logits["gather"], logits["padded"], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logits["loop"], logits["padded"], atol=1e-5, rtol=1e-5)
+        for path in ("gather", "loop", "dense"):
+            torch.testing.assert_close(logits[path], logits["padded"], atol=1e-5, rtol=1e-5)
 
 
 def test_auto_path_choice():
     experts = tiny_moe().model.layers[0].mlp.experts
     x = torch.zeros(1, 32)
+    E, inter = experts.num_experts, experts.down_proj.shape[-1]
     assert experts.pick_path(1, 2, x) == "loop"  # one token, few experts, CPU
     assert experts.pick_path(1, 6, x) == "gather"
-    assert experts.pick_path(8, 2, x) == "gather"
-    assert experts.pick_path(9, 2, x) == "loop"  # CPU prefill
-    assert experts.pick_path(1, 8, x) == experts.pick_path(512, 8, x) == "dense"  # every expert selected
+    assert experts.pick_path(8, 2, x) == "dense"  # CPU, a few tokens: nearly every expert is touched
+    assert experts.pick_path(1, E, x) == experts.pick_path(512, E, x) == "dense"  # every expert selected
+    busy = -(-experts.sparse_min_tokens_per_expert * E // 2)  # tokens that give each expert the threshold at k = 2
+    assert experts.pick_path(busy, 2, x) == ("padded" if inter >= experts.sparse_min_inter else "dense")
+    experts.sparse_min_inter = inter
+    assert experts.pick_path(busy, 2, x) == "padded"  # wide, busy experts: the padded batch
+    assert experts.pick_path(busy - 1, 2, x) == "dense"
     experts.path = "loop"
     assert experts.pick_path(512, 2, x) == "loop"
 

@@ -174,22 +174,27 @@ class TinyOnnExperts(nn.Module):
     `path` picks one ("auto": by device and shape, see `pick_path`). Routing weights scale the activations before the
     down projection, and the statistics come from the Gram matrices of the down projections, so no path has to keep one
     output row per (token, expert) pair:
-    - "dense": every expert on every token (one GEMM per projection), unselected pairs weighted 0; for top-k = E.
-    - "loop": the selected experts one after another, tokens grouped by one sort (CPU prefill and training, and
-      one-token decode with few experts: it reads each selected expert in place, no copies).
+    - "dense": every expert on every token (one GEMM per projection), unselected pairs weighted 0; for top-k = E, and
+      on CPU from 2 tokens on unless experts are wide and busy: nearly every expert is touched by then, and two GEMMs
+      beat per-expert work (benchmarks/moe_paths.py).
+    - "loop": the selected experts one after another, tokens grouped by one sort (one-token decode on CPU with few
+      experts: it reads each selected expert in place, no copies).
     - "gather": copy each token's selected experts (index_select), two batched matmuls; no host sync, no Python loop
-      (few tokens; on CPU it loses to "loop" at top-2 because the copies double the bytes moved per token).
-    - "padded": tokens grouped into an [E, C, D] batch (C = the busiest expert's count), batched matmuls (CUDA without
-      grouped GEMM).
+      (CUDA with few tokens; one-token CPU decode with many selected experts).
+    - "padded": tokens grouped into an [E, C, D] batch (C = the busiest expert's count), batched matmuls (CPU prefill
+      and training with wide experts and many tokens per expert; CUDA without grouped GEMM).
     - "grouped_mm": `torch._grouped_mm` on the expert-sorted tokens, no host sync (CUDA bf16, Hopper or newer).
     Under autograd, "loop" and "padded" run the down projection of narrow experts (`dense_down_max_inter`) as one GEMM
     over a zero-filled [N, E·I] activation matrix: more FLOPs, but no [P, D] outputs to write, sum and differentiate.
     """
 
     path = "auto"
-    # thresholds of the "auto" choice, measured on CPU by benchmarks/moe_speed.py (an instance may override them)
+    # thresholds of the "auto" choice, measured by benchmarks/moe_paths.py and moe_speed.py (an instance may override)
     loop_max_experts = 4  # one-token decode on CPU: the loop over at most this many selected experts, else gather
-    gather_max_tokens = 8  # up to this many tokens: the gather path
+    gather_max_tokens = 8  # CUDA: up to this many tokens, the gather path
+    # CPU, 2+ tokens: the padded batch once experts get this many tokens on average and are this wide, else dense
+    sparse_min_tokens_per_expert = 48
+    sparse_min_inter = 64
     dense_down_max_inter = 32  # loop and padded paths under autograd: experts this narrow use the dense down projection
 
     def __init__(self, config: TinyOnnConfig):
@@ -221,13 +226,17 @@ class TinyOnnExperts(nn.Module):
         inter = self.down_proj.shape[-1]
         if k == self.num_experts:
             return "dense"
-        if tokens == 1 and not x.is_cuda and k <= self.loop_max_experts:
-            return "loop"  # reads each selected expert once; the gather path's copies cost more on CPU
-        if tokens <= self.gather_max_tokens:
-            return "gather"
-        if _grouped_mm_supported(x, inter):
-            return "grouped_mm"
-        return "padded" if x.is_cuda else "loop"  # CPU: per-expert GEMMs on cached gathers beat padded batches
+        if x.is_cuda:
+            if tokens <= self.gather_max_tokens:
+                return "gather"
+            return "grouped_mm" if _grouped_mm_supported(x, inter) else "padded"
+        if tokens == 1:
+            # reads each selected expert in place; with many selected experts their copies cost less than the loop
+            return "loop" if k <= self.loop_max_experts else "gather"
+        if tokens * k >= self.sparse_min_tokens_per_expert * self.num_experts and inter >= self.sparse_min_inter:
+            return "padded"
+        # from 2 tokens on, nearly every expert is touched: computing all of them in two GEMMs beats per-expert work
+        return "dense"
 
     def forward(
         self,
@@ -309,6 +318,11 @@ class TinyOnnExperts(nn.Module):
             a = a * w_NE[:, :, None].to(a.dtype)
         elif masked:
             a = a * selected[:, :, None].to(a.dtype)
+        inter = self.down_proj.shape[-1]
+        if N <= inter:  # noqa: SIM300 (tokens vs the expert width)
+            # few tokens: per-expert products summed ([E, N, D], small) cost less than the [D, E·I] copy below
+            y_ND = torch.bmm(a.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)
+            return y_ND if out_ND is None else out_ND + y_ND
         a_NF = a.reshape(N, -1)  # [N, E·I]
         if out_ND is None:
             return F.linear(a_NF, self._down_flat())
