@@ -16,6 +16,8 @@ experts' device while it is calibrated.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -183,6 +185,154 @@ def calibrate_routers(
         k = model.config.num_experts_per_tok
         chosen = logp.topk(k, -1).indices.cpu()
         oracle = g_TE.topk(k, -1).indices.cpu()
+        overlap = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().mean().item()
+        report.append({"layer": i, "top_k_overlap_with_oracle": round(overlap, 4)})
+    return report
+
+
+# ---- routers the least-squares calibration above does not cover: Gaussian scorers and side inputs -----------------
+
+@torch.no_grad()
+def collect_router_inputs(model: PreTrainedModel, data: PackedData, batch_size: int = 8) -> list[torch.Tensor] | None:
+    """The carved model's routing inputs at every non-padding token, [T, D] per layer, in the order of
+    `collect_ffn_inputs` on the same data; None when the routers read their FFN input."""
+    from tiny_onn.model.modeling_tiny_onn import router_side_input
+
+    kind = getattr(model.config, "router_input", "ffn")
+    if kind == "ffn":
+        return None
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    rows = []
+    for batch in data.batches(batch_size):
+        mask_BT = batch["attention_mask"].to(device)
+        side_ND = router_side_input(embed(batch["input_ids"].to(device)), mask_BT, kind)
+        rows.append(side_ND[mask_BT.reshape(-1).bool()].float().cpu())
+    side_TD = torch.cat(rows)
+    return [side_TD] * len(model.model.layers)  # the side input is the same for every layer
+
+
+def _best_tokens(gains_TK: torch.Tensor, min_tokens: int) -> torch.Tensor:
+    """Boolean [T, K]: option k's tokens are those whose best (highest-gain) option is k, topped up with k's
+    highest-gain tokens when fewer than `min_tokens` prefer it."""
+    T, K = gains_TK.shape
+    chosen_TK = torch.nn.functional.one_hot(gains_TK.argmax(-1), K).bool()
+    for k in range(K):
+        if int(chosen_TK[:, k].sum()) < min(min_tokens, T):
+            chosen_TK[gains_TK[:, k].topk(min(min_tokens, T)).indices, k] = True
+    return chosen_TK
+
+
+@torch.no_grad()
+def gaussian_moments(r_TD: torch.Tensor, gains_TK: torch.Tensor, groups: int = 1, min_tokens: int = 8,
+                     shrink: float = 16.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Means [K, D], log standard deviations [K, D] and log priors [K] of K diagonal Gaussians, each fitted to the
+    routing inputs of the tokens it serves best. Variances are shrunk towards the variance of all tokens with the
+    weight of `shrink` pseudo-tokens (few tokens in many dimensions give noisy variances); priors are each option's
+    share of the tokens within its group (`groups` equal, contiguous groups; add-one smoothed)."""
+    r = r_TD.double()
+    var_all_D = r.var(0, unbiased=False).clamp_min(1e-6)
+    chosen_TK = _best_tokens(gains_TK, min_tokens)
+    means, log_stds = [], []
+    for k in range(gains_TK.shape[1]):
+        x = r[chosen_TK[:, k]]
+        n = x.shape[0]
+        var_D = (n * x.var(0, unbiased=False) + shrink * var_all_D) / (n + shrink)
+        means.append(x.mean(0))
+        log_stds.append(0.5 * var_D.clamp_min(1e-6).log())
+    counts_K = chosen_TK.sum(0).double().view(groups, -1)
+    log_prior_K = ((counts_K + 1) / (counts_K.sum(-1, keepdim=True) + counts_K.shape[1])).log().reshape(-1)
+    return torch.stack(means), torch.stack(log_stds), log_prior_K
+
+
+def _set_scorer(router, prefix: str, r_TD: torch.Tensor, target_TK: torch.Tensor, groups: int, alpha: float,
+                gains_TK: torch.Tensor) -> None:
+    """Initialise one scorer (prefix "" the experts or sub-routers, "group_" the main router) to rank like
+    `target_TK` (softmax within `groups` groups): a Gaussian scorer takes the moments of the tokens each option serves
+    best by `gains_TK`, a linear one least squares; then one fitted temperature (β of a Gaussian scorer)."""
+    T, K = target_TK.shape
+    if router.gaussian:
+        mean, log_std, log_prior = gaussian_moments(r_TD, gains_TK, groups)
+        for name, value in (("mean", mean), ("log_std", log_std), ("log_prior", log_prior)):
+            getattr(router, prefix + name).copy_(value.to(getattr(router, prefix + name).dtype))
+        getattr(router, prefix + "log_beta").zero_()
+        loglik_TK = router.scores(r_TD.float(), prefix).double() - log_prior.to(torch.float64)
+        loglik_TK = loglik_TK.view(T, groups, K // groups)
+        loglik_TK = (loglik_TK - loglik_TK.mean(-1, keepdim=True)).reshape(T, K)  # softmax ignores per-token offsets
+        spread = loglik_TK.std().clamp_min(1e-12)
+        beta = fit_temperature(loglik_TK / spread, target_TK, groups) / spread
+        getattr(router, prefix + "log_beta").fill_(math.log(float(beta)))
+    else:
+        w = ridge(r_TD.double(), target_TK, alpha)
+        w = fit_temperature(r_TD.double() @ w.T, target_TK, groups) * w
+        getattr(router, prefix + "weight").copy_(w.to(getattr(router, prefix + "weight").dtype))
+
+
+def refine_router(router, r_TD: torch.Tensor, target_TE: torch.Tensor, steps: int, lr: float = 1e-2) -> None:
+    """Adam on KL(softmax(target) ‖ router) over the whole expert distribution (hierarchical: p_main·p_sub), on a
+    float32 copy of the router's parameters, written back at the end."""
+    route = _RouteOnly(router)
+    params = {f"router.{n}": p.detach().float().clone().requires_grad_(True) for n, p in router.named_parameters()}
+    p_tgt = target_TE.float().softmax(-1)
+    r = r_TD.float()
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logq, _ = torch.func.functional_call(route, params, (r,))
+            loss = -(p_tgt * logq).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        for n, p in router.named_parameters():
+            p.copy_(params[f"router.{n}"].to(p.dtype))
+
+
+class _RouteOnly(torch.nn.Module):
+    """Calls the router's `route` (no z-loss, no side input), so that functional_call can swap its parameters."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.router = router
+
+    def forward(self, r_TD: torch.Tensor):
+        return self.router.route(r_TD)
+
+
+@torch.no_grad()
+def fit_router(router, r_TD: torch.Tensor, gains_TE: torch.Tensor, gains_TG: torch.Tensor, alpha: float = 1e-3,
+               refine_steps: int = 200) -> None:
+    """Calibrate one router of any scorer (linear or Gaussian) on routing inputs r_TD [T, D] from the experts' gains
+    [T, E] (and the groups' gains [T, G]): per-scorer initialisation (`_set_scorer`), then `refine_router`."""
+    g_TE = _centred_scaled(gains_TE.double())
+    E, G = g_TE.shape[1], router.num_groups
+    if router.hierarchical:
+        sub = g_TE.view(-1, G, E // G)
+        _set_scorer(router, "", r_TD, (sub - sub.mean(-1, keepdim=True)).reshape(-1, E), G, alpha, g_TE)
+        g_TG = _centred_scaled(gains_TG.double())
+        _set_scorer(router, "group_", r_TD, g_TG, 1, alpha, g_TG)
+    else:
+        _set_scorer(router, "", r_TD, g_TE, 1, alpha, g_TE)
+    if refine_steps:
+        refine_router(router, r_TD, g_TE, refine_steps)
+
+
+@torch.no_grad()
+def fit_routers(model: PreTrainedModel, ffn_inputs: list[torch.Tensor], router_inputs: list[torch.Tensor] | None = None,
+                alpha: float = 1e-3, refine_steps: int = 200) -> list[dict]:
+    """Calibrate every router that `calibrate_routers` does not cover (Gaussian scorers, side inputs; linear FFN-input
+    routers work too): the experts' gains come from the FFN inputs, the fit uses the routing inputs (`router_inputs`,
+    default the FFN inputs). Returns per-layer diagnostics (oracle top-k agreement)."""
+    report = []
+    for i, x_TD in enumerate(tqdm(ffn_inputs, desc="fit routers", unit="layer", leave=False)):
+        block = model.model.layers[i].mlp
+        router = block.router
+        r_TD = x_TD if router_inputs is None else router_inputs[i]
+        gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
+        fit_router(router, r_TD, gains_TE, gains_TG, alpha, refine_steps)
+        logp, _ = router.route(r_TD.to(next(router.parameters()).device))
+        k = model.config.num_experts_per_tok
+        chosen, oracle = logp.topk(k, -1).indices.cpu(), gains_TE.topk(k, -1).indices
         overlap = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().mean().item()
         report.append({"layer": i, "top_k_overlap_with_oracle": round(overlap, 4)})
     return report

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from tiny_onn.artifacts import atomic_dir, versions
 from tiny_onn.carve.assemble import assemble
-from tiny_onn.carve.calibrate import calibrate_routers, collect_ffn_inputs
+from tiny_onn.carve.calibrate import calibrate_routers, collect_ffn_inputs, collect_router_inputs, fit_routers
 from tiny_onn.carve.cluster import balanced_kmeans, random_split
 from tiny_onn.carve.features import neuron_features
 from tiny_onn.carve.plan import CarvePlan, LayerPlan
@@ -25,7 +25,7 @@ from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model import TinyOnnForCausalLM
-from tiny_onn.model.configuration_tiny_onn import EXPERT_WEIGHTINGS, ROUTER_TYPES
+from tiny_onn.model.configuration_tiny_onn import EXPERT_WEIGHTINGS, ROUTER_INPUTS, ROUTER_SCORES, ROUTER_TYPES
 from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
@@ -55,7 +55,14 @@ class CarveConfig(SourceArgs):
     top_k: int = 4
     """Experts per token (fixed top-k routing)."""
     router: str = "flat"
-    """Router: flat, or hierarchical (a main router over --groups groups, one sub-router per group)."""
+    """Router: flat, or hierarchical (a main router over --groups groups, one sub-router per group); 'gaussian' is
+    short for flat with --router-score gaussian."""
+    router_score: str = "linear"
+    """How routers score experts: linear, or gaussian (each expert a diagonal Gaussian in the router's input space,
+    initialised from the inputs of the calibration tokens it serves best; logit = b + β·log-likelihood)."""
+    router_input: str = "ffn"
+    """What routers read: ffn (the FFN input), embedding (the token embedding) or context (the running mean of the
+    sequence's embeddings)."""
     groups: int = 4
     """Expert groups of the hierarchical router."""
     top_p: float = 0.0
@@ -114,8 +121,14 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError(f"experts must be positive, got {self.experts}")
         if not 1 <= self.top_k <= self.experts:
             raise TinyOnnError(f"top_k must be between 1 and experts ({self.experts}), got {self.top_k}")
+        if self.router == "gaussian":
+            self.router, self.router_score = "flat", "gaussian"
         if self.router not in ROUTER_TYPES:
-            raise TinyOnnError(f"router must be one of {', '.join(ROUTER_TYPES)}, got {self.router!r}")
+            raise TinyOnnError(f"router must be one of {', '.join(ROUTER_TYPES)} or gaussian, got {self.router!r}")
+        if self.router_score not in ROUTER_SCORES:
+            raise TinyOnnError(f"router_score must be one of {', '.join(ROUTER_SCORES)}, got {self.router_score!r}")
+        if self.router_input not in ROUTER_INPUTS:
+            raise TinyOnnError(f"router_input must be one of {', '.join(ROUTER_INPUTS)}, got {self.router_input!r}")
         if self.router == "hierarchical" and (self.groups < 1 or self.experts % self.groups):
             raise TinyOnnError(f"experts ({self.experts}) must be a multiple of groups ({self.groups})")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:
@@ -198,11 +211,16 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
         num_experts_per_tok=cfg.top_k, router_type=cfg.router, router_top_p=cfg.top_p,
         min_experts_per_tok=cfg.min_k, max_experts_per_tok=cfg.max_k or cfg.experts,
         expert_weighting=cfg.expert_weighting,
+        router_score=cfg.router_score, router_input=cfg.router_input,
     )
     report = []
     if calib_data is not None:
         ffn_inputs = collect_ffn_inputs(source.model, calib_data)
-        report = calibrate_routers(model, ffn_inputs, refine_steps=cfg.calib_steps)
+        router_inputs = collect_router_inputs(model, calib_data)
+        if cfg.router_score == "linear" and router_inputs is None:
+            report = calibrate_routers(model, ffn_inputs, refine_steps=cfg.calib_steps)
+        else:  # Gaussian scorers, or routers that read a side input
+            report = fit_routers(model, ffn_inputs, router_inputs, refine_steps=cfg.calib_steps)
         if cfg.expert_weighting == "probs":
             for row, scales in zip(report, fit_expert_scales(model, ffn_inputs), strict=True):
                 row["expert_scales"] = scales
@@ -235,7 +253,8 @@ def model_card(model: TinyOnnForCausalLM, source: Source, extra: dict) -> str:
         f"| layers | {c.num_hidden_layers} |",
         f"| routed experts per layer | {c.num_experts} × {c.moe_intermediate_size} neurons |",
         f"| shared expert | {c.shared_expert_intermediate_size} neurons |",
-        f"| router | {c.router_type}" + (f", {c.num_expert_groups} groups" if c.router_type == "hierarchical" else "") + " |",
+        f"| router | {c.router_type}" + (f", {c.num_expert_groups} groups" if c.router_type == "hierarchical" else "")
+        + f", {getattr(c, 'router_score', 'linear')} scores on the {getattr(c, 'router_input', 'ffn')} input |",
         f"| routing | top-{c.num_experts_per_tok}" + (f", top-p {c.router_top_p}" if c.router_top_p else "") + " |",
         f"| active FFN neurons | {extra['active_fraction']:.1%} of the source |",
     ]

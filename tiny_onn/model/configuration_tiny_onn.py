@@ -8,6 +8,8 @@ from transformers import PretrainedConfig
 
 ROUTER_TYPES = ("flat", "hierarchical")
 EXPERT_WEIGHTINGS = ("straight_through", "probs")
+ROUTER_SCORES = ("linear", "gaussian")
+ROUTER_INPUTS = ("ffn", "embedding", "context")
 
 
 class TinyOnnConfig(PretrainedConfig):
@@ -22,6 +24,11 @@ class TinyOnnConfig(PretrainedConfig):
     router_type (`str`): "flat" (one linear router) or "hierarchical" (a main router over `num_expert_groups` groups and
         one sub-router per group; an expert's probability is p_main(group) * p_sub(expert | group)).
     num_expert_groups (`int`): groups of the hierarchical router (experts of group g are contiguous).
+    router_score (`str`): how a router scores experts (flat, and the main and sub-routers of a hierarchical one):
+        "linear" (logit = w_e·x) or "gaussian" (each expert owns a mean and a diagonal scale in the router's input
+        space; logit = b_e + β·log N(x; μ_e, diag σ_e²), a bias and one learned inverse temperature β per router).
+    router_input (`str`): what the router sees: "ffn" (the FFN input, the usual), "embedding" (the token's input
+        embedding) or "context" (the running mean of the input embeddings of the sequence so far, this token included).
     router_top_p (`float`): if > 0, dynamic top-k: the fewest experts whose probabilities sum to at least top_p,
         clamped to [min_experts_per_tok, max_experts_per_tok].
     expert_weighting (`str`): "straight_through" (selected experts' outputs are summed with weight exactly 1 and the
@@ -60,6 +67,8 @@ class TinyOnnConfig(PretrainedConfig):
         shared_expert_intermediate_size: int = 0,
         router_type: str = "flat",
         num_expert_groups: int = 1,
+        router_score: str = "linear",
+        router_input: str = "ffn",
         router_top_p: float = 0.0,
         min_experts_per_tok: int = 1,
         max_experts_per_tok: int | None = None,
@@ -95,6 +104,8 @@ class TinyOnnConfig(PretrainedConfig):
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
         self.router_type = router_type
         self.num_expert_groups = num_expert_groups
+        self.router_score = router_score
+        self.router_input = router_input
         self.router_top_p = router_top_p
         self.min_experts_per_tok = min_experts_per_tok
         self.max_experts_per_tok = max_experts_per_tok if max_experts_per_tok is not None else num_experts
@@ -117,6 +128,10 @@ class TinyOnnConfig(PretrainedConfig):
         """Raise ValueError naming the field when the MoE layout is inconsistent."""
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.router_score not in ROUTER_SCORES:
+            raise ValueError(f"router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}")
+        if self.router_input not in ROUTER_INPUTS:
+            raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {self.router_input!r}")
         if self.moe_mode not in ("sparse", "dense_mixture"):
             raise ValueError(f"moe_mode must be 'sparse' or 'dense_mixture', got {self.moe_mode!r}")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:

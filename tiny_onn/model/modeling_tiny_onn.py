@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable
 from itertools import accumulate
 
@@ -468,17 +469,70 @@ class TinyOnnExperts(nn.Module):
         return out_ND.index_add(0, token_sorted, y)
 
 
+def gaussian_logits(
+    x_ND: torch.Tensor, mean_KD: torch.Tensor, log_std_KD: torch.Tensor, log_prior_K: torch.Tensor,
+    log_beta: torch.Tensor,
+) -> torch.Tensor:
+    """[N, K] logits b_k + β·log N(x; μ_k, diag σ_k²) of K diagonal Gaussians (β = exp(log_beta), b = log_prior),
+    expanded into two matmuls so that no [N, K, D] tensor is formed."""
+    inv_var_KD = torch.exp(-2.0 * log_std_KD)
+    quad_NK = (x_ND * x_ND) @ inv_var_KD.T - 2.0 * (x_ND @ (mean_KD * inv_var_KD).T) + (mean_KD.square() * inv_var_KD).sum(-1)
+    log_norm_K = log_std_KD.sum(-1) + 0.5 * x_ND.shape[-1] * math.log(2 * math.pi)
+    return log_prior_K + log_beta.exp() * (-0.5 * quad_NK - log_norm_K)
+
+
 class TinyOnnRouter(nn.Module):
-    """Flat (one linear over E experts) or hierarchical (a main router over G groups, G sub-routers) routing probabilities."""
+    """Flat (one scorer over E experts) or hierarchical (a main scorer over G groups, G sub-scorers) routing
+    probabilities. A scorer is linear (logit = w·x) or Gaussian (`router_score`; logit = b + β·log N(x; μ, diag σ²) per
+    expert or group). It reads the FFN input, or (`router_input`) a side input the model hands over before its layers
+    run: the token embeddings or the running mean of the sequence's embeddings."""
 
     def __init__(self, config: TinyOnnConfig):
         super().__init__()
-        self.num_experts = config.num_experts
+        E, D = config.num_experts, config.hidden_size
+        self.num_experts = E
         self.hierarchical = config.router_type == "hierarchical"
         self.num_groups = config.num_expert_groups if self.hierarchical else 1
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))  # sub-routers, stacked
-        if self.hierarchical:
-            self.group_weight = nn.Parameter(torch.empty(self.num_groups, config.hidden_size))  # the main router
+        self.gaussian = getattr(config, "router_score", "linear") == "gaussian"
+        self.input_kind = getattr(config, "router_input", "ffn")
+        self.side_input: torch.Tensor | None = None  # [N, D], set by TinyOnnModel.forward when input_kind != "ffn"
+        sizes = {"": E, "group_": self.num_groups} if self.hierarchical else {"": E}  # "": (sub-)routers, stacked
+        for prefix, K in sizes.items():
+            if self.gaussian:
+                setattr(self, prefix + "mean", nn.Parameter(torch.empty(K, D)))
+                setattr(self, prefix + "log_std", nn.Parameter(torch.empty(K, D)))
+                setattr(self, prefix + "log_prior", nn.Parameter(torch.empty(K)))
+                setattr(self, prefix + "log_beta", nn.Parameter(torch.empty(1)))
+            else:
+                setattr(self, prefix + "weight", nn.Parameter(torch.empty(K, D)))
+
+    def scores(self, r_ND: torch.Tensor, prefix: str = "") -> torch.Tensor:
+        """Raw logits [N, K] of the experts (prefix "") or of the groups (prefix "group_"), in float32."""
+        if not self.gaussian:
+            return F.linear(r_ND, getattr(self, prefix + "weight").float())
+        params = (getattr(self, prefix + name).float() for name in ("mean", "log_std", "log_prior", "log_beta"))
+        return gaussian_logits(r_ND, *params)
+
+    def routing_input(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """What the router scores: the FFN input x_ND, or the side input set by the model for this forward."""
+        if self.input_kind == "ffn":
+            return x_ND
+        if self.side_input is None or self.side_input.shape[0] != x_ND.shape[0]:
+            raise RuntimeError(f"router_input={self.input_kind!r}: the model did not set this forward's side input")
+        return self.side_input
+
+    def route(self, r_ND: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(log-probabilities [N, E], the raw logits of each softmax) for routing inputs r_ND."""
+        r = r_ND.float()
+        logits_NE = self.scores(r)
+        if not self.hierarchical:
+            return F.log_softmax(logits_NE, dim=-1), [logits_NE]
+        N, G = logits_NE.shape[0], self.num_groups
+        sub_NGe = logits_NE.view(N, G, -1)
+        logp_sub_NGe = F.log_softmax(sub_NGe, dim=-1)  # p(expert | group)
+        main_NG = self.scores(r, "group_")
+        logp_NE = (F.log_softmax(main_NG, dim=-1)[:, :, None] + logp_sub_NGe).reshape(N, -1)
+        return logp_NE, [main_NG, sub_NGe]
 
     def log_probs(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [N, E] in float32."""
@@ -487,17 +541,7 @@ class TinyOnnRouter(nn.Module):
     def log_probs_and_z_loss(self, x_ND: torch.Tensor, z_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probabilities [N, E] in float32 and (when `z_loss`) the mean squared log-sum-exp of the raw router
         logits (ST-MoE's z-loss; for a hierarchical router the mean over the main router and the sub-routers)."""
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
-        if not self.hierarchical:
-            logp_NE = F.log_softmax(logits_NE, dim=-1)
-            z_terms = [logits_NE]
-        else:
-            N, G = logits_NE.shape[0], self.num_groups
-            sub_NGe = logits_NE.view(N, G, -1)
-            logp_sub_NGe = F.log_softmax(sub_NGe, dim=-1)  # p(expert | group)
-            main_NG = F.linear(x_ND.float(), self.group_weight.float())
-            logp_NE = (F.log_softmax(main_NG, dim=-1)[:, :, None] + logp_sub_NGe).reshape(N, -1)
-            z_terms = [main_NG, sub_NGe]
+        logp_NE, z_terms = self.route(self.routing_input(x_ND))
         z = sum(torch.logsumexp(t, dim=-1).pow(2).mean() for t in z_terms) / len(z_terms) if z_loss else None
         return logp_NE, z
 
@@ -524,6 +568,29 @@ def expert_indices(
     K = int(k_N.max())
     keep_NK = torch.arange(K, device=scores_NE.device)[None, :] < k_N[:, None]
     return order_NE[:, :K], keep_NK
+
+
+def router_side_input(
+    embeds_BTD: torch.Tensor, attention_mask: torch.Tensor | None, kind: str, cache: Cache | None = None
+) -> torch.Tensor:
+    """The routers' input [B*T, D] when it is not the FFN input: the input embeddings ("embedding"), or ("context") the
+    mean of the sequence's embeddings up to and including each position, padding excluded. With a KV cache the running
+    sum and count are kept on the cache object, so cached decoding sees the same context as a full forward."""
+    B, T, D = embeds_BTD.shape
+    if kind == "embedding":
+        return embeds_BTD.reshape(-1, D)
+    keep_BT = torch.ones(B, T, device=embeds_BTD.device)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep_BT = attention_mask[:, -T:].to(embeds_BTD.device, torch.float32)
+    sum_BTD = (embeds_BTD.float() * keep_BT[..., None]).cumsum(1)
+    count_BT = keep_BT.cumsum(1)
+    if cache is not None:
+        prev_sum_BD, prev_count_B = getattr(cache, "tiny_onn_context", (None, None))
+        if prev_sum_BD is not None and prev_sum_BD.shape[0] == B:
+            sum_BTD = sum_BTD + prev_sum_BD[:, None]
+            count_BT = count_BT + prev_count_B[:, None]
+        cache.tiny_onn_context = (sum_BTD[:, -1].detach(), count_BT[:, -1])
+    return (sum_BTD / count_BT.clamp_min(1.0)[..., None]).to(embeds_BTD.dtype).reshape(-1, D)
 
 
 def select_experts(
@@ -637,9 +704,15 @@ class TinyOnnPreTrainedModel(PreTrainedModel):
             module.gate_up_proj.normal_(0.0, std)
             module.down_proj.normal_(0.0, std)
         elif isinstance(module, TinyOnnRouter):
-            module.weight.normal_(0.0, std)
-            if module.hierarchical:
-                module.group_weight.normal_(0.0, std)
+            prefixes = ("", "group_") if module.hierarchical else ("",)
+            for prefix in prefixes:
+                if module.gaussian:  # unit Gaussians around random means, β = 1/D: mild preferences
+                    getattr(module, prefix + "mean").normal_(0.0, 1.0)
+                    getattr(module, prefix + "log_std").zero_()
+                    getattr(module, prefix + "log_prior").zero_()
+                    getattr(module, prefix + "log_beta").fill_(-math.log(module.mean.shape[-1]))
+                else:
+                    getattr(module, prefix + "weight").normal_(0.0, std)
 
 
 class TinyOnnModel(TinyOnnPreTrainedModel):
@@ -687,6 +760,11 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        router_input = getattr(self.config, "router_input", "ffn")
+        if router_input != "ffn":  # the routers read a side input instead of their FFN input
+            side_ND = router_side_input(inputs_embeds, attention_mask, router_input, past_key_values)
+            for layer in self.layers:
+                layer.mlp.router.side_input = side_ND
         router_logits, selections, z_losses = [], [], []
         for layer in self.layers:
             hidden_states, logp_NE, selected_NE, z_loss = layer(

@@ -33,3 +33,45 @@ def performance_index(ce: float, entropy: float, grad_norm: float, alpha: float,
     """PI = exp(−α·((1−γ)·ε/τ + γ·S)), ε the CE loss, τ the mean predictive entropy, S the global gradient norm."""
     tau = max(entropy, 1e-6)
     return math.exp(-alpha * ((1 - gamma) * ce / tau + gamma * grad_norm))
+
+
+def oracle_distribution_logits(gains_NE: torch.Tensor) -> torch.Tensor:
+    """The calibration's target logits from expert gains [N, E]: centred per token, divided by their standard deviation
+    (softmax of these is the distribution the carve fits routers to)."""
+    g = gains_NE.float() - gains_NE.float().mean(-1, keepdim=True)
+    return g / g.std().clamp_min(1e-12)
+
+
+def router_distill_kl(logp_NE: torch.Tensor, gains_NE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(oracle logits of the teacher's gains) ‖ router), both [N, E]."""
+    if logp_NE.shape[0] == 0:
+        return logp_NE.sum() * 0.0
+    target = oracle_distribution_logits(gains_NE).log_softmax(-1)
+    return F.kl_div(logp_NE, target, log_target=True, reduction="batchmean")
+
+
+def specificity_loss(probs_NE: torch.Tensor, category_N: torch.Tensor, num_categories: int) -> torch.Tensor:
+    """How unspecific the experts are, in [0, 1]: Σ_e u_e·H_e / log C. For expert e, m_ce is its mean routing probability
+    on the tokens of category c (so categories count alike whatever their token counts), H_e the entropy of m_·e
+    normalised over c, u_e = Σ_c m_ce / Σ_c,e' m_ce' its share of the routing mass; C the categories present.
+    Zero when every expert with routing mass is chosen by one category only, positive otherwise; tokens with category
+    < 0 (padding, replay) are left out."""
+    keep = category_N >= 0
+    p_NE, cat_N = probs_NE[keep].float(), category_N[keep]
+    onehot_NC = F.one_hot(cat_N, num_categories).float()
+    count_C = onehot_NC.sum(0)
+    present = count_C > 0
+    if int(present.sum()) < 2:
+        return probs_NE.sum() * 0.0
+    m_CE = (onehot_NC.T @ p_NE)[present] / count_C[present, None]  # mean routing probability per category
+    mass_E = m_CE.sum(0)
+    q_CE = m_CE / mass_E.clamp_min(1e-12)
+    entropy_E = -(q_CE * q_CE.clamp_min(1e-12).log()).sum(0) / math.log(int(present.sum()))
+    return (mass_E / mass_E.sum().clamp_min(1e-12) * entropy_E).sum()
+
+
+def pi_schedule(pi: float, act_k: int, lr_floor: float) -> tuple[float, int]:
+    """The PI-driven schedule: (learning-rate scale, experts to update) = (floor + (1 − floor)·(1 − PI),
+    max(1, round(act_k·(1 − PI)))), act_k the experts that computed in the layer this step. A model that predicts well
+    (PI → 1) takes small steps on few experts; a surprised one (PI → 0) full steps on every expert that computed."""
+    return lr_floor + (1.0 - lr_floor) * (1.0 - pi), max(1, round(act_k * (1.0 - pi)))

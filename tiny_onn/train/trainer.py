@@ -33,9 +33,19 @@ from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model.export import CARVE_META, TRAIN_META, read_carve_metadata, save_model_folder
 from tiny_onn.sources import Source, SourceArgs, load_source
-from tiny_onn.train.losses import kd_sum, performance_index, response_ce_sum
+from tiny_onn.train.ewc import EWC
+from tiny_onn.train.losses import (
+    kd_sum,
+    performance_index,
+    pi_schedule,
+    response_ce_sum,
+    router_distill_kl,
+    specificity_loss,
+)
 from tiny_onn.train.optim import MaskedAdamW
 from tiny_onn.train.policies import POLICIES, expert_grad_norms, update_mask
+from tiny_onn.train.replay import ReplayBuffer
+from tiny_onn.train.routing import RouterTaps, TeacherGains
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +118,36 @@ class TrainConfig(SourceArgs, DataArgs):
     """PI's α."""
     pi_gamma: float = 0.1
     """PI's γ (weight of the gradient norm against ε/τ)."""
+    pi_schedule: bool = False
+    """PI-driven schedule: every step, learning rates × (floor + (1 − floor)·(1 − PI)) and, for smk/smk2, the experts
+    updated per layer = max(1, round(act_k·(1 − PI))), act_k the layer's experts that computed this step (replaces
+    --max-k/--min-k and --adaptive-k). Logged as lr_scale and experts_updated_mean."""
+    pi_lr_floor: float = 0.1
+    """--pi-schedule: the learning-rate scale at PI = 1."""
+    router_distill: float = 0.0
+    """Weight of router distillation: per layer, KL(softmax(teacher's expert gains) ‖ router) averaged over tokens, the
+    gains being those the carve calibrates on, computed from the --teacher's own neurons of each expert (needs
+    --teacher, the carve's source). Trains only the routers (their input is detached)."""
+    specificity: float = 0.0
+    """Weight of the expert specificity loss: per layer, the routing-mass-weighted entropy of each expert's mean routing
+    probability across the batch's data categories, normalised to [0, 1] (0 = every expert serves one category). Trains
+    only the routers."""
+    perpetual: bool = False
+    """Perpetual mode: one expert per layer updates each step (sets --policy smk --min-k 1); guard it with
+    --replay-data and --ewc."""
+    replay_data: str = ""
+    """Earlier data replayed beside the new --data (a data spec, e.g. 'default'); empty = no replay."""
+    replay_size: int = 256
+    """Sequences kept in the replay buffer (the first ones of --replay-data's training split)."""
+    replay_ratio: float = 0.25
+    """Share of each micro-batch's sequences drawn from the replay buffer (the rest is new data)."""
+    ewc: float = 0.0
+    """EWC strength λ: penalty (λ/2)·Σ F̂·(θ − θ*)² on the expert weights, θ* the start weights, F̂ the empirical
+    Fisher diagonal on earlier data normalised to mean 1 (0 = off)."""
+    ewc_data: str = ""
+    """Earlier data for the EWC Fisher estimate; empty = --replay-data."""
+    ewc_samples: int = 16
+    """Sequences (one backward each) for the EWC Fisher estimate."""
     eval_tokens: int = 4096
     """Held-out tokens for perplexity before and after training (0 = skip)."""
     checkpoint_every: int = 50
@@ -138,6 +178,35 @@ class TrainConfig(SourceArgs, DataArgs):
                                f"ce_weight={self.ce_weight}, kd={self.kd}")
         if self.load_in_4bit and not self.teacher:
             raise TinyOnnError("--load-in-4bit loads the teacher in 4 bits (the trained model never is): it needs a --teacher")
+        self._check_seed_mechanisms()
+
+    def _check_seed_mechanisms(self) -> None:
+        """Router losses, the PI schedule and perpetual mode (replay, EWC)."""
+        if self.perpetual:
+            self.policy, self.min_k = "smk", 1
+        if self.router_distill < 0 or self.specificity < 0 or self.ewc < 0:
+            raise TinyOnnError("router_distill, specificity and ewc must be non-negative")
+        if self.router_distill and not self.teacher:
+            raise TinyOnnError("--router-distill needs a --teacher (the dense source the MoE was carved from)")
+        if not 0.0 <= self.pi_lr_floor <= 1.0:
+            raise TinyOnnError(f"pi_lr_floor must be in [0, 1], got {self.pi_lr_floor}")
+        if self.replay_data:
+            if not 0.0 < self.replay_ratio < 1.0 or self.replay_size < 1:
+                raise TinyOnnError(f"replay needs 0 < replay_ratio < 1 and replay_size >= 1, got {self.replay_ratio} "
+                                   f"and {self.replay_size}")
+            if not 1 <= self.replayed_per_micro_batch < self.batch_size:
+                raise TinyOnnError(f"replay_ratio {self.replay_ratio} of batch_size {self.batch_size} replays "
+                                   f"{self.replayed_per_micro_batch} sequences: it must leave at least one new and one "
+                                   "replayed sequence per micro-batch")
+        if self.ewc and not (self.ewc_data or self.replay_data):
+            raise TinyOnnError("--ewc needs earlier data for its Fisher estimate: --ewc-data or --replay-data")
+        if self.ewc_samples < 1:
+            raise TinyOnnError(f"ewc_samples must be positive, got {self.ewc_samples}")
+
+    @property
+    def replayed_per_micro_batch(self) -> int:
+        """Sequences of each micro-batch that come from the replay buffer."""
+        return round(self.replay_ratio * self.batch_size) if self.replay_data else 0
 
 
 def _set_trainable(model, cfg: TrainConfig) -> None:
@@ -207,9 +276,12 @@ class Checkpoints:
         folder = self.root / read_json(pointer, "checkpoint pointer")["folder"]
         return folder if folder.is_dir() else None
 
-    def save(self, model, optimizer, state: TrainState, meta: dict) -> Path:
+    def save(self, model, optimizer, state: TrainState, meta: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the checkpoint of `state.step` (`extra`: more tensors to keep, e.g. EWC's anchor and Fisher)."""
         name = f"step-{state.step:06d}"
         with atomic_dir(self.root / name) as tmp:
+            if extra:
+                save_file({k: v.contiguous() for k, v in extra.items()}, tmp / "extra.safetensors")
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
@@ -223,7 +295,8 @@ class Checkpoints:
 
     @staticmethod
     def load(folder: Path, model, optimizer, fingerprint: str) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Restore weights, optimizer and RNGs from `folder`; return its state.json and its counters (empty if none)."""
+        """Restore weights, optimizer and RNGs from `folder`; return its state.json and its counters (empty if none).
+        Extra tensors (`save(extra=...)`) are read with `load_extra`."""
         meta = read_json(folder / "state.json", "checkpoint state")
         if meta.get("model_fingerprint") != fingerprint:
             raise TinyOnnError(
@@ -237,17 +310,32 @@ class Checkpoints:
         counters = folder / "counters.safetensors"
         return meta, load_file(counters) if counters.is_file() else {}
 
+    @staticmethod
+    def load_extra(folder: Path) -> dict[str, torch.Tensor]:
+        path = folder / "extra.safetensors"
+        return load_file(path) if path.is_file() else {}
 
-def step_batches(data: PackedData, step: int, cfg: TrainConfig, rank: int, world: int) -> tuple[list[dict], int]:
-    """This rank's micro-batches of global step `step` (the data cycles), and the step's global count of scored tokens."""
-    per_step = cfg.batch_size * cfg.grad_accum * world
+
+def step_batches(data: PackedData, step: int, cfg: TrainConfig, rank: int, world: int,
+                 replay: ReplayBuffer | None = None) -> tuple[list[dict], int]:
+    """This rank's micro-batches of global step `step` (the data cycles; with a replay buffer, each micro-batch's last
+    `replayed_per_micro_batch` sequences are replayed), and the step's global count of scored tokens."""
+    n_replay = cfg.replayed_per_micro_batch if replay is not None else 0
+    new = cfg.batch_size - n_replay
+    per_step = new * cfg.grad_accum * world
     rows = torch.arange(step * per_step, (step + 1) * per_step) % len(data)
-    scored = int(scored_positions(data.labels[rows])[1].sum())
+    replayed = replay.draw(step, n_replay * cfg.grad_accum * world) if n_replay else None
+    labels = [data.labels[rows]] + ([replay.data.labels[replayed]] if n_replay else [])
+    scored = sum(int(scored_positions(lab)[1].sum()) for lab in labels)
+    fields = ("input_ids", "labels", "attention_mask", "category")
     micro = []
     for m in range(cfg.grad_accum):
-        start = (m * world + rank) * cfg.batch_size
-        r = rows[start : start + cfg.batch_size]
-        micro.append({k: getattr(data, k)[r] for k in ("input_ids", "labels", "attention_mask", "category")})
+        slot = m * world + rank
+        batch = {k: getattr(data, k)[rows[slot * new : (slot + 1) * new]] for k in fields}
+        if n_replay:
+            old = replay.rows(replayed[slot * n_replay : (slot + 1) * n_replay])
+            batch = {k: torch.cat([batch[k], old[k]]) for k in fields}
+        micro.append(batch)
     return micro, scored
 
 
@@ -267,8 +355,8 @@ def load_models(cfg: TrainConfig) -> tuple[Source, torch.nn.Module | None]:
 def check_model_fits_config(model, cfg: TrainConfig) -> None:
     """Expert options need a MoE; a policy's k must not exceed the experts."""
     if model.config.model_type != "tiny_onn":
-        moe_options = [name for name in ("phase1_steps", "phase2_pi", "top_p", "adaptive_k", "z_loss_coef")
-                       if getattr(cfg, name)]
+        moe_options = [name for name in ("phase1_steps", "phase2_pi", "top_p", "adaptive_k", "z_loss_coef",
+                                         "router_distill", "specificity", "perpetual") if getattr(cfg, name)]
         if cfg.policy != "full" or moe_options:
             raise TinyOnnError(
                 f"{cfg.model!r} is a dense model: it has no experts, so only --policy full applies"
@@ -331,7 +419,11 @@ class Trainer:
         global_rows = cfg.steps * cfg.batch_size * cfg.grad_accum * self.world
         self.data = build_dataset(tok, cfg, "train", max_tokens=global_rows * cfg.seq_len)
         self.held = build_dataset(tok, cfg, "heldout", max_tokens=cfg.eval_tokens) if cfg.eval_tokens else None
+        self.replay = ReplayBuffer.build(tok, cfg, cfg.replay_data, cfg.replay_size) if cfg.replay_data else None
         self.state = self.resume() if cfg.resume else self.fresh_state()
+        self.ewc = self.setup_ewc(tok) if cfg.ewc else None
+        self.router_taps = RouterTaps(self.model) if self.is_moe and (cfg.router_distill or cfg.specificity) else None
+        self.teacher_gains = TeacherGains(self.teacher, cfg.model) if cfg.router_distill else None
         self.ddp_model = self.accelerator.prepare(self.model)
         if self.held is not None and self.state.ppl_before is None:
             self.state.ppl_before = self.evaluate()
@@ -340,6 +432,20 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tb"))
+
+    def setup_ewc(self, tokenizer) -> EWC:
+        """EWC's anchor and Fisher: from the checkpoint when resuming, else estimated now on the earlier data."""
+        cfg = self.cfg
+        latest = self.checkpoints.latest() if cfg.resume else None
+        if latest is not None and (saved := Checkpoints.load_extra(latest)):
+            return EWC.from_state(self.model, saved, cfg.ewc)
+        spec = cfg.ewc_data or cfg.replay_data
+        args = DataArgs(data=spec, seq_len=cfg.seq_len, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed)
+        data = build_dataset(tokenizer, args, "train", max_tokens=cfg.ewc_samples * cfg.seq_len)
+        data = PackedData(*(getattr(data, k)[: cfg.ewc_samples] for k in ("input_ids", "labels", "attention_mask",
+                                                                          "category")), data.category_names)
+        log.info("estimating the EWC Fisher diagonal on %d sequences of %s", len(data), spec)
+        return EWC.estimate(self.model, data, cfg.ewc)
 
     def fresh_state(self) -> TrainState:
         E = self.model.config.num_experts if self.is_moe else 0
@@ -353,14 +459,15 @@ class Trainer:
         expert update masks, clipping over what updates, the masked AdamW step. Returns the step's history record."""
         cfg, opt, t0 = self.cfg, self.optimizer, time.perf_counter()
         self._enter_phase(step)
-        for group, base_lr in zip(opt.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base_lr * lr_lambda(step, cfg.warmup_steps, cfg.steps)
         for ex in self.experts:
             ex.reset_stats()
-        micro, scored_global = step_batches(self.data, step, cfg, self.rank, self.world)
+        micro, scored_global = step_batches(self.data, step, cfg, self.rank, self.world, self.replay)
         losses, cat_tokens = self.forward_backward(micro, scored_global, step)
         grad_norm = opt.clip_grad_norm_(float("inf"))  # every trainable gradient: PI's S (no mask set yet)
         self.state.pi = performance_index(losses["ce"], losses["entropy"], grad_norm, cfg.pi_alpha, cfg.pi_gamma)
+        lr_scale = pi_schedule(self.state.pi, 1, cfg.pi_lr_floor)[0] if cfg.pi_schedule else 1.0
+        for group, base_lr in zip(opt.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * lr_lambda(step, cfg.warmup_steps, cfg.steps) * lr_scale
         share = cat_tokens / cat_tokens.sum().clamp_min(1)  # [C] this step's token share per category
         updated = self.mask_experts(share)
         update_norm = opt.clip_grad_norm_(cfg.clip if cfg.clip > 0 else float("inf"))  # masks set: what updates
@@ -370,8 +477,9 @@ class Trainer:
         dt = time.perf_counter() - t0
         tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro)) * self.world
         return {"step": step + 1, "phase": self.state.phase, "ce": losses["ce"], "kd": losses["kd"], "lb": losses["lb"],
-                "z": losses["z"], "pi": self.state.pi, "grad_norm": grad_norm, "update_grad_norm": update_norm,
-                "lr": opt.param_groups[0]["lr"], "tokens_per_second": tokens / dt,
+                "z": losses["z"], "router_distill": losses["rd"], "specificity": losses["sp"], "ewc": losses["ewc"],
+                "pi": self.state.pi, "grad_norm": grad_norm, "update_grad_norm": update_norm,
+                "lr": opt.param_groups[0]["lr"], "lr_scale": lr_scale, "tokens_per_second": tokens / dt,
                 "experts_updated_mean": sum(updated) / max(len(updated), 1), "step_seconds": dt}
 
     def _enter_phase(self, step: int) -> None:
@@ -388,7 +496,7 @@ class Trainer:
         """Accumulate the gradients of the step's micro-batches; return the losses as global means and the [C] count of
         scored tokens per category (both summed over ranks)."""
         C = self.state.category_mass.numel()
-        sums = torch.zeros(6, dtype=torch.float64)  # ce, kd, lb, z, entropy·n, n
+        sums = torch.zeros(9, dtype=torch.float64)  # ce, kd, lb, z, entropy·n, n, router distill, specificity, ewc
         cat_tokens = torch.zeros(C)
         for mb in micro:
             mb = {k: v.to(self.accelerator.device) for k, v in mb.items()}
@@ -403,19 +511,23 @@ class Trainer:
             _, scored = scored_positions(mb["labels"])
             n = int(scored.sum())
             sums += torch.tensor([parts["ce"].item(), parts["kd"].item(), parts["lb"].item() / len(micro),
-                                  parts["z"].item() / len(micro), parts["entropy"].item() * n, n], dtype=torch.float64)
+                                  parts["z"].item() / len(micro), parts["entropy"].item() * n, n,
+                                  parts["rd"].item() / len(micro), parts["sp"].item() / len(micro),
+                                  parts["ewc"].item() / len(micro)], dtype=torch.float64)
             cats = mb["category"][:, 1:][scored].cpu()
             cat_tokens += torch.bincount(cats[cats >= 0], minlength=C).float()
         distributed.all_reduce_sum(sums)
         distributed.all_reduce_sum(cat_tokens)
         n_all = max(sums[5].item(), 1)
         losses = {"ce": sums[0].item() / n_all, "kd": sums[1].item() / n_all, "lb": sums[2].item() / self.world,
-                  "z": sums[3].item() / self.world, "entropy": sums[4].item() / n_all}
+                  "z": sums[3].item() / self.world, "entropy": sums[4].item() / n_all, "rd": sums[6].item() / self.world,
+                  "sp": sums[7].item() / self.world, "ewc": sums[8].item() / self.world}
         return losses, cat_tokens
 
     def micro_batch_loss(self, mb: dict, scale: float, n_micro: int) -> tuple[torch.Tensor, dict]:
         """ce_weight·CE + kd·T²·KL (token sums × `scale`: after DDP's averaging, the step's global token mean) +
-        (α_lb·load balance + z_loss_coef·z) / micro-batches. Also returns each part (0-d tensors) for logging."""
+        (α_lb·load balance + z_loss_coef·z + router_distill·RD + specificity·SP + EWC) / micro-batches. Also returns
+        each part (0-d tensors) for logging."""
         cfg = self.cfg
         zero = torch.zeros(())
         moe_kwargs = {"output_router_logits": True} if self.is_moe else {}
@@ -424,15 +536,38 @@ class Trainer:
         ce, entropy = response_ce_sum(outputs.logits, mb["labels"])
         loss = cfg.ce_weight * ce * scale
         kd = zero
-        if self.teacher is not None and cfg.kd:
-            with torch.no_grad():
+        if self.teacher is not None and (cfg.kd or cfg.router_distill):
+            with torch.no_grad():  # (its FFN hooks compute the expert gains router distillation needs)
                 t_logits = self.teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            kd = kd_sum(outputs.logits, t_logits, mb["labels"], cfg.kd_temperature)
-            loss = loss + cfg.kd * kd * scale
+            if cfg.kd:
+                kd = kd_sum(outputs.logits, t_logits, mb["labels"], cfg.kd_temperature)
+                loss = loss + cfg.kd * kd * scale
         lb = outputs.aux_loss if self.is_moe else zero
         z = outputs.router_z_loss if self.is_moe and cfg.z_loss_coef else zero
-        loss = loss + (cfg.aux_loss_coef * lb + cfg.z_loss_coef * z) / n_micro
-        return loss, {"ce": ce, "kd": kd, "lb": lb, "z": z, "entropy": entropy}
+        rd, sp = self.routing_losses(mb)
+        ewc = self.ewc.penalty() if self.ewc is not None else zero
+        loss = loss + (cfg.aux_loss_coef * lb + cfg.z_loss_coef * z + cfg.router_distill * rd + cfg.specificity * sp
+                       + ewc) / n_micro
+        return loss, {"ce": ce, "kd": kd, "lb": lb, "z": z, "entropy": entropy, "rd": rd, "sp": sp, "ewc": ewc}
+
+    def routing_losses(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router distillation and specificity, each averaged over layers, on the non-padding tokens of the micro-batch
+        just forwarded; both re-route the routers' inputs detached, so only the routers learn from them."""
+        zero = torch.zeros(())
+        if self.router_taps is None:
+            return zero, zero
+        keep_N = mb["attention_mask"].reshape(-1).bool()
+        cat_N = mb["category"].reshape(-1)[keep_N]
+        C = self.state.category_mass.numel()
+        rd, sp = [], []
+        for li in range(len(self.router_taps.routers)):
+            logp_NE = self.router_taps.log_probs(li)[keep_N.to(self.accelerator.device)]
+            if self.cfg.router_distill:
+                gains_NE = self.teacher_gains.gains[li][keep_N.to(self.teacher_gains.gains[li].device)]
+                rd.append(router_distill_kl(logp_NE, gains_NE.to(logp_NE.device)))
+            if self.cfg.specificity:
+                sp.append(specificity_loss(logp_NE.exp(), cat_N.to(logp_NE.device), C))
+        return (torch.stack(rd).mean() if rd else zero), (torch.stack(sp).mean() if sp else zero)
 
     def mask_experts(self, share: torch.Tensor) -> list[int]:
         """Set this step's update mask of every MoE layer by the policy; count updates per category. Returns the number
@@ -446,6 +581,8 @@ class Trainer:
             act_sum = distributed.all_reduce_sum(ex.output_norm_sum.clone())
             count = distributed.all_reduce_sum(ex.routed_count.clone())
             act_E = act_sum / count.clamp_min(1)
+            if cfg.pi_schedule:  # min_k = f(PI, act_k), act_k = the experts that computed in this layer this step
+                k = pi_schedule(state.pi, int((count > 0).sum()), cfg.pi_lr_floor)[1]
             mask = update_mask(cfg.policy, expert_grad_norms(ex).to(act_E.device), act_E, count > 0, k, cfg.only_routed)
             self.optimizer.set_update_mask(ex.gate_up_proj, mask)
             self.optimizer.set_update_mask(ex.down_proj, mask)
@@ -463,7 +600,8 @@ class Trainer:
     # ---- checkpoint / resume -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         meta = {"model_fingerprint": self.fingerprint, "config": config_to_dict(self.cfg)}
-        return self.checkpoints.save(self.model, self.optimizer, self.state, meta)
+        extra = self.ewc.state_tensors() if self.ewc is not None else None
+        return self.checkpoints.save(self.model, self.optimizer, self.state, meta, extra)
 
     def resume(self) -> TrainState:
         """Restore the latest checkpoint: weights, optimizer, RNGs and the TrainState."""
@@ -499,8 +637,8 @@ class Trainer:
             bar.set_postfix(loss=f"{rec['ce']:.3f}", PI=f"{rec['pi']:.3f}", lr=f"{rec['lr']:.1e}",
                             tok_s=f"{rec['tokens_per_second']:.0f}")
             if self.writer is not None and (step + 1) % cfg.log_every == 0:
-                for key in ("ce", "kd", "lb", "z", "pi", "grad_norm", "update_grad_norm", "lr", "tokens_per_second",
-                            "experts_updated_mean"):
+                for key in ("ce", "kd", "lb", "z", "router_distill", "specificity", "ewc", "pi", "grad_norm",
+                            "update_grad_norm", "lr", "lr_scale", "tokens_per_second", "experts_updated_mean"):
                     self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and self.rank == 0:
                 self.save_checkpoint()

@@ -1,0 +1,72 @@
+"""Carving with Gaussian routers and side inputs: calibrated before training, exported folders load without tiny_onn and
+generate; `reroute` swaps the routers of an existing carve and keeps its experts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from tiny_onn.carve.reroute import reroute
+from tiny_onn.cli import main
+from tiny_onn.sources import SourceArgs, load_source
+
+
+def _carve(tiny_moe, out, score, side) -> dict:
+    moe, _ = tiny_moe
+    argv = ["carve", "--scan", str(moe.parent / "scan"), "--model", str(moe.parent / "dense"), "--experts", "4",
+            "--top-k", "2", "--router", "hierarchical", "--groups", "2", "--router-score", score, "--router-input", side,
+            "--calib-tokens", "512", "--calib-steps", "20", "--eval-tokens", "256", "--no-plots", "--device", "cpu",
+            "--out", str(out)]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["router_score"], config["router_input"]) == (score, side)
+    return json.loads((out / "carve.json").read_text())
+
+
+def test_gaussian_carve_is_calibrated(tiny_moe, tmp_path):
+    meta = _carve(tiny_moe, tmp_path / "gauss", "gaussian", "ffn")
+    # the share of chosen experts that are among the oracle's top-2 of 4 (chance: 0.5)
+    overlap = [layer["top_k_overlap_with_oracle"] for layer in meta["calibration"]]
+    assert len(overlap) == 2 and sum(overlap) / 2 > 0.65, overlap
+    assert meta["perplexity"]["ratio"] < 1.5
+
+
+def test_gaussian_context_carve_exports_loads_and_generates(tiny_moe, tmp_path):
+    out = tmp_path / "gauss-ctx"
+    _carve(tiny_moe, out, "gaussian", "context")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert "tiny_onn" not in sys.modules
+        assert type(model.model.layers[0].mlp.router).__name__ == "TinyOnnRouter" and model.model.layers[0].mlp.router.gaussian
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        cached = model.generate(ids, max_new_tokens=5, do_sample=False)
+        plain = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
+        assert cached.shape[1] == 11 and cached.tolist() == plain.tolist()
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_reroute_keeps_the_experts_and_fits_new_routers(tiny_moe, tmp_path):
+    moe, data = tiny_moe
+    out = reroute(moe, tmp_path / "rerouted", router_score="gaussian", router_input="embedding", calib_tokens=512,
+                  calib_steps=10, data=str(data))
+    before = load_source(SourceArgs(model=str(moe), device="cpu"), dense_only=False).model.state_dict()
+    after = load_source(SourceArgs(model=str(out), device="cpu"), dense_only=False).model
+    assert after.config.router_score == "gaussian" and after.config.router_input == "embedding"
+    for name, tensor in after.state_dict().items():
+        if ".mlp.router." not in name:
+            assert torch.equal(tensor, before[name]), name
+    meta = json.loads((out / "carve.json").read_text())
+    assert meta["config"]["router_score"] == "gaussian" and meta["rerouted_from"]["folder"] == str(moe)
+    assert len(meta["calibration"]) == 2
+    with torch.no_grad():
+        logits = after(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    assert torch.isfinite(logits).all()

@@ -1,0 +1,118 @@
+"""Router variants: Gaussian scorers (logits = a hand computation; calibration sends each cluster to its own expert),
+side inputs (token embedding, running context) that decode with the KV cache exactly as a full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_onn.carve.calibrate import fit_router
+from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
+from tiny_onn.model.modeling_tiny_onn import TinyOnnRouter, router_side_input
+
+
+def _config(**kw) -> TinyOnnConfig:
+    base = dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, num_expert_groups=2, pad_token_id=0,
+                eos_token_id=2)
+    return TinyOnnConfig(**{**base, **kw})
+
+
+def _hand_gaussian(x_ND, mean, log_std, log_prior, log_beta):
+    """b_k + β·Σ_d log N(x_d; μ_kd, σ_kd), written with torch.distributions, token by token."""
+    rows = []
+    for x in x_ND:
+        dist = torch.distributions.Normal(mean, log_std.exp())  # [K, D]
+        rows.append(log_prior + log_beta.exp() * dist.log_prob(x[None, :]).sum(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("router_type", ["flat", "hierarchical"])
+def test_gaussian_logits_equal_a_hand_computation(router_type):
+    router = TinyOnnRouter(_config(router_type=router_type, router_score="gaussian"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    x = torch.randn(7, 16, generator=gen)
+    expert_logits = _hand_gaussian(x, router.mean, router.log_std, router.log_prior, router.log_beta)
+    torch.testing.assert_close(router.scores(x), expert_logits, rtol=1e-5, atol=1e-4)
+    logp, probs = router(x)
+    if router_type == "flat":
+        expected = expert_logits.log_softmax(-1)
+    else:  # p(e) = p_main(group) · p_sub(e | group)
+        group_logits = _hand_gaussian(x, router.group_mean, router.group_log_std, router.group_log_prior,
+                                      router.group_log_beta)
+        sub = expert_logits.view(7, 2, 2).log_softmax(-1)
+        expected = (group_logits.log_softmax(-1)[:, :, None] + sub).reshape(7, 4)
+    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(7))
+
+
+@pytest.mark.parametrize("router_type", ["flat", "hierarchical"])
+def test_gaussian_calibration_routes_each_cluster_to_its_expert(router_type):
+    """Four clusters of routing inputs, expert c the best for cluster c: after the moment initialisation alone (no Adam
+    refinement) every token's top expert is its cluster's."""
+    router = TinyOnnRouter(_config(router_type=router_type, router_score="gaussian"))
+    gen = torch.Generator().manual_seed(1)
+    centres, spread = torch.randn(4, 16, generator=gen) * 2, torch.rand(4, 16, generator=gen) + 0.3
+    cluster = torch.arange(4).repeat_interleave(60)
+    x = centres[cluster] + spread[cluster] * torch.randn(240, 16, generator=gen)
+    gains_TE = torch.nn.functional.one_hot(cluster, 4).float() + 0.05 * torch.rand(240, 4, generator=gen)
+    gains_TG = gains_TE.view(240, 2, 2).sum(-1)
+    fit_router(router, x, gains_TE, gains_TG, refine_steps=0)
+    logp, _ = router(x)
+    assert torch.equal(logp.argmax(-1), cluster)
+    # the means are the clusters' centres (the tokens each expert serves best)
+    torch.testing.assert_close(router.mean, torch.stack([x[cluster == c].mean(0) for c in range(4)]), rtol=0, atol=1e-5)
+    # held-out tokens of the same clusters route the same way
+    x_new = centres[cluster] + spread[cluster] * torch.randn(240, 16, generator=gen)
+    assert (router(x_new)[0].argmax(-1) == cluster).float().mean() > 0.95
+
+
+def test_context_side_input_is_the_running_mean_of_embeddings():
+    gen = torch.Generator().manual_seed(2)
+    emb = torch.randn(2, 5, 3, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # the second row is left-padded
+    ctx = router_side_input(emb, mask, "context").view(2, 5, 3)
+    for b in range(2):
+        for t in range(5):
+            kept = [emb[b, s] for s in range(t + 1) if mask[b, s]]
+            expected = torch.stack(kept).mean(0) if kept else torch.zeros(3)
+            torch.testing.assert_close(ctx[b, t], expected)
+    torch.testing.assert_close(router_side_input(emb, mask, "embedding"), emb.reshape(-1, 3))
+
+
+@pytest.mark.parametrize(("score", "side"), [("gaussian", "ffn"), ("linear", "embedding"), ("gaussian", "context"),
+                                             ("linear", "context")])
+def test_cached_decoding_equals_a_full_forward(score, side):
+    torch.manual_seed(0)
+    model = TinyOnnForCausalLM(_config(router_type="hierarchical", router_score=score, router_input=side,
+                                       shared_expert_intermediate_size=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        out = model(input_ids=ids[:, :6], use_cache=True)
+        steps = [out.logits]
+        cache = getattr(out, "cache", None) or out.past_key_values
+        for t in range(6, 10):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        gen_cached = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        gen_plain = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert gen_cached.tolist() == gen_plain.tolist()
+    if side == "context":  # the context differs from the embedding: routing really reads the running mean
+        emb = model.model.embed_tokens(ids)
+        assert not torch.allclose(router_side_input(emb, None, "context"), emb.reshape(-1, 16))
+
+
+def test_gaussian_router_config_is_validated():
+    with pytest.raises(ValueError, match="router_score"):
+        _config(router_score="cosine")
+    with pytest.raises(ValueError, match="router_input"):
+        _config(router_input="attention")
+    assert not hasattr(TinyOnnRouter(_config(router_score="gaussian")), "weight")
