@@ -309,10 +309,84 @@ def knowledge_recovery(d: dict) -> str:
     return "\n".join(out).rstrip()
 
 
+SEED_ROWS = {  # row -> (mechanism, what it changes)
+    "baseline": ("none (baseline)", "policy full"),
+    "gaussian-router": ("Gaussian router", "routers score experts by a diagonal Gaussian each"),
+    "router-distill": ("router distillation", "KL(teacher's expert gains ‖ router), weight {router_distill:g}"),
+    "specificity": ("specificity loss", "experts' routing entropy across categories, weight {specificity:g}"),
+    "input-embedding": ("router input: embedding", "routers read the token embedding"),
+    "input-context": ("router input: context", "routers read the running mean of the embeddings"),
+    "smk2": ("none (smk2 baseline)", "policy smk2, k = {k}"),
+    "smk2-pi-schedule": ("PI schedule", "smk2; lr × (0.1 + 0.9·(1 − PI)), k = round(act_k·(1 − PI))"),
+}
+PERPETUAL_ROWS = {"full": "full", "smk2": "smk2 (k = {k})", "min1": "min_k = 1", "min1-replay": "min_k = 1 + replay",
+                  "min1-ewc": "min_k = 1 + EWC", "min1-both": "min_k = 1 + replay + EWC"}
+
+
+def _seed_row(label: str, what: str, r: dict, step_base: float | None) -> str:
+    ratio = r["ratios"]
+    step = "–"
+    if r.get("step_seconds_median"):
+        step = f"{r['step_seconds_median']:.1f}"
+        if step_base:
+            step += f" ({r['step_seconds_median'] / step_base:.2f}×)"
+    return (f"| {label} | {what} | **{r['fact_retention']:.3f}** ({r['facts_retained']}/{r['facts_known']}) | "
+            f"{r['fact_accuracy']:.3f} | **{ratio['general_ppl']:.2f}** | {ratio['mix_ppl']:.2f} | "
+            f"{r['nmi']['mean']:.3f} | {step} |")
+
+
+def seed_mechanisms(d: dict) -> str:
+    p, dense = d["protocol"], d["dense"]
+    lines = [
+        f"SmolLM2 carved at 25 % active (shared 12.5 % + 14 experts, top-2), recipe `{p['recipe']}`, {p['steps']} steps × "
+        f"{p['batch_size']}×{p['seq_len']} = {p['tokens_per_run']:,} training tokens per run (the same tokens in every "
+        f"row), lr {p['lr']:g}, one seed; scored on {dense['facts_n']} evaluation facts ({dense['facts_known']} known by "
+        f"the dense source), {p['general_tokens']:,} news tokens, {p['eval_tokens']:,} held-out mix tokens; NMI between "
+        f"each of {p['nmi_tokens']:,} held-out mix tokens' top-1 expert and its category (chat/code/math), mean over "
+        f"layers. Step time: median seconds per step on a shared 2-core CPU (÷ the baseline of the same policy). "
+        "Commands: " + "; ".join(f"`{c}`" for c in d.get("commands", [])),
+        "",
+        "| mechanism | what changes | fact retention (kept/known) | fact acc | general-text ppl ÷ dense | mix ppl ÷ dense | "
+        "NMI | step s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, r in d["start"].items():
+        lines.append(_seed_row(f"before training: {variant}", "carved, calibrated, untrained", r, None))
+    for name, r in d["runs"].items():
+        label, what = SEED_ROWS.get(name, (name, ""))
+        base = d["runs"].get("smk2" if name.startswith("smk2") else "baseline", {}).get("step_seconds_median")
+        lines.append(_seed_row(label, what.format(**p), r, base))
+    perpetual = d.get("perpetual")
+    if perpetual and perpetual.get("after"):
+        before = d["runs"][perpetual["start"]]
+        cats = sorted(before["mix_ppl_by_category"])
+        lines += [
+            "",
+            f"Perpetual training: from the baseline's trained model, {p['forget_steps']} steps × {p['batch_size']}×"
+            f"{p['seq_len']} tokens of plain CE on `{p['forget_category']}` only, lr {p['lr']:g}. Replay: "
+            f"{p['replay_ratio']:.0%} of each batch from a buffer of {p['replay_size']} sequences of the recipe's data; "
+            f"EWC: λ = {p['ewc']:g}, empirical Fisher on {p['ewc_samples']} sequences of the recipe's data. Columns: "
+            "perplexity after ÷ before per category (the learned one is the gain, the others the forgetting), "
+            "general-text perplexity after ÷ before, fact retention before → after.",
+            "",
+            "| policy | " + " | ".join(f"{c} ppl" for c in cats) + " | general-text ppl | fact retention | "
+            "experts updated per layer and step | step s |",
+            "|" + "---|" * (5 + len(cats)),
+        ]
+        for name, r in perpetual["after"].items():
+            per_cat = " | ".join(f"{r['mix_ppl_by_category'][c] / before['mix_ppl_by_category'][c]:.2f}" for c in cats)
+            lines.append(f"| {PERPETUAL_ROWS.get(name, name).format(**p)} | {per_cat} | "
+                         f"{r['general_ppl'] / before['general_ppl']:.2f} | {before['fact_retention']:.3f} → "
+                         f"**{r['fact_retention']:.3f}** | {r['experts_updated_mean']:.1f} | "
+                         f"{r['step_seconds_median']:.1f} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "calibration_speed": calibration_speed,
              "carve_quality": carve_quality, "score_validity": score_validity, "train_policies": train_policies,
              "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
-             "gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "knowledge_recovery": knowledge_recovery}
+             "gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "knowledge_recovery": knowledge_recovery,
+             "seed_mechanisms": seed_mechanisms}
 
 
 def main() -> None:
