@@ -360,12 +360,13 @@ def seed_mechanisms(d: dict) -> str:
     if perpetual and perpetual.get("after"):
         before = d["runs"][perpetual["start"]]
         cats = sorted(before["mix_ppl_by_category"])
+        s = perpetual["settings"]
         lines += [
             "",
-            f"Perpetual training: from the baseline's trained model, {p['forget_steps']} steps × {p['batch_size']}×"
-            f"{p['seq_len']} tokens of plain CE on `{p['forget_category']}` only, lr {p['lr']:g}. Replay: "
-            f"{p['replay_ratio']:.0%} of each batch from a buffer of {p['replay_size']} sequences of the recipe's data; "
-            f"EWC: λ = {p['ewc']:g}, empirical Fisher on {p['ewc_samples']} sequences of the recipe's data. Columns: "
+            f"Perpetual training: from the baseline's trained model, {s['forget_steps']} steps × {p['batch_size']}×"
+            f"{p['seq_len']} tokens of plain CE on `{s['forget_category']}` only, lr {p['lr']:g}. Replay: "
+            f"{s['replay_ratio']:.0%} of each batch from a buffer of {s['replay_size']} sequences of the recipe's data; "
+            f"EWC: λ = {s['ewc']:g}, empirical Fisher on {s['ewc_samples']} sequences of the recipe's data. Columns: "
             "perplexity after ÷ before per category (the learned one is the gain, the others the forgetting), "
             "general-text perplexity after ÷ before, fact retention before → after.",
             "",

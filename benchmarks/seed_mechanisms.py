@@ -66,8 +66,8 @@ PERPETUAL = {  # row -> TrainConfig overrides for learning the forget category
     "min1-both": {"perpetual": True, "replay_data": "{earlier}", "ewc": "{ewc}", "ewc_data": "{earlier}"},
 }
 PROTOCOL_KEYS = ("recipe", "steps", "batch_size", "seq_len", "lr", "k", "kd_temperature", "eval_tokens",
-                 "general_tokens", "facts_limit", "nmi_tokens", "router_distill", "specificity", "forget_category",
-                 "forget_steps", "replay_size", "replay_ratio", "ewc", "ewc_samples")
+                 "general_tokens", "facts_limit", "nmi_tokens", "router_distill", "specificity")
+PERPETUAL_KEYS = ("forget_category", "forget_steps", "replay_size", "replay_ratio", "ewc", "ewc_samples")
 
 
 def main() -> None:
@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--forget-steps", type=int, default=30)
     p.add_argument("--replay-size", type=int, default=256)
     p.add_argument("--replay-ratio", type=float, default=0.25)
-    p.add_argument("--ewc", type=float, default=0.1, help="EWC strength λ of the perpetual rows")
+    p.add_argument("--ewc", type=float, default=1.0, help="EWC strength λ of the perpetual rows")
     p.add_argument("--ewc-samples", type=int, default=16)
     p.add_argument("--workdir", default="runs/bench/knowledge", help="start models are shared with knowledge_recovery")
     p.add_argument("--redo", action="store_true", help="run rows that are already in the result file again")
@@ -103,7 +103,6 @@ def main() -> None:
 
     protocol = {key: getattr(args, key) for key in PROTOCOL_KEYS}
     protocol["tokens_per_run"] = args.steps * args.batch_size * args.seq_len
-    protocol["forget_tokens_per_run"] = args.forget_steps * args.batch_size * args.seq_len
     results = load_results(protocol)
     results["commands"] = results.get("commands", []) + ["python " + " ".join(sys.argv)]
     work = Path(args.workdir) / "seed" / f"{args.recipe}-{args.steps}x{args.batch_size}x{args.seq_len}"
@@ -204,7 +203,14 @@ def perpetual(args, results: dict, work: Path, ecfg: EvalConfig, dense: dict, co
     base = results["runs"].get("baseline")
     if base is None:
         raise SystemExit("the perpetual rows start from the baseline row's trained model: run --rows baseline first")
-    section = results.setdefault("perpetual", {"start": "baseline", "after": {}})
+    settings = {key: getattr(args, key) for key in PERPETUAL_KEYS}
+    settings["tokens_per_run"] = args.forget_steps * args.batch_size * args.seq_len
+    section = results.get("perpetual")
+    if section is None or any(section["settings"].get(k) != settings[k] for k in PERPETUAL_KEYS):
+        if section is not None:
+            results.setdefault("perpetual_previous", []).append(section)
+            print("perpetual rows with other settings are kept under perpetual_previous; starting anew", flush=True)
+        section = results["perpetual"] = {"start": "baseline", "settings": settings, "after": {}}
     earlier = RECIPES[args.recipe][0].format(corpus=corpus)  # the data the recovered model was trained on
     for name in args.perpetual:
         if name in section["after"] and not args.redo:
@@ -241,7 +247,9 @@ def load_results(protocol: dict) -> dict:
     if path.is_file():
         old = json.loads(path.read_text())
         if all(old["protocol"].get(k) == protocol[k] for k in PROTOCOL_KEYS):
-            return {k: old[k] for k in ("protocol", "commands", "dense", "start", "runs", "perpetual") if k in old}
+            kept = {k: old[k] for k in ("commands", "dense", "start", "runs", "perpetual", "perpetual_previous")
+                    if k in old}
+            return {"protocol": protocol, **kept}
         stale = path.with_name("seed_mechanisms.previous.json")
         shutil.copy(path, stale)
         print(f"the result file holds another protocol: kept as {stale}, starting a new one", flush=True)
