@@ -133,9 +133,10 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError(f"experts ({self.experts}) must be a multiple of groups ({self.groups})")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:
             raise TinyOnnError(f"expert_weighting must be one of {', '.join(EXPERT_WEIGHTINGS)}, got {self.expert_weighting!r}")
-        if self.expert_weighting == "probs" and (self.router != "flat" or self.top_p):
-            raise TinyOnnError("expert_weighting probs is the llama.cpp-exportable layout: use it with --router flat "
-                               "and --top-p 0")
+        if self.expert_weighting == "probs" and (self.router != "flat" or self.top_p or self.router_score != "linear"
+                                                 or self.router_input != "ffn"):
+            raise TinyOnnError("expert_weighting probs is the llama.cpp-exportable layout: use it with --router flat, "
+                               "--router-score linear, --router-input ffn and --top-p 0")
         if not 0.0 <= self.top_p <= 1.0:
             raise TinyOnnError(f"top_p must be in [0, 1], got {self.top_p}")
         max_k = self.max_k or self.experts

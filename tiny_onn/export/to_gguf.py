@@ -96,6 +96,12 @@ def target_architecture(config: dict) -> str:
     if config.get("expert_weighting", "straight_through") != "probs":
         fixes.append("its selected experts are summed with weight 1 (expert_weighting=straight_through), which no "
                      "llama.cpp architecture computes: carve with --expert-weighting probs, then train")
+    if config.get("router_score", "linear") != "linear":
+        fixes.append(f"its routers score experts with {config['router_score']!r} (llama.cpp's gate is one linear map): "
+                     "carve with --router-score linear")
+    if config.get("router_input", "ffn") != "ffn":
+        fixes.append(f"its routers read {config['router_input']!r}, llama.cpp's read the FFN input: carve with "
+                     "--router-input ffn")
     if config.get("router_top_p", 0.0) > 0:
         fixes.append(f"it routes by top-p ({config['router_top_p']}), llama.cpp by a fixed top-k: carve or train "
                      "with --top-p 0")
