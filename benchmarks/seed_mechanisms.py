@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--router-distill", type=float, default=1.0, help="weight of the router-distill row")
     p.add_argument("--specificity", type=float, default=1.0, help="weight of the specificity row")
     p.add_argument("--corpus", default="runs/corpus-smollm2", help="teacher-written corpus (made if missing)")
-    p.add_argument("--corpus-prompts", type=int, default=1008)
+    p.add_argument("--corpus-prompts", type=int, default=576, help="prompts of the corpus when it has to be made")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--general-tokens", type=int, default=4096)
     p.add_argument("--facts-limit", type=int, default=240)
@@ -101,12 +101,13 @@ def main() -> None:
     p.add_argument("--redo", action="store_true", help="run rows that are already in the result file again")
     args = p.parse_args()
 
+    corpus = corpus_folder(args)
     protocol = {key: getattr(args, key) for key in PROTOCOL_KEYS}
     protocol["tokens_per_run"] = args.steps * args.batch_size * args.seq_len
+    protocol["corpus"] = corpus_identity(corpus)
     results = load_results(protocol)
     results["commands"] = results.get("commands", []) + ["python " + " ".join(sys.argv)]
     work = Path(args.workdir) / "seed" / f"{args.recipe}-{args.steps}x{args.batch_size}x{args.seq_len}"
-    corpus = corpus_folder(args)
     ecfg = EvalConfig(model=[SOURCE], tasks="ppl,general,facts", eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                       general_tokens=args.general_tokens, facts_limit=args.facts_limit, facts_source=SOURCE,
                       device="cpu", out=str(work / "eval-unused"))
@@ -142,6 +143,14 @@ def corpus_folder(args) -> str:
     if meta.is_file() and json.loads(meta.read_text()).get("complete"):
         return args.corpus
     return ensure_corpus(args)
+
+
+def corpus_identity(corpus: str) -> dict | None:
+    """What distinguishes one teacher-written corpus from another (rows trained on different corpora never mix)."""
+    if not corpus:
+        return None
+    meta = json.loads((Path(corpus) / "corpus.json").read_text())
+    return {k: meta.get(k) for k in ("teacher", "tokenizer_digest", "records", "tokens")}
 
 
 def start_model(variant: str, args, corpus: str) -> Path:
@@ -246,7 +255,7 @@ def load_results(protocol: dict) -> dict:
     path = RESULTS / "seed_mechanisms.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if all(old["protocol"].get(k) == protocol[k] for k in PROTOCOL_KEYS):
+        if all(old["protocol"].get(k) == protocol[k] for k in (*PROTOCOL_KEYS, "corpus")):
             kept = {k: old[k] for k in ("commands", "dense", "start", "runs", "perpetual", "perpetual_previous")
                     if k in old}
             return {"protocol": protocol, **kept}
