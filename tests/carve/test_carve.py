@@ -176,6 +176,9 @@ def test_carve_cli_save_load_in_fresh_process(tiny_model_dir, tiny_scan, tmp_pat
         (["--router", "hierarchical", "--experts", "6", "--groups", "4"], "must be a multiple of groups"),
         (["--method", "magic"], "method must be one of"),
         (["--delta-sc-features", "-1"], "must be non-negative"),
+        (["--router-score", "cosine"], "router_score must be one of"),
+        (["--router-input", "image"], "router_input must be one of"),
+        (["--expert-weighting", "probs", "--router", "gaussian"], "expert_weighting probs is the llama.cpp-exportable"),
     ],
 )
 def test_carve_bad_input(tiny_model_dir, tiny_scan, tmp_path, capsys, extra, message):

@@ -151,6 +151,8 @@ def test_expert_scales_fold_and_reduce_the_routed_error(tiny_model_dir, flat_pro
         ({"expert_weighting": "straight_through"}, "--expert-weighting probs"),
         ({"router_type": "hierarchical", "num_expert_groups": 2}, "--router flat"),
         ({"router_top_p": 0.5}, "--top-p 0"),
+        ({"router_score": "gaussian"}, "--router-score linear"),
+        ({"router_input": "context"}, "--router-input ffn"),
     ],
 )
 def test_unexportable_models_are_refused(flat_probs_moe, tmp_path, capsys, changes, message):
