@@ -13,6 +13,8 @@ import json
 import re
 from pathlib import Path
 
+from tiny_onn.eval.facts import wilson_interval
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -260,11 +262,17 @@ def gguf_speed(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _retention(r: dict) -> str:
+    """Retention, kept/known and its 95 % Wilson interval (from the counts, so older result files render too)."""
+    lo, hi = wilson_interval(r["facts_retained"], r["facts_known"])
+    return f"**{r['fact_retention']:.3f}** ({r['facts_retained']}/{r['facts_known']}; {lo:.2f}–{hi:.2f})"
+
+
 def _knowledge_row(label: str, r: dict, cats: list[str], extra: str = "") -> str:
     ratio = r.get("ratios") or {"mix_ppl": 1.0, "general_ppl": 1.0, "mix_ppl_by_category": dict.fromkeys(cats, 1.0)}
     per_cat = " | ".join(f"{ratio['mix_ppl_by_category'].get(c, float('nan')):.2f}" for c in cats)
     return (f"| {label} | {extra}{r.get('training_tokens', 0):,} | {r['active_params'] / 1e6:.1f}M | "
-            f"**{r['fact_retention']:.3f}** ({r['facts_retained']}/{r['facts_known']}) | {r['fact_accuracy']:.3f} | "
+            f"{_retention(r)} | {r['fact_accuracy']:.3f} | "
             f"**{ratio['general_ppl']:.2f}** | {ratio['mix_ppl']:.2f} | {per_cat} |")
 
 
@@ -284,7 +292,8 @@ def knowledge_recovery(d: dict) -> str:
             f"{dense['fact_accuracy']:.3f}, general-text ppl {dense['general_ppl']:.2f}, mix ppl {dense['mix_ppl']:.2f}. "
             "Commands: " + "; ".join(f"`{c}`" for c in entry.get("commands", [])),
             "",
-            "| model | recipe | policy | seed | training tokens | active params | fact retention (kept/known) | fact acc | "
+            "| model | recipe | policy | seed | training tokens | active params | fact retention (kept/known; 95 % CI) | "
+            "fact acc | "
             "general-text ppl ÷ dense | mix ppl ÷ dense | " + " | ".join(f"{c} ÷ dense" for c in cats) + " |",
             "|" + "---|" * (10 + len(cats)),
         ]
@@ -330,7 +339,7 @@ def _seed_row(label: str, what: str, r: dict, step_base: float | None) -> str:
         step = f"{r['step_seconds_median']:.1f}"
         if step_base:
             step += f" ({r['step_seconds_median'] / step_base:.2f}×)"
-    return (f"| {label} | {what} | **{r['fact_retention']:.3f}** ({r['facts_retained']}/{r['facts_known']}) | "
+    return (f"| {label} | {what} | {_retention(r)} | "
             f"{r['fact_accuracy']:.3f} | **{ratio['general_ppl']:.2f}** | {ratio['mix_ppl']:.2f} | "
             f"{r['nmi']['mean']:.3f} | {step} |")
 
@@ -346,7 +355,7 @@ def seed_mechanisms(d: dict) -> str:
         f"layers. Step time: median seconds per step on a shared 2-core CPU (÷ the baseline of the same policy). "
         "Commands: " + "; ".join(f"`{c}`" for c in d.get("commands", [])),
         "",
-        "| mechanism | what changes | fact retention (kept/known) | fact acc | general-text ppl ÷ dense | mix ppl ÷ dense | "
+        "| mechanism | what changes | fact retention (kept/known; 95 % CI) | fact acc | general-text ppl ÷ dense | mix ppl ÷ dense | "
         "NMI | step s |",
         "|---|---|---|---|---|---|---|---|",
     ]

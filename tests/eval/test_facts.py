@@ -100,3 +100,15 @@ def test_batched_answers_equal_one_by_one(tiny_moe, tiny_tokenizer):
         alone = [answer_facts(src.model, src.tokenizer, [q], max_new_tokens=8, batch_size=1, desc=None)[0]
                  for q in questions]
         assert [a["reply"] for a in together] == [a["reply"] for a in alone]
+
+
+def test_wilson_interval_matches_published_values():
+    from tiny_onn.eval.facts import wilson_interval
+
+    # 5 of 10: the textbook 95 % Wilson interval (0.2366, 0.7634); 0 of 10: upper bound z²/(n + z²)
+    lo, hi = wilson_interval(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1.96**2 / (10 + 1.96**2))
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(10 / (10 + 1.96**2))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -112,6 +113,17 @@ class KnownFacts:
         return {fact_key(f) for f in facts if self.results.get(fact_key(f))}
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95 % for z = 1.96): how far a retention of k of n known
+    facts could move by the luck of which facts were drawn. Defined at k = 0 and k = n, unlike the normal interval."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def facts_scores(answers: list[dict], known: set[str] | None) -> dict:
     """Accuracy (all facts), per kind, and retention (accuracy on the dense-known facts)."""
     n = len(answers)
@@ -124,4 +136,5 @@ def facts_scores(answers: list[dict], known: set[str] | None) -> dict:
         out["known"] = len(kept)
         out["retained"] = sum(a["correct"] for a in kept)
         out["retention"] = out["retained"] / len(kept) if kept else float("nan")
+        out["retention_ci95"] = list(wilson_interval(out["retained"], len(kept)))
     return out
