@@ -106,6 +106,22 @@ def moe_speed(d: dict) -> str:
     return "\n".join(lines)
 
 
+def moe_paths(d: dict) -> str:
+    paths = ("dense", "loop", "gather", "padded")
+    lines = [f"One MoE block (layer {d['layer']}) of SmolLM2 carved at 25 % active, on N held-out tokens from different "
+             f"sequences; time of each path ÷ the dense FFN block on the same tokens (median of {d['repeats']} "
+             "interleaved repeats; bold: the path `auto` picks; gather is not timed beyond 64 tokens, its weight copies "
+             "grow with N·k). `python benchmarks/moe_paths.py`", "",
+             "| layout | N | dense FFN ms | " + " | ".join(paths) + " | auto ÷ fastest |", "|---|---|---|" + "---|" * 5]
+    for name, rows in d["layouts"].items():
+        for n, r in rows.items():
+            ratios, pick = r["time_ratio_vs_dense_ffn"], r["auto_picks"]
+            cells = [("**{:.2f}**" if p == pick else "{:.2f}").format(ratios[p]) if p in ratios else "–" for p in paths]
+            lines.append(f"| {name} | {n} | {r['dense_ffn_seconds'] * 1e3:.2f} | " + " | ".join(cells)
+                         + f" | {ratios['auto'] / ratios[r['fastest']]:.2f} |")
+    return "\n".join(lines)
+
+
 _PATH_NAMES = ("dense", "loop", "loop-dense-down", "gather", "padded", "padded-dense-down")
 
 
@@ -392,7 +408,7 @@ def seed_mechanisms(d: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "calibration_speed": calibration_speed,
+RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "moe_paths": moe_paths, "calibration_speed": calibration_speed,
              "carve_quality": carve_quality, "score_validity": score_validity, "train_policies": train_policies,
              "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
              "gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "knowledge_recovery": knowledge_recovery,
