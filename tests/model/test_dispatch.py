@@ -126,9 +126,9 @@ def test_auto_path_choice():
     assert experts.pick_path(8, 2, x) == "dense"  # CPU, a few tokens: nearly every expert is touched
     assert experts.pick_path(1, E, x) == experts.pick_path(512, E, x) == "dense"  # every expert selected
     busy = -(-experts.sparse_min_tokens_per_expert * E // 2)  # tokens that give each expert the threshold at k = 2
-    assert experts.pick_path(busy, 2, x) == ("padded" if inter >= experts.sparse_min_inter else "dense")
+    assert experts.pick_path(busy, 2, x) == ("loop" if inter >= experts.sparse_min_inter else "dense")
     experts.sparse_min_inter = inter
-    assert experts.pick_path(busy, 2, x) == "padded"  # wide, busy experts: the padded batch
+    assert experts.pick_path(busy, 2, x) == "loop"  # wide, busy experts: per-expert GEMMs
     assert experts.pick_path(busy - 1, 2, x) == "dense"
     experts.path = "loop"
     assert experts.pick_path(512, 2, x) == "loop"

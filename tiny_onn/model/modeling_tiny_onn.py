@@ -178,12 +178,12 @@ class TinyOnnExperts(nn.Module):
     - "dense": every expert on every token (one GEMM per projection), unselected pairs weighted 0; for top-k = E, and
       on CPU from 2 tokens on unless experts are wide and busy: nearly every expert is touched by then, and two GEMMs
       beat per-expert work (benchmarks/moe_paths.py).
-    - "loop": the selected experts one after another, tokens grouped by one sort (one-token decode on CPU with few
-      experts: it reads each selected expert in place, no copies).
+    - "loop": the selected experts one after another, tokens grouped by one sort (CPU: one-token decode with few
+      experts, reading each selected expert in place; prefill and training with wide experts and many tokens each).
     - "gather": copy each token's selected experts (index_select), two batched matmuls; no host sync, no Python loop
       (CUDA with few tokens; one-token CPU decode with many selected experts).
-    - "padded": tokens grouped into an [E, C, D] batch (C = the busiest expert's count), batched matmuls (CPU prefill
-      and training with wide experts and many tokens per expert; CUDA without grouped GEMM).
+    - "padded": tokens grouped into an [E, C, D] batch (C = the busiest expert's count), batched matmuls (CUDA without
+      grouped GEMM; on CPU its cost follows the routing imbalance).
     - "grouped_mm": `torch._grouped_mm` on the expert-sorted tokens, no host sync (CUDA bf16, Hopper or newer).
     Under autograd, "loop" and "padded" run the down projection of narrow experts (`dense_down_max_inter`) as one GEMM
     over a zero-filled [N, E·I] activation matrix: more FLOPs, but no [P, D] outputs to write, sum and differentiate.
@@ -193,7 +193,7 @@ class TinyOnnExperts(nn.Module):
     # thresholds of the "auto" choice, measured by benchmarks/moe_paths.py and moe_speed.py (an instance may override)
     loop_max_experts = 4  # one-token decode on CPU: the loop over at most this many selected experts, else gather
     gather_max_tokens = 8  # CUDA: up to this many tokens, the gather path
-    # CPU, 2+ tokens: the padded batch once experts get this many tokens on average and are this wide, else dense
+    # CPU, 2+ tokens: the per-expert loop once experts get this many tokens on average and are this wide, else dense
     sparse_min_tokens_per_expert = 48
     sparse_min_inter = 64
     dense_down_max_inter = 32  # loop and padded paths under autograd: experts this narrow use the dense down projection
@@ -235,7 +235,7 @@ class TinyOnnExperts(nn.Module):
             # reads each selected expert in place; with many selected experts their copies cost less than the loop
             return "loop" if k <= self.loop_max_experts else "gather"
         if tokens * k >= self.sparse_min_tokens_per_expert * self.num_experts and inter >= self.sparse_min_inter:
-            return "padded"
+            return "loop"  # not padded: its batch is as long as the busiest expert's, so its cost follows the imbalance
         # from 2 tokens on, nearly every expert is touched: computing all of them in two GEMMs beats per-expert work
         return "dense"
 
