@@ -19,18 +19,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, median, smollm2_scan, write_result  # noqa: E402
+from moe_speed import LAYOUTS  # noqa: E402  (the same four layouts)
 
 from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
-LAYOUTS = {
-    "shared 12.5% + 14x96, top-2": dict(experts=14, top_k=2, shared=0.125),
-    "16x96, top-4": dict(experts=16, top_k=4),
-    "64x24, top-16": dict(experts=64, top_k=16),
-    "128x12, top-32": dict(experts=128, top_k=32),
-}
 PATHS = ("dense", "loop", "gather", "padded")
 GATHER_MAX = 64  # the gather path copies N·K experts' weights: beyond this it only measures memory traffic
 LAYER = 15
