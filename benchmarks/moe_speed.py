@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BEFORE = f"before ({BASELINE_COMMIT})"
 # prefill leaves out "gather": it copies every selected expert's weights per token (GiBs at 2048 tokens); moe_paths.py
 # measures it where it is meant to run (few tokens)
-PATHS = {"prefill": ("dense", "loop", "padded"), "decode": ("dense", "loop", "gather", "padded"),
-         "training": ("dense", "loop", "loop-dense-down", "padded", "padded-dense-down")}
+PATHS = {"prefill": ("dense", "loop", "sorted", "padded"), "decode": ("dense", "loop", "gather", "padded"),
+         "training": ("dense", "loop", "loop-dense-down", "sorted", "padded", "padded-dense-down")}
 
 
 def baseline_blocks(moe) -> list[torch.nn.Module]:
@@ -184,10 +184,12 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
     moe.eval()
     dense_block, moe_block = dense.model.layers[MLP_LAYER].mlp, moe.model.layers[MLP_LAYER].mlp
     experts = moe_block.experts
-    auto = {"prefill": experts.pick_path(inp.x_prefill.shape[0], cfg.top_k, inp.x_prefill),
-            "decode": experts.pick_path(1, cfg.top_k, inp.x_token)}
-    auto["train"] = auto["prefill"] + ("-dense-down" if experts.down_proj.shape[-1] <= experts.dense_down_max_inter
-                                       and auto["prefill"] in ("loop", "padded") else "")
+    n_prefill = inp.x_prefill.shape[0]
+    auto = {"prefill": experts.pick_path(n_prefill, cfg.top_k, inp.x_prefill, grad=False),
+            "decode": experts.pick_path(1, cfg.top_k, inp.x_token, grad=False)}
+    train_path = experts.pick_path(n_prefill, cfg.top_k, inp.x_prefill, grad=True)
+    auto["train"] = train_path + ("-dense-down" if experts.down_proj.shape[-1] <= experts.dense_down_max_inter
+                                  and train_path in ("loop", "padded") else "")
     with torch.no_grad():
         idx_NK = moe_block.router.log_probs(inp.x_prefill).topk(cfg.top_k, dim=-1).indices
         counts = torch.bincount(idx_NK.reshape(-1), minlength=cfg.experts).float()

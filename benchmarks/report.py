@@ -107,12 +107,12 @@ def moe_speed(d: dict) -> str:
 
 
 def moe_paths(d: dict) -> str:
-    paths = ("dense", "loop", "gather", "padded")
+    paths = ("dense", "loop", "sorted", "gather", "padded")
     lines = [f"One MoE block (layer {d['layer']}) of SmolLM2 carved at 25 % active, on N held-out tokens from different "
              f"sequences; time of each path ÷ the dense FFN block on the same tokens (median of {d['repeats']} "
              "interleaved repeats; bold: the path `auto` picks; gather is not timed beyond 64 tokens, its weight copies "
              "grow with N·k). `python benchmarks/moe_paths.py`", "",
-             "| layout | N | dense FFN ms | " + " | ".join(paths) + " | auto ÷ fastest |", "|---|---|---|" + "---|" * 5]
+             "| layout | N | dense FFN ms | " + " | ".join(paths) + " | auto ÷ fastest |", "|---|---|---|" + "---|" * (len(paths) + 1)]
     for name, rows in d["layouts"].items():
         for n, r in rows.items():
             ratios, pick = r["time_ratio_vs_dense_ffn"], r["auto_picks"]
@@ -122,7 +122,7 @@ def moe_paths(d: dict) -> str:
     return "\n".join(lines)
 
 
-_PATH_NAMES = ("dense", "loop", "loop-dense-down", "gather", "padded", "padded-dense-down")
+_PATH_NAMES = ("dense", "loop", "loop-dense-down", "sorted", "gather", "padded", "padded-dense-down")
 
 
 def calibration_speed(d: dict) -> str:

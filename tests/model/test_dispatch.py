@@ -104,16 +104,16 @@ def _check_path_against_the_reference(routing, path, dtype, tol, shape):
 
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_decode_paths_equal_the_grouped_path_for_1_to_16_tokens(routing):
-    """The few-token paths (gather, the CPU loop, dense) give the grouped (padded) path's logits for N = 1..16 tokens."""
+    """The few-token paths (gather, the CPU loop, sorted, dense) give the grouped (padded) path's logits for N = 1..16 tokens."""
     model = tiny_moe(seed=2, **ROUTINGS[routing])
     ids = torch.randint(2, 64, (1, 16), generator=torch.Generator().manual_seed(3))
     for n in range(1, 17):
         logits = {}
-        for path in ("padded", "gather", "loop", "dense"):
+        for path in ("padded", "gather", "loop", "sorted", "dense"):
             use_path(model, path)
             with torch.no_grad():
                 logits[path] = model(ids[:, :n]).logits
-        for path in ("gather", "loop", "dense"):
+        for path in ("gather", "loop", "sorted", "dense"):
             torch.testing.assert_close(logits[path], logits["padded"], atol=1e-5, rtol=1e-5)
 
 
@@ -121,17 +121,25 @@ def test_auto_path_choice():
     experts = tiny_moe().model.layers[0].mlp.experts
     x = torch.zeros(1, 32)
     E, inter = experts.num_experts, experts.down_proj.shape[-1]
-    assert experts.pick_path(1, 2, x) == "loop"  # one token, few experts, CPU
-    assert experts.pick_path(1, 6, x) == "gather"
-    assert experts.pick_path(8, 2, x) == "dense"  # CPU, a few tokens: nearly every expert is touched
-    assert experts.pick_path(1, E, x) == experts.pick_path(512, E, x) == "dense"  # every expert selected
-    busy = -(-experts.sparse_min_tokens_per_expert * E // 2)  # tokens that give each expert the threshold at k = 2
-    assert experts.pick_path(busy, 2, x) == ("loop" if inter >= experts.sparse_min_inter else "dense")
+    for grad in (False, True):
+        assert experts.pick_path(1, 2, x, grad=grad) == "loop"  # one token, few experts, CPU
+        assert experts.pick_path(1, 6, x, grad=grad) == "gather"
+        assert experts.pick_path(8, 2, x, grad=grad) == "dense"  # CPU, a few tokens: nearly every expert is touched
+        assert experts.pick_path(1, E, x, grad=grad) == experts.pick_path(512, E, x, grad=grad) == "dense"
+    # inference: the sorted path from sorted_min_tokens_per_expert tokens per expert on average
+    busy = -(-experts.sorted_min_tokens_per_expert * E // 2)  # tokens that give each expert the threshold at k = 2
+    assert experts.pick_path(busy, 2, x, grad=False) == "sorted"
+    assert experts.pick_path(busy - 1, 2, x, grad=False) == "dense"
+    with torch.no_grad():  # grad=None: read from the grad mode
+        assert experts.pick_path(busy, 2, x) == "sorted"
+    # training: the loop for wide, busy experts
+    busy = -(-experts.sparse_min_tokens_per_expert * E // 2)
+    assert experts.pick_path(busy, 2, x) == ("loop" if inter >= experts.sparse_min_inter else "dense")  # weights: grad
     experts.sparse_min_inter = inter
-    assert experts.pick_path(busy, 2, x) == "loop"  # wide, busy experts: per-expert GEMMs
-    assert experts.pick_path(busy - 1, 2, x) == "dense"
+    assert experts.pick_path(busy, 2, x, grad=True) == "loop"  # wide, busy experts: per-expert GEMMs
+    assert experts.pick_path(busy - 1, 2, x, grad=True) == "dense"
     experts.path = "loop"
-    assert experts.pick_path(512, 2, x) == "loop"
+    assert experts.pick_path(512, 2, x, grad=False) == "loop"
 
 
 def _random_split(source, experts: int, seed: int = 0) -> CarvePlan:

@@ -180,6 +180,9 @@ class TinyOnnExperts(nn.Module):
       beat per-expert work (benchmarks/moe_paths.py).
     - "loop": the selected experts one after another, tokens grouped by one sort (CPU: one-token decode with few
       experts, reading each selected expert in place; prefill and training with wide experts and many tokens each).
+    - "sorted": the pairs sorted by expert and gathered once into [P, D]; each expert's contiguous rows through its two
+      GEMMs, written in place into one [P, D] output (no grad), summed per token by one index_add (CPU prefill: fewer,
+      larger copies than the loop's per-expert gathers and adds).
     - "gather": copy each token's selected experts (index_select), two batched matmuls; no host sync, no Python loop
       (CUDA with few tokens; one-token CPU decode with many selected experts).
     - "padded": tokens grouped into an [E, C, D] batch (C = the busiest expert's count), batched matmuls (CUDA without
@@ -193,7 +196,9 @@ class TinyOnnExperts(nn.Module):
     # thresholds of the "auto" choice, measured by benchmarks/moe_paths.py and moe_speed.py (an instance may override)
     loop_max_experts = 4  # one-token decode on CPU: the loop over at most this many selected experts, else gather
     gather_max_tokens = 8  # CUDA: up to this many tokens, the gather path
-    # CPU, 2+ tokens: the per-expert loop once experts get this many tokens on average and are this wide, else dense
+    # CPU inference, 2+ tokens: the sorted path once experts get this many tokens on average, else dense
+    sorted_min_tokens_per_expert = 16
+    # CPU training, 2+ tokens: the per-expert loop once experts get this many tokens on average and are this wide
     sparse_min_tokens_per_expert = 48
     sparse_min_inter = 64
     dense_down_max_inter = 32  # loop and padded paths under autograd: experts this narrow use the dense down projection
@@ -220,10 +225,13 @@ class TinyOnnExperts(nn.Module):
         inter = self.down_proj.shape[-1]
         return torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T)
 
-    def pick_path(self, tokens: int, k: int, x: torch.Tensor) -> str:
-        """The path `forward` takes for `tokens` tokens with k selected experts each."""
+    def pick_path(self, tokens: int, k: int, x: torch.Tensor, grad: bool | None = None) -> str:
+        """The path `forward` takes for `tokens` tokens with k selected experts each; `grad`: whether autograd records
+        the call (None: as it would now, from the grad mode and whether x or the weights require grad)."""
         if self.path != "auto":
             return self.path
+        if grad is None:
+            grad = torch.is_grad_enabled() and (x.requires_grad or self.down_proj.requires_grad)
         inter = self.down_proj.shape[-1]
         if k == self.num_experts:
             return "dense"
@@ -234,7 +242,9 @@ class TinyOnnExperts(nn.Module):
         if tokens == 1:
             # reads each selected expert in place; with many selected experts their copies cost less than the loop
             return "loop" if k <= self.loop_max_experts else "gather"
-        if tokens * k >= self.sparse_min_tokens_per_expert * self.num_experts and inter >= self.sparse_min_inter:
+        if not grad and tokens * k >= self.sorted_min_tokens_per_expert * self.num_experts:
+            return "sorted"  # inference with busy experts: one gather, per-expert GEMMs in place, one scatter-add
+        if grad and tokens * k >= self.sparse_min_tokens_per_expert * self.num_experts and inter >= self.sparse_min_inter:
             return "loop"  # not padded: its batch is as long as the busiest expert's, so its cost follows the imbalance
         # from 2 tokens on, nearly every expert is touched: computing all of them in two GEMMs beats per-expert work
         return "dense"
@@ -271,7 +281,8 @@ class TinyOnnExperts(nn.Module):
             y_ND = self._loop_one_token(x_ND, expert_K, weight_K, out_ND, gram)
         else:
             token_P, expert_P, weight_P = self._pairs(idx_NK, weight_NK, keep_NK)
-            run = {"loop": self._loop, "padded": self._padded, "grouped_mm": self._grouped_mm}[path]
+            run = {"loop": self._loop, "sorted": self._sorted, "padded": self._padded,
+                   "grouped_mm": self._grouped_mm}[path]
             y_ND = run(x_ND, token_P, expert_P, weight_P, out_ND, gram)
         return y_ND
 
@@ -393,6 +404,43 @@ class TinyOnnExperts(nn.Module):
         if dense_down:
             return self._dense_down(torch.cat(parts), token_sorted, expert_sorted, x_ND.shape[0], out_ND)
         return out_ND.index_add(0, token_sorted, torch.cat(parts)) if autograd else out_ND
+
+    def _sorted(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
+        """Pairs sorted by expert, one gather of their inputs, per-expert GEMMs on contiguous row ranges, one scatter-add.
+        Without autograd each expert's outputs are written in place into a single [P, D] buffer."""
+        E = self.num_experts
+        order = torch.argsort(expert_P, stable=True)
+        token_sorted = token_P[order]
+        counts = torch.bincount(expert_P, minlength=E).tolist()  # host sync: the row range of each expert
+        w_sorted = None if weight_P is None else weight_P[order]
+        x_PD = x_ND.index_select(0, token_sorted)  # [P, D], rows grouped by expert
+        autograd = torch.is_grad_enabled() and (x_PD.requires_grad or self.down_proj.requires_grad
+                                                 or w_sorted is not None and w_sorted.requires_grad)
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)  # views taken once (see _loop)
+        y_PD = None if autograd else torch.empty_like(x_PD)
+        parts, start = [], 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            rows = slice(start, start + n)
+            start += n
+            a = self._activations(F.linear(x_PD[rows], gate_up[e]))  # [n, I]
+            if gram is not None:
+                with torch.no_grad():
+                    a32 = a.detach().float()
+                    self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
+                    self.routed_count[e] += n
+            if w_sorted is not None:
+                a = a * w_sorted[rows, None].to(a.dtype)
+            if autograd:
+                parts.append(F.linear(a, down[e]))  # [n, D]
+            else:
+                torch.mm(a, down[e].T, out=y_PD[rows])
+        if autograd:
+            y_PD = torch.cat(parts) if parts else x_PD.new_zeros(0, x_ND.shape[1])
+        if out_ND is None:
+            return torch.zeros_like(x_ND).index_add_(0, token_sorted, y_PD)
+        return out_ND.index_add(0, token_sorted, y_PD)
 
     def _loop_one_token(self, x_1D, expert_P, weight_P, out_1D, gram):
         """Decode on CPU: the token's few experts read in place (no copies), their sum folded into addmm."""
