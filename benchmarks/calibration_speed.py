@@ -1,11 +1,13 @@
 """Router calibration time and quality, the previous implementation against the current one, on the same carve plan.
 
-    python benchmarks/calibration_speed.py [--calib-tokens 16384] [--calib-steps 500] [--eval-tokens 4096]
+    python benchmarks/calibration_speed.py [--calib-tokens 16384] [--adam-steps 500] [--calib-steps 60] [--eval-tokens 4096]
 
 SmolLM2 carved as the demo carves it (dsc, shared 12.5 % + 14 experts of 96, top-2, flat router). The FFN inputs are
-collected once; every layer is then calibrated by both implementations, alternating which goes first (interleaved, so
-that the load of this shared machine hits both alike). The baseline is `tiny_onn/carve/calibrate.py` as of commit
-BASELINE_COMMIT, read from git. Quality: held-out perplexity of each calibrated model ÷ the dense source's. Writes
+collected once; every layer is then calibrated by three variants, the order rotating per layer (interleaved, so that the
+load of this shared machine hits all alike): "baseline" = `tiny_onn/carve/calibrate.py` as of commit BASELINE_COMMIT
+(read from git) with --adam-steps Adam steps (its default then); "current, adam" = today's code, the same Adam steps
+(what the faster gains and chunked steps alone give); "current" = today's defaults (CarveConfig.calib_refine,
+--calib-steps). Quality: held-out perplexity of each calibrated model ÷ the dense source's. Writes
 benchmarks/results/calibration_speed.json, including the memory of the collected inputs and what they would take for a
 4B source (arithmetic, not measured).
 """
@@ -53,7 +55,9 @@ def one_layer(model, i: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-tokens", type=int, default=CarveConfig.calib_tokens)
-    parser.add_argument("--calib-steps", type=int, default=CarveConfig.calib_steps)
+    parser.add_argument("--adam-steps", type=int, default=500, help="Adam steps of the baseline and 'current, adam'")
+    parser.add_argument("--calib-steps", type=int, default=CarveConfig.calib_steps,
+                        help="refinement steps of 'current' (CarveConfig.calib_refine)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -63,21 +67,26 @@ def main() -> None:
     t0 = time.perf_counter()
     plan = make_plan(scan, source.model, cfg)
     plan_seconds = time.perf_counter() - t0
-    models = {name: assemble(source.model, plan, num_experts_per_tok=cfg.top_k) for name in ("baseline", "current")}
+    names = ("baseline", "current, adam", "current")
+    models = {name: assemble(source.model, plan, num_experts_per_tok=cfg.top_k) for name in names}
     data_args = DataArgs(seq_len=cfg.seq_len)
     calib = build_dataset(source.tokenizer, data_args, "train", max_tokens=args.calib_tokens)
     t0 = time.perf_counter()
     inputs = current.collect_ffn_inputs(source.model, calib)
     collect_seconds = time.perf_counter() - t0
-    impl = {"baseline": baseline_module().calibrate_routers, "current": current.calibrate_routers}
+    baseline = baseline_module().calibrate_routers
+    impl = {"baseline": lambda m, xs: baseline(m, xs, refine_steps=args.adam_steps),
+            "current, adam": lambda m, xs: current.calibrate_routers(m, xs, refine_steps=args.adam_steps, refine="adam"),
+            "current": lambda m, xs: current.calibrate_routers(m, xs, refine_steps=args.calib_steps,
+                                                                refine=cfg.calib_refine)}
     seconds = {name: [] for name in impl}
     cpu_seconds = {name: [] for name in impl}
     overlap = {name: [] for name in impl}
     for i, x in enumerate(inputs):
-        order = list(impl) if i % 2 == 0 else list(reversed(impl))
+        order = names[i % 3:] + names[:i % 3]
         for name in order:
             t0, c0 = time.perf_counter(), time.process_time()
-            rep = impl[name](one_layer(models[name], i), [x], refine_steps=args.calib_steps)
+            rep = impl[name](one_layer(models[name], i), [x])
             seconds[name].append(time.perf_counter() - t0)
             cpu_seconds[name].append(time.process_time() - c0)
             overlap[name].append(rep[0]["top_k_overlap_with_oracle"])
@@ -94,7 +103,8 @@ def main() -> None:
         "layout": "dsc, shared 12.5% + 14 experts x 96, top-2, flat router (the demo's)",
         "baseline": f"tiny_onn/carve/calibrate.py at commit {BASELINE_COMMIT}",
         "calibration_tokens": tokens,
-        "adam_steps": args.calib_steps,
+        "adam_steps": args.adam_steps,
+        "current_refinement": {"calib_refine": cfg.calib_refine, "calib_steps": args.calib_steps},
         "shared_machine": "2 CPU cores shared with other jobs; per-layer times interleaved, medians; wall-clock and the "
                           "process's CPU time (less sensitive to the other jobs)",
         "seconds_per_layer_median": per_layer,
@@ -102,6 +112,7 @@ def main() -> None:
         "speedup": per_layer["baseline"] / per_layer["current"],
         "cpu_seconds_per_layer_median": {n: statistics.median(s) for n, s in cpu_seconds.items()},
         "cpu_speedup": statistics.median(cpu_seconds["baseline"]) / statistics.median(cpu_seconds["current"]),
+        "speedup_current_adam": per_layer["baseline"] / per_layer["current, adam"],
         "seconds_per_layer": seconds,
         "cpu_seconds_per_layer": cpu_seconds,
         "top_k_overlap_with_oracle_mean": {n: statistics.mean(o) for n, o in overlap.items()},
@@ -117,9 +128,8 @@ def main() -> None:
                            "source (Qwen3-4B: 36 layers, hidden 2560) in bf16 at the same token count: 36 x T x 2560 x 2 "
                            "bytes (arithmetic, not measured)",
     }
-    print(f"per layer: baseline {per_layer['baseline']:.1f}s, current {per_layer['current']:.1f}s "
-          f"({result['speedup']:.1f}x); ppl ratio baseline {result['ppl_ratio']['baseline']:.3f}, "
-          f"current {result['ppl_ratio']['current']:.3f}")
+    print("per layer: " + ", ".join(f"{n} {per_layer[n]:.1f}s (ppl ratio {result['ppl_ratio'][n]:.3f})" for n in names)
+          + f"; speed-up {result['speedup']:.2f}x")
     write_result("calibration_speed", result)
 
 

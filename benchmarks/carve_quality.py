@@ -102,7 +102,7 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             cfg = CarveConfig(**METHODS[method], experts=layout["experts"], shared=layout["shared"], top_k=1,
-                              calib_tokens=args.calib_tokens, calib_steps=args.calib_steps)
+                              calib_tokens=args.calib_tokens, calib_steps=args.calib_steps, calib_refine="adam")
             moe, plan, _ = carve_model(scan, source, cfg, calib)
             for budget, k in layout["top_k"].items():
                 moe.set_routing(top_k=k)

@@ -64,7 +64,7 @@ def main() -> None:
     moe = Path(args.moe)
     if not (moe / "config.json").is_file():
         carve(CarveConfig(scan=str(smollm2_scan()), experts=14, top_k=2, shared=0.125, calib_tokens=16384,
-                          calib_steps=500, eval_tokens=0, plots=False, device="cpu", out=str(moe)))
+                          calib_steps=500, calib_refine="adam", eval_tokens=0, plots=False, device="cpu", out=str(moe)))
     mc = arithmetic_mc(work / "arithmetic_mc.jsonl")
     out = work / "eval"
     models = ["smollm2", str(moe)] + ([args.trained] if (Path(args.trained) / "config.json").is_file() else [])

@@ -44,7 +44,7 @@ def carved_folder(weighting: str, work: Path = WORK) -> Path:
         derive_probs(carved_folder("straight_through", work), out)
         return out
     carve(CarveConfig(scan=str(smollm2_scan()), experts=14, top_k=2, shared=0.125, calib_tokens=8192,
-                      calib_steps=300, eval_tokens=0, plots=False, device="cpu", out=str(out)))
+                      calib_steps=300, calib_refine="adam", eval_tokens=0, plots=False, device="cpu", out=str(out)))
     return out
 
 

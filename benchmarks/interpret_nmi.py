@@ -38,7 +38,7 @@ def main() -> None:
         folder = Path(args.dsc_moe) if method == "dsc" else work / f"moe-{method}"
         if not (folder / "config.json").is_file():
             carve(CarveConfig(scan=str(smollm2_scan()), method=method, experts=14, top_k=2, shared=0.125,
-                              calib_tokens=8192, calib_steps=300, eval_tokens=0, plots=False, device="cpu",
+                              calib_tokens=8192, calib_steps=300, calib_refine="adam", eval_tokens=0, plots=False, device="cpu",
                               out=str(folder)))
         models[f"carved ({method} split)"] = folder
     if args.trained:

@@ -142,7 +142,7 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
         top_k = {"25": 2, "50": 6}[name[3:5]]
-        carve(CarveConfig(scan=str(scan), experts=14, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
+        carve(CarveConfig(scan=str(scan), experts=14, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300, calib_refine="adam",
                           eval_tokens=0, plots=False, device="cpu", out=str(folder)))
     else:
         source = load_source(SourceArgs(model=SOURCE, device="cpu"))

@@ -66,7 +66,7 @@ def main() -> None:
     dense_block = source.model.model.layers[LAYER].mlp
     results = {}
     for name in args.layouts:
-        cfg = CarveConfig(method="random", calib_tokens=4096, calib_steps=100, **LAYOUTS[name])
+        cfg = CarveConfig(method="random", calib_tokens=4096, calib_steps=100, calib_refine="adam", **LAYOUTS[name])
         moe, _, _ = carve_model(scan, source, cfg, calib)
         block = moe.model.layers[LAYER].mlp.eval()
         rows = {}

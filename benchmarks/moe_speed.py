@@ -177,7 +177,7 @@ class Inputs:
 
 
 def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: int) -> dict:
-    cfg = CarveConfig(method="random", calib_tokens=4096, calib_steps=100, **layout)
+    cfg = CarveConfig(method="random", calib_tokens=4096, calib_steps=100, calib_refine="adam", **layout)
     moe, plan, _ = carve_model(scan, source, cfg, calib)
     log(f"{name}: carved")
     dense = inp.dense

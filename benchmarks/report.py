@@ -127,21 +127,25 @@ _PATH_NAMES = ("dense", "loop", "loop-dense-down", "sorted", "gather", "padded",
 
 def calibration_speed(d: dict) -> str:
     s, c, r = d["seconds_per_layer_median"], d["cpu_seconds_per_layer_median"], d["ppl_ratio"]
+    cur = d.get("current_refinement", {"calib_refine": "adam", "calib_steps": d["adam_steps"]})
+    labels = {"baseline": f"before ({d['baseline']}), {d['adam_steps']} Adam steps",
+              "current, adam": f"now, {d['adam_steps']} Adam steps",
+              "current": f"now, {cur['calib_steps']} {'L-BFGS iterations' if cur['calib_refine'] == 'lbfgs' else 'Adam steps'}"
+                         " (default)"}
     return "\n".join([
-        f"{d['layout']}, {d['calibration_tokens']} calibration tokens, {d['adam_steps']} Adam steps; every layer "
-        f"calibrated by both, interleaved, on {d['machine']['cpu_count']} CPU cores shared with other jobs "
-        f"(`{d['command']}`). Held-out perplexity on {d['heldout_tokens_scored']} response tokens, dense "
-        f"{d['dense_ppl']:.2f}.",
+        f"{d['layout']}, {d['calibration_tokens']} calibration tokens; every layer calibrated by each variant, "
+        f"interleaved, on {d['machine']['cpu_count']} CPU cores (`{d['command']}`). Held-out perplexity on "
+        f"{d['heldout_tokens_scored']} response tokens, dense {d['dense_ppl']:.2f}.",
         "",
         "| router calibration | s per layer (median) | CPU s per layer (median) | all layers, s | held-out ppl ÷ dense | "
         "top-k overlap with oracle |",
         "|---|---|---|---|---|---|",
-        *[f"| {'before (' + d['baseline'] + ')' if n == 'baseline' else 'now'} | {s[n]:.1f} | {c[n]:.1f} | "
+        *[f"| {labels.get(n, n)} | {s[n]:.1f} | {c[n]:.1f} | "
           f"{d['seconds_total'][n]:.0f} | {r[n]:.3f} | {d['top_k_overlap_with_oracle_mean'][n]:.3f} |" for n in s],
         "",
-        f"**{d['speedup']:.1f}× faster** in wall-clock time, {d['cpu_speedup']:.1f}× in CPU time (target ≥ 3×). The "
-        f"collected FFN inputs take {d['ffn_inputs_bytes'] / 2**30:.2f} GiB here; a Qwen3-4B source in bf16 at the same "
-        f"token count would need {d['ffn_inputs_bytes_qwen3_4b_bf16'] / 2**30:.1f} GiB (arithmetic).",
+        f"Default against before: **{d['speedup']:.1f}× faster** in wall-clock time, {d['cpu_speedup']:.1f}× in CPU time "
+        f"(target ≥ 3×). The collected FFN inputs take {d['ffn_inputs_bytes'] / 2**30:.2f} GiB here; a Qwen3-4B source "
+        f"in bf16 at the same token count would need {d['ffn_inputs_bytes_qwen3_4b_bf16'] / 2**30:.1f} GiB (arithmetic).",
     ])
 
 

@@ -162,7 +162,7 @@ def start_model(variant: str, args, corpus: str) -> Path:
     if not (folder / "config.json").is_file():
         score, side = ROUTER_VARIANTS[variant]
         reroute(base, folder, router_score=score, router_input=side, calib_tokens=args.calib_tokens,
-                calib_steps=args.calib_steps)
+                calib_steps=args.calib_steps, calib_refine="adam")
     return folder
 
 

@@ -51,7 +51,7 @@ def main() -> None:
     moe = work / "moe25"
     if not (moe / "config.json").is_file():
         carve(CarveConfig(scan=str(smollm2_scan()), experts=14, top_k=2, shared=0.125, calib_tokens=8192,
-                          calib_steps=300, eval_tokens=0, plots=False, device="cpu", out=str(moe)))
+                          calib_steps=300, calib_refine="adam", eval_tokens=0, plots=False, device="cpu", out=str(moe)))
     source = load_source(SourceArgs(model="smollm2", device="cpu"))
     held = build_dataset(source.tokenizer, DataArgs(seq_len=args.seq_len), "heldout", max_tokens=args.eval_tokens)
     dense = perplexity(source.model, held)["ppl"]

@@ -3,13 +3,14 @@
 For calibration tokens x (the FFN inputs of the *dense* source) and every routed expert e with output y_e(x), the target
 is the gain of using e alone, g_e = ||R||² - ||R - y_e||² = 2<R, y_e> - ||y_e||², where R = sum_e y_e is the full routed
 output (the FFN minus the shared expert). Router logits are fitted to the per-token-centred gains by ridge regression
-(closed form), a single temperature is fitted so that softmax(logits) matches softmax(gains), and a few Adam steps
-on that KL refine the ranking. Hierarchical routers
+(closed form), a single temperature is fitted so that softmax(logits) matches softmax(gains), and L-BFGS (or Adam)
+on that KL refines the ranking. Hierarchical routers
 fit the main router on group gains and the sub-routers on expert gains.
 
 Cost per layer (T calibration tokens, D hidden, F FFN neurons, E experts): the gains take about 1.3 dense FFN passes over
 the tokens (all experts' activations in one GEMM, the output norms from the down projections' Gram matrices); the
-refinement takes two [T, D] x [D, E] GEMMs per Adam step, run over cache-sized token chunks. The collected FFN inputs
+refinement takes two [T, D] x [D, E] GEMMs per loss evaluation (an Adam step, or about 1.1 per L-BFGS iteration),
+run over cache-sized token chunks. The collected FFN inputs
 are T·D values per layer for all layers at once, kept in the source's dtype on the CPU; each layer is moved to the
 experts' device while it is calibrated.
 """
@@ -69,30 +70,56 @@ def _token_chunk(x_TD: torch.Tensor, cache_bytes: int = 4 << 20) -> int:
     return max(256, cache_bytes // (x_TD.shape[1] * x_TD.element_size()))
 
 
-def refine_kl(x_TD: torch.Tensor, w_ED: torch.Tensor, target_TE: torch.Tensor, groups: int = 1, steps: int = 200,
-              lr: float = 1e-2) -> torch.Tensor:
-    """Refine router weights by Adam on KL(softmax(target) || softmax(x W)) within each group (a ranking loss the
+REFINERS = ("lbfgs", "adam")
+
+
+def kl_loss_and_grad(x_TD: torch.Tensor, w_ED: torch.Tensor, p_ET: torch.Tensor, groups: int = 1):
+    """The refinement loss -mean over tokens and groups of Σ p log softmax(x Wᵀ) (the KL up to a constant) and its
+    gradient ((q - p)ᵀ x) / (T·G), summed over token chunks: each chunk's logits and gradient reuse x while it is in
+    cache, where one GEMM over all T tokens would read x from memory twice. `p_ET`: the target probabilities,
+    transposed; the [E, T] layout (logitsᵀ = W xᵀ) runs faster than x Wᵀ for E << D on CPU."""
+    T, E = x_TD.shape[0], w_ED.shape[0]
+    chunk = _token_chunk(x_TD)
+    grad = torch.zeros_like(w_ED)
+    loss = torch.zeros((), dtype=torch.float64, device=w_ED.device)
+    for lo in range(0, T, chunk):
+        x_c, p_c = x_TD[lo : lo + chunk], p_ET[:, lo : lo + chunk]
+        logq_Et = (w_ED @ x_c.T).view(groups, E // groups, -1).log_softmax(1).view(E, -1)  # [E, t]
+        loss -= (p_c * logq_Et).sum().double()
+        grad.addmm_(logq_Et.exp_() - p_c, x_c)  # [E, D]
+    return loss / (T * groups), grad / (T * groups)
+
+
+def refine_kl(x_TD: torch.Tensor, w_ED: torch.Tensor, target_TE: torch.Tensor, groups: int = 1, steps: int = 60,
+              optimizer: str = "lbfgs", lr: float = 1e-2) -> torch.Tensor:
+    """Refine router weights to minimise KL(softmax(target) || softmax(x W)) within each group (a ranking loss the
     least-squares start does not optimise).
 
-    The same steps as `torch.optim.Adam` on the autograd loss -(p log q).sum(-1).mean(), with the gradient
-    ((q - p) / (T·G))ᵀ x written out and summed over token chunks: each chunk's logits and gradient reuse x while it is
-    in cache, where one GEMM over all T tokens would read x from memory twice per step."""
+    optimizer "lbfgs": `steps` iterations of `torch.optim.LBFGS` with a strong-Wolfe line search (about 1.1 loss
+    evaluations per iteration; the loss is smooth and convex in W, so a few dozen iterations reach its minimum).
+    "adam": `steps` steps of `torch.optim.Adam` (learning rate `lr`), written out on the chunked gradient (the refinement
+    before L-BFGS; the same steps as Adam on the autograd loss)."""
+    if optimizer not in REFINERS:
+        raise ValueError(f"unknown router refinement {optimizer!r}: use one of {', '.join(REFINERS)}")
     T, E = target_TE.shape
     x = x_TD.float()
-    # [E, T] layout: logitsᵀ = W xᵀ runs faster than x Wᵀ for E << D on CPU, and the gradient is then (qᵀ - pᵀ) x
-    p_ET = target_TE.float().view(T, groups, E // groups).softmax(-1).view(T, E).T.contiguous()
+    p_ET = target_TE.float().view(T, groups, E // groups).softmax(-1).view(T, E).T.contiguous()  # [E, T]
+    if optimizer == "lbfgs":
+        w = w_ED.float().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            loss, w.grad = kl_loss_and_grad(x, w.detach(), p_ET, groups)
+            return loss
+
+        with torch.no_grad():
+            opt.step(closure)
+        return w.detach().to(w_ED.dtype)
     w = w_ED.float().clone()
     m, v = torch.zeros_like(w), torch.zeros_like(w)
     beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
-    chunk = _token_chunk(x)
-    grad = torch.empty_like(w)
     for step in range(1, steps + 1):
-        grad.zero_()
-        for lo in range(0, T, chunk):
-            x_c = x[lo : lo + chunk]
-            q_Et = (w @ x_c.T).view(groups, E // groups, -1).softmax(1).view(E, -1)  # [E, t]
-            grad.addmm_(q_Et - p_ET[:, lo : lo + chunk], x_c)  # [E, D]
-        grad /= T * groups
+        _, grad = kl_loss_and_grad(x, w, p_ET, groups)
         m.mul_(beta1).add_(grad, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
@@ -147,9 +174,11 @@ def expert_and_group_gains(moe_block, x_TD: torch.Tensor, groups: int = 1, chunk
 
 @torch.no_grad()
 def calibrate_routers(
-    model: PreTrainedModel, ffn_inputs: list[torch.Tensor], alpha: float = 1e-3, refine_steps: int = 200
+    model: PreTrainedModel, ffn_inputs: list[torch.Tensor], alpha: float = 1e-3, refine_steps: int = 60,
+    refine: str = "lbfgs",
 ) -> list[dict]:
-    """Fit every layer's router in place; returns per-layer fit diagnostics (oracle top-k agreement)."""
+    """Fit every layer's router in place (`refine`, `refine_steps`: see `refine_kl`); returns per-layer fit
+    diagnostics (oracle top-k agreement)."""
     report = []
     layers = model.model.layers
     for i, x_in in enumerate(tqdm(ffn_inputs, desc="calibrate routers", unit="layer", leave=False)):
@@ -171,15 +200,15 @@ def calibrate_routers(
             w_main = ridge(x64, g_TG, alpha, xtx)
             w_main = fit_temperature(x64 @ w_main.T, g_TG) * w_main
             if refine_steps:
-                w_sub = refine_kl(x_TD, w_sub, sub_target, G, refine_steps)
-                w_main = refine_kl(x_TD, w_main, g_TG, 1, refine_steps)
+                w_sub = refine_kl(x_TD, w_sub, sub_target, G, refine_steps, refine)
+                w_main = refine_kl(x_TD, w_main, g_TG, 1, refine_steps, refine)
             router.weight.copy_(w_sub.to(router.weight.dtype))
             router.group_weight.copy_(w_main.to(router.group_weight.dtype))
         else:
             w = ridge(x64, g_TE, alpha, xtx)
             w = fit_temperature(x64 @ w.T, g_TE) * w
             if refine_steps:
-                w = refine_kl(x_TD, w, g_TE, 1, refine_steps)
+                w = refine_kl(x_TD, w, g_TE, 1, refine_steps, refine)
             router.weight.copy_(w.to(router.weight.dtype))
         logp = router.log_probs(x_TD.to(router.weight.dtype))
         k = model.config.num_experts_per_tok
@@ -268,21 +297,34 @@ def _set_scorer(router, prefix: str, r_TD: torch.Tensor, target_TK: torch.Tensor
         getattr(router, prefix + "weight").copy_(w.to(getattr(router, prefix + "weight").dtype))
 
 
-def refine_router(router, r_TD: torch.Tensor, target_TE: torch.Tensor, steps: int, lr: float = 1e-2) -> None:
-    """Adam on KL(softmax(target) ‖ router) over the whole expert distribution (hierarchical: p_main·p_sub), on a
-    float32 copy of the router's parameters, written back at the end."""
+def refine_router(router, r_TD: torch.Tensor, target_TE: torch.Tensor, steps: int, lr: float = 1e-2,
+                  optimizer: str = "lbfgs") -> None:
+    """Minimise KL(softmax(target) ‖ router) over the whole expert distribution (hierarchical: p_main·p_sub) by
+    `steps` iterations of L-BFGS (strong-Wolfe line search) or steps of Adam (`lr`), on a float32 copy of the router's
+    parameters, written back at the end."""
+    if optimizer not in REFINERS:
+        raise ValueError(f"unknown router refinement {optimizer!r}: use one of {', '.join(REFINERS)}")
     route = _RouteOnly(router)
     params = {f"router.{n}": p.detach().float().clone().requires_grad_(True) for n, p in router.named_parameters()}
     p_tgt = target_TE.float().softmax(-1)
     r = r_TD.float()
-    opt = torch.optim.Adam(params.values(), lr=lr)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logq, _ = torch.func.functional_call(route, params, (r,))
+        loss = -(p_tgt * logq).sum(-1).mean()
+        loss.backward()
+        return loss
+
     with torch.enable_grad():
-        for _ in range(steps):
-            logq, _ = torch.func.functional_call(route, params, (r,))
-            loss = -(p_tgt * logq).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        if optimizer == "lbfgs":
+            opt = torch.optim.LBFGS(params.values(), lr=1.0, max_iter=steps, history_size=20,
+                                    line_search_fn="strong_wolfe")
+            opt.step(closure)
+        else:
+            opt = torch.optim.Adam(params.values(), lr=lr)
+            for _ in range(steps):
+                opt.step(closure)
     with torch.no_grad():
         for n, p in router.named_parameters():
             p.copy_(params[f"router.{n}"].to(p.dtype))
@@ -301,7 +343,7 @@ class _RouteOnly(torch.nn.Module):
 
 @torch.no_grad()
 def fit_router(router, r_TD: torch.Tensor, gains_TE: torch.Tensor, gains_TG: torch.Tensor, alpha: float = 1e-3,
-               refine_steps: int = 200) -> None:
+               refine_steps: int = 60, refine: str = "lbfgs") -> None:
     """Calibrate one router of any scorer (linear or Gaussian) on routing inputs r_TD [T, D] from the experts' gains
     [T, E] (and the groups' gains [T, G]): per-scorer initialisation (`_set_scorer`), then `refine_router`."""
     g_TE = _centred_scaled(gains_TE.double())
@@ -314,12 +356,12 @@ def fit_router(router, r_TD: torch.Tensor, gains_TE: torch.Tensor, gains_TG: tor
     else:
         _set_scorer(router, "", r_TD, g_TE, 1, alpha, g_TE)
     if refine_steps:
-        refine_router(router, r_TD, g_TE, refine_steps)
+        refine_router(router, r_TD, g_TE, refine_steps, optimizer=refine)
 
 
 @torch.no_grad()
 def fit_routers(model: PreTrainedModel, ffn_inputs: list[torch.Tensor], router_inputs: list[torch.Tensor] | None = None,
-                alpha: float = 1e-3, refine_steps: int = 200) -> list[dict]:
+                alpha: float = 1e-3, refine_steps: int = 60, refine: str = "lbfgs") -> list[dict]:
     """Calibrate every router that `calibrate_routers` does not cover (Gaussian scorers, side inputs; linear FFN-input
     routers work too): the experts' gains come from the FFN inputs, the fit uses the routing inputs (`router_inputs`,
     default the FFN inputs). Returns per-layer diagnostics (oracle top-k agreement)."""
@@ -329,7 +371,7 @@ def fit_routers(model: PreTrainedModel, ffn_inputs: list[torch.Tensor], router_i
         router = block.router
         r_TD = x_TD if router_inputs is None else router_inputs[i]
         gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
-        fit_router(router, r_TD, gains_TE, gains_TG, alpha, refine_steps)
+        fit_router(router, r_TD, gains_TE, gains_TG, alpha, refine_steps, refine)
         logp, _ = router.route(r_TD.to(next(router.parameters()).device))
         k = model.config.num_experts_per_tok
         chosen, oracle = logp.topk(k, -1).indices.cpu(), gains_TE.topk(k, -1).indices

@@ -14,7 +14,13 @@ from transformers import PreTrainedModel
 
 from tiny_onn.artifacts import atomic_dir, versions
 from tiny_onn.carve.assemble import assemble
-from tiny_onn.carve.calibrate import calibrate_routers, collect_ffn_inputs, collect_router_inputs, fit_routers
+from tiny_onn.carve.calibrate import (
+    REFINERS,
+    calibrate_routers,
+    collect_ffn_inputs,
+    collect_router_inputs,
+    fit_routers,
+)
 from tiny_onn.carve.cluster import balanced_kmeans, random_split
 from tiny_onn.carve.features import neuron_features
 from tiny_onn.carve.plan import CarvePlan, LayerPlan
@@ -81,8 +87,11 @@ class CarveConfig(SourceArgs):
     """Tokens per calibration/evaluation sequence."""
     calib_tokens: int = 16384
     """Calibration tokens for the routers (training split)."""
-    calib_steps: int = 500
-    """Adam steps refining each router on the calibration tokens after the least-squares fit (0 = least squares only)."""
+    calib_refine: str = "lbfgs"
+    """How each router is refined on the calibration tokens after the least-squares fit: lbfgs (L-BFGS iterations) or
+    adam (Adam steps, learning rate 1e-2: the refinement before L-BFGS)."""
+    calib_steps: int = 60
+    """Refinement iterations (calib_refine lbfgs) or steps (adam) per router; 0 = least squares only."""
     eval_tokens: int = 4096
     """Held-out tokens for the dense-vs-carved perplexity check (0 = skip)."""
     weight_features: float = 0.5
@@ -144,6 +153,10 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError(f"need 1 <= min_k ({self.min_k}) <= max_k ({max_k}) <= experts ({self.experts})")
         if self.calib_tokens < 1 or self.eval_tokens < 0:
             raise TinyOnnError("calib_tokens must be positive and eval_tokens non-negative")
+        if self.calib_refine not in REFINERS:
+            raise TinyOnnError(f"calib_refine must be one of {', '.join(REFINERS)}, got {self.calib_refine!r}")
+        if self.calib_steps < 0:
+            raise TinyOnnError(f"calib_steps must be >= 0 (0 = least squares only), got {self.calib_steps}")
 
     @property
     def num_groups(self) -> int:
@@ -219,9 +232,10 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
         ffn_inputs = collect_ffn_inputs(source.model, calib_data)
         router_inputs = collect_router_inputs(model, calib_data)
         if cfg.router_score == "linear" and router_inputs is None:
-            report = calibrate_routers(model, ffn_inputs, refine_steps=cfg.calib_steps)
+            report = calibrate_routers(model, ffn_inputs, refine_steps=cfg.calib_steps, refine=cfg.calib_refine)
         else:  # Gaussian scorers, or routers that read a side input
-            report = fit_routers(model, ffn_inputs, router_inputs, refine_steps=cfg.calib_steps)
+            report = fit_routers(model, ffn_inputs, router_inputs, refine_steps=cfg.calib_steps,
+                                 refine=cfg.calib_refine)
         if cfg.expert_weighting == "probs":
             for row, scales in zip(report, fit_expert_scales(model, ffn_inputs), strict=True):
                 row["expert_scales"] = scales

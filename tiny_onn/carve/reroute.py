@@ -19,7 +19,8 @@ from tiny_onn.sources import SourceArgs, load_source
 
 
 def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", router_input: str = "ffn",
-            calib_tokens: int = 8192, calib_steps: int = 300, data: str = "", device: str = "cpu") -> Path:
+            calib_tokens: int = 8192, calib_steps: int = 60, calib_refine: str = "lbfgs", data: str = "",
+            device: str = "cpu") -> Path:
     """Write to `out` a copy of the carved MoE folder `moe` whose routers score with `router_score` and read
     `router_input`, fitted (`fit_routers`) on `calib_tokens` training tokens of `data` (default: the carve's data, else
     the default mix) with the dense source named in the folder's provenance."""
@@ -42,11 +43,11 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
     calib = build_dataset(dense.tokenizer, args, "train", max_tokens=calib_tokens)
     with torch.no_grad():
         report = fit_routers(model, collect_ffn_inputs(dense.model, calib), collect_router_inputs(model, calib),
-                             refine_steps=calib_steps)
+                             refine_steps=calib_steps, refine=calib_refine)
     meta = {**carve_meta, "config": {**cfg, "router_score": router_score, "router_input": router_input},
             "calibration": report,
             "rerouted_from": {"folder": str(moe), "calib_tokens": calib_tokens, "calib_steps": calib_steps,
-                              "data": args.data}}
+                              "calib_refine": calib_refine, "data": args.data}}
     with atomic_dir(out) as tmp:
         save_model_folder(model, carved.tokenizer, tmp, provenance, {CARVE_META: meta}, model_card(model, dense, meta))
     return Path(out)
