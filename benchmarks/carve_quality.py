@@ -28,7 +28,7 @@ from tiny_onn.carve.carver import active_fraction  # noqa: E402
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.data.pipeline import data_identity  # noqa: E402
 from tiny_onn.eval import perplexity  # noqa: E402
-from tiny_onn.model.modeling_tiny_onn import TinyOnnSparseMoeBlock  # noqa: E402
+from tiny_onn.eval.oracle import oracle_expert_routing  # noqa: E402
 from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
@@ -51,21 +51,6 @@ def planned_methods(layout: dict, chosen: list[str] | None = None) -> list[str]:
     """Row labels carved for a layout (of `chosen`, default all): the shared-expert variant only where there is one."""
     return [m for m, settings in METHODS.items()
             if (layout["shared"] or "shared_score" not in settings) and (chosen is None or m in chosen)]
-
-
-def oracle_forward(self, hidden_states):
-    """Route each token to the experts with the largest true gain 2<R, y_e> - |y_e|² (R = all routed experts' sum)."""
-    shape = hidden_states.shape
-    x = hidden_states.reshape(-1, shape[-1])
-    y_ENd = torch.stack([self.experts.expert_forward(e, x) for e in range(self.experts.num_experts)])
-    R_Nd = y_ENd.sum(0)
-    gain_NE = (2 * (y_ENd * R_Nd).sum(-1) - (y_ENd**2).sum(-1)).T
-    top = gain_NE.topk(self.routing.top_k, dim=-1).indices
-    sel_NE = torch.zeros_like(gain_NE, dtype=torch.bool).scatter_(1, top, True)
-    out = (y_ENd * sel_NE.T[:, :, None]).sum(0)
-    if self.shared_expert is not None:
-        out = out + self.shared_expert(x)
-    return out.reshape(shape), gain_NE.log_softmax(-1), sel_NE, None
 
 
 def main() -> None:
@@ -111,12 +96,8 @@ def main() -> None:
                        "active_fraction": active_fraction(plan, k, 1536), "ppl": ppl["ppl"],
                        "ratio": ppl["ppl"] / dense["ppl"], "by_category": ppl["by_category"]}
                 if method in WITH_ORACLE:
-                    original = TinyOnnSparseMoeBlock.forward
-                    TinyOnnSparseMoeBlock.forward = oracle_forward
-                    try:
+                    with oracle_expert_routing(moe):
                         row["oracle_ratio"] = perplexity(moe, held)["ppl"] / dense["ppl"]
-                    finally:
-                        TinyOnnSparseMoeBlock.forward = original
                 rows.append(row)
                 print(f"{layout_name:>26} {method:>8} {budget}: ratio {row['ratio']:.3f}"
                       + (f" (oracle router {row['oracle_ratio']:.3f})" if "oracle_ratio" in row else ""), flush=True)

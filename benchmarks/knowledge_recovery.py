@@ -13,7 +13,8 @@ dense source with each FFN cut to its top 25 % / 50 % neurons by importance a·s
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
 Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
 teacher on the mix), `kd-corpus` (KL on the teacher-written corpus of `tiny-onn distil-data`), `kd-both` (KL on
-both). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
+both), `ce-both` (cross-entropy on both: the teacher's text without its distribution; the recipe under which the dense
+control means something, as KL of the dense source to itself is zero). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
 perplexity ÷ dense, mix held-out perplexity ÷ dense, per category, active parameters, training tokens.
 The forgetting test starts from a trained run, learns one category only (plain CE) under each update policy, and
 reports what the other categories, the general text and the facts lose.
@@ -48,6 +49,7 @@ RECIPES = {  # data, teacher KD weight, CE weight
     "kd-mix": ("default", 1.0, 0.0),
     "kd-corpus": ("{corpus}", 1.0, 0.0),
     "kd-both": ("default,{corpus}", 1.0, 0.0),
+    "ce-both": ("default,{corpus}", 0.0, 1.0),
 }
 FORGET_POLICIES = {"full": ("full", 4), "smk": ("smk", 4), "smk2": ("smk2", 4), "smk-min1": ("smk", 1)}
 SOURCE = "smollm2"
@@ -170,9 +172,10 @@ def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dic
                                                      "steps", "lr", "seed")}}
 
 
-def evaluate(spec: str, ecfg: EvalConfig) -> dict:
-    """Mix perplexity (per category), general-text perplexity, facts (accuracy, retention), parameters."""
-    row = evaluate_model(spec, ecfg)
+def evaluate(spec: str, ecfg: EvalConfig, within=None) -> dict:
+    """Mix perplexity (per category), general-text perplexity, facts (accuracy, retention), parameters (`within`: see
+    `evaluate_model`)."""
+    row = evaluate_model(spec, ecfg, within=within)
     facts = row["facts"]
     return {"mix_ppl": row["perplexity"]["ppl"], "mix_ppl_by_category": row["perplexity"]["by_category"],
             "general_ppl": row["general"]["ppl"], "fact_accuracy": facts["accuracy"], "facts_known": facts["known"],

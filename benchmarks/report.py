@@ -412,11 +412,34 @@ def seed_mechanisms(d: dict) -> str:
     return "\n".join(lines)
 
 
+def knowledge_ceiling(d: dict) -> str:
+    p, dense = d["protocol"], d["dense"]
+    lines = [
+        f"SmolLM2, scored as the knowledge table scores (protocol `{d['knowledge_recovery_protocol']}`): "
+        f"{dense['facts_n']} evaluation facts ({dense['facts_known']} known by the dense source), {p['general_tokens']:,} "
+        f"news tokens, {p['eval_tokens']:,} held-out mix tokens. Oracles compute every neuron, so they bound quality, not "
+        f"speed. `{d['command']}`",
+        "",
+        "| model | selection | fact retention (kept/known; 95 % CI) | fact acc | general-text ppl ÷ dense | mix ppl ÷ dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, r in d["rows"].items():
+        label, _, _ = key.rpartition(" ")
+        selection = {"neuron oracle": "each token's top neurons by |h|·‖d‖ (no experts)",
+                     "router": "the model's router" + (" (row of the knowledge table)" if r.get("copied_from") else ""),
+                     "expert oracle": "each token's top-k experts by true gain"}[r["kind"]]
+        if r["kind"] == "neuron oracle":
+            label = f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons per token"
+        lines.append(f"| {label} | {selection} | {_retention(r)} | {r['fact_accuracy']:.3f} | "
+                     f"**{r['ratios']['general_ppl']:.2f}** | {r['ratios']['mix_ppl']:.2f} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "moe_paths": moe_paths, "calibration_speed": calibration_speed,
              "carve_quality": carve_quality, "score_validity": score_validity, "train_policies": train_policies,
              "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
              "gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "knowledge_recovery": knowledge_recovery,
-             "seed_mechanisms": seed_mechanisms}
+             "seed_mechanisms": seed_mechanisms, "knowledge_ceiling": knowledge_ceiling}
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ and the sparsity–quality curve of each MoE."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,9 +124,16 @@ def _mean_experts_per_token(model, held) -> float:
     return float(torch.stack([s[mask].float().sum(-1).mean() for s in out.expert_selections]).mean())
 
 
-def evaluate_model(spec: str, cfg: EvalConfig) -> dict:
+def evaluate_model(spec: str, cfg: EvalConfig, within: Callable | None = None) -> dict:
+    """Evaluate one model on `cfg`'s tasks. `within(model)`: a context manager every task runs inside (e.g. an oracle
+    router from `tiny_onn.eval.oracle`)."""
     src = load_source(SourceArgs(model=spec, device=cfg.device, dtype=cfg.dtype,
                                  trust_remote_code=cfg.trust_remote_code), dense_only=False)
+    with within(src.model) if within is not None else nullcontext():
+        return _evaluate_loaded(spec, src, cfg)
+
+
+def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
     model, tok = src.model, src.tokenizer
     is_moe = model.config.model_type == "tiny_onn"
     row: dict = {"model": spec, "origin": src.origin, "kind": "moe" if is_moe else "dense"}

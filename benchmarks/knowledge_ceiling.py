@@ -1,0 +1,95 @@
+"""Where does the knowledge die: at the split into experts, or at the router? Fact retention and general-text
+perplexity of SmolLM2 under oracles, beside the carved models' own routers.
+
+    python benchmarks/knowledge_ceiling.py [--models moe25 moe50] [--trained moe25:kd-both:full:0] [--fractions 0.25 0.5]
+
+Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its protocol's facts and tokens):
+- neuron oracle at f (0.25, 0.5): the dense source with every FFN keeping, per token, its f·F neurons of largest
+  |h_j|·‖d_j‖ — no experts, no router: the per-token ceiling of design.md, which bounds any carve at that active fraction.
+- each carved start model of knowledge_recovery (`moe25`, `moe50`) with its calibrated router, and with the expert
+  oracle (each token's top-k experts by true gain 2⟨R, y_e⟩ − ‖y_e‖²): what a perfect router would keep of that split.
+- a trained run of knowledge_recovery (`--trained MODEL:RECIPE:POLICY:SEED`), router and expert oracle: whether training
+  left the router behind its experts.
+Router rows already scored by knowledge_recovery (same protocol) are copied from its result file, not re-run.
+Writes benchmarks/results/knowledge_ceiling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, write_result  # noqa: E402
+from knowledge_recovery import SOURCE, ensure_start_model, evaluate, protocol_name, ratios  # noqa: E402
+
+from tiny_onn.eval.facts import KnownFacts  # noqa: E402
+from tiny_onn.eval.harness import EvalConfig, evaluation_facts  # noqa: E402
+from tiny_onn.eval.oracle import neuron_oracle, oracle_expert_routing  # noqa: E402
+
+EVAL_KEYS = ("seq_len", "eval_tokens", "general_tokens", "facts_limit")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=("moe25", "moe50"), default=["moe25", "moe50"])
+    p.add_argument("--trained", nargs="*", default=["moe25:kd-both:full:0"],
+                   help="runs of knowledge_recovery's protocol (MODEL:RECIPE:POLICY:SEED) to score under the oracle")
+    p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5], help="neuron-oracle active fractions")
+    p.add_argument("--protocol", default="60x4x256-lr0.0003", help="knowledge_recovery protocol to score like")
+    p.add_argument("--workdir", default="runs/bench/knowledge")
+    args = p.parse_args()
+
+    recovery = json.loads((RESULTS / "knowledge_recovery.json").read_text())
+    entry = next((e for e in recovery["protocols"] if protocol_name(e["protocol"]) == args.protocol), None)
+    if entry is None:
+        raise SystemExit(f"no knowledge_recovery protocol {args.protocol}: run benchmarks/knowledge_recovery.py first")
+    proto = entry["protocol"]
+    ecfg = EvalConfig(model=[SOURCE], tasks="ppl,general,facts", eval_tokens=proto["eval_tokens"],
+                      seq_len=proto["seq_len"], general_tokens=proto["general_tokens"], facts_limit=proto["facts_limit"],
+                      facts_source=SOURCE, device="cpu", out=str(Path(args.workdir) / "eval-unused"))
+    # the oracle rows score the dense source itself: its known facts must be stored first, or its oracle answers would
+    # be taken for what it knows
+    if KnownFacts(SOURCE, ecfg.facts_max_new_tokens).missing(evaluation_facts(ecfg)):
+        raise SystemExit("the dense source's known facts are not stored yet: run benchmarks/knowledge_recovery.py first")
+    dense = entry["start"]["dense"]
+    rows: dict[str, dict] = {}
+
+    def record(key: str, row: dict, **extra) -> None:
+        rows[key] = {**row, "ratios": ratios(row, dense), **extra}
+        save(args, proto, dense, rows)
+        r = rows[key]
+        print(f"{key}: retention {r['fact_retention']:.3f} ({r['facts_retained']}/{r['facts_known']}), general "
+              f"×{r['ratios']['general_ppl']:.2f}, mix ×{r['ratios']['mix_ppl']:.2f}", flush=True)
+
+    for f in args.fractions:
+        record(f"neuron oracle {f:g}", evaluate(SOURCE, ecfg, within=partial(neuron_oracle, fraction=f)),
+               kind="neuron oracle", active_ffn_fraction=f)
+    for name in args.models:
+        folder = ensure_start_model(name, Path(args.workdir), "")
+        if name in entry["start"]:
+            rows[f"{name} router"] = {**entry["start"][name], "kind": "router", "copied_from": "knowledge_recovery"}
+        else:
+            record(f"{name} router", evaluate(str(folder), ecfg), kind="router")
+        record(f"{name} oracle", evaluate(str(folder), ecfg, within=oracle_expert_routing), kind="expert oracle")
+    for key in args.trained:
+        run = entry["runs"].get(key)
+        if run is None:
+            raise SystemExit(f"--trained {key}: no such run in protocol {args.protocol}")
+        rows[f"{key} router"] = {**run, "kind": "router", "copied_from": "knowledge_recovery"}
+        record(f"{key} oracle", evaluate(run["model_folder"], ecfg, within=oracle_expert_routing), kind="expert oracle")
+    save(args, proto, dense, rows)
+
+
+def save(args, proto: dict, dense: dict, rows: dict) -> None:
+    write_result("knowledge_ceiling", {
+        "source": SOURCE, "protocol": {k: proto[k] for k in EVAL_KEYS}, "knowledge_recovery_protocol": args.protocol,
+        "dense": dense, "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()

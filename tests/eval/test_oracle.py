@@ -1,0 +1,72 @@
+"""Oracle routing: the expert oracle selects each token's top-k experts by their true gain (computed here from the
+experts' outputs one by one), the neuron oracle keeps each token's top neurons by |h|·‖d‖; both restore the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_model
+from tests.model.helpers import tiny_moe
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.eval.oracle import neuron_oracle, oracle_expert_routing
+
+
+def _expected_oracle_block(block, x_ND: torch.Tensor) -> torch.Tensor:
+    """Each token alone: its experts' outputs, its gains, its top-k by gain summed, plus the shared expert."""
+    rows = []
+    for x in x_ND:
+        y_ED = torch.stack([block.experts.expert_forward(e, x[None])[0] for e in range(block.experts.num_experts)])
+        R = y_ED.sum(0)
+        gains = torch.tensor([2 * torch.dot(R, y) - torch.dot(y, y) for y in y_ED])
+        top = sorted(range(len(gains)), key=lambda e: -gains[e])[: block.routing.top_k]
+        rows.append(sum(y_ED[e] for e in top) + block.shared_expert(x[None])[0])
+    return torch.stack(rows)
+
+
+def test_oracle_expert_routing_takes_the_top_gain_experts_and_restores_the_router():
+    model = tiny_moe(seed=4).double().eval()
+    block = model.model.layers[1].mlp
+    x = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        routed, *_ = block(x)
+        with oracle_expert_routing(model):
+            oracle, _, selected_NE, _ = block(x)
+            ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+            model(ids)  # the whole model runs under the oracle
+        restored, *_ = block(x)
+        want = _expected_oracle_block(block, x[0])
+    torch.testing.assert_close(oracle[0], want, atol=1e-10, rtol=1e-10)
+    assert selected_NE.sum(-1).eq(block.routing.top_k).all()
+    assert not torch.allclose(routed, oracle)  # the model's own (random) router routes otherwise
+    torch.testing.assert_close(restored, routed, atol=0, rtol=0)
+
+
+def test_neuron_oracle_keeps_each_tokens_top_neurons():
+    dense = make_tiny_model("llama", 64).double().eval()
+    mlp = dense.model.layers[0].mlp
+    x = torch.randn(5, dense.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    F = mlp.gate_proj.weight.shape[0]
+    with torch.no_grad():
+        full = mlp(x)
+        with neuron_oracle(dense, 1.0):
+            torch.testing.assert_close(mlp(x), full)
+        with neuron_oracle(dense, 0.25):
+            got = mlp(x)
+        h = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+        d = mlp.down_proj.weight  # [D, F]
+        keep = round(0.25 * F)
+        want = []
+        for n in range(5):
+            order = sorted(range(F), key=lambda j: -(abs(h[n, j]) * d[:, j].norm()))
+            want.append(sum(h[n, j] * d[:, j] for j in order[:keep]))
+        torch.testing.assert_close(got, torch.stack(want))
+        torch.testing.assert_close(mlp(x), full)  # restored
+
+
+def test_oracles_refuse_wrong_inputs():
+    dense = make_tiny_model("llama", 64)
+    with pytest.raises(TinyOnnError, match="carved TinyOnn model"), oracle_expert_routing(dense):
+        pass
+    with pytest.raises(TinyOnnError, match=r"in \(0, 1\]"), neuron_oracle(dense, 0.0):
+        pass

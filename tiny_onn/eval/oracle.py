@@ -1,0 +1,86 @@
+"""Oracle routing: upper bounds on what any router could keep of a carve, and on what any split into experts could.
+
+- `oracle_expert_routing(moe)`: every MoE block routes each token to the k experts with the largest true gain
+  2⟨R, y_e⟩ − ‖y_e‖² (R = the sum of all routed experts' outputs), computed from every expert's output. The router is
+  bypassed; the experts and the shared expert are the carve's. What a perfect router would keep of this carve.
+- `neuron_oracle(dense, fraction)`: every SwiGLU FFN of a dense model keeps, per token, only its `fraction` of neurons
+  with the largest |h_j|·‖d_j‖ (activation times the norm of the neuron's down-projection column). No grouping into
+  experts at all: the per-token neuron ceiling of design.md's table, which any carve at that active fraction is bounded
+  by in practice.
+
+Both are context managers that patch module instances (not classes) and restore them on exit; both compute every
+neuron, so they measure quality, not speed.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import PreTrainedModel
+
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.sources import swiglu_mlps
+
+
+def _oracle_block_forward(self, hidden_states: torch.Tensor):
+    """A TinyOnnSparseMoeBlock forward that selects each token's top-k experts by their true gain."""
+    shape = hidden_states.shape
+    x_ND = hidden_states.reshape(-1, shape[-1])
+    E = self.experts.num_experts
+    y_END = torch.stack([self.experts.expert_forward(e, x_ND) for e in range(E)])  # [E, N, D]
+    R_ND = y_END.sum(0)
+    gain_NE = (2 * (y_END * R_ND).sum(-1) - y_END.pow(2).sum(-1)).T  # [N, E]
+    idx_NK = gain_NE.topk(self.routing.top_k, dim=-1).indices
+    selected_NE = torch.zeros_like(gain_NE, dtype=torch.bool).scatter_(1, idx_NK, True)
+    out_ND = (y_END * selected_NE.T[:, :, None].to(y_END.dtype)).sum(0)
+    if self.shared_expert is not None:
+        out_ND = out_ND + self.shared_expert(x_ND)
+    return out_ND.reshape(shape), gain_NE.float().log_softmax(-1), selected_NE, None
+
+
+@contextmanager
+def oracle_expert_routing(moe: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """Within the block, every MoE block of `moe` (a TinyOnn model) routes by the experts' true gains (top-k of the
+    model's routing settings)."""
+    if moe.config.model_type != "tiny_onn":
+        raise TinyOnnError(f"oracle expert routing needs a carved TinyOnn model, got a '{moe.config.model_type}' model")
+    blocks = [layer.mlp for layer in moe.model.layers]
+    for block in blocks:
+        block.forward = types.MethodType(_oracle_block_forward, block)
+    try:
+        yield moe
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+
+
+def _neuron_oracle_forward(keep: int):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # [..., F]
+        score = h.abs() * self.down_proj.weight.norm(dim=0)  # |h_j|·‖d_j‖
+        idx = score.topk(keep, dim=-1).indices
+        mask = torch.zeros_like(h).scatter_(-1, idx, 1.0)
+        return self.down_proj(h * mask)
+
+    return forward
+
+
+@contextmanager
+def neuron_oracle(dense: PreTrainedModel, fraction: float) -> Iterator[PreTrainedModel]:
+    """Within the block, every SwiGLU FFN of `dense` keeps per token only its round(fraction·F) neurons with the
+    largest |h_j|·‖d_j‖."""
+    if not 0.0 < fraction <= 1.0:
+        raise TinyOnnError(f"the neuron oracle's fraction must be in (0, 1], got {fraction}")
+    mlps = [m.module for m in swiglu_mlps(dense)]
+    for mlp in mlps:
+        keep = max(1, math.floor(fraction * mlp.gate_proj.weight.shape[0] + 0.5))
+        mlp.forward = types.MethodType(_neuron_oracle_forward(keep), mlp)
+    try:
+        yield dense
+    finally:
+        for mlp in mlps:
+            del mlp.forward
