@@ -307,6 +307,13 @@ class TinyOnnExperts(nn.Module):
         self.output_norm_sum += norms_E.float()
         self.routed_count += counts_E.float()
 
+    @torch.no_grad()
+    def _record_expert(self, e: int, a_nI: torch.Tensor, gram: torch.Tensor) -> None:
+        """Statistics of expert e from its activations on its n routed tokens."""
+        a32 = a_nI.detach().float()
+        self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
+        self.routed_count[e] += a32.shape[0]
+
     def _down_flat(self) -> torch.Tensor:
         E, D, inter = self.down_proj.shape
         return self.down_proj.permute(1, 0, 2).reshape(D, E * inter)  # [D, E·I], a copy
@@ -389,10 +396,7 @@ class TinyOnnExperts(nn.Module):
             x_e = x_parts[e] if autograd else x_ND.index_select(0, tokens)
             a = self._activations(F.linear(x_e, gate_up[e]))  # [n, I]
             if gram is not None:
-                with torch.no_grad():
-                    a32 = a.detach().float()
-                    self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
-                    self.routed_count[e] += n
+                self._record_expert(e, a, gram)
             if w_parts is not None:
                 a = a * w_parts[e][:, None].to(a.dtype)
             if dense_down:
@@ -426,10 +430,7 @@ class TinyOnnExperts(nn.Module):
             start += n
             a = self._activations(F.linear(x_PD[rows], gate_up[e]))  # [n, I]
             if gram is not None:
-                with torch.no_grad():
-                    a32 = a.detach().float()
-                    self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
-                    self.routed_count[e] += n
+                self._record_expert(e, a, gram)
             if w_sorted is not None:
                 a = a * w_sorted[rows, None].to(a.dtype)
             if autograd:
@@ -447,10 +448,7 @@ class TinyOnnExperts(nn.Module):
         for i, e in enumerate(expert_P.tolist()):
             a = self._activations(F.linear(x_1D, self.gate_up_proj[e]))  # [1, I]
             if gram is not None:
-                with torch.no_grad():
-                    a32 = a.detach().float()
-                    self.output_norm_sum[e] += _norms(a32, a32 @ gram[e]).sum()
-                    self.routed_count[e] += 1
+                self._record_expert(e, a, gram)
             if weight_P is not None:
                 a = a * weight_P[i].to(a.dtype)
             down = self.down_proj[e]  # [D, I]
