@@ -8,7 +8,8 @@ active, every run with the same token budget, scored on fact retention, general-
 
 Models: `moe25` / `moe50` (dsc carve, shared 12.5 % + 14 experts of 96, top-2 / top-6; `moe25k` / `moe50k`: the same
 carve from a scan that also sees the teacher-written corpus, so the shared expert and the clustering see knowledge
-categories), `width25` / `width50` (the
+categories; `moe25c` / `moe50c`: the same carve with routers calibrated layer by layer on the carved model's own FFN
+inputs, `--calib-inputs carved`), `width25` / `width50` (the
 dense source with each FFN cut to its top 25 % / 50 % neurons by importance a·s: same active neurons, no router) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
 Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
@@ -43,7 +44,7 @@ from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 from tiny_onn.train import TrainConfig  # noqa: E402
 from tiny_onn.train import run as train  # noqa: E402
 
-MODELS = ("moe25", "moe50", "moe25k", "moe50k", "width25", "width50", "dense")
+MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "width25", "width50", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
     "kd-mix": ("default", 1.0, 0.0),
@@ -144,7 +145,8 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
         top_k = {"25": 2, "50": 6}[name[3:5]]
-        carve(CarveConfig(scan=str(scan), experts=14, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300, calib_refine="adam",
+        carve(CarveConfig(scan=str(scan), experts=14, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
+                          calib_refine="adam", calib_inputs="carved" if name.endswith("c") else "dense",
                           eval_tokens=0, plots=False, device="cpu", out=str(folder)))
     else:
         source = load_source(SourceArgs(model=SOURCE, device="cpu"))

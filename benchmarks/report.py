@@ -299,7 +299,8 @@ def _knowledge_row(label: str, r: dict, cats: list[str], extra: str = "") -> str
 def knowledge_recovery(d: dict) -> str:
     out = []
     names = {"moe25": "MoE 25 %", "moe50": "MoE 50 %", "moe25k": "MoE 25 %, knowledge-aware scan",
-             "moe50k": "MoE 50 %, knowledge-aware scan", "width25": "width-pruned dense 25 %",
+             "moe50k": "MoE 50 %, knowledge-aware scan", "moe25c": "MoE 25 %, routers on carved inputs",
+             "moe50c": "MoE 50 %, routers on carved inputs", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %", "dense": "dense source"}
     for entry in d["protocols"]:
         p, dense = entry["protocol"], entry["start"]["dense"]

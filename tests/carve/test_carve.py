@@ -279,3 +279,59 @@ def test_width_pruned_dense_keeps_the_most_important_neurons(tiny_model_dir, sma
         h = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # [5, 64]
         expected = h[:, idx] @ mlp.down_proj.weight[:, idx].T
         torch.testing.assert_close(mlp_p.module(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _calibration_data(source, data_path, tokens: int = 512):
+    from tiny_onn.data import DataArgs, build_dataset
+
+    return build_dataset(source.tokenizer, DataArgs(data=str(data_path), seq_len=32), "train", max_tokens=tokens)
+
+
+def test_carved_block_inputs_equal_the_dense_ones_for_a_lossless_carve(tiny_model_dir, tiny_scan):
+    """Every expert selected: the carved model's own FFN inputs are the dense source's, at every layer."""
+    from tiny_onn.carve.calibrate import collect_block_inputs, collect_ffn_inputs
+
+    source, _, moe = _dense_and_moe(tiny_model_dir, tiny_scan[0], experts=4, top_k=4)
+    data = _calibration_data(source, tiny_scan[1])
+    dense_inputs = collect_ffn_inputs(source.model, data)
+    for layer, want in enumerate(dense_inputs):
+        torch.testing.assert_close(collect_block_inputs(moe.eval(), data, layer), want, atol=1e-5, rtol=1e-4)
+
+
+def test_sequential_calibration_fits_each_router_on_the_carved_models_inputs(tiny_model_dir, tiny_scan):
+    """Each layer's inputs are what the carved model produces with every earlier router calibrated (recomputed after
+    the whole calibration they are unchanged: later layers do not feed earlier ones), and past the first layer they
+    differ from the dense source's; the fit is the one-layer calibration on those inputs."""
+    from tiny_onn.carve.calibrate import (
+        calibrate_layer,
+        calibrate_sequentially,
+        collect_block_inputs,
+        collect_ffn_inputs,
+    )
+
+    source, _, moe = _dense_and_moe(tiny_model_dir, tiny_scan[0], experts=4, top_k=1)
+    data = _calibration_data(source, tiny_scan[1])
+    report, inputs = calibrate_sequentially(moe, data, refine_steps=5)
+    assert [r["layer"] for r in report] == list(range(len(moe.model.layers)))
+    dense_inputs = collect_ffn_inputs(source.model, data)
+    torch.testing.assert_close(inputs[0], dense_inputs[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(inputs[-1], dense_inputs[-1], atol=1e-3)
+    for layer, x in enumerate(inputs):
+        torch.testing.assert_close(collect_block_inputs(moe, data, layer), x, atol=0, rtol=0)
+    # the last router equals a fresh one-layer calibration on the same inputs
+    last = moe.model.layers[-1].mlp
+    fitted = last.router.weight.detach().clone()
+    torch.nn.init.normal_(last.router.weight)
+    calibrate_layer(last, inputs[-1], moe.config.num_experts_per_tok, refine_steps=5)
+    torch.testing.assert_close(last.router.weight, fitted)
+
+
+def test_carve_with_carved_calibration_inputs(tiny_model_dir, tiny_scan):
+    from tiny_onn.carve import carve_model
+
+    source = load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))
+    cfg = CarveConfig(scan=str(tiny_scan[0]), experts=4, top_k=2, calib_inputs="carved", calib_steps=3)
+    moe, _, report = carve_model(ScanResult.load(tiny_scan[0]), source, cfg, _calibration_data(source, tiny_scan[1]))
+    assert len(report) == len(moe.model.layers) and all(0.0 <= r["top_k_overlap_with_oracle"] <= 1.0 for r in report)
+    with pytest.raises(Exception, match="calib_inputs must be one of dense, carved"):
+        CarveConfig(scan=str(tiny_scan[0]), calib_inputs="teacher")

@@ -17,6 +17,7 @@ experts' device while it is calibrated.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -180,43 +181,114 @@ def calibrate_routers(
     """Fit every layer's router in place (`refine`, `refine_steps`: see `refine_kl`); returns per-layer fit
     diagnostics (oracle top-k agreement)."""
     report = []
-    layers = model.model.layers
     for i, x_in in enumerate(tqdm(ffn_inputs, desc="calibrate routers", unit="layer", leave=False)):
-        block = layers[i].mlp
-        router = block.router
-        x_TD = x_in.to(router.weight.device, torch.float32)
-        x64 = x_TD.double()
-        xtx = x64.T @ x64  # shared by every least-squares fit of this layer
-        gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
-        g_TE = _centred_scaled(gains_TE.double()).to(x64.device)
-        E, G = g_TE.shape[1], router.num_groups
-        if router.hierarchical:
-            per = E // G
-            sub_target = g_TE.view(-1, G, per)
-            sub_target = (sub_target - sub_target.mean(-1, keepdim=True)).reshape(-1, E)
-            w_sub = ridge(x64, sub_target, alpha, xtx)
-            w_sub = fit_temperature(x64 @ w_sub.T, sub_target, G) * w_sub
-            g_TG = _centred_scaled(gains_TG.double()).to(x64.device)
-            w_main = ridge(x64, g_TG, alpha, xtx)
-            w_main = fit_temperature(x64 @ w_main.T, g_TG) * w_main
-            if refine_steps:
-                w_sub = refine_kl(x_TD, w_sub, sub_target, G, refine_steps, refine)
-                w_main = refine_kl(x_TD, w_main, g_TG, 1, refine_steps, refine)
-            router.weight.copy_(w_sub.to(router.weight.dtype))
-            router.group_weight.copy_(w_main.to(router.group_weight.dtype))
-        else:
-            w = ridge(x64, g_TE, alpha, xtx)
-            w = fit_temperature(x64 @ w.T, g_TE) * w
-            if refine_steps:
-                w = refine_kl(x_TD, w, g_TE, 1, refine_steps, refine)
-            router.weight.copy_(w.to(router.weight.dtype))
-        logp = router.log_probs(x_TD.to(router.weight.dtype))
-        k = model.config.num_experts_per_tok
-        chosen = logp.topk(k, -1).indices.cpu()
-        oracle = g_TE.topk(k, -1).indices.cpu()
-        overlap = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().mean().item()
+        overlap = calibrate_layer(model.model.layers[i].mlp, x_in, model.config.num_experts_per_tok, alpha,
+                                  refine_steps, refine)
         report.append({"layer": i, "top_k_overlap_with_oracle": round(overlap, 4)})
     return report
+
+
+@torch.no_grad()
+def calibrate_layer(block, x_in: torch.Tensor, k: int, alpha: float = 1e-3, refine_steps: int = 60,
+                    refine: str = "lbfgs") -> float:
+    """Fit one MoE block's linear router on its FFN inputs x_in [T, D]; returns the share of the oracle's top-k
+    experts the fitted router also picks."""
+    router = block.router
+    x_TD = x_in.to(router.weight.device, torch.float32)
+    x64 = x_TD.double()
+    xtx = x64.T @ x64  # shared by every least-squares fit of this layer
+    gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
+    g_TE = _centred_scaled(gains_TE.double()).to(x64.device)
+    E, G = g_TE.shape[1], router.num_groups
+    if router.hierarchical:
+        per = E // G
+        sub_target = g_TE.view(-1, G, per)
+        sub_target = (sub_target - sub_target.mean(-1, keepdim=True)).reshape(-1, E)
+        w_sub = ridge(x64, sub_target, alpha, xtx)
+        w_sub = fit_temperature(x64 @ w_sub.T, sub_target, G) * w_sub
+        g_TG = _centred_scaled(gains_TG.double()).to(x64.device)
+        w_main = ridge(x64, g_TG, alpha, xtx)
+        w_main = fit_temperature(x64 @ w_main.T, g_TG) * w_main
+        if refine_steps:
+            w_sub = refine_kl(x_TD, w_sub, sub_target, G, refine_steps, refine)
+            w_main = refine_kl(x_TD, w_main, g_TG, 1, refine_steps, refine)
+        router.weight.copy_(w_sub.to(router.weight.dtype))
+        router.group_weight.copy_(w_main.to(router.group_weight.dtype))
+    else:
+        w = ridge(x64, g_TE, alpha, xtx)
+        w = fit_temperature(x64 @ w.T, g_TE) * w
+        if refine_steps:
+            w = refine_kl(x_TD, w, g_TE, 1, refine_steps, refine)
+        router.weight.copy_(w.to(router.weight.dtype))
+    logp = router.log_probs(x_TD.to(router.weight.dtype))
+    return _oracle_overlap(logp, g_TE, k)
+
+
+def _oracle_overlap(logp_TE: torch.Tensor, gains_TE: torch.Tensor, k: int) -> float:
+    """Mean share of each token's top-k experts by gain that the router's top-k also holds."""
+    chosen, oracle = logp_TE.topk(k, -1).indices.cpu(), gains_TE.topk(k, -1).indices.cpu()
+    return (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().mean().item()
+
+
+class _InputsCaptured(Exception):
+    """Raised by the capturing hook: the rest of the forward is not needed."""
+
+
+@torch.no_grad()
+def collect_block_inputs(model: PreTrainedModel, data: PackedData, layer: int, batch_size: int = 8) -> torch.Tensor:
+    """A carved model's own inputs to MoE block `layer` (its post-attention-norm hidden states, given every earlier
+    layer as it is now) at every non-padding token: [T, D] on the CPU, in the order of `collect_ffn_inputs`. Each
+    forward stops at that block."""
+    block = model.model.layers[layer].mlp
+    device = next(model.parameters()).device
+    rows: list[torch.Tensor] = []
+    keep: list[torch.Tensor] = []
+
+    def capture(module, args):
+        x = args[0]
+        rows.append(x.reshape(-1, x.shape[-1])[keep[0]].cpu())
+        raise _InputsCaptured
+
+    handle = block.register_forward_pre_hook(capture)
+    try:
+        for batch in data.batches(batch_size):
+            keep[:] = [batch["attention_mask"].reshape(-1).bool().to(device)]
+            with contextlib.suppress(_InputsCaptured):
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      use_cache=False)
+    finally:
+        handle.remove()
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def calibrate_sequentially(model: PreTrainedModel, data: PackedData, alpha: float = 1e-3, refine_steps: int = 60,
+                           refine: str = "lbfgs", batch_size: int = 8) -> tuple[list[dict], list[torch.Tensor]]:
+    """Calibrate the routers layer by layer on the carved model's own FFN inputs: layer i's router is fitted on the
+    hidden states that layers 0..i-1 of the carved model produce, their routers already calibrated, so the fit sees
+    the inputs it will get, errors of the earlier layers included (with `collect_ffn_inputs` every router sees the
+    dense source's inputs instead). Costs about L/2 extra forwards of the calibration tokens for L layers. Returns
+    the per-layer diagnostics and the collected inputs."""
+    was_training = model.training
+    model.eval()
+    router_inputs = collect_router_inputs(model, data, batch_size)
+    k = model.config.num_experts_per_tok
+    report, inputs = [], []
+    try:
+        for i in tqdm(range(len(model.model.layers)), desc="calibrate routers (carved inputs)", unit="layer",
+                      leave=False):
+            x_TD = collect_block_inputs(model, data, i, batch_size)
+            inputs.append(x_TD)
+            block = model.model.layers[i].mlp
+            if router_inputs is None and not block.router.gaussian:
+                overlap = calibrate_layer(block, x_TD, k, alpha, refine_steps, refine)
+            else:
+                overlap = fit_layer_router(block, x_TD, None if router_inputs is None else router_inputs[i], k, alpha,
+                                           refine_steps, refine)
+            report.append({"layer": i, "top_k_overlap_with_oracle": round(overlap, 4)})
+    finally:
+        model.train(was_training)
+    return report, inputs
 
 
 # ---- routers the least-squares calibration above does not cover: Gaussian scorers and side inputs -----------------
@@ -366,15 +438,22 @@ def fit_routers(model: PreTrainedModel, ffn_inputs: list[torch.Tensor], router_i
     routers work too): the experts' gains come from the FFN inputs, the fit uses the routing inputs (`router_inputs`,
     default the FFN inputs). Returns per-layer diagnostics (oracle top-k agreement)."""
     report = []
+    k = model.config.num_experts_per_tok
     for i, x_TD in enumerate(tqdm(ffn_inputs, desc="fit routers", unit="layer", leave=False)):
-        block = model.model.layers[i].mlp
-        router = block.router
-        r_TD = x_TD if router_inputs is None else router_inputs[i]
-        gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
-        fit_router(router, r_TD, gains_TE, gains_TG, alpha, refine_steps, refine)
-        logp, _ = router.route(r_TD.to(next(router.parameters()).device))
-        k = model.config.num_experts_per_tok
-        chosen, oracle = logp.topk(k, -1).indices.cpu(), gains_TE.topk(k, -1).indices
-        overlap = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().mean().item()
+        overlap = fit_layer_router(model.model.layers[i].mlp, x_TD, None if router_inputs is None else router_inputs[i],
+                                   k, alpha, refine_steps, refine)
         report.append({"layer": i, "top_k_overlap_with_oracle": round(overlap, 4)})
     return report
+
+
+@torch.no_grad()
+def fit_layer_router(block, x_TD: torch.Tensor, r_TD: torch.Tensor | None, k: int, alpha: float = 1e-3,
+                     refine_steps: int = 60, refine: str = "lbfgs") -> float:
+    """`fit_router` for one MoE block: gains from its FFN inputs x_TD, the fit on its routing inputs r_TD (None: x_TD);
+    returns the share of the oracle's top-k experts the fitted router also picks."""
+    router = block.router
+    r_TD = x_TD if r_TD is None else r_TD
+    gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
+    fit_router(router, r_TD, gains_TE, gains_TG, alpha, refine_steps, refine)
+    logp, _ = router.route(r_TD.to(next(router.parameters()).device))
+    return _oracle_overlap(logp, gains_TE, k)

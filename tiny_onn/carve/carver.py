@@ -17,6 +17,7 @@ from tiny_onn.carve.assemble import assemble
 from tiny_onn.carve.calibrate import (
     REFINERS,
     calibrate_routers,
+    calibrate_sequentially,
     collect_ffn_inputs,
     collect_router_inputs,
     fit_routers,
@@ -36,6 +37,7 @@ from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_fo
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
 
+CALIB_INPUTS = ("dense", "carved")
 log = logging.getLogger(__name__)
 PRESETS = {"seed": {"experts": 100, "groups": 10, "router": "hierarchical", "top_k": 10}}
 
@@ -92,6 +94,10 @@ class CarveConfig(SourceArgs):
     adam (Adam steps, learning rate 1e-2: the refinement before L-BFGS)."""
     calib_steps: int = 60
     """Refinement iterations (calib_refine lbfgs) or steps (adam) per router; 0 = least squares only."""
+    calib_inputs: str = "dense"
+    """Which FFN inputs the routers are calibrated on: dense (the dense source's, all layers from one forward) or carved
+    (layer by layer, the carved model's own, earlier routers already calibrated: the inputs the router will see;
+    about L/2 extra forwards of the calibration tokens)."""
     eval_tokens: int = 4096
     """Held-out tokens for the dense-vs-carved perplexity check (0 = skip)."""
     weight_features: float = 0.5
@@ -155,6 +161,8 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError("calib_tokens must be positive and eval_tokens non-negative")
         if self.calib_refine not in REFINERS:
             raise TinyOnnError(f"calib_refine must be one of {', '.join(REFINERS)}, got {self.calib_refine!r}")
+        if self.calib_inputs not in CALIB_INPUTS:
+            raise TinyOnnError(f"calib_inputs must be one of {', '.join(CALIB_INPUTS)}, got {self.calib_inputs!r}")
         if self.calib_steps < 0:
             raise TinyOnnError(f"calib_steps must be >= 0 (0 = least squares only), got {self.calib_steps}")
 
@@ -228,7 +236,10 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
         router_score=cfg.router_score, router_input=cfg.router_input,
     )
     report = []
-    if calib_data is not None:
+    if calib_data is not None and cfg.calib_inputs == "carved":
+        report, ffn_inputs = calibrate_sequentially(model, calib_data, refine_steps=cfg.calib_steps,
+                                                    refine=cfg.calib_refine)
+    elif calib_data is not None:
         ffn_inputs = collect_ffn_inputs(source.model, calib_data)
         router_inputs = collect_router_inputs(model, calib_data)
         if cfg.router_score == "linear" and router_inputs is None:
@@ -236,9 +247,9 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
         else:  # Gaussian scorers, or routers that read a side input
             report = fit_routers(model, ffn_inputs, router_inputs, refine_steps=cfg.calib_steps,
                                  refine=cfg.calib_refine)
-        if cfg.expert_weighting == "probs":
-            for row, scales in zip(report, fit_expert_scales(model, ffn_inputs), strict=True):
-                row["expert_scales"] = scales
+    if calib_data is not None and cfg.expert_weighting == "probs":
+        for row, scales in zip(report, fit_expert_scales(model, ffn_inputs), strict=True):
+            row["expert_scales"] = scales
     return model, plan, report
 
 
