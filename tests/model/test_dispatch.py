@@ -126,12 +126,15 @@ def test_auto_path_choice():
         assert experts.pick_path(1, 6, x, grad=grad) == "gather"
         assert experts.pick_path(8, 2, x, grad=grad) == "dense"  # CPU, a few tokens: nearly every expert is touched
         assert experts.pick_path(1, E, x, grad=grad) == experts.pick_path(512, E, x, grad=grad) == "dense"
-    # inference: the sorted path from sorted_min_tokens_per_expert tokens per expert on average
-    busy = -(-experts.sorted_min_tokens_per_expert * E // 2)  # tokens that give each expert the threshold at k = 2
+    # inference: the sorted path once tokens per expert × expert width reach sorted_min_rows_x_width
+    experts.sorted_min_inter = inter
+    busy = -(-experts.sorted_min_rows_x_width * E // (2 * inter))  # tokens that reach the threshold at k = 2
     assert experts.pick_path(busy, 2, x, grad=False) == "sorted"
     assert experts.pick_path(busy - 1, 2, x, grad=False) == "dense"
     with torch.no_grad():  # grad=None: read from the grad mode
         assert experts.pick_path(busy, 2, x) == "sorted"
+    experts.sorted_min_inter = inter + 1  # narrower experts than that never take it
+    assert experts.pick_path(100 * busy, 2, x, grad=False) == "dense"
     # training: the loop for wide, busy experts
     busy = -(-experts.sparse_min_tokens_per_expert * E // 2)
     assert experts.pick_path(busy, 2, x) == ("loop" if inter >= experts.sparse_min_inter else "dense")  # weights: grad

@@ -196,8 +196,10 @@ class TinyOnnExperts(nn.Module):
     # thresholds of the "auto" choice, measured by benchmarks/moe_paths.py and moe_speed.py (an instance may override)
     loop_max_experts = 4  # one-token decode on CPU: the loop over at most this many selected experts, else gather
     gather_max_tokens = 8  # CUDA: up to this many tokens, the gather path
-    # CPU inference, 2+ tokens: the sorted path once experts get this many tokens on average, else dense
-    sorted_min_tokens_per_expert = 16
+    # CPU inference, 2+ tokens: the sorted path for experts at least this wide once their average tokens × width
+    # reach this (e.g. 64 tokens each at width 96, 256 at width 24), else dense
+    sorted_min_inter = 24
+    sorted_min_rows_x_width = 6144
     # CPU training, 2+ tokens: the per-expert loop once experts get this many tokens on average and are this wide
     sparse_min_tokens_per_expert = 48
     sparse_min_inter = 64
@@ -242,8 +244,10 @@ class TinyOnnExperts(nn.Module):
         if tokens == 1:
             # reads each selected expert in place; with many selected experts their copies cost less than the loop
             return "loop" if k <= self.loop_max_experts else "gather"
-        if not grad and tokens * k >= self.sorted_min_tokens_per_expert * self.num_experts:
-            return "sorted"  # inference with busy experts: one gather, per-expert GEMMs in place, one scatter-add
+        if (not grad and inter >= self.sorted_min_inter
+                and tokens * k * inter >= self.sorted_min_rows_x_width * self.num_experts):
+            # inference, each expert's GEMMs large enough (tokens per expert × width) to beat computing every expert
+            return "sorted"
         if grad and tokens * k >= self.sparse_min_tokens_per_expert * self.num_experts and inter >= self.sparse_min_inter:
             return "loop"  # not padded: its batch is as long as the busiest expert's, so its cost follows the imbalance
         # from 2 tokens on, nearly every expert is touched: computing all of them in two GEMMs beats per-expert work
