@@ -424,9 +424,15 @@ def knowledge_ceiling(d: dict) -> str:
         "| model | selection | fact retention (kept/known; 95 % CI) | fact acc | general-text ppl ÷ dense | mix ppl ÷ dense |",
         "|---|---|---|---|---|---|",
     ]
+    names = {"moe25": "MoE 25 % (shared 12.5 % + 14×96, top-2), before training",
+             "moe50": "MoE 50 % (shared 12.5 % + 14×96, top-6), before training"}
     for key, r in d["rows"].items():
         label, _, _ = key.rpartition(" ")
-        selection = {"neuron oracle": "each token's top neurons by |h|·‖d‖ (no experts)",
+        if label.count(":") == 3:  # a trained run of the knowledge table: MODEL:RECIPE:POLICY:SEED
+            model, recipe, policy, seed = label.split(":")
+            label = f"{model} trained ({recipe}, {policy}, seed {seed})"
+        label = names.get(label, label)
+        selection = {"neuron oracle": "each token's top neurons by \\|h\\|·‖d‖ (no experts)",
                      "router": "the model's router" + (" (row of the knowledge table)" if r.get("copied_from") else ""),
                      "expert oracle": "each token's top-k experts by true gain"}[r["kind"]]
         if r["kind"] == "neuron oracle":
