@@ -2,6 +2,7 @@
 perplexity of SmolLM2 under oracles, beside the carved models' own routers.
 
     python benchmarks/knowledge_ceiling.py [--models moe25 moe50] [--trained moe25:kd-both:full:0] [--fractions 0.25 0.5]
+    python benchmarks/knowledge_ceiling.py --models moe25f --trained --fractions --append   # add rows
 
 Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its protocol's facts and tokens):
 - neuron oracle at f (0.25, 0.5): the dense source with every FFN keeping, per token, its f·F neurons of largest
@@ -35,7 +36,8 @@ EVAL_KEYS = ("seq_len", "eval_tokens", "general_tokens", "facts_limit")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=("moe25", "moe50"), default=["moe25", "moe50"])
+    p.add_argument("--models", nargs="+", choices=("moe25", "moe50", "moe25f", "moe50f"), default=["moe25", "moe50"])
+    p.add_argument("--append", action="store_true", help="keep the rows of the result file and add these")
     p.add_argument("--trained", nargs="*", default=["moe25:kd-both:full:0"],
                    help="runs of knowledge_recovery's protocol (MODEL:RECIPE:POLICY:SEED) to score under the oracle")
     p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5], help="neuron-oracle active fractions")
@@ -56,11 +58,12 @@ def main() -> None:
     if KnownFacts(SOURCE, ecfg.facts_max_new_tokens).missing(evaluation_facts(ecfg)):
         raise SystemExit("the dense source's known facts are not stored yet: run benchmarks/knowledge_recovery.py first")
     dense = entry["start"]["dense"]
-    rows: dict[str, dict] = {}
+    rows, commands = previous_rows(args) if args.append else ({}, [])
+    commands.append("python " + " ".join(sys.argv))
 
     def record(key: str, row: dict, **extra) -> None:
         rows[key] = {**row, "ratios": ratios(row, dense), **extra}
-        save(args, proto, dense, rows)
+        save(args, proto, dense, rows, commands)
         r = rows[key]
         print(f"{key}: retention {r['fact_retention']:.3f} ({r['facts_retained']}/{r['facts_known']}), general "
               f"×{r['ratios']['general_ppl']:.2f}, mix ×{r['ratios']['mix_ppl']:.2f}", flush=True)
@@ -81,13 +84,24 @@ def main() -> None:
             raise SystemExit(f"--trained {key}: no such run in protocol {args.protocol}")
         rows[f"{key} router"] = {**run, "kind": "router", "copied_from": "knowledge_recovery"}
         record(f"{key} oracle", evaluate(run["model_folder"], ecfg, within=oracle_expert_routing), kind="expert oracle")
-    save(args, proto, dense, rows)
+    save(args, proto, dense, rows, commands)
 
 
-def save(args, proto: dict, dense: dict, rows: dict) -> None:
+def previous_rows(args) -> tuple[dict, list]:
+    """Rows and commands of the result file, when it scored the same knowledge_recovery protocol (--append)."""
+    path = RESULTS / "knowledge_ceiling.json"
+    if not path.is_file():
+        return {}, []
+    old = json.loads(path.read_text())
+    if old.get("knowledge_recovery_protocol") != args.protocol:
+        return {}, []
+    return old["rows"], old.get("commands") or [old["command"]]
+
+
+def save(args, proto: dict, dense: dict, rows: dict, commands: list) -> None:
     write_result("knowledge_ceiling", {
         "source": SOURCE, "protocol": {k: proto[k] for k in EVAL_KEYS}, "knowledge_recovery_protocol": args.protocol,
-        "dense": dense, "rows": rows,
+        "dense": dense, "rows": rows, "commands": commands,
     })
 
 

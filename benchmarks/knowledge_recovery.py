@@ -9,7 +9,8 @@ active, every run with the same token budget, scored on fact retention, general-
 Models: `moe25` / `moe50` (dsc carve, shared 12.5 % + 14 experts of 96, top-2 / top-6; `moe25k` / `moe50k`: the same
 carve from a scan that also sees the teacher-written corpus, so the shared expert and the clustering see knowledge
 categories; `moe25c` / `moe50c`: the same carve with routers calibrated layer by layer on the carved model's own FFN
-inputs, `--calib-inputs carved`), `width25` / `width50` (the
+inputs, `--calib-inputs carved`; `moe25f` / `moe50f`: finer experts, shared 12.5 % + 56 experts of 24, top-8 /
+top-24, the same active neurons), `width25` / `width50` (the
 dense source with each FFN cut to its top 25 % / 50 % neurons by importance a·s: same active neurons, no router) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
 Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
@@ -44,7 +45,7 @@ from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 from tiny_onn.train import TrainConfig  # noqa: E402
 from tiny_onn.train import run as train  # noqa: E402
 
-MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "width25", "width50", "dense")
+MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "width25", "width50", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
     "kd-mix": ("default", 1.0, 0.0),
@@ -144,8 +145,9 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     knowledge = name.endswith("k")
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
-        top_k = {"25": 2, "50": 6}[name[3:5]]
-        carve(CarveConfig(scan=str(scan), experts=14, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
+        fine = name.endswith("f")  # 56 experts of 24 neurons instead of 14 of 96: the same active neurons
+        experts, top_k = (56, {"25": 8, "50": 24}[name[3:5]]) if fine else (14, {"25": 2, "50": 6}[name[3:5]])
+        carve(CarveConfig(scan=str(scan), experts=experts, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
                           calib_refine="adam", calib_inputs="carved" if name.endswith("c") else "dense",
                           eval_tokens=0, plots=False, device="cpu", out=str(folder)))
     else:

@@ -300,7 +300,8 @@ def knowledge_recovery(d: dict) -> str:
     out = []
     names = {"moe25": "MoE 25 %", "moe50": "MoE 50 %", "moe25k": "MoE 25 %, knowledge-aware scan",
              "moe50k": "MoE 50 %, knowledge-aware scan", "moe25c": "MoE 25 %, routers on carved inputs",
-             "moe50c": "MoE 50 %, routers on carved inputs", "width25": "width-pruned dense 25 %",
+             "moe50c": "MoE 50 %, routers on carved inputs", "moe25f": "MoE 25 %, 56×24 experts",
+             "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %", "dense": "dense source"}
     for entry in d["protocols"]:
         p, dense = entry["protocol"], entry["start"]["dense"]
@@ -419,13 +420,15 @@ def knowledge_ceiling(d: dict) -> str:
         f"SmolLM2, scored as the knowledge table scores (protocol `{d['knowledge_recovery_protocol']}`): "
         f"{dense['facts_n']} evaluation facts ({dense['facts_known']} known by the dense source), {p['general_tokens']:,} "
         f"news tokens, {p['eval_tokens']:,} held-out mix tokens. Oracles compute every neuron, so they bound quality, not "
-        f"speed. `{d['command']}`",
+        f"speed. Commands: " + "; ".join(f"`{c}`" for c in d.get("commands") or [d["command"]]),
         "",
         "| model | selection | fact retention (kept/known; 95 % CI) | fact acc | general-text ppl ÷ dense | mix ppl ÷ dense |",
         "|---|---|---|---|---|---|",
     ]
     names = {"moe25": "MoE 25 % (shared 12.5 % + 14×96, top-2), before training",
-             "moe50": "MoE 50 % (shared 12.5 % + 14×96, top-6), before training"}
+             "moe50": "MoE 50 % (shared 12.5 % + 14×96, top-6), before training",
+             "moe25f": "MoE 25 % (shared 12.5 % + 56×24, top-8), before training",
+             "moe50f": "MoE 50 % (shared 12.5 % + 56×24, top-24), before training"}
     for key, r in d["rows"].items():
         label, _, _ = key.rpartition(" ")
         if label.count(":") == 3:  # a trained run of the knowledge table: MODEL:RECIPE:POLICY:SEED
