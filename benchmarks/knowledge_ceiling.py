@@ -3,12 +3,17 @@ perplexity of SmolLM2 under oracles, beside the carved models' own routers.
 
     python benchmarks/knowledge_ceiling.py [--models moe25 moe50] [--trained moe25:kd-both:full:0] [--fractions 0.25 0.5]
     python benchmarks/knowledge_ceiling.py --models moe25f --trained --fractions --append   # add rows
+    python benchmarks/knowledge_ceiling.py --models --trained --fractions --predictor-ranks 64 128 --append
 
 Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its protocol's facts and tokens):
 - neuron oracle at f (0.25, 0.5): the dense source with every FFN keeping, per token, its f·F neurons of largest
   |h_j|·‖d_j‖ — no experts, no router: the per-token ceiling of design.md, which bounds any carve at that active fraction.
 - each carved start model of knowledge_recovery (`moe25`, `moe50`) with its calibrated router, and with the expert
   oracle (each token's top-k experts by true gain 2⟨R, y_e⟩ − ‖y_e‖²): what a perfect router would keep of that split.
+- low-rank predictor r at f (`--predictor-ranks`): the neuron oracle's selection with the activations *predicted* by
+  rank-r factors of each FFN's gate and up projections, fitted to the source's FFN inputs on `--predictor-data`
+  (`tiny_onn.carve.neuron_predictor`): a router a real model could run (2·r·(D + F) multiply-adds per token), at
+  single-neuron granularity.
 - a trained run of knowledge_recovery (`--trained MODEL:RECIPE:POLICY:SEED`), router and expert oracle: whether training
   left the router behind its experts.
 Router rows already scored by knowledge_recovery (same protocol) are copied from its result file, not re-run.
@@ -27,20 +32,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
 from knowledge_recovery import SOURCE, ensure_start_model, evaluate, protocol_name, ratios  # noqa: E402
 
+from tiny_onn.carve.neuron_predictor import fit_neuron_predictors, predicted_neurons  # noqa: E402
+from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.eval.facts import KnownFacts  # noqa: E402
 from tiny_onn.eval.harness import EvalConfig, evaluation_facts  # noqa: E402
 from tiny_onn.eval.oracle import neuron_oracle, oracle_expert_routing  # noqa: E402
+from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
 EVAL_KEYS = ("seq_len", "eval_tokens", "general_tokens", "facts_limit")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=("moe25", "moe50", "moe25f", "moe50f"), default=["moe25", "moe50"])
+    p.add_argument("--models", nargs="*", choices=("moe25", "moe50", "moe25f", "moe50f"), default=["moe25", "moe50"])
     p.add_argument("--append", action="store_true", help="keep the rows of the result file and add these")
     p.add_argument("--trained", nargs="*", default=["moe25:kd-both:full:0"],
                    help="runs of knowledge_recovery's protocol (MODEL:RECIPE:POLICY:SEED) to score under the oracle")
     p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5], help="neuron-oracle active fractions")
+    p.add_argument("--predictor-ranks", type=int, nargs="*", default=[],
+                   help="low-rank neuron predictors to score (each at every --predictor-fractions value)")
+    p.add_argument("--predictor-fractions", type=float, nargs="+", default=[0.25])
+    p.add_argument("--predictor-data", default="default,runs/corpus-smollm2",
+                   help="data whose train split fits the predictors (its FFN inputs' second moments)")
+    p.add_argument("--predictor-tokens", type=int, default=16384)
     p.add_argument("--protocol", default="60x4x256-lr0.0003", help="knowledge_recovery protocol to score like")
     p.add_argument("--workdir", default="runs/bench/knowledge")
     args = p.parse_args()
@@ -71,6 +85,18 @@ def main() -> None:
     for f in args.fractions:
         record(f"neuron oracle {f:g}", evaluate(SOURCE, ecfg, within=partial(neuron_oracle, fraction=f)),
                kind="neuron oracle", active_ffn_fraction=f)
+    if args.predictor_ranks:
+        source = load_source(SourceArgs(model=SOURCE))
+        fit_data = build_dataset(source.tokenizer, DataArgs(data=args.predictor_data, seq_len=proto["seq_len"]), "train",
+                                 max_tokens=args.predictor_tokens)
+        for r in args.predictor_ranks:
+            predictors = fit_neuron_predictors(source.model, fit_data, rank=r)
+            for f in args.predictor_fractions:
+                record(f"predictor r{r} {f:g}",
+                       evaluate(SOURCE, ecfg, within=partial(predicted_neurons, predictors=predictors, fraction=f)),
+                       kind="low-rank predictor", active_ffn_fraction=f, rank=r, predictor_data=args.predictor_data,
+                       predictor_tokens=fit_data.num_tokens)
+        del source
     for name in args.models:
         folder = ensure_start_model(name, Path(args.workdir), "")
         if name in entry["start"]:

@@ -437,8 +437,10 @@ def knowledge_ceiling(d: dict) -> str:
         label = names.get(label, label)
         selection = {"neuron oracle": "each token's top neurons by \\|h\\|·‖d‖ (no experts)",
                      "router": "the model's router" + (" (row of the knowledge table)" if r.get("copied_from") else ""),
-                     "expert oracle": "each token's top-k experts by true gain"}[r["kind"]]
-        if r["kind"] == "neuron oracle":
+                     "expert oracle": "each token's top-k experts by true gain",
+                     "low-rank predictor": f"each token's top neurons by a rank-{r.get('rank')} prediction of \\|h\\|·‖d‖"
+                     }[r["kind"]]
+        if r["kind"] in ("neuron oracle", "low-rank predictor"):
             label = f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons per token"
         lines.append(f"| {label} | {selection} | {_retention(r)} | {r['fact_accuracy']:.3f} | "
                      f"**{r['ratios']['general_ppl']:.2f}** | {r['ratios']['mix_ppl']:.2f} |")

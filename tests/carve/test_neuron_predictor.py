@@ -1,0 +1,98 @@
+"""Low-rank neuron predictors: the input second moments are the FFN inputs' x xᵀ averaged over non-padding tokens; at full
+rank the predicted selection is the neuron oracle's; at lower rank the prediction is the projection onto the top
+eigenvectors of W C Wᵀ (computed here by an eigendecomposition, not the module's SVD), and each token keeps exactly the
+top neurons of that prediction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_model
+from tiny_onn.carve.calibrate import collect_ffn_inputs
+from tiny_onn.carve.neuron_predictor import fit_neuron_predictors, input_second_moments, predicted_neurons
+from tiny_onn.data.encoding import PackedData
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.eval.oracle import neuron_oracle
+
+
+def _random_data(vocab: int, sequences: int = 8, length: int = 24, seed: int = 0) -> PackedData:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (sequences, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, length // 2 :] = 0  # padding must not count
+    return PackedData(input_ids=ids, labels=ids.clone(), attention_mask=mask, category=torch.zeros_like(ids),
+                      category_names=["x"])
+
+
+def test_second_moments_average_the_ffn_inputs_over_real_tokens():
+    dense = make_tiny_model("qwen3", 64).double()
+    data = _random_data(64)
+    moments = input_second_moments(dense, data, batch_size=3)
+    for x_TD, c_DD in zip(collect_ffn_inputs(dense, data, batch_size=5), moments, strict=True):
+        assert x_TD.shape[0] == data.num_tokens
+        torch.testing.assert_close(c_DD, (x_TD.T @ x_TD) / x_TD.shape[0])
+
+
+def test_full_rank_predictor_selects_like_the_neuron_oracle():
+    dense = make_tiny_model("llama", 64).double()
+    predictors = fit_neuron_predictors(dense, _random_data(64), rank=dense.config.hidden_size)
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with neuron_oracle(dense, 0.25):
+            want = dense(ids).logits
+        with predicted_neurons(dense, predictors, 0.25):
+            got = dense(ids).logits
+        full = dense(ids).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(full, want)  # a quarter of the neurons is not the whole FFN
+
+
+def test_low_rank_predictor_is_the_projection_on_the_top_output_directions():
+    dense = make_tiny_model("llama", 64).double()
+    data = _random_data(64)
+    rank = 5
+    predictors = fit_neuron_predictors(dense, data, rank=rank)
+    moments = input_second_moments(dense, data)
+    mlp, predictor, c_DD = dense.model.layers[1].mlp, predictors[1], moments[1]
+    x = torch.randn(7, dense.config.hidden_size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    act = torch.nn.functional.silu
+
+    def projected(w_FD: torch.Tensor) -> torch.Tensor:
+        _, vecs = torch.linalg.eigh(w_FD @ c_DD @ w_FD.T)  # ascending eigenvalues
+        u = vecs[:, -rank:]
+        return x @ w_FD.T @ u @ u.T  # [7, F]
+
+    g, u = projected(mlp.gate_proj.weight), projected(mlp.up_proj.weight)
+    want_scores = (act(g) * u).abs() * mlp.down_proj.weight.norm(dim=0)
+    torch.testing.assert_close(predictor.scores(x, act), want_scores)
+
+    F = mlp.gate_proj.weight.shape[0]
+    keep = round(0.5 * F)
+    h = act(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    d = mlp.down_proj.weight
+    want = torch.stack([
+        sum(h[n, j] * d[:, j] for j in sorted(range(F), key=lambda j: -want_scores[n, j])[:keep]) for n in range(7)
+    ])
+    with torch.no_grad():
+        with predicted_neurons(dense, predictors, 0.5):
+            got = mlp(x)
+        restored = mlp(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(restored, mlp.down_proj(h))
+
+
+def test_predictors_refuse_wrong_inputs():
+    dense = make_tiny_model("llama", 64)
+    data = _random_data(64)
+    with pytest.raises(TinyOnnError, match="at least 1"):
+        fit_neuron_predictors(dense, data, rank=0)
+    predictors = fit_neuron_predictors(dense, data, rank=4)
+    with pytest.raises(TinyOnnError, match=r"in \(0, 1\]"), predicted_neurons(dense, predictors, 1.5):
+        pass
+    with pytest.raises(TinyOnnError, match="2 SwiGLU FFNs"), predicted_neurons(dense, predictors[:1], 0.5):
+        pass
+    empty = _random_data(64)
+    empty.attention_mask.zero_()
+    with pytest.raises(TinyOnnError, match="empty"):
+        fit_neuron_predictors(dense, empty, rank=4)

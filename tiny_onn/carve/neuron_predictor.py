@@ -1,0 +1,139 @@
+"""Per-token neuron selection by a low-rank predictor: the realistic counterpart of `tiny_onn.eval.oracle.neuron_oracle`.
+
+The neuron oracle keeps, per token, the FFN neurons with the largest |h_j|·‖d_j‖ (h = act(x W_gᵀ) ⊙ x W_uᵀ), which needs
+every neuron's activation — the full FFN. A predictor estimates the gate and up pre-activations from rank-r factors,
+ĝ = (x A_g) B_g and û = (x A_u) B_u with A: [D, r], B: [r, F], scores |act(ĝ_j) · û_j|·‖d_j‖, and the FFN then computes
+only the kept neurons (2·r·(D + F) extra multiply-adds per token instead of 3·D·F).
+
+The factors are fitted to the source's own FFN inputs: for a projection W [F, D] and the inputs' second moment
+C = E[x xᵀ], the rank-r map minimising E‖x Wᵀ − x Wᵀ P‖² over projections P of the output space is P = U_r U_rᵀ, with U_r
+the top-r left singular vectors of W C^{1/2}; so A = Wᵀ U_r, B = U_rᵀ. At r ≥ rank(W) (and C of full rank) the prediction
+is exact and the selection is the neuron oracle's.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from tiny_onn.data import PackedData
+from tiny_onn.errors import TinyOnnError
+from tiny_onn.sources import swiglu_mlps
+
+
+@dataclass
+class NeuronPredictor:
+    """Rank-r estimates of one SwiGLU FFN's gate and up pre-activations, and its down-projection column norms."""
+
+    gate_in: torch.Tensor  # [D, r]
+    gate_out: torch.Tensor  # [r, F]
+    up_in: torch.Tensor  # [D, r]
+    up_out: torch.Tensor  # [r, F]
+    down_norm: torch.Tensor  # [F]
+
+    @property
+    def rank(self) -> int:
+        return self.gate_in.shape[1]
+
+    def scores(self, x: torch.Tensor, act_fn) -> torch.Tensor:
+        """Predicted |h_j|·‖d_j‖ for inputs x [..., D] -> [..., F]."""
+        g = (x @ self.gate_in) @ self.gate_out
+        u = (x @ self.up_in) @ self.up_out
+        return (act_fn(g) * u).abs() * self.down_norm
+
+
+@torch.no_grad()
+def input_second_moments(source: PreTrainedModel, data: PackedData, batch_size: int = 8) -> list[torch.Tensor]:
+    """E[x xᵀ] [D, D] (float64) of every SwiGLU FFN's input over the non-padding tokens of `data`, in layer order."""
+    mlps = swiglu_mlps(source)
+    if not mlps:
+        raise TinyOnnError("the model has no SwiGLU FFN (gate_proj/up_proj/down_proj) to fit neuron predictors to")
+    device = next(source.parameters()).device
+    D = mlps[0].module.gate_proj.weight.shape[1]
+    sums = [torch.zeros(D, D, dtype=torch.float64) for _ in mlps]
+    count = [0]
+    keep: list[torch.Tensor] = []
+
+    def hook(i: int):
+        def pre_hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])[keep[0]].double().cpu()  # [T, D]
+            sums[i] += x.T @ x
+
+        return pre_hook
+
+    handles = [m.module.register_forward_pre_hook(hook(i)) for i, m in enumerate(mlps)]
+    try:
+        for batch in data.batches(batch_size):
+            keep[:] = [batch["attention_mask"].reshape(-1).bool().to(device)]
+            count[0] += int(keep[0].sum())
+            source(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if count[0] == 0:
+        raise TinyOnnError("no calibration tokens to fit neuron predictors on: the data is empty")
+    return [s / count[0] for s in sums]
+
+
+def _low_rank_map(w_FD: torch.Tensor, sqrt_c_DD: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [D, r], B [r, F]) with x A B the best rank-r estimate of x Wᵀ under inputs with second moment C."""
+    u_FK, _, _ = torch.linalg.svd(w_FD.double() @ sqrt_c_DD, full_matrices=False)
+    u_Fr = u_FK[:, :rank]
+    return (w_FD.double().T @ u_Fr).to(w_FD.dtype), u_Fr.T.contiguous().to(w_FD.dtype)
+
+
+def fit_neuron_predictors(source: PreTrainedModel, data: PackedData, rank: int,
+                          batch_size: int = 8) -> list[NeuronPredictor]:
+    """One rank-`rank` predictor per SwiGLU FFN of `source`, fitted to its FFN inputs on `data`."""
+    if rank < 1:
+        raise TinyOnnError(f"the neuron predictor's rank must be at least 1, got {rank}")
+    moments = input_second_moments(source, data, batch_size)
+    predictors = []
+    for mlp, c_DD in zip(swiglu_mlps(source), moments, strict=True):
+        m = mlp.module
+        evals, evecs = torch.linalg.eigh(c_DD)
+        sqrt_c = evecs @ torch.diag(evals.clamp_min(0.0).sqrt()) @ evecs.T  # [D, D]
+        with torch.no_grad():
+            gate_in, gate_out = _low_rank_map(m.gate_proj.weight, sqrt_c, rank)
+            up_in, up_out = _low_rank_map(m.up_proj.weight, sqrt_c, rank)
+            down_norm = m.down_proj.weight.norm(dim=0)
+        predictors.append(NeuronPredictor(gate_in, gate_out, up_in, up_out, down_norm))
+    return predictors
+
+
+def _predicted_forward(predictor: NeuronPredictor, keep: int):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = predictor.scores(x, self.act_fn).topk(keep, dim=-1).indices  # [..., keep]
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # [..., F]; every neuron computed: quality, not speed
+        mask = torch.zeros_like(h).scatter_(-1, idx, 1.0)
+        return self.down_proj(h * mask)
+
+    return forward
+
+
+@contextmanager
+def predicted_neurons(dense: PreTrainedModel, predictors: list[NeuronPredictor],
+                      fraction: float) -> Iterator[PreTrainedModel]:
+    """Within the block, every SwiGLU FFN of `dense` keeps per token only its round(fraction·F) neurons with the largest
+    *predicted* |h_j|·‖d_j‖ (the neuron oracle with the activations estimated by `predictors`)."""
+    if not 0.0 < fraction <= 1.0:
+        raise TinyOnnError(f"the kept fraction of neurons must be in (0, 1], got {fraction}")
+    mlps = [m.module for m in swiglu_mlps(dense)]
+    if len(predictors) != len(mlps):
+        raise TinyOnnError(f"{len(predictors)} neuron predictors for a model with {len(mlps)} SwiGLU FFNs: fit them "
+                           "on this model (fit_neuron_predictors)")
+    for mlp, predictor in zip(mlps, predictors, strict=True):
+        keep = max(1, math.floor(fraction * mlp.gate_proj.weight.shape[0] + 0.5))
+        mlp.forward = types.MethodType(_predicted_forward(predictor, keep), mlp)
+    try:
+        yield dense
+    finally:
+        for mlp in mlps:
+            del mlp.forward
