@@ -44,7 +44,7 @@ EVAL_KEYS = ("seq_len", "eval_tokens", "general_tokens", "facts_limit")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", choices=("moe25", "moe50", "moe25f", "moe50f"), default=["moe25", "moe50"])
+    p.add_argument("--models", nargs="*", choices=("moe25", "moe50", "moe25f", "moe50f", "moe25n", "moe50n"), default=["moe25", "moe50"])
     p.add_argument("--append", action="store_true", help="keep the rows of the result file and add these")
     p.add_argument("--trained", nargs="*", default=["moe25:kd-both:full:0"],
                    help="runs of knowledge_recovery's protocol (MODEL:RECIPE:POLICY:SEED) to score under the oracle")

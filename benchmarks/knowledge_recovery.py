@@ -10,7 +10,8 @@ Models: `moe25` / `moe50` (dsc carve, shared 12.5 % + 14 experts of 96, top-2 / 
 carve from a scan that also sees the teacher-written corpus, so the shared expert and the clustering see knowledge
 categories; `moe25c` / `moe50c`: the same carve with routers calibrated layer by layer on the carved model's own FFN
 inputs, `--calib-inputs carved`; `moe25f` / `moe50f`: finer experts, shared 12.5 % + 56 experts of 24, top-8 /
-top-24, the same active neurons), `width25` / `width50` (the
+top-24, the same active neurons; `moe25n` / `moe50n`: single-neuron experts, shared 12.5 % + 1,344 experts of one
+neuron, top-192 / top-576, with rank-64 `lowrank` routers that predict each neuron's activation), `width25` / `width50` (the
 dense source with each FFN cut to its top 25 % / 50 % neurons by importance a·s: same active neurons, no router) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
 Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
@@ -45,7 +46,8 @@ from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 from tiny_onn.train import TrainConfig  # noqa: E402
 from tiny_onn.train import run as train  # noqa: E402
 
-MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "width25", "width50", "dense")
+MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "width25",
+          "width50", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
     "kd-mix": ("default", 1.0, 0.0),
@@ -145,10 +147,16 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     knowledge = name.endswith("k")
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
-        fine = name.endswith("f")  # 56 experts of 24 neurons instead of 14 of 96: the same active neurons
-        experts, top_k = (56, {"25": 8, "50": 24}[name[3:5]]) if fine else (14, {"25": 2, "50": 6}[name[3:5]])
+        fine, neurons = name.endswith("f"), name.endswith("n")  # the same active neurons in every layout
+        if neurons:  # one neuron per expert: 1,344 routed = 87.5 % of 1,536
+            experts, top_k = NEURONS * 7 // 8, {"25": NEURONS // 8, "50": NEURONS * 3 // 8}[name[3:5]]
+        elif fine:  # 56 experts of 24 neurons instead of 14 of 96
+            experts, top_k = 56, {"25": 8, "50": 24}[name[3:5]]
+        else:
+            experts, top_k = 14, {"25": 2, "50": 6}[name[3:5]]
         carve(CarveConfig(scan=str(scan), experts=experts, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
                           calib_refine="adam", calib_inputs="carved" if name.endswith("c") else "dense",
+                          router_score="lowrank" if neurons else "linear", router_rank=64,
                           eval_tokens=0, plots=False, device="cpu", out=str(folder)))
     else:
         source = load_source(SourceArgs(model=SOURCE, device="cpu"))
@@ -232,10 +240,17 @@ def load_results(protocol: dict) -> dict:
 
 
 def save(entry: dict) -> None:
-    """Write this protocol's entry into the result file, keeping the other protocols."""
+    """Write this protocol's entry into the result file, keeping the other protocols, and the rows another run of the
+    same protocol wrote since this one started (two runs of one protocol may write the file in turn)."""
     path = RESULTS / "knowledge_recovery.json"
     protocols = json.loads(path.read_text()).get("protocols", []) if path.is_file() else []
+    same = [p for p in protocols if all(p["protocol"].get(k) == entry["protocol"][k] for k in PROTOCOL_KEYS)]
     protocols = [p for p in protocols if any(p["protocol"].get(k) != entry["protocol"][k] for k in PROTOCOL_KEYS)]
+    for other in same:
+        for part in ("start", "runs", "forgetting"):
+            entry[part] = {**other.get(part, {}), **entry.get(part, {})}
+        entry["commands"] = [*other.get("commands", []),
+                             *(c for c in entry.get("commands", []) if c not in other.get("commands", []))]
     write_result("knowledge_recovery", {
         "source": SOURCE, "targets": {"25": {"retention": 0.8, "general_ppl_ratio": 1.3},
                                       "50": {"retention": 0.95, "general_ppl_ratio": 1.05}, "max_tokens_cpu": 400_000},

@@ -301,6 +301,8 @@ def knowledge_recovery(d: dict) -> str:
     names = {"moe25": "MoE 25 %", "moe50": "MoE 50 %", "moe25k": "MoE 25 %, knowledge-aware scan",
              "moe50k": "MoE 50 %, knowledge-aware scan", "moe25c": "MoE 25 %, routers on carved inputs",
              "moe50c": "MoE 50 %, routers on carved inputs", "moe25f": "MoE 25 %, 56×24 experts",
+             "moe25n": "MoE 25 %, 1,344 one-neuron experts, rank-64 router",
+             "moe50n": "MoE 50 %, 1,344 one-neuron experts, rank-64 router",
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %", "dense": "dense source"}
     for entry in d["protocols"]:
@@ -428,6 +430,8 @@ def knowledge_ceiling(d: dict) -> str:
     names = {"moe25": "MoE 25 % (shared 12.5 % + 14×96, top-2), before training",
              "moe50": "MoE 50 % (shared 12.5 % + 14×96, top-6), before training",
              "moe25f": "MoE 25 % (shared 12.5 % + 56×24, top-8), before training",
+             "moe25n": "MoE 25 % (shared 12.5 % + 1,344×1, top-192, rank-64 router), before training",
+             "moe50n": "MoE 50 % (shared 12.5 % + 1,344×1, top-576, rank-64 router), before training",
              "moe50f": "MoE 50 % (shared 12.5 % + 56×24, top-24), before training"}
     for key, r in d["rows"].items():
         label, _, _ = key.rpartition(" ")

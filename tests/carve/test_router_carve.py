@@ -70,3 +70,45 @@ def test_reroute_keeps_the_experts_and_fits_new_routers(tiny_moe, tmp_path):
     with torch.no_grad():
         logits = after(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_lowrank_single_neuron_carve_selects_like_the_neuron_oracle(tiny_moe, tmp_path):
+    """Experts of one neuron each and a full-rank lowrank router: the router's top-k is each token's top neurons by
+    |h_j|·‖d_j‖ of the routed neurons, computed here from the dense source's weights."""
+    moe, _ = tiny_moe
+    out = tmp_path / "neurons"
+    dense = load_source(SourceArgs(model=str(moe.parent / "dense"), device="cpu")).model
+    D, F = dense.config.hidden_size, dense.config.intermediate_size
+    argv = ["carve", "--scan", str(moe.parent / "scan"), "--model", str(moe.parent / "dense"), "--experts", str(F),
+            "--top-k", str(F // 4), "--router-score", "lowrank", "--router-rank", str(D), "--calib-tokens", "512",
+            "--eval-tokens", "256", "--no-plots", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    model = load_source(SourceArgs(model=str(out), device="cpu"), dense_only=False).model
+    plan = json.loads((out / "carve.json").read_text())
+    assert model.config.moe_intermediate_size == 1 and model.config.router_rank == D
+    block = model.model.layers[1].mlp
+    mlp = dense.model.layers[1].mlp
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        neuron_of_expert = block.experts.gate_up_proj[:, 0]  # [E, D]: each expert's gate row is one dense gate row
+        idx = [int((mlp.gate_proj.weight - row).abs().sum(-1).argmin()) for row in neuron_of_expert]
+        h = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # [6, F]
+        score = (h.abs() * mlp.down_proj.weight.norm(dim=0))[:, idx]  # [6, E], in expert order
+        want = score.topk(F // 4, dim=-1).indices.sort(-1).values
+        logp, _ = block.router(x)
+        got = logp.topk(F // 4, dim=-1).indices.sort(-1).values
+    assert torch.equal(got, want)
+    overlap = [layer["top_k_overlap_with_oracle"] for layer in plan["calibration"]]
+    assert len(overlap) == 2 and min(overlap) > 0.5, overlap
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == 10
+
+
+def test_reroute_to_lowrank_routers(tiny_moe, tmp_path):
+    moe, data = tiny_moe
+    out = reroute(moe, tmp_path / "lowrank", router_score="lowrank", calib_tokens=512, data=str(data))
+    after = load_source(SourceArgs(model=str(out), device="cpu"), dense_only=False).model
+    assert after.config.router_score == "lowrank" and after.model.layers[0].mlp.router.lowrank
+    meta = json.loads((out / "carve.json").read_text())
+    assert [row["top_k_overlap_with_oracle"] > 0.5 for row in meta["calibration"]] == [True, True]

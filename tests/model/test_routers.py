@@ -116,3 +116,51 @@ def test_gaussian_router_config_is_validated():
     with pytest.raises(ValueError, match="router_input"):
         _config(router_input="attention")
     assert not hasattr(TinyOnnRouter(_config(router_score="gaussian")), "weight")
+
+
+def test_lowrank_scores_equal_a_hand_computation():
+    router = TinyOnnRouter(_config(router_score="lowrank", router_type="flat", router_rank=3))
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    want = torch.zeros(5, 4)
+    for n in range(5):
+        g = router.gate_out @ (router.gate_in @ x[n])  # [E·I]
+        u = router.up_out @ (router.up_in @ x[n])
+        for e in range(4):
+            for i in range(8):
+                j = e * 8 + i
+                want[n, e] += abs(torch.nn.functional.silu(g[j]) * u[j]) * abs(router.neuron_scale[j])
+    torch.testing.assert_close(router.lowrank_scores(x), want)
+    logp, probs = router(x)
+    torch.testing.assert_close(probs, want / want.sum(-1, keepdim=True))  # probabilities ∝ scores
+    assert router.expert_directions().shape == (4, 16)
+
+
+def test_lowrank_router_config_is_validated():
+    with pytest.raises(ValueError, match="'flat'"):
+        _config(router_score="lowrank", router_type="hierarchical")
+    with pytest.raises(ValueError, match="router_input 'ffn'"):
+        _config(router_score="lowrank", router_type="flat", router_input="embedding")
+    with pytest.raises(ValueError, match="router_rank"):
+        _config(router_score="lowrank", router_type="flat", router_rank=0)
+
+
+def test_lowrank_cached_decoding_equals_a_full_forward():
+    torch.manual_seed(0)
+    model = TinyOnnForCausalLM(_config(router_score="lowrank", router_type="flat", num_experts=32,
+                                       num_experts_per_tok=8, moe_intermediate_size=1, router_rank=4,
+                                       shared_expert_intermediate_size=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        out = model(input_ids=ids[:, :6], use_cache=True)
+        steps = [out.logits]
+        for t in range(6, 10):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)

@@ -194,6 +194,8 @@ def calibrate_layer(block, x_in: torch.Tensor, k: int, alpha: float = 1e-3, refi
     """Fit one MoE block's linear router on its FFN inputs x_in [T, D]; returns the share of the oracle's top-k
     experts the fitted router also picks."""
     router = block.router
+    if router.lowrank:
+        return fit_lowrank_router(block, x_in, k)
     x_TD = x_in.to(router.weight.device, torch.float32)
     x64 = x_TD.double()
     xtx = x64.T @ x64  # shared by every least-squares fit of this layer
@@ -222,6 +224,31 @@ def calibrate_layer(block, x_in: torch.Tensor, k: int, alpha: float = 1e-3, refi
         router.weight.copy_(w.to(router.weight.dtype))
     logp = router.log_probs(x_TD.to(router.weight.dtype))
     return _oracle_overlap(logp, g_TE, k)
+
+
+@torch.no_grad()
+def fit_lowrank_router(block, x_in: torch.Tensor, k: int) -> float:
+    """Fit a "lowrank" router to its FFN inputs x_in [T, D]: for the routed neurons' gate and up projections W
+    [E·I, D] and the inputs' second moment C, the rank-r factors of the best rank-r estimate of x Wᵀ over those inputs
+    (`tiny_onn.carve.neuron_predictor`), and c_j = ‖d_j‖ (the neurons' down-projection columns). Returns the share of
+    the oracle's top-k experts by gain that the fitted router also picks (on up to 2048 of the tokens)."""
+    from tiny_onn.carve.neuron_predictor import low_rank_factors, sqrt_psd
+
+    router, experts = block.router, block.experts
+    E, I2, D = experts.gate_up_proj.shape
+    inter = I2 // 2
+    x64 = x_in.to(torch.float64)
+    sqrt_c = sqrt_psd(x64.T @ x64 / max(x64.shape[0], 1))
+    w = experts.gate_up_proj.detach().cpu()
+    for (name_in, name_out), rows in ((("gate_in", "gate_out"), w[:, :inter]), (("up_in", "up_out"), w[:, inter:])):
+        a_Dr, b_rF = low_rank_factors(rows.reshape(E * inter, D), sqrt_c, router.gate_in.shape[0])
+        getattr(router, name_in).copy_(a_Dr.T.to(getattr(router, name_in)))
+        getattr(router, name_out).copy_(b_rF.T.to(getattr(router, name_out)))
+    router.neuron_scale.copy_(experts.down_proj.detach().norm(dim=1).reshape(-1).to(router.neuron_scale))  # [E·I]
+    x_TD = x_in[:2048].to(router.gate_in.device, torch.float32)
+    gains_TE, _ = expert_and_group_gains(block, x_TD, 1)
+    logp = router.log_probs(x_TD.to(router.gate_in.dtype))
+    return _oracle_overlap(logp, gains_TE, k)
 
 
 def _oracle_overlap(logp_TE: torch.Tensor, gains_TE: torch.Tensor, k: int) -> float:
@@ -280,7 +307,7 @@ def calibrate_sequentially(model: PreTrainedModel, data: PackedData, alpha: floa
             x_TD = collect_block_inputs(model, data, i, batch_size)
             inputs.append(x_TD)
             block = model.model.layers[i].mlp
-            if router_inputs is None and not block.router.gaussian:
+            if router_inputs is None and not block.router.gaussian:  # linear or lowrank
                 overlap = calibrate_layer(block, x_TD, k, alpha, refine_steps, refine)
             else:
                 overlap = fit_layer_router(block, x_TD, None if router_inputs is None else router_inputs[i], k, alpha,
@@ -452,6 +479,8 @@ def fit_layer_router(block, x_TD: torch.Tensor, r_TD: torch.Tensor | None, k: in
     """`fit_router` for one MoE block: gains from its FFN inputs x_TD, the fit on its routing inputs r_TD (None: x_TD);
     returns the share of the oracle's top-k experts the fitted router also picks."""
     router = block.router
+    if router.lowrank:  # reads the FFN input by construction (the config refuses side inputs)
+        return fit_lowrank_router(block, x_TD, k)
     r_TD = x_TD if r_TD is None else r_TD
     gains_TE, gains_TG = expert_and_group_gains(block, x_TD, router.num_groups)
     fit_router(router, r_TD, gains_TE, gains_TG, alpha, refine_steps, refine)

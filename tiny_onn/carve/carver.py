@@ -66,8 +66,13 @@ class CarveConfig(SourceArgs):
     """Router: flat, or hierarchical (a main router over --groups groups, one sub-router per group); 'gaussian' is
     short for flat with --router-score gaussian."""
     router_score: str = "linear"
-    """How routers score experts: linear, or gaussian (each expert a diagonal Gaussian in the router's input space,
-    initialised from the inputs of the calibration tokens it serves best; logit = b + β·log-likelihood)."""
+    """How routers score experts: linear, gaussian (each expert a diagonal Gaussian in the router's input space,
+    initialised from the inputs of the calibration tokens it serves best; logit = b + β·log-likelihood), or lowrank
+    (each expert's neurons' SwiGLU activations predicted from rank --router-rank factors of their gate and up
+    projections, fitted to the calibration inputs; score = the sum of the predicted |h|·‖d‖; flat routers on the FFN
+    input; the router for fine-grained experts, down to one neuron each: --experts = the routed neurons)."""
+    router_rank: int = 64
+    """Rank of the lowrank router's factors (2·rank·(D + routed neurons) router parameters per layer)."""
     router_input: str = "ffn"
     """What routers read: ffn (the FFN input), embedding (the token embedding) or context (the running mean of the
     sequence's embeddings)."""
@@ -144,6 +149,11 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError(f"router_score must be one of {', '.join(ROUTER_SCORES)}, got {self.router_score!r}")
         if self.router_input not in ROUTER_INPUTS:
             raise TinyOnnError(f"router_input must be one of {', '.join(ROUTER_INPUTS)}, got {self.router_input!r}")
+        if self.router_score == "lowrank" and (self.router != "flat" or self.router_input != "ffn"):
+            raise TinyOnnError("--router-score lowrank predicts the FFN's own activations: use it with --router flat and "
+                               f"--router-input ffn (got {self.router!r}, {self.router_input!r})")
+        if self.router_rank < 1:
+            raise TinyOnnError(f"router_rank must be at least 1, got {self.router_rank}")
         if self.router == "hierarchical" and (self.groups < 1 or self.experts % self.groups):
             raise TinyOnnError(f"experts ({self.experts}) must be a multiple of groups ({self.groups})")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:
@@ -233,7 +243,7 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
         num_experts_per_tok=cfg.top_k, router_type=cfg.router, router_top_p=cfg.top_p,
         min_experts_per_tok=cfg.min_k, max_experts_per_tok=cfg.max_k or cfg.experts,
         expert_weighting=cfg.expert_weighting,
-        router_score=cfg.router_score, router_input=cfg.router_input,
+        router_score=cfg.router_score, router_input=cfg.router_input, router_rank=cfg.router_rank,
     )
     report = []
     if calib_data is not None and cfg.calib_inputs == "carved":
@@ -242,7 +252,7 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
     elif calib_data is not None:
         ffn_inputs = collect_ffn_inputs(source.model, calib_data)
         router_inputs = collect_router_inputs(model, calib_data)
-        if cfg.router_score == "linear" and router_inputs is None:
+        if cfg.router_score in ("linear", "lowrank") and router_inputs is None:
             report = calibrate_routers(model, ffn_inputs, refine_steps=cfg.calib_steps, refine=cfg.calib_refine)
         else:  # Gaussian scorers, or routers that read a side input
             report = fit_routers(model, ffn_inputs, router_inputs, refine_steps=cfg.calib_steps,

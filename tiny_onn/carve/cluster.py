@@ -41,6 +41,8 @@ def balanced_kmeans(features: np.ndarray, k: int, seed: int, iters: int = 10) ->
     assert n % k == 0, "balanced clusters need n divisible by k"
     if k == 1:
         return np.zeros(n, dtype=int)
+    if k == n:  # one member each: nothing to cluster
+        return np.arange(n)
     centers = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(features).cluster_centers_
     labels = np.zeros(n, dtype=int)
     for _ in range(iters):

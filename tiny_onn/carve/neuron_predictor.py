@@ -82,10 +82,19 @@ def input_second_moments(source: PreTrainedModel, data: PackedData, batch_size: 
     return [s / count[0] for s in sums]
 
 
-def _low_rank_map(w_FD: torch.Tensor, sqrt_c_DD: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [D, r], B [r, F]) with x A B the best rank-r estimate of x Wᵀ under inputs with second moment C."""
-    u_FK, _, _ = torch.linalg.svd(w_FD.double() @ sqrt_c_DD, full_matrices=False)
+def sqrt_psd(c_DD: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a positive semi-definite matrix (negative rounding-error eigenvalues set to 0)."""
+    evals, evecs = torch.linalg.eigh(c_DD)
+    return evecs @ torch.diag(evals.clamp_min(0.0).sqrt()) @ evecs.T
+
+
+def low_rank_factors(w_FD: torch.Tensor, sqrt_c_DD: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [D, rank], B [rank, F]) with x A B the best rank-`rank` estimate of x Wᵀ for inputs whose second moment has
+    the square root `sqrt_c_DD`; a rank above min(F, D) is exact, its extra factors zero."""
+    u_FK, _, _ = torch.linalg.svd(w_FD.double() @ sqrt_c_DD.double(), full_matrices=False)
     u_Fr = u_FK[:, :rank]
+    if u_Fr.shape[1] < rank:
+        u_Fr = torch.cat([u_Fr, u_Fr.new_zeros(u_Fr.shape[0], rank - u_Fr.shape[1])], dim=1)
     return (w_FD.double().T @ u_Fr).to(w_FD.dtype), u_Fr.T.contiguous().to(w_FD.dtype)
 
 
@@ -98,11 +107,10 @@ def fit_neuron_predictors(source: PreTrainedModel, data: PackedData, rank: int,
     predictors = []
     for mlp, c_DD in zip(swiglu_mlps(source), moments, strict=True):
         m = mlp.module
-        evals, evecs = torch.linalg.eigh(c_DD)
-        sqrt_c = evecs @ torch.diag(evals.clamp_min(0.0).sqrt()) @ evecs.T  # [D, D]
+        sqrt_c = sqrt_psd(c_DD)  # [D, D]
         with torch.no_grad():
-            gate_in, gate_out = _low_rank_map(m.gate_proj.weight, sqrt_c, rank)
-            up_in, up_out = _low_rank_map(m.up_proj.weight, sqrt_c, rank)
+            gate_in, gate_out = low_rank_factors(m.gate_proj.weight, sqrt_c, rank)
+            up_in, up_out = low_rank_factors(m.up_proj.weight, sqrt_c, rank)
             down_norm = m.down_proj.weight.norm(dim=0)
         predictors.append(NeuronPredictor(gate_in, gate_out, up_in, up_out, down_norm))
     return predictors

@@ -31,7 +31,13 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
     provenance = read_json(moe / "provenance.json", "provenance")
     carved = load_source(SourceArgs(model=str(moe), device=device, dtype="fp32"), dense_only=False)
     dense = load_source(SourceArgs(model=provenance["source_model"], device=device, dtype="fp32"))
-    config = TinyOnnConfig(**{**carved.model.config.to_dict(), "router_score": router_score, "router_input": router_input})
+    changes = {"router_score": router_score, "router_input": router_input}
+    if router_score == "lowrank":  # one flat scorer over the neurons' predicted activations: groups play no part
+        changes["router_type"] = "flat"
+    try:
+        config = TinyOnnConfig(**{**carved.model.config.to_dict(), **changes})
+    except ValueError as err:
+        raise TinyOnnError(f"cannot reroute {moe} to {router_score!r} routers reading {router_input!r}: {err}") from err
     model = TinyOnnForCausalLM(config).to(device).eval()
     state = {k: v for k, v in carved.model.state_dict().items() if ".mlp.router." not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -44,7 +50,7 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
     with torch.no_grad():
         report = fit_routers(model, collect_ffn_inputs(dense.model, calib), collect_router_inputs(model, calib),
                              refine_steps=calib_steps, refine=calib_refine)
-    meta = {**carve_meta, "config": {**cfg, "router_score": router_score, "router_input": router_input},
+    meta = {**carve_meta, "config": {**cfg, **changes},
             "calibration": report,
             "rerouted_from": {"folder": str(moe), "calib_tokens": calib_tokens, "calib_steps": calib_steps,
                               "calib_refine": calib_refine, "data": args.data}}

@@ -76,7 +76,7 @@ def build_report(model, tokenizer, rec, cfg: InterpretConfig) -> tuple[dict, dic
     layers, dash_layers, labels = [], [], []
     total = rec.tokens_per_category.sum().clamp_min(1)
     for li in range(rate.shape[0]):
-        router_w = model.model.layers[li].mlp.router.weight.detach().float().cpu().numpy()
+        router_w = model.model.layers[li].mlp.router.expert_directions().detach().float().cpu().numpy()
         xy, how = expert_embedding(np.concatenate([router_w, rate[li].numpy()], axis=1), cfg.seed)
         experts, dash = [], []
         for e in range(rate.shape[1]):

@@ -8,7 +8,7 @@ from transformers import PretrainedConfig
 
 ROUTER_TYPES = ("flat", "hierarchical")
 EXPERT_WEIGHTINGS = ("straight_through", "probs")
-ROUTER_SCORES = ("linear", "gaussian")
+ROUTER_SCORES = ("linear", "gaussian", "lowrank")
 ROUTER_INPUTS = ("ffn", "embedding", "context")
 
 
@@ -26,7 +26,11 @@ class TinyOnnConfig(PretrainedConfig):
     num_expert_groups (`int`): groups of the hierarchical router (experts of group g are contiguous).
     router_score (`str`): how a router scores experts (flat, and the main and sub-routers of a hierarchical one):
         "linear" (logit = w_e·x) or "gaussian" (each expert owns a mean and a diagonal scale in the router's input
-        space; logit = b_e + β·log N(x; μ_e, diag σ_e²), a bias and one learned inverse temperature β per router).
+        space; logit = b_e + β·log N(x; μ_e, diag σ_e²), a bias and one learned inverse temperature β per router) or
+        "lowrank" (flat routers reading the FFN input only: each expert's neurons' SwiGLU activations predicted from
+        rank-`router_rank` factors of their gate and up projections, ĥ = act(x A_g B_g) ⊙ x A_u B_u; an expert's score
+        is Σ_j |ĥ_j|·c_j over its neurons, logit = log score; fine-grained experts down to single neurons).
+    router_rank (`int`): rank of the "lowrank" router's factors.
     router_input (`str`): what the router sees: "ffn" (the FFN input, the usual), "embedding" (the token's input
         embedding) or "context" (the running mean of the input embeddings of the sequence so far, this token included).
     router_top_p (`float`): if > 0, dynamic top-k: the fewest experts whose probabilities sum to at least top_p,
@@ -69,6 +73,7 @@ class TinyOnnConfig(PretrainedConfig):
         num_expert_groups: int = 1,
         router_score: str = "linear",
         router_input: str = "ffn",
+        router_rank: int = 64,
         router_top_p: float = 0.0,
         min_experts_per_tok: int = 1,
         max_experts_per_tok: int | None = None,
@@ -106,6 +111,7 @@ class TinyOnnConfig(PretrainedConfig):
         self.num_expert_groups = num_expert_groups
         self.router_score = router_score
         self.router_input = router_input
+        self.router_rank = router_rank
         self.router_top_p = router_top_p
         self.min_experts_per_tok = min_experts_per_tok
         self.max_experts_per_tok = max_experts_per_tok if max_experts_per_tok is not None else num_experts
@@ -132,6 +138,11 @@ class TinyOnnConfig(PretrainedConfig):
             raise ValueError(f"router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}")
         if self.router_input not in ROUTER_INPUTS:
             raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {self.router_input!r}")
+        if self.router_score == "lowrank" and (self.router_type != "flat" or self.router_input != "ffn"):
+            raise ValueError("router_score 'lowrank' predicts the FFN's own activations: it needs router_type 'flat' "
+                             f"and router_input 'ffn', got {self.router_type!r} and {self.router_input!r}")
+        if self.router_score == "lowrank" and self.router_rank < 1:
+            raise ValueError(f"router_rank must be at least 1, got {self.router_rank}")
         if self.moe_mode not in ("sparse", "dense_mixture"):
             raise ValueError(f"moe_mode must be 'sparse' or 'dense_mixture', got {self.moe_mode!r}")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:

@@ -544,9 +544,19 @@ class TinyOnnRouter(nn.Module):
         self.hierarchical = config.router_type == "hierarchical"
         self.num_groups = config.num_expert_groups if self.hierarchical else 1
         self.gaussian = getattr(config, "router_score", "linear") == "gaussian"
+        self.lowrank = getattr(config, "router_score", "linear") == "lowrank"
         self.input_kind = getattr(config, "router_input", "ffn")
         self.side_input: torch.Tensor | None = None  # [N, D], set by TinyOnnModel.forward when input_kind != "ffn"
         sizes = {"": E, "group_": self.num_groups} if self.hierarchical else {"": E}  # "": (sub-)routers, stacked
+        if self.lowrank:  # predicted SwiGLU activations of every routed neuron (flat routers only: see the config)
+            F_, r = E * config.moe_intermediate_size, config.router_rank
+            self.act_fn = ACT2FN[config.hidden_act]
+            self.gate_in = nn.Parameter(torch.empty(r, D))  # [r, D]
+            self.gate_out = nn.Parameter(torch.empty(F_, r))  # [E·I, r]
+            self.up_in = nn.Parameter(torch.empty(r, D))
+            self.up_out = nn.Parameter(torch.empty(F_, r))
+            self.neuron_scale = nn.Parameter(torch.empty(F_))  # [E·I], c_j: the norm of neuron j's down column at carve
+            return
         for prefix, K in sizes.items():
             if self.gaussian:
                 setattr(self, prefix + "mean", nn.Parameter(torch.empty(K, D)))
@@ -558,10 +568,26 @@ class TinyOnnRouter(nn.Module):
 
     def scores(self, r_ND: torch.Tensor, prefix: str = "") -> torch.Tensor:
         """Raw logits [N, K] of the experts (prefix "") or of the groups (prefix "group_"), in float32."""
+        if self.lowrank:
+            return self.lowrank_scores(r_ND).clamp_min(1e-12).log()
         if not self.gaussian:
             return F.linear(r_ND, getattr(self, prefix + "weight").float())
         params = (getattr(self, prefix + name).float() for name in ("mean", "log_std", "log_prior", "log_beta"))
         return gaussian_logits(r_ND, *params)
+
+    def lowrank_scores(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """The "lowrank" router's expert scores [N, E] = Σ_j |ĥ_j|·|c_j| over each expert's neurons, in float32."""
+        g_NF = F.linear(F.linear(x_ND, self.gate_in.float()), self.gate_out.float())
+        u_NF = F.linear(F.linear(x_ND, self.up_in.float()), self.up_out.float())
+        s_NF = (self.act_fn(g_NF) * u_NF).abs() * self.neuron_scale.float().abs()
+        return s_NF.view(x_ND.shape[0], self.num_experts, -1).sum(-1)  # [N, E]
+
+    def expert_directions(self) -> torch.Tensor:
+        """One vector per expert [E, D] in the router's input space, for plots: a linear router's weight rows, a
+        Gaussian router's means, a low-rank router's mean predicted gate direction over the expert's neurons."""
+        if self.lowrank:
+            return (self.gate_out @ self.gate_in).view(self.num_experts, -1, self.gate_in.shape[1]).mean(1)
+        return self.mean if self.gaussian else self.weight
 
     def routing_input(self, x_ND: torch.Tensor) -> torch.Tensor:
         """What the router scores: the FFN input x_ND, or the side input set by the model for this forward."""
@@ -753,6 +779,10 @@ class TinyOnnPreTrainedModel(PreTrainedModel):
         if isinstance(module, TinyOnnExperts):
             module.gate_up_proj.normal_(0.0, std)
             module.down_proj.normal_(0.0, std)
+        elif isinstance(module, TinyOnnRouter) and module.lowrank:
+            for name in ("gate_in", "gate_out", "up_in", "up_out"):
+                getattr(module, name).normal_(0.0, std)
+            module.neuron_scale.fill_(1.0)
         elif isinstance(module, TinyOnnRouter):
             prefixes = ("", "group_") if module.hierarchical else ("",)
             for prefix in prefixes:
