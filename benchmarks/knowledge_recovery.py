@@ -11,7 +11,8 @@ carve from a scan that also sees the teacher-written corpus, so the shared exper
 categories; `moe25c` / `moe50c`: the same carve with routers calibrated layer by layer on the carved model's own FFN
 inputs, `--calib-inputs carved`; `moe25f` / `moe50f`: finer experts, shared 12.5 % + 56 experts of 24, top-8 /
 top-24, the same active neurons; `moe25n` / `moe50n`: single-neuron experts, shared 12.5 % + 1,344 experts of one
-neuron, top-192 / top-576, with rank-64 `lowrank` routers that predict each neuron's activation), `width25` / `width50` (the
+neuron, top-192 / top-576, with rank-64 `lowrank` routers that predict each neuron's activation; `moe25n128` /
+`moe50n128`: the same with rank-128 routers), `width25` / `width50` (the
 dense source with each FFN cut to its top 25 % / 50 % neurons by importance a·s: same active neurons, no router) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
 Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -46,8 +48,8 @@ from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 from tiny_onn.train import TrainConfig  # noqa: E402
 from tiny_onn.train import run as train  # noqa: E402
 
-MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "width25",
-          "width50", "dense")
+MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "moe25n128",
+          "moe50n128", "width25", "width50", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
     "kd-mix": ("default", 1.0, 0.0),
@@ -147,16 +149,17 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     knowledge = name.endswith("k")
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
-        fine, neurons = name.endswith("f"), name.endswith("n")  # the same active neurons in every layout
-        if neurons:  # one neuron per expert: 1,344 routed = 87.5 % of 1,536
-            experts, top_k = NEURONS * 7 // 8, {"25": NEURONS // 8, "50": NEURONS * 3 // 8}[name[3:5]]
-        elif fine:  # 56 experts of 24 neurons instead of 14 of 96
-            experts, top_k = 56, {"25": 8, "50": 24}[name[3:5]]
+        fraction, variant, rank = re.fullmatch(r"moe(25|50)([kcf]?|n(\d*))", name).group(1, 2, 3)
+        # the same active neurons in every layout
+        if variant.startswith("n"):  # one neuron per expert: 1,344 routed = 87.5 % of 1,536
+            experts, top_k = NEURONS * 7 // 8, {"25": NEURONS // 8, "50": NEURONS * 3 // 8}[fraction]
+        elif variant == "f":  # 56 experts of 24 neurons instead of 14 of 96
+            experts, top_k = 56, {"25": 8, "50": 24}[fraction]
         else:
-            experts, top_k = 14, {"25": 2, "50": 6}[name[3:5]]
+            experts, top_k = 14, {"25": 2, "50": 6}[fraction]
         carve(CarveConfig(scan=str(scan), experts=experts, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
-                          calib_refine="adam", calib_inputs="carved" if name.endswith("c") else "dense",
-                          router_score="lowrank" if neurons else "linear", router_rank=64,
+                          calib_refine="adam", calib_inputs="carved" if variant == "c" else "dense",
+                          router_score="lowrank" if variant.startswith("n") else "linear", router_rank=int(rank or 64),
                           eval_tokens=0, plots=False, device="cpu", out=str(folder)))
     else:
         source = load_source(SourceArgs(model=SOURCE, device="cpu"))

@@ -303,6 +303,8 @@ def knowledge_recovery(d: dict) -> str:
              "moe50c": "MoE 50 %, routers on carved inputs", "moe25f": "MoE 25 %, 56×24 experts",
              "moe25n": "MoE 25 %, 1,344 one-neuron experts, rank-64 router",
              "moe50n": "MoE 50 %, 1,344 one-neuron experts, rank-64 router",
+             "moe25n128": "MoE 25 %, 1,344 one-neuron experts, rank-128 router",
+             "moe50n128": "MoE 50 %, 1,344 one-neuron experts, rank-128 router",
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %", "dense": "dense source"}
     for entry in d["protocols"]:
