@@ -453,11 +453,27 @@ def knowledge_ceiling(d: dict) -> str:
     return "\n".join(lines)
 
 
+def layer_error(d: dict) -> str:
+    layers = [str(i) for i in d["layers"]]
+    lines = [
+        f"Relative error ‖y − y_dense‖ / ‖y_dense‖ of the FFN output, mean over {d['tokens']} held-out tokens of "
+        f"`{d['data']}` (the dense source's own FFN inputs), {d['active_fraction']:.0%} of the FFN neurons active, "
+        f"predictors fitted on {d['fit_tokens']:,} training tokens (`{d['command']}`):",
+        "",
+        "| selection | " + " | ".join(f"layer {i}" for i in layers) + " |",
+        "|---|" + "---|" * len(layers),
+    ]
+    for name, row in d["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[i]:.2f}" for i in layers) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "moe_paths": moe_paths, "calibration_speed": calibration_speed,
              "carve_quality": carve_quality, "score_validity": score_validity, "train_policies": train_policies,
              "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
              "gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "knowledge_recovery": knowledge_recovery,
-             "seed_mechanisms": seed_mechanisms, "knowledge_ceiling": knowledge_ceiling}
+             "seed_mechanisms": seed_mechanisms, "knowledge_ceiling": knowledge_ceiling,
+             "layer_error": layer_error}
 
 
 def main() -> None:
