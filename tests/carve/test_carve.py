@@ -122,6 +122,17 @@ def test_unknown_shared_score_is_one_clear_error(tiny_scan):
         CarveConfig(scan=str(tiny_scan[0]), shared_score="wanda")
 
 
+def test_lowrank_router_settings_are_checked(tiny_scan):
+    from tiny_onn.errors import TinyOnnError
+
+    with pytest.raises(TinyOnnError, match="--router flat"):
+        CarveConfig(scan=str(tiny_scan[0]), router="hierarchical", router_score="lowrank")
+    with pytest.raises(TinyOnnError, match="--router-input ffn"):
+        CarveConfig(scan=str(tiny_scan[0]), router_score="lowrank", router_input="context")
+    with pytest.raises(TinyOnnError, match="router_rank must be at least 1"):
+        CarveConfig(scan=str(tiny_scan[0]), router_score="lowrank", router_rank=0)
+
+
 def test_carve_cli_save_load_in_fresh_process(tiny_model_dir, tiny_scan, tmp_path):
     scan_dir, data = tiny_scan
     out = tmp_path / "moe"
