@@ -53,6 +53,10 @@ def test_hand_routing_shows_in_heatmap_log_odds_and_label():
     assert rate[0, 0] == 1.0 and rate[0, 1] == 0.0  # expert 0: every code token, no chat token
     top = token_log_odds(rec, 0, 0, top=5, min_count=1)
     assert top and all(t in CODE_TOKENS for t, _, _ in top)
+    ids = hand_data().input_ids
+    for t, _, n in top:  # expert 0 takes every code token: its count of t is t's count in the code rows
+        assert n == int((ids[:4] == t).sum())
+    assert rec.token_expert.shape[-1] == rec.vocab.numel() == ids.unique().numel()  # seen tokens only
     label = auto_label(rec, 0, 0, decode=lambda t: f"tok{t}")
     assert label["dominant_category"] == "code" and label["specificity"] == pytest.approx(1.0)
     assert label["label"].startswith("code: tok1")

@@ -18,12 +18,15 @@ from tiny_onn.data import PackedData
 @dataclass
 class RoutingRecord:
     """Per layer: expert selection counts per category [L, E, C], routing-probability sums [L, E, C], token counts
-    [C], token-by-expert counts [L, E, V], each token's top-1 expert [L, N], and the strongest activations per expert."""
+    [C], token-by-expert counts [L, E, W] over the W distinct token ids seen (`vocab` [W], ascending; not the whole
+    vocabulary, so that thousands of fine-grained experts fit in memory), each token's top-1 expert [L, N], and the
+    strongest activations per expert."""
 
     selected: torch.Tensor
     prob_sum: torch.Tensor
     tokens_per_category: torch.Tensor
     token_expert: torch.Tensor
+    vocab: torch.Tensor
     top1: torch.Tensor
     categories_of_tokens: torch.Tensor
     best: list[list[list[tuple[float, int]]]]  # [layer][expert] -> (prob, flat token index), strongest first
@@ -37,10 +40,10 @@ def record_routing(model, data: PackedData, batch_size: int = 4, max_tokens: int
     """Run the MoE over `data` (non-padding tokens only) and record how it routes."""
     device = next(model.parameters()).device
     c = model.config
-    L, E, C, V = c.num_hidden_layers, c.num_experts, len(data.category_names), c.vocab_size
+    L, E, C = c.num_hidden_layers, c.num_experts, len(data.category_names)
     selected = torch.zeros(L, E, C)
     prob_sum = torch.zeros(L, E, C)
-    token_expert = torch.zeros(L, E * V)
+    selections: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer, per batch: [N, E] bool
     tokens_per_cat = torch.zeros(C)
     top1, cats_all, ids_all = [], [], []
     best: list[list[list[tuple[float, int]]]] = [[[] for _ in range(E)] for _ in range(L)]
@@ -59,8 +62,7 @@ def record_routing(model, data: PackedData, batch_size: int = 4, max_tokens: int
             p_NE = logp[mask.to(logp.device)].exp().float().cpu()
             selected[li] += sel_NE.T @ onehot_NC
             prob_sum[li] += p_NE.T @ onehot_NC
-            flat = (torch.arange(E)[None, :] * V + ids[:, None]).reshape(-1)  # [N*E] index of (expert, token)
-            token_expert[li].index_add_(0, flat, sel_NE.reshape(-1))
+            selections[li].append(sel_NE.bool())
             layer_top1.append(p_NE.argmax(-1))
             top_p, top_i = p_NE.topk(min(keep_best, p_NE.shape[0]), dim=0)  # strongest tokens per expert
             for e in range(E):
@@ -72,8 +74,12 @@ def record_routing(model, data: PackedData, batch_size: int = 4, max_tokens: int
         seen += int(mask.sum())
         if max_tokens is not None and seen >= max_tokens:
             break
-    return RoutingRecord(selected, prob_sum, tokens_per_cat, token_expert.view(L, E, V), torch.cat(top1, dim=1),
-                         torch.cat(cats_all), best, torch.cat(ids_all), list(data.category_names))
+    token_ids = torch.cat(ids_all)
+    vocab, compact_N = torch.unique(token_ids, return_inverse=True)  # [W], [N]
+    onehot_NW = torch.nn.functional.one_hot(compact_N, vocab.numel()).float()
+    token_expert = torch.stack([torch.cat(sel).float().T @ onehot_NW for sel in selections])  # [L, E, W]
+    return RoutingRecord(selected, prob_sum, tokens_per_cat, token_expert, vocab, torch.cat(top1, dim=1),
+                         torch.cat(cats_all), best, token_ids, list(data.category_names))
 
 
 def selection_rate(rec: RoutingRecord) -> torch.Tensor:
@@ -89,13 +95,13 @@ def mean_routing_weight(rec: RoutingRecord) -> torch.Tensor:
 def token_log_odds(rec: RoutingRecord, layer: int, expert: int, top: int = 10, min_count: int = 3,
                    alpha: float = 0.5) -> list[tuple[int, float, int]]:
     """Tokens most over-represented among those routed to `expert`, vs the layer's base rate: (token id, log-odds, count)."""
-    n_we = rec.token_expert[layer, expert]  # [V] times token w went to e
-    n_w = torch.bincount(rec.token_ids, minlength=n_we.numel()).float()  # [V] times token w was seen
+    n_we = rec.token_expert[layer, expert]  # [W] times token vocab[w] went to e
+    n_w = torch.bincount(torch.searchsorted(rec.vocab, rec.token_ids), minlength=n_we.numel()).float()  # [W] seen
     routed, total = float(n_we.sum()), float(n_w.sum())
     lo = torch.log((n_we + alpha) / (routed - n_we + alpha)) - torch.log((n_w + alpha) / (total - n_w + alpha))
     lo[n_we < min_count] = -math.inf
     vals, idx = lo.topk(min(top, int((lo > -math.inf).sum())))
-    return [(int(i), float(v), int(n_we[i])) for v, i in zip(vals, idx, strict=True)]
+    return [(int(rec.vocab[i]), float(v), int(n_we[i])) for v, i in zip(vals, idx, strict=True)]
 
 
 def auto_label(rec: RoutingRecord, layer: int, expert: int, decode) -> dict:
