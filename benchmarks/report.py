@@ -468,12 +468,36 @@ def layer_error(d: dict) -> str:
     return "\n".join(lines)
 
 
+def neuron_moe_speed(d: dict) -> str:
+    lines = [
+        f"SmolLM2 fp32, {d['threads']} threads, {d['repeats']} interleaved repeats, median (`{d['command']}`): prefill "
+        f"{d['batch']['prefill'][0]}×{d['batch']['prefill'][1]}, decode {d['batch']['decode_new_tokens']} greedy tokens "
+        f"with the KV cache, FFN block {d['mlp_layer']} on 2,048 tokens, the 30 FFN blocks on one token, one training "
+        f"step {d['batch']['train'][0]}×{d['batch']['train'][1]} (forward + backward + AdamW over the FFN parameters).",
+        "",
+        "| model | total params | prefill tok/s | decode tok/s | FFN block s | 30 FFNs on 1 token, ms | train step s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {"dense": "dense source", **d["models"]}
+    def ratio(r: dict, key: str) -> str:
+        return f" ({r['vs_dense'][key]:.2f}×)" if "vs_dense" in r else ""
+
+    for key, r in d["rows"].items():
+        lines.append(
+            f"| {names[key]} | {r['params']['total'] / 1e6:.1f}M | {r['prefill_tokens_per_second']:.0f}"
+            f"{ratio(r, 'prefill_speedup')} | {r['decode_tokens_per_second']:.1f}{ratio(r, 'decode_speedup')} | "
+            f"{r['mlp_seconds']:.3f}{ratio(r, 'mlp_time_ratio')} | {r['ffn_sweep_seconds'] * 1e3:.1f}"
+            f"{ratio(r, 'ffn_sweep_time_ratio')} | {r['train_step_seconds']:.2f}{ratio(r, 'train_step_time_ratio')} |")
+    lines += ["", "(×: speed-up over dense for tok/s, time ÷ dense for seconds.)"]
+    return "\n".join(lines)
+
+
 RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "moe_paths": moe_paths, "calibration_speed": calibration_speed,
              "carve_quality": carve_quality, "score_validity": score_validity, "train_policies": train_policies,
              "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
              "gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "knowledge_recovery": knowledge_recovery,
              "seed_mechanisms": seed_mechanisms, "knowledge_ceiling": knowledge_ceiling,
-             "layer_error": layer_error}
+             "layer_error": layer_error, "neuron_moe_speed": neuron_moe_speed}
 
 
 def main() -> None:
