@@ -533,8 +533,9 @@ def gaussian_logits(
 
 class TinyOnnRouter(nn.Module):
     """Flat (one scorer over E experts) or hierarchical (a main scorer over G groups, G sub-scorers) routing
-    probabilities. A scorer is linear (logit = w·x) or Gaussian (`router_score`; logit = b + β·log N(x; μ, diag σ²) per
-    expert or group). It reads the FFN input, or (`router_input`) a side input the model hands over before its layers
+    probabilities. A scorer is linear (logit = w·x), Gaussian (`router_score`; logit = b + β·log N(x; μ, diag σ²) per
+    expert or group) or low-rank (flat only: logit = log Σ_j |act(ĝ_j)·û_j|·|c_j| over the expert's neurons, ĝ and û
+    the gate and up pre-activations predicted by rank-`router_rank` factors). It reads the FFN input, or (`router_input`) a side input the model hands over before its layers
     run: the token embeddings or the running mean of the sequence's embeddings."""
 
     def __init__(self, config: TinyOnnConfig):
