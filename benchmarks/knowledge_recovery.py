@@ -12,7 +12,10 @@ categories; `moe25c` / `moe50c`: the same carve with routers calibrated layer by
 inputs, `--calib-inputs carved`; `moe25f` / `moe50f`: finer experts, shared 12.5 % + 56 experts of 24, top-8 /
 top-24, the same active neurons; `moe25n` / `moe50n`: single-neuron experts, shared 12.5 % + 1,344 experts of one
 neuron, top-192 / top-576, with rank-64 `lowrank` routers that predict each neuron's activation; `moe25n128` /
-`moe50n128`: the same with rank-128 routers), `width25` / `width50` (the
+`moe50n128`: the same with rank-128 routers; `moe25g` / `moe50g`: the same single-neuron experts with `gate` routers,
+which compute every routed neuron's exact gate and scale |act(gate)| by the neuron's up root mean square and down norm
+— the gate rows are then active for every token, so these match the 50 % layouts' / more active parameters; `moe25g64`:
+with a rank-64 up predictor), `width25` / `width50` (the
 dense source with each FFN cut to its top 25 % / 50 % neurons by importance a·s: same active neurons, no router) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
 Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
@@ -49,7 +52,7 @@ from tiny_onn.train import TrainConfig  # noqa: E402
 from tiny_onn.train import run as train  # noqa: E402
 
 MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "moe25n128",
-          "moe50n128", "width25", "width50", "dense")
+          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "width25", "width50", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
     "kd-mix": ("default", 1.0, 0.0),
@@ -149,9 +152,11 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     knowledge = name.endswith("k")
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
-        fraction, variant, rank = re.fullmatch(r"moe(25|50)([kcf]?|n(\d*))", name).group(1, 2, 3)
+        fraction, variant, rank = re.fullmatch(r"moe(25|50)([kcf]?|[ng](\d*))", name).group(1, 2, 3)
+        single_neuron = variant[:1] in ("n", "g")
+        score = {"n": "lowrank", "g": "gate"}.get(variant[:1], "linear")
         # the same active neurons in every layout
-        if variant.startswith("n"):  # one neuron per expert: 1,344 routed = 87.5 % of 1,536
+        if single_neuron:  # one neuron per expert: 1,344 routed = 87.5 % of 1,536
             experts, top_k = NEURONS * 7 // 8, {"25": NEURONS // 8, "50": NEURONS * 3 // 8}[fraction]
         elif variant == "f":  # 56 experts of 24 neurons instead of 14 of 96
             experts, top_k = 56, {"25": 8, "50": 24}[fraction]
@@ -159,7 +164,7 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
             experts, top_k = 14, {"25": 2, "50": 6}[fraction]
         carve(CarveConfig(scan=str(scan), experts=experts, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
                           calib_refine="adam", calib_inputs="carved" if variant == "c" else "dense",
-                          router_score="lowrank" if variant.startswith("n") else "linear", router_rank=int(rank or 64),
+                          router_score=score, router_rank=int(rank or (0 if score == "gate" else 64)),
                           eval_tokens=0, plots=False, device="cpu", out=str(folder)))
     else:
         source = load_source(SourceArgs(model=SOURCE, device="cpu"))

@@ -8,10 +8,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
+from tiny_onn.carve.calibrate import fit_lowrank_router
 from tiny_onn.carve.reroute import reroute
 from tiny_onn.cli import main
+from tiny_onn.model import TinyOnnConfig
+from tiny_onn.model.modeling_tiny_onn import TinyOnnSparseMoeBlock
 from tiny_onn.sources import SourceArgs, load_source
 
 
@@ -72,15 +76,16 @@ def test_reroute_keeps_the_experts_and_fits_new_routers(tiny_moe, tmp_path):
     assert torch.isfinite(logits).all()
 
 
-def test_lowrank_single_neuron_carve_selects_like_the_neuron_oracle(tiny_moe, tmp_path):
-    """Experts of one neuron each and a full-rank lowrank router: the router's top-k is each token's top neurons by
-    |h_j|·‖d_j‖ of the routed neurons, computed here from the dense source's weights."""
+@pytest.mark.parametrize("score", ["lowrank", "gate"])
+def test_single_neuron_carve_selects_like_the_neuron_oracle(tiny_moe, tmp_path, score):
+    """Experts of one neuron each and a full-rank lowrank (or gate) router: the router's top-k is each token's top
+    neurons by |h_j|·‖d_j‖ of the routed neurons, computed here from the dense source's weights."""
     moe, _ = tiny_moe
     out = tmp_path / "neurons"
     dense = load_source(SourceArgs(model=str(moe.parent / "dense"), device="cpu")).model
     D, F = dense.config.hidden_size, dense.config.intermediate_size
     argv = ["carve", "--scan", str(moe.parent / "scan"), "--model", str(moe.parent / "dense"), "--experts", str(F),
-            "--top-k", str(F // 4), "--router-score", "lowrank", "--router-rank", str(D), "--calib-tokens", "512",
+            "--top-k", str(F // 4), "--router-score", score, "--router-rank", str(D), "--calib-tokens", "512",
             "--eval-tokens", "256", "--no-plots", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     model = load_source(SourceArgs(model=str(out), device="cpu"), dense_only=False).model
@@ -112,3 +117,23 @@ def test_reroute_to_lowrank_routers(tiny_moe, tmp_path):
     assert after.config.router_score == "lowrank" and after.model.layers[0].mlp.router.lowrank
     meta = json.loads((out / "carve.json").read_text())
     assert [row["top_k_overlap_with_oracle"] > 0.5 for row in meta["calibration"]] == [True, True]
+
+
+def test_gate_router_without_up_factors_scales_by_the_up_rms():
+    """Rank 0: c_j = ‖d_j‖ · sqrt(mean over the calibration tokens of (x·w_u_j)²), checked neuron by neuron."""
+    config = TinyOnnConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=2,
+                           router_score="gate", router_rank=0)
+    block = TinyOnnSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    overlap = fit_lowrank_router(block, x, k=2)
+    w, d = block.experts.gate_up_proj, block.experts.down_proj  # [E, 2I, D], [E, D, I]
+    for e in range(6):
+        for i in range(2):
+            rms = (x @ w[e, 2 + i]).pow(2).mean().sqrt()
+            want = d[e, :, i].norm() * rms
+            torch.testing.assert_close(block.router.neuron_scale[e * 2 + i], want, rtol=1e-4, atol=1e-6)
+    assert 0.0 <= overlap <= 1.0

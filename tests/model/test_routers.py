@@ -8,7 +8,7 @@ import torch
 
 from tiny_onn.carve.calibrate import fit_router
 from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
-from tiny_onn.model.modeling_tiny_onn import TinyOnnRouter, router_side_input
+from tiny_onn.model.modeling_tiny_onn import TinyOnnRouter, TinyOnnSparseMoeBlock, router_side_input
 
 
 def _config(**kw) -> TinyOnnConfig:
@@ -164,3 +164,65 @@ def test_lowrank_cached_decoding_equals_a_full_forward():
             out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_gate_scores_read_the_experts_gate_rows(rank):
+    config = _config(router_score="gate", router_type="flat", router_rank=rank)
+    block = TinyOnnSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    router, experts = block.router, block.experts
+    assert not hasattr(router, "gate_in") and hasattr(router, "up_in") == (rank > 0)
+    assert all(not k.startswith("router.gate") for k in block.state_dict())  # no copy of the experts' gate rows
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    want = torch.zeros(5, 4)
+    for n in range(5):
+        for e in range(4):
+            for i in range(8):
+                j = e * 8 + i
+                h = torch.nn.functional.silu(experts.gate_up_proj[e, i] @ x[n])  # the expert's exact gate
+                if rank:
+                    h = h * (router.up_out[j] @ (router.up_in @ x[n]))
+                want[n, e] += abs(h) * abs(router.neuron_scale[j])
+    torch.testing.assert_close(router.lowrank_scores(x), want)
+    torch.testing.assert_close(router(x)[1], want / want.sum(-1, keepdim=True))
+    torch.testing.assert_close(router.expert_directions(), experts.gate_up_proj[:, :8].mean(1))
+    with torch.no_grad():
+        experts.gate_up_proj[:, :8] *= 2  # the router follows its experts' gate rows
+    assert not torch.allclose(router.lowrank_scores(x), want)
+
+
+def test_gate_router_config_is_validated():
+    with pytest.raises(ValueError, match="'flat'"):
+        _config(router_score="gate", router_type="hierarchical")
+    with pytest.raises(ValueError, match="router_rank"):
+        _config(router_score="gate", router_type="flat", router_rank=-1)
+    with pytest.raises(RuntimeError, match="bind_experts"):
+        TinyOnnRouter(_config(router_score="gate", router_type="flat")).lowrank_scores(torch.randn(2, 16))
+
+
+def test_gate_router_save_load_and_cached_decoding(tmp_path):
+    torch.manual_seed(0)
+    model = TinyOnnForCausalLM(_config(router_score="gate", router_type="flat", num_experts=32, num_experts_per_tok=8,
+                                       moe_intermediate_size=1, router_rank=0,
+                                       shared_expert_intermediate_size=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        out = model(input_ids=ids[:, :6], use_cache=True)
+        steps = [out.logits]
+        for t in range(6, 10):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = TinyOnnForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, use_cache=False).logits, full)
+    # the loaded router reads the loaded experts, not the original model's
+    assert loaded.model.layers[0].mlp.router._experts[0] is loaded.model.layers[0].mlp.experts

@@ -228,26 +228,37 @@ def calibrate_layer(block, x_in: torch.Tensor, k: int, alpha: float = 1e-3, refi
 
 @torch.no_grad()
 def fit_lowrank_router(block, x_in: torch.Tensor, k: int) -> float:
-    """Fit a "lowrank" router to its FFN inputs x_in [T, D]: for the routed neurons' gate and up projections W
-    [E·I, D] and the inputs' second moment C, the rank-r factors of the best rank-r estimate of x Wᵀ over those inputs
-    (`tiny_onn.carve.neuron_predictor`), and c_j = ‖d_j‖ (the neurons' down-projection columns). Returns the share of
-    the oracle's top-k experts by gain that the fitted router also picks (on up to 2048 of the tokens)."""
+    """Fit an activation-scoring router ("lowrank" or "gate") to its FFN inputs x_in [T, D]: for the routed neurons'
+    gate and up projections W [E·I, D] and the inputs' second moment C, the rank-r factors of the best rank-r estimate
+    of x Wᵀ over those inputs (`tiny_onn.carve.neuron_predictor`; a "gate" router reads the exact gate and has only
+    up factors), and c_j = ‖d_j‖ (the neurons' down-projection columns) — times the up pre-activation's root mean
+    square sqrt(w_j C w_jᵀ) for a "gate" router without up factors. Returns the share of the oracle's top-k experts by
+    gain that the fitted router also picks (on up to 2048 of the tokens)."""
     from tiny_onn.carve.neuron_predictor import low_rank_factors, sqrt_psd
 
     router, experts = block.router, block.experts
     E, I2, D = experts.gate_up_proj.shape
     inter = I2 // 2
     x64 = x_in.to(torch.float64)
-    sqrt_c = sqrt_psd(x64.T @ x64 / max(x64.shape[0], 1))
+    c_DD = x64.T @ x64 / max(x64.shape[0], 1)
+    sqrt_c = sqrt_psd(c_DD)
     w = experts.gate_up_proj.detach().cpu()
-    for (name_in, name_out), rows in ((("gate_in", "gate_out"), w[:, :inter]), (("up_in", "up_out"), w[:, inter:])):
-        a_Dr, b_rF = low_rank_factors(rows.reshape(E * inter, D), sqrt_c, router.gate_in.shape[0])
+    gate_FD, up_FD = w[:, :inter].reshape(E * inter, D), w[:, inter:].reshape(E * inter, D)
+    factors = {"up_in": ("up_out", up_FD)} if hasattr(router, "up_in") else {}
+    if not router.exact_gate:
+        factors["gate_in"] = ("gate_out", gate_FD)
+    for name_in, (name_out, rows) in factors.items():
+        a_Dr, b_rF = low_rank_factors(rows, sqrt_c, getattr(router, name_in).shape[0])
         getattr(router, name_in).copy_(a_Dr.T.to(getattr(router, name_in)))
         getattr(router, name_out).copy_(b_rF.T.to(getattr(router, name_out)))
-    router.neuron_scale.copy_(experts.down_proj.detach().norm(dim=1).reshape(-1).to(router.neuron_scale))  # [E·I]
-    x_TD = x_in[:2048].to(router.gate_in.device, torch.float32)
+    scale_F = experts.down_proj.detach().cpu().norm(dim=1).reshape(-1).double()  # [E·I]
+    if not hasattr(router, "up_in"):
+        up64 = up_FD.double()
+        scale_F = scale_F * ((up64 @ c_DD) * up64).sum(-1).clamp_min(0.0).sqrt()  # × rms of u_j over the inputs
+    router.neuron_scale.copy_(scale_F.to(router.neuron_scale))
+    x_TD = x_in[:2048].to(router.neuron_scale.device, torch.float32)
     gains_TE, _ = expert_and_group_gains(block, x_TD, 1)
-    logp = router.log_probs(x_TD.to(router.gate_in.dtype))
+    logp = router.log_probs(x_TD.to(router.neuron_scale.dtype))
     return _oracle_overlap(logp, gains_TE, k)
 
 

@@ -32,7 +32,13 @@ from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model import TinyOnnForCausalLM
-from tiny_onn.model.configuration_tiny_onn import EXPERT_WEIGHTINGS, ROUTER_INPUTS, ROUTER_SCORES, ROUTER_TYPES
+from tiny_onn.model.configuration_tiny_onn import (
+    ACTIVATION_SCORES,
+    EXPERT_WEIGHTINGS,
+    ROUTER_INPUTS,
+    ROUTER_SCORES,
+    ROUTER_TYPES,
+)
 from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
@@ -70,9 +76,13 @@ class CarveConfig(SourceArgs):
     initialised from the inputs of the calibration tokens it serves best; logit = b + β·log-likelihood), or lowrank
     (each expert's neurons' SwiGLU activations predicted from rank --router-rank factors of their gate and up
     projections, fitted to the calibration inputs; score = the sum of the predicted |h|·‖d‖; flat routers on the FFN
-    input; the router for fine-grained experts, down to one neuron each: --experts = the routed neurons)."""
+    input; the router for fine-grained experts, down to one neuron each: --experts = the routed neurons), or gate (as
+    lowrank with the exact gate, read from the experts' own gate rows: every routed neuron's gate is computed per
+    token, and counted as active; the up pre-activation predicted at --router-rank, or at rank 0 its root mean square
+    on the calibration inputs)."""
     router_rank: int = 64
-    """Rank of the lowrank router's factors (2·rank·(D + routed neurons) router parameters per layer)."""
+    """Rank of the lowrank router's factors (2·rank·(D + routed neurons) router parameters per layer); of the gate
+    router's up predictor (rank·(D + routed neurons); 0: none)."""
     router_input: str = "ffn"
     """What routers read: ffn (the FFN input), embedding (the token embedding) or context (the running mean of the
     sequence's embeddings)."""
@@ -149,11 +159,12 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError(f"router_score must be one of {', '.join(ROUTER_SCORES)}, got {self.router_score!r}")
         if self.router_input not in ROUTER_INPUTS:
             raise TinyOnnError(f"router_input must be one of {', '.join(ROUTER_INPUTS)}, got {self.router_input!r}")
-        if self.router_score == "lowrank" and (self.router != "flat" or self.router_input != "ffn"):
-            raise TinyOnnError("--router-score lowrank predicts the FFN's own activations: use it with --router flat and "
-                               f"--router-input ffn (got {self.router!r}, {self.router_input!r})")
-        if self.router_rank < 1:
-            raise TinyOnnError(f"router_rank must be at least 1, got {self.router_rank}")
+        if self.router_score in ACTIVATION_SCORES and (self.router != "flat" or self.router_input != "ffn"):
+            raise TinyOnnError(f"--router-score {self.router_score} scores the FFN's own activations: use it with "
+                               f"--router flat and --router-input ffn (got {self.router!r}, {self.router_input!r})")
+        if self.router_rank < (0 if self.router_score == "gate" else 1):
+            raise TinyOnnError(f"router_rank must be at least {0 if self.router_score == 'gate' else 1} for "
+                               f"--router-score {self.router_score}, got {self.router_rank}")
         if self.router == "hierarchical" and (self.groups < 1 or self.experts % self.groups):
             raise TinyOnnError(f"experts ({self.experts}) must be a multiple of groups ({self.groups})")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:
@@ -252,7 +263,7 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
     elif calib_data is not None:
         ffn_inputs = collect_ffn_inputs(source.model, calib_data)
         router_inputs = collect_router_inputs(model, calib_data)
-        if cfg.router_score in ("linear", "lowrank") and router_inputs is None:
+        if cfg.router_score in ("linear", *ACTIVATION_SCORES) and router_inputs is None:
             report = calibrate_routers(model, ffn_inputs, refine_steps=cfg.calib_steps, refine=cfg.calib_refine)
         else:  # Gaussian scorers, or routers that read a side input
             report = fit_routers(model, ffn_inputs, router_inputs, refine_steps=cfg.calib_steps,

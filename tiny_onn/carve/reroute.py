@@ -32,7 +32,7 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
     carved = load_source(SourceArgs(model=str(moe), device=device, dtype="fp32"), dense_only=False)
     dense = load_source(SourceArgs(model=provenance["source_model"], device=device, dtype="fp32"))
     changes = {"router_score": router_score, "router_input": router_input}
-    if router_score == "lowrank":  # one flat scorer over the neurons' predicted activations: groups play no part
+    if router_score in ("lowrank", "gate"):  # one flat scorer over the neurons' predicted activations: groups play no part
         changes["router_type"] = "flat"
     try:
         config = TinyOnnConfig(**{**carved.model.config.to_dict(), **changes})

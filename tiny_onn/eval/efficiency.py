@@ -23,6 +23,8 @@ def parameter_counts(model, experts_per_token: float | None = None) -> dict:
         k = experts_per_token if experts_per_token is not None else c.num_experts_per_tok
         per_expert = 3 * c.hidden_size * c.moe_intermediate_size
         active = total - c.num_hidden_layers * (c.num_experts - k) * per_expert
+        if getattr(c, "router_score", "linear") == "gate":  # its router computes every routed neuron's gate
+            active += c.num_hidden_layers * (c.num_experts - k) * c.hidden_size * c.moe_intermediate_size
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     )

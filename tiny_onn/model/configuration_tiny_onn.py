@@ -8,7 +8,8 @@ from transformers import PretrainedConfig
 
 ROUTER_TYPES = ("flat", "hierarchical")
 EXPERT_WEIGHTINGS = ("straight_through", "probs")
-ROUTER_SCORES = ("linear", "gaussian", "lowrank")
+ROUTER_SCORES = ("linear", "gaussian", "lowrank", "gate")
+ACTIVATION_SCORES = ("lowrank", "gate")  # score the routed neurons' SwiGLU activations: flat routers on the FFN input
 ROUTER_INPUTS = ("ffn", "embedding", "context")
 
 
@@ -29,8 +30,11 @@ class TinyOnnConfig(PretrainedConfig):
         space; logit = b_e + β·log N(x; μ_e, diag σ_e²), a bias and one learned inverse temperature β per router) or
         "lowrank" (flat routers reading the FFN input only: each expert's neurons' SwiGLU activations predicted from
         rank-`router_rank` factors of their gate and up projections, ĥ = act(x A_g B_g) ⊙ x A_u B_u; an expert's score
-        is Σ_j |ĥ_j|·c_j over its neurons, logit = log score; fine-grained experts down to single neurons).
-    router_rank (`int`): rank of the "lowrank" router's factors.
+        is Σ_j |ĥ_j|·c_j over its neurons, logit = log score; fine-grained experts down to single neurons) or "gate"
+        (as "lowrank", but with the exact gate pre-activations x W_gᵀ read from the experts' own gate rows, so every
+        routed neuron's gate is computed per token; the up pre-activation predicted at rank `router_rank`, or at rank
+        0 replaced by a per-neuron constant folded into c_j).
+    router_rank (`int`): rank of the "lowrank" router's factors, and of the "gate" router's up predictor (0: none).
     router_input (`str`): what the router sees: "ffn" (the FFN input, the usual), "embedding" (the token's input
         embedding) or "context" (the running mean of the input embeddings of the sequence so far, this token included).
     router_top_p (`float`): if > 0, dynamic top-k: the fewest experts whose probabilities sum to at least top_p,
@@ -138,11 +142,13 @@ class TinyOnnConfig(PretrainedConfig):
             raise ValueError(f"router_score must be one of {ROUTER_SCORES}, got {self.router_score!r}")
         if self.router_input not in ROUTER_INPUTS:
             raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {self.router_input!r}")
-        if self.router_score == "lowrank" and (self.router_type != "flat" or self.router_input != "ffn"):
-            raise ValueError("router_score 'lowrank' predicts the FFN's own activations: it needs router_type 'flat' "
-                             f"and router_input 'ffn', got {self.router_type!r} and {self.router_input!r}")
+        if self.router_score in ACTIVATION_SCORES and (self.router_type != "flat" or self.router_input != "ffn"):
+            raise ValueError(f"router_score {self.router_score!r} scores the FFN's own activations: it needs router_type "
+                             f"'flat' and router_input 'ffn', got {self.router_type!r} and {self.router_input!r}")
         if self.router_score == "lowrank" and self.router_rank < 1:
-            raise ValueError(f"router_rank must be at least 1, got {self.router_rank}")
+            raise ValueError(f"router_rank must be at least 1 for router_score 'lowrank', got {self.router_rank}")
+        if self.router_score == "gate" and self.router_rank < 0:
+            raise ValueError(f"router_rank must be at least 0 for router_score 'gate', got {self.router_rank}")
         if self.moe_mode not in ("sparse", "dense_mixture"):
             raise ValueError(f"moe_mode must be 'sparse' or 'dense_mixture', got {self.moe_mode!r}")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:

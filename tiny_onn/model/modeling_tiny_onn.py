@@ -535,7 +535,9 @@ class TinyOnnRouter(nn.Module):
     """Flat (one scorer over E experts) or hierarchical (a main scorer over G groups, G sub-scorers) routing
     probabilities. A scorer is linear (logit = w·x), Gaussian (`router_score`; logit = b + β·log N(x; μ, diag σ²) per
     expert or group) or low-rank (flat only: logit = log Σ_j |act(ĝ_j)·û_j|·|c_j| over the expert's neurons, ĝ and û
-    the gate and up pre-activations predicted by rank-`router_rank` factors). It reads the FFN input, or (`router_input`) a side input the model hands over before its layers
+    the gate and up pre-activations predicted by rank-`router_rank` factors) or gate (the same with the exact gate
+    pre-activations, read from the experts' own gate rows after `bind_experts`, and û at rank `router_rank`, or
+    û_j = 1 at rank 0). It reads the FFN input, or (`router_input`) a side input the model hands over before its layers
     run: the token embeddings or the running mean of the sequence's embeddings."""
 
     def __init__(self, config: TinyOnnConfig):
@@ -545,17 +547,22 @@ class TinyOnnRouter(nn.Module):
         self.hierarchical = config.router_type == "hierarchical"
         self.num_groups = config.num_expert_groups if self.hierarchical else 1
         self.gaussian = getattr(config, "router_score", "linear") == "gaussian"
-        self.lowrank = getattr(config, "router_score", "linear") == "lowrank"
+        score = getattr(config, "router_score", "linear")
+        self.lowrank = score in ("lowrank", "gate")  # scores every routed neuron's (predicted) SwiGLU activation
+        self.exact_gate = score == "gate"
+        self._experts: list[nn.Module] = []  # gate routers: the block's experts, held outside the module tree
         self.input_kind = getattr(config, "router_input", "ffn")
         self.side_input: torch.Tensor | None = None  # [N, D], set by TinyOnnModel.forward when input_kind != "ffn"
         sizes = {"": E, "group_": self.num_groups} if self.hierarchical else {"": E}  # "": (sub-)routers, stacked
         if self.lowrank:  # predicted SwiGLU activations of every routed neuron (flat routers only: see the config)
             F_, r = E * config.moe_intermediate_size, config.router_rank
             self.act_fn = ACT2FN[config.hidden_act]
-            self.gate_in = nn.Parameter(torch.empty(r, D))  # [r, D]
-            self.gate_out = nn.Parameter(torch.empty(F_, r))  # [E·I, r]
-            self.up_in = nn.Parameter(torch.empty(r, D))
-            self.up_out = nn.Parameter(torch.empty(F_, r))
+            if not self.exact_gate:
+                self.gate_in = nn.Parameter(torch.empty(r, D))  # [r, D]
+                self.gate_out = nn.Parameter(torch.empty(F_, r))  # [E·I, r]
+            if r > 0:
+                self.up_in = nn.Parameter(torch.empty(r, D))
+                self.up_out = nn.Parameter(torch.empty(F_, r))
             self.neuron_scale = nn.Parameter(torch.empty(F_))  # [E·I], c_j: the norm of neuron j's down column at carve
             return
         for prefix, K in sizes.items():
@@ -576,18 +583,40 @@ class TinyOnnRouter(nn.Module):
         params = (getattr(self, prefix + name).float() for name in ("mean", "log_std", "log_prior", "log_beta"))
         return gaussian_logits(r_ND, *params)
 
+    def bind_experts(self, experts: nn.Module) -> None:
+        """Give a "gate" router the experts whose gate rows it reads (kept out of the module tree: no second copy of
+        the weights in the state dict)."""
+        self._experts = [experts]
+
+    def gate_rows(self) -> torch.Tensor:
+        """The routed neurons' gate projection rows [E·I, D]: the experts' own for a "gate" router, else the rank-r
+        estimate B_g A_g."""
+        if not self.exact_gate:
+            return self.gate_out @ self.gate_in
+        if not self._experts:
+            raise RuntimeError("a 'gate' router reads its experts' gate rows: call bind_experts first")
+        w = self._experts[0].gate_up_proj  # [E, 2I, D]
+        E, I2, D = w.shape
+        return w[:, : I2 // 2].reshape(E * (I2 // 2), D)  # [E·I, D]
+
     def lowrank_scores(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """The "lowrank" router's expert scores [N, E] = Σ_j |ĥ_j|·|c_j| over each expert's neurons, in float32."""
-        g_NF = F.linear(F.linear(x_ND, self.gate_in.float()), self.gate_out.float())
-        u_NF = F.linear(F.linear(x_ND, self.up_in.float()), self.up_out.float())
-        s_NF = (self.act_fn(g_NF) * u_NF).abs() * self.neuron_scale.float().abs()
+        """The activation scorers' expert scores [N, E] = Σ_j |ĥ_j|·|c_j| over each expert's neurons, in float32."""
+        if self.exact_gate:
+            g_NF = F.linear(x_ND, self.gate_rows().float())
+        else:
+            g_NF = F.linear(F.linear(x_ND, self.gate_in.float()), self.gate_out.float())
+        h_NF = self.act_fn(g_NF)
+        if hasattr(self, "up_in"):
+            h_NF = h_NF * F.linear(F.linear(x_ND, self.up_in.float()), self.up_out.float())
+        s_NF = h_NF.abs() * self.neuron_scale.float().abs()
         return s_NF.view(x_ND.shape[0], self.num_experts, -1).sum(-1)  # [N, E]
 
     def expert_directions(self) -> torch.Tensor:
         """One vector per expert [E, D] in the router's input space, for plots: a linear router's weight rows, a
-        Gaussian router's means, a low-rank router's mean predicted gate direction over the expert's neurons."""
+        Gaussian router's means, an activation scorer's mean (predicted) gate row over the expert's neurons."""
         if self.lowrank:
-            return (self.gate_out @ self.gate_in).view(self.num_experts, -1, self.gate_in.shape[1]).mean(1)
+            rows = self.gate_rows()  # [E·I, D]
+            return rows.reshape(self.num_experts, -1, rows.shape[-1]).mean(1)
         return self.mean if self.gaussian else self.weight
 
     def routing_input(self, x_ND: torch.Tensor) -> torch.Tensor:
@@ -690,6 +719,8 @@ class TinyOnnSparseMoeBlock(nn.Module):
             TinyOnnMLP(config, config.shared_expert_intermediate_size) if config.shared_expert_intermediate_size else None
         )
         self.routing = RoutingSettings.from_config(config).checked(config.num_experts)
+        if self.router.exact_gate:
+            self.router.bind_experts(self.experts)
 
     def route(self, logp_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Selected experts [N, K], their weights [N, K] (None: exactly 1, no gradient wanted) and, for top-p, which
@@ -782,7 +813,8 @@ class TinyOnnPreTrainedModel(PreTrainedModel):
             module.down_proj.normal_(0.0, std)
         elif isinstance(module, TinyOnnRouter) and module.lowrank:
             for name in ("gate_in", "gate_out", "up_in", "up_out"):
-                getattr(module, name).normal_(0.0, std)
+                if hasattr(module, name):
+                    getattr(module, name).normal_(0.0, std)
             module.neuron_scale.fill_(1.0)
         elif isinstance(module, TinyOnnRouter):
             prefixes = ("", "group_") if module.hierarchical else ("",)
