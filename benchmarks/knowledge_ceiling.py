@@ -4,6 +4,7 @@ perplexity of SmolLM2 under oracles, beside the carved models' own routers.
     python benchmarks/knowledge_ceiling.py [--models moe25 moe50] [--trained moe25:kd-both:full:0] [--fractions 0.25 0.5]
     python benchmarks/knowledge_ceiling.py --models moe25f --trained --fractions --append   # add rows
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --predictor-ranks 64 128 --append
+    python benchmarks/knowledge_ceiling.py --models --trained --fractions --gate-ranks 0 64 --predictor-fractions 0.25 0.5 --append
 
 Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its protocol's facts and tokens):
 - neuron oracle at f (0.25, 0.5): the dense source with every FFN keeping, per token, its f·F neurons of largest
@@ -14,6 +15,9 @@ Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its prot
   rank-r factors of each FFN's gate and up projections, fitted to the source's FFN inputs on `--predictor-data`
   (`tiny_onn.carve.neuron_predictor`): a router a real model could run (2·r·(D + F) multiply-adds per token), at
   single-neuron granularity.
+- exact-gate predictor r at f (`--gate-ranks`): the same with the exact gate pre-activations (every neuron's gate
+  computed, a third of the FFN) and the up pre-activation at rank r, or at r = 0 its root mean square: the selection of
+  the `gate` router.
 - a trained run of knowledge_recovery (`--trained MODEL:RECIPE:POLICY:SEED`), router and expert oracle: whether training
   left the router behind its experts.
 Router rows already scored by knowledge_recovery (same protocol) are copied from its result file, not re-run.
@@ -51,6 +55,9 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5], help="neuron-oracle active fractions")
     p.add_argument("--predictor-ranks", type=int, nargs="*", default=[],
                    help="low-rank neuron predictors to score (each at every --predictor-fractions value)")
+    p.add_argument("--gate-ranks", type=int, nargs="*", default=[],
+                   help="exact-gate predictors to score (the gate router's selection; rank of the up predictor, 0: "
+                        "the up root mean square), each at every --predictor-fractions value")
     p.add_argument("--predictor-fractions", type=float, nargs="+", default=[0.25])
     p.add_argument("--predictor-data", default="default,runs/corpus-smollm2",
                    help="data whose train split fits the predictors (its FFN inputs' second moments)")
@@ -85,17 +92,18 @@ def main() -> None:
     for f in args.fractions:
         record(f"neuron oracle {f:g}", evaluate(SOURCE, ecfg, within=partial(neuron_oracle, fraction=f)),
                kind="neuron oracle", active_ffn_fraction=f)
-    if args.predictor_ranks:
+    if args.predictor_ranks or args.gate_ranks:
         source = load_source(SourceArgs(model=SOURCE))
         fit_data = build_dataset(source.tokenizer, DataArgs(data=args.predictor_data, seq_len=proto["seq_len"]), "train",
                                  max_tokens=args.predictor_tokens)
-        for r in args.predictor_ranks:
-            predictors = fit_neuron_predictors(source.model, fit_data, rank=r)
+        variants = [(r, False) for r in args.predictor_ranks] + [(r, True) for r in args.gate_ranks]
+        for r, exact_gate in variants:
+            predictors = fit_neuron_predictors(source.model, fit_data, rank=r, exact_gate=exact_gate)
             for f in args.predictor_fractions:
-                record(f"predictor r{r} {f:g}",
+                record(f"{'gate' if exact_gate else 'predictor'} r{r} {f:g}",
                        evaluate(SOURCE, ecfg, within=partial(predicted_neurons, predictors=predictors, fraction=f)),
-                       kind="low-rank predictor", active_ffn_fraction=f, rank=r, predictor_data=args.predictor_data,
-                       predictor_tokens=fit_data.num_tokens)
+                       kind="exact-gate predictor" if exact_gate else "low-rank predictor", active_ffn_fraction=f,
+                       rank=r, predictor_data=args.predictor_data, predictor_tokens=fit_data.num_tokens)
         del source
     for name in args.models:
         folder = ensure_start_model(name, Path(args.workdir), "")

@@ -305,6 +305,10 @@ def knowledge_recovery(d: dict) -> str:
              "moe50n": "MoE 50 %, 1,344 one-neuron experts, rank-64 router",
              "moe25n128": "MoE 25 %, 1,344 one-neuron experts, rank-128 router",
              "moe50n128": "MoE 50 %, 1,344 one-neuron experts, rank-128 router",
+             "moe25g": "MoE 25 %, 1,344 one-neuron experts, gate router (every gate computed)",
+             "moe50g": "MoE 50 %, 1,344 one-neuron experts, gate router (every gate computed)",
+             "moe25g64": "MoE 25 %, 1,344 one-neuron experts, gate router + rank-64 up",
+             "moe50g64": "MoE 50 %, 1,344 one-neuron experts, gate router + rank-64 up",
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %", "dense": "dense source"}
     for entry in d["protocols"]:
@@ -444,9 +448,12 @@ def knowledge_ceiling(d: dict) -> str:
         selection = {"neuron oracle": "each token's top neurons by \\|h\\|·‖d‖ (no experts)",
                      "router": "the model's router" + (" (row of the knowledge table)" if r.get("copied_from") else ""),
                      "expert oracle": "each token's top-k experts by true gain",
-                     "low-rank predictor": f"each token's top neurons by a rank-{r.get('rank')} prediction of \\|h\\|·‖d‖"
+                     "low-rank predictor": f"each token's top neurons by a rank-{r.get('rank')} prediction of \\|h\\|·‖d‖",
+                     "exact-gate predictor": "each token's top neurons by \\|act(gate)\\|·‖d‖ times "
+                     + (f"a rank-{r.get('rank')} prediction of \\|up\\|" if r.get("rank") else "the up's RMS")
+                     + " (every gate computed)",
                      }[r["kind"]]
-        if r["kind"] in ("neuron oracle", "low-rank predictor"):
+        if r["kind"] in ("neuron oracle", "low-rank predictor", "exact-gate predictor"):
             label = f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons per token"
         lines.append(f"| {label} | {selection} | {_retention(r)} | {r['fact_accuracy']:.3f} | "
                      f"**{r['ratios']['general_ppl']:.2f}** | {r['ratios']['mix_ppl']:.2f} |")

@@ -82,11 +82,33 @@ def test_low_rank_predictor_is_the_projection_on_the_top_output_directions():
     torch.testing.assert_close(restored, mlp.down_proj(h))
 
 
+def test_exact_gate_predictor_scores_with_the_gate_and_the_up_rms():
+    """exact_gate, rank 0: score_j = |act(x·g_j)| · sqrt(mean over the data of (x·u_j)²) · ‖d_j‖, computed here from
+    the collected FFN inputs neuron by neuron; rank ≥ D: exactly the neuron oracle's scores."""
+    dense = make_tiny_model("llama", 64).double()
+    data = _random_data(64)
+    mlp = dense.model.layers[0].mlp
+    x_TD = collect_ffn_inputs(dense, data)[0].double()
+    x = torch.randn(4, dense.config.hidden_size, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    act = torch.nn.functional.silu
+    predictor = fit_neuron_predictors(dense, data, rank=0, exact_gate=True)[0]
+    assert predictor.rank == 0
+    for j in range(mlp.gate_proj.weight.shape[0]):
+        rms = (x_TD @ mlp.up_proj.weight[j]).pow(2).mean().sqrt()
+        want = act(x @ mlp.gate_proj.weight[j]).abs() * rms * mlp.down_proj.weight[:, j].norm()
+        torch.testing.assert_close(predictor.scores(x, act)[:, j], want)
+    full = fit_neuron_predictors(dense, data, rank=dense.config.hidden_size, exact_gate=True)[0]
+    h = act(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    torch.testing.assert_close(full.scores(x, act), h.abs() * mlp.down_proj.weight.norm(dim=0))
+
+
 def test_predictors_refuse_wrong_inputs():
     dense = make_tiny_model("llama", 64)
     data = _random_data(64)
     with pytest.raises(TinyOnnError, match="at least 1"):
         fit_neuron_predictors(dense, data, rank=0)
+    with pytest.raises(TinyOnnError, match="at least 0"):
+        fit_neuron_predictors(dense, data, rank=-1, exact_gate=True)
     predictors = fit_neuron_predictors(dense, data, rank=4)
     with pytest.raises(TinyOnnError, match=r"in \(0, 1\]"), predicted_neurons(dense, predictors, 1.5):
         pass

@@ -29,22 +29,27 @@ from tiny_onn.sources import swiglu_mlps
 
 @dataclass
 class NeuronPredictor:
-    """Rank-r estimates of one SwiGLU FFN's gate and up pre-activations, and its down-projection column norms."""
+    """Estimates of one SwiGLU FFN's gate and up pre-activations, and its down-projection column norms: rank-r factors,
+    or (`exact_gate`) the gate rows themselves with the up pre-activation at rank r or, at rank 0, its root mean square."""
 
-    gate_in: torch.Tensor  # [D, r]
-    gate_out: torch.Tensor  # [r, F]
-    up_in: torch.Tensor  # [D, r]
-    up_out: torch.Tensor  # [r, F]
+    gate_in: torch.Tensor | None  # [D, r]; None: the exact gate (gate_rows)
+    gate_out: torch.Tensor | None  # [r, F]
+    up_in: torch.Tensor | None  # [D, r]; None: |u_j| replaced by up_rms
+    up_out: torch.Tensor | None  # [r, F]
     down_norm: torch.Tensor  # [F]
+    gate_rows: torch.Tensor | None = None  # [F, D], with gate_in None
+    up_rms: torch.Tensor | None = None  # [F], with up_in None
 
     @property
     def rank(self) -> int:
-        return self.gate_in.shape[1]
+        """Rank of the factors (of the up predictor when the gate is exact; 0: none)."""
+        factor = self.gate_in if self.gate_in is not None else self.up_in
+        return 0 if factor is None else factor.shape[1]
 
     def scores(self, x: torch.Tensor, act_fn) -> torch.Tensor:
         """Predicted |h_j|·‖d_j‖ for inputs x [..., D] -> [..., F]."""
-        g = (x @ self.gate_in) @ self.gate_out
-        u = (x @ self.up_in) @ self.up_out
+        g = x @ self.gate_rows.T if self.gate_in is None else (x @ self.gate_in) @ self.gate_out
+        u = self.up_rms if self.up_in is None else (x @ self.up_in) @ self.up_out
         return (act_fn(g) * u).abs() * self.down_norm
 
 
@@ -98,21 +103,27 @@ def low_rank_factors(w_FD: torch.Tensor, sqrt_c_DD: torch.Tensor, rank: int) -> 
     return (w_FD.double().T @ u_Fr).to(w_FD.dtype), u_Fr.T.contiguous().to(w_FD.dtype)
 
 
-def fit_neuron_predictors(source: PreTrainedModel, data: PackedData, rank: int,
-                          batch_size: int = 8) -> list[NeuronPredictor]:
-    """One rank-`rank` predictor per SwiGLU FFN of `source`, fitted to its FFN inputs on `data`."""
-    if rank < 1:
-        raise TinyOnnError(f"the neuron predictor's rank must be at least 1, got {rank}")
+def fit_neuron_predictors(source: PreTrainedModel, data: PackedData, rank: int, batch_size: int = 8,
+                          exact_gate: bool = False) -> list[NeuronPredictor]:
+    """One predictor per SwiGLU FFN of `source`, fitted to its FFN inputs on `data`: rank-`rank` factors of the gate
+    and up projections, or (`exact_gate`) the gate rows themselves and rank-`rank` up factors (rank 0: the up
+    pre-activation's root mean square sqrt(w_j C w_jᵀ) in place of |u_j| — the "gate" router's selection)."""
+    if rank < (0 if exact_gate else 1):
+        raise TinyOnnError(f"the neuron predictor's rank must be at least {0 if exact_gate else 1}, got {rank}")
     moments = input_second_moments(source, data, batch_size)
     predictors = []
     for mlp, c_DD in zip(swiglu_mlps(source), moments, strict=True):
         m = mlp.module
         sqrt_c = sqrt_psd(c_DD)  # [D, D]
         with torch.no_grad():
-            gate_in, gate_out = low_rank_factors(m.gate_proj.weight, sqrt_c, rank)
-            up_in, up_out = low_rank_factors(m.up_proj.weight, sqrt_c, rank)
-            down_norm = m.down_proj.weight.norm(dim=0)
-        predictors.append(NeuronPredictor(gate_in, gate_out, up_in, up_out, down_norm))
+            w_gate, w_up = m.gate_proj.weight, m.up_proj.weight  # [F, D]
+            gate_in, gate_out = (None, None) if exact_gate else low_rank_factors(w_gate, sqrt_c, rank)
+            up_in, up_out = low_rank_factors(w_up, sqrt_c, rank) if rank else (None, None)
+            up64 = w_up.double()
+            up_rms = ((up64 @ c_DD) * up64).sum(-1).clamp_min(0.0).sqrt().to(w_up.dtype)  # [F]
+            predictors.append(NeuronPredictor(gate_in, gate_out, up_in, up_out, m.down_proj.weight.norm(dim=0),
+                                              gate_rows=w_gate.detach().clone() if exact_gate else None,
+                                              up_rms=None if rank else up_rms))
     return predictors
 
 
