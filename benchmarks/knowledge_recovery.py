@@ -15,8 +15,9 @@ neuron, top-192 / top-576, with rank-64 `lowrank` routers that predict each neur
 `moe50n128`: the same with rank-128 routers; `moe25g` / `moe50g`: the same single-neuron experts with `gate` routers,
 which compute every routed neuron's exact gate and scale |act(gate)| by the neuron's up root mean square and down norm
 — the gate rows are then active for every token, so these match the 50 % layouts' / more active parameters; `moe25g64`:
-with a rank-64 up predictor), `width25` / `width50` (the
-dense source with each FFN cut to its top 25 % / 50 % neurons by importance a·s: same active neurons, no router) and
+with a rank-64 up predictor), `width25` / `width50` / `width67` (the
+dense source with each FFN cut to its top 25 % / 50 % / 67 % neurons by importance a·s: same active neurons, no router;
+`width50` has the active parameters of `moe25g`, `width67` about those of `moe50g`) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
 Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
 teacher on the mix), `kd-corpus` (KL on the teacher-written corpus of `tiny-onn distil-data`), `kd-both` (KL on
@@ -52,7 +53,7 @@ from tiny_onn.train import TrainConfig  # noqa: E402
 from tiny_onn.train import run as train  # noqa: E402
 
 MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "moe25n128",
-          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "width25", "width50", "dense")
+          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "width25", "width50", "width67", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
     "kd-mix": ("default", 1.0, 0.0),

@@ -310,7 +310,8 @@ def knowledge_recovery(d: dict) -> str:
              "moe25g64": "MoE 25 %, 1,344 one-neuron experts, gate router + rank-64 up",
              "moe50g64": "MoE 50 %, 1,344 one-neuron experts, gate router + rank-64 up",
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
-             "width50": "width-pruned dense 50 %", "dense": "dense source"}
+             "width50": "width-pruned dense 50 %",
+             "width67": "width-pruned dense 67 %", "dense": "dense source"}
     for entry in d["protocols"]:
         p, dense = entry["protocol"], entry["start"]["dense"]
         cats = sorted(dense["mix_ppl_by_category"])
