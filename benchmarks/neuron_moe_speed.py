@@ -5,7 +5,8 @@ beside the dense source and the 14 x 96 carve (`moe25`), all at 25 % of the FFN 
 
 Models are the knowledge benchmark's start folders (`runs/bench/knowledge/start/moe25`, `.../moe25n`, carved there when
 missing): shared 12.5 % + 14 experts of 96, top-2, linear routers; shared 12.5 % + 1,344 experts of one neuron,
-top-192, rank-64 `lowrank` routers. The measures are moe_speed.py's (interleaved repeats, median wall clock):
+top-192, rank-64 `lowrank` routers; the same with `gate` routers (`moe25g`: every routed neuron's gate computed).
+The measures are moe_speed.py's (interleaved repeats, median wall clock):
 prefill 8 x 256 (last position's logits), decode 64 greedy tokens after a 32-token prompt with the KV cache, one FFN
 block on 2,048 tokens, all 30 FFN blocks on one token, and a training step (4 x 256, forward + backward + AdamW over
 the FFN parameters). Writes benchmarks/results/neuron_moe_speed.json.
@@ -27,7 +28,7 @@ from moe_speed import MLP_LAYER, Inputs, interleaved, medians, train_params, tra
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
-MODELS = ("moe25", "moe25n")
+MODELS = ("moe25", "moe25n", "moe25g")
 
 
 def main() -> None:
@@ -83,7 +84,8 @@ def main() -> None:
         "batch": {"prefill": list(inp.ids.shape), "decode_prompt": list(inp.prompt.shape), "decode_new_tokens": 64,
                   "train": list(inp.train_ids.shape)},
         "mlp_layer": MLP_LAYER, "models": {"moe25": "shared 12.5 % + 14x96, top-2, linear routers",
-                                           "moe25n": "shared 12.5 % + 1344x1, top-192, rank-64 lowrank routers"},
+                                           "moe25n": "shared 12.5 % + 1344x1, top-192, rank-64 lowrank routers",
+                                           "moe25g": "shared 12.5 % + 1344x1, top-192, gate routers (rank 0)"},
         "rows": rows,
     })
 
