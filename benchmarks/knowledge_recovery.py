@@ -14,8 +14,8 @@ top-24, the same active neurons; `moe25n` / `moe50n`: single-neuron experts, sha
 neuron, top-192 / top-576, with rank-64 `lowrank` routers that predict each neuron's activation; `moe25n128` /
 `moe50n128`: the same with rank-128 routers; `moe25g` / `moe50g`: the same single-neuron experts with `gate` routers,
 which compute every routed neuron's exact gate and scale |act(gate)| by the neuron's up root mean square and down norm
-— the gate rows are then active for every token, so these match the 50 % layouts' / more active parameters; `moe25g64`:
-with a rank-64 up predictor), `width25` / `width50` / `width67` (the
+— the gate rows are then active for every token, so these match the 50 % layouts' / more active parameters; `moe25g64` /
+`moe50g64`: with a rank-64 up predictor), `width25` / `width50` / `width67` (the
 dense source with each FFN cut to its top 25 % / 50 % / 67 % neurons by importance a·s: same active neurons, no router;
 `width50` has the active parameters of `moe25g`, `width67` about those of `moe50g`) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).

@@ -18,6 +18,20 @@ def _config(**kw) -> TinyOnnConfig:
     return TinyOnnConfig(**{**base, **kw})
 
 
+def _full_and_cached_logits(model, ids: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one full forward over ids [B, T], and of a forward over the first `prompt` tokens followed by one
+    KV-cached step per remaining token, concatenated."""
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        out = model(input_ids=ids[:, :prompt], use_cache=True)
+        steps = [out.logits]
+        cache = getattr(out, "cache", None) or out.past_key_values  # the field's name depends on the transformers version
+        for t in range(prompt, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    return full, torch.cat(steps, dim=1)
+
+
 def _hand_gaussian(x_ND, mean, log_std, log_prior, log_beta):
     """b_k + β·Σ_d log N(x_d; μ_kd, σ_kd), written with torch.distributions, token by token."""
     rows = []
@@ -93,17 +107,11 @@ def test_cached_decoding_equals_a_full_forward(score, side):
         for p in model.parameters():
             p.normal_(0, 0.3)
     ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(3))
+    full, cached = _full_and_cached_logits(model, ids, prompt=6)
     with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits
-        out = model(input_ids=ids[:, :6], use_cache=True)
-        steps = [out.logits]
-        cache = getattr(out, "cache", None) or out.past_key_values
-        for t in range(6, 10):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
         gen_cached = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
         gen_plain = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
     assert gen_cached.tolist() == gen_plain.tolist()
     if side == "context":  # the context differs from the embedding: routing really reads the running mean
         emb = model.model.embed_tokens(ids)
@@ -156,14 +164,8 @@ def test_lowrank_cached_decoding_equals_a_full_forward():
         for p in model.parameters():
             p.normal_(0, 0.3)
     ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits
-        out = model(input_ids=ids[:, :6], use_cache=True)
-        steps = [out.logits]
-        for t in range(6, 10):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    full, cached = _full_and_cached_logits(model, ids, prompt=6)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rank", [0, 3])
@@ -212,14 +214,8 @@ def test_gate_router_save_load_and_cached_decoding(tmp_path):
         for p in model.parameters():
             p.normal_(0, 0.3)
     ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits
-        out = model(input_ids=ids[:, :6], use_cache=True)
-        steps = [out.logits]
-        for t in range(6, 10):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    full, cached = _full_and_cached_logits(model, ids, prompt=6)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
     model.save_pretrained(tmp_path)
     loaded = TinyOnnForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():

@@ -234,7 +234,7 @@ def fit_lowrank_router(block, x_in: torch.Tensor, k: int) -> float:
     up factors), and c_j = ‖d_j‖ (the neurons' down-projection columns) — times the up pre-activation's root mean
     square sqrt(w_j C w_jᵀ) for a "gate" router without up factors. Returns the share of the oracle's top-k experts by
     gain that the fitted router also picks (on up to 2048 of the tokens)."""
-    from tiny_onn.carve.neuron_predictor import low_rank_factors, sqrt_psd
+    from tiny_onn.carve.neuron_predictor import low_rank_factors, projection_rms, sqrt_psd
 
     router, experts = block.router, block.experts
     E, I2, D = experts.gate_up_proj.shape
@@ -253,8 +253,7 @@ def fit_lowrank_router(block, x_in: torch.Tensor, k: int) -> float:
         getattr(router, name_out).copy_(b_rF.T.to(getattr(router, name_out)))
     scale_F = experts.down_proj.detach().cpu().norm(dim=1).reshape(-1).double()  # [E·I]
     if not hasattr(router, "up_in"):
-        up64 = up_FD.double()
-        scale_F = scale_F * ((up64 @ c_DD) * up64).sum(-1).clamp_min(0.0).sqrt()  # × rms of u_j over the inputs
+        scale_F = scale_F * projection_rms(up_FD, c_DD)  # × the RMS of u_j over the inputs
     router.neuron_scale.copy_(scale_F.to(router.neuron_scale))
     x_TD = x_in[:2048].to(router.neuron_scale.device, torch.float32)
     gains_TE, _ = expert_and_group_gains(block, x_TD, 1)

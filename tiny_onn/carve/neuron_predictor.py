@@ -103,6 +103,13 @@ def low_rank_factors(w_FD: torch.Tensor, sqrt_c_DD: torch.Tensor, rank: int) -> 
     return (w_FD.double().T @ u_Fr).to(w_FD.dtype), u_Fr.T.contiguous().to(w_FD.dtype)
 
 
+def projection_rms(w_FD: torch.Tensor, c_DD: torch.Tensor) -> torch.Tensor:
+    """Root mean square [F] (float64) of each output x·w_j of a projection W [F, D] over inputs whose second moment is
+    C [D, D]: sqrt(w_j C w_jᵀ)."""
+    w64 = w_FD.double()
+    return ((w64 @ c_DD.double()) * w64).sum(-1).clamp_min(0.0).sqrt()
+
+
 def fit_neuron_predictors(source: PreTrainedModel, data: PackedData, rank: int, batch_size: int = 8,
                           exact_gate: bool = False) -> list[NeuronPredictor]:
     """One predictor per SwiGLU FFN of `source`, fitted to its FFN inputs on `data`: rank-`rank` factors of the gate
@@ -119,11 +126,10 @@ def fit_neuron_predictors(source: PreTrainedModel, data: PackedData, rank: int, 
             w_gate, w_up = m.gate_proj.weight, m.up_proj.weight  # [F, D]
             gate_in, gate_out = (None, None) if exact_gate else low_rank_factors(w_gate, sqrt_c, rank)
             up_in, up_out = low_rank_factors(w_up, sqrt_c, rank) if rank else (None, None)
-            up64 = w_up.double()
-            up_rms = ((up64 @ c_DD) * up64).sum(-1).clamp_min(0.0).sqrt().to(w_up.dtype)  # [F]
+            up_rms = None if rank else projection_rms(w_up, c_DD).to(w_up.dtype)  # [F]
             predictors.append(NeuronPredictor(gate_in, gate_out, up_in, up_out, m.down_proj.weight.norm(dim=0),
                                               gate_rows=w_gate.detach().clone() if exact_gate else None,
-                                              up_rms=None if rank else up_rms))
+                                              up_rms=up_rms))
     return predictors
 
 

@@ -14,6 +14,7 @@ from tiny_onn.carve.carver import model_card
 from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
+from tiny_onn.model.configuration_tiny_onn import ACTIVATION_SCORES
 from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.sources import SourceArgs, load_source
 
@@ -32,7 +33,7 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
     carved = load_source(SourceArgs(model=str(moe), device=device, dtype="fp32"), dense_only=False)
     dense = load_source(SourceArgs(model=provenance["source_model"], device=device, dtype="fp32"))
     changes = {"router_score": router_score, "router_input": router_input}
-    if router_score in ("lowrank", "gate"):  # one flat scorer over the neurons' predicted activations: groups play no part
+    if router_score in ACTIVATION_SCORES:  # one flat scorer over the neurons' activations: groups play no part
         changes["router_type"] = "flat"
     try:
         config = TinyOnnConfig(**{**carved.model.config.to_dict(), **changes})

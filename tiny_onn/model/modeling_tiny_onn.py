@@ -39,9 +39,9 @@ _OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(
     "past_key_values")
 
 try:  # inside the tiny_onn package
-    from .configuration_tiny_onn import TinyOnnConfig
+    from .configuration_tiny_onn import ACTIVATION_SCORES, TinyOnnConfig
 except ImportError:  # pragma: no cover - loaded as a flat module
-    from configuration_tiny_onn import TinyOnnConfig
+    from configuration_tiny_onn import ACTIVATION_SCORES, TinyOnnConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,7 +548,7 @@ class TinyOnnRouter(nn.Module):
         self.num_groups = config.num_expert_groups if self.hierarchical else 1
         self.gaussian = getattr(config, "router_score", "linear") == "gaussian"
         score = getattr(config, "router_score", "linear")
-        self.lowrank = score in ("lowrank", "gate")  # scores every routed neuron's (predicted) SwiGLU activation
+        self.lowrank = score in ACTIVATION_SCORES  # scores every routed neuron's (predicted) SwiGLU activation
         self.exact_gate = score == "gate"
         self._experts: list[nn.Module] = []  # gate routers: the block's experts, held outside the module tree
         self.input_kind = getattr(config, "router_input", "ffn")
