@@ -32,6 +32,7 @@ Writes benchmarks/results/knowledge_recovery.json (rows merge into the protocol 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -51,6 +52,7 @@ from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 from tiny_onn.train import TrainConfig  # noqa: E402
 from tiny_onn.train import run as train  # noqa: E402
+from tiny_onn.train.trainer import Checkpoints  # noqa: E402
 
 MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "moe25n128",
           "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "width25", "width50", "width67", "dense")
@@ -64,6 +66,7 @@ RECIPES = {  # data, teacher KD weight, CE weight
 FORGET_POLICIES = {"full": ("full", 4), "smk": ("smk", 4), "smk2": ("smk2", 4), "smk-min1": ("smk", 1)}
 SOURCE = "smollm2"
 NEURONS = 1536  # SmolLM2's FFN width
+CHECKPOINT_EVERY = 50  # an interrupted run continues from its last checkpoint on the next call
 
 
 def main() -> None:
@@ -178,11 +181,16 @@ def train_config(args, start: Path, out: Path, data: str, kd: float, ce: float, 
     return TrainConfig(model=str(start), data=data, categories=categories, teacher=SOURCE if kd else "", kd=kd,
                        ce_weight=ce, kd_temperature=args.kd_temperature, policy=policy, max_k=k, min_k=k,
                        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=seed,
-                       eval_tokens=0, checkpoint_every=0, device="cpu", out=str(out))
+                       eval_tokens=0, checkpoint_every=CHECKPOINT_EVERY, device="cpu", out=str(out))
 
 
 def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dict) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
+    """Train (continuing from the run folder's last checkpoint when an interrupted run left one), then evaluate."""
+    if Checkpoints(out).latest() is not None and not (out / "train.json").is_file():
+        print(f"resuming the interrupted run in {out}", flush=True)
+        cfg = dataclasses.replace(cfg, resume=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     train(cfg)
     report = json.loads((out / "train.json").read_text())
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
