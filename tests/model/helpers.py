@@ -16,6 +16,9 @@ ROUTINGS = {
     "hierarchical top-p": dict(router_type="hierarchical", num_expert_groups=2, router_top_p=0.5, max_experts_per_tok=4),
     "probs weighting": dict(expert_weighting="probs"),
     "dense mixture": dict(moe_mode="dense_mixture"),
+    # gate routers hand their gate pre-activations to the experts (dense and gather paths)
+    "gate router": dict(router_score="gate", router_rank=0),
+    "gate router rank 2 top-p": dict(router_score="gate", router_rank=2, router_top_p=0.6, max_experts_per_tok=5),
 }
 
 

@@ -260,9 +260,12 @@ class TinyOnnExperts(nn.Module):
         weight_NK: torch.Tensor | None = None,
         keep_NK: torch.Tensor | None = None,
         out_ND: torch.Tensor | None = None,
+        gate_NF: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum over each token's selected experts `idx_NK` (only where `keep_NK`, when given) of their outputs times
-        `weight_NK` (None: weight 1), added to `out_ND` when given (the shared expert's output)."""
+        `weight_NK` (None: weight 1), added to `out_ND` when given (the shared expert's output). `gate_NF` [N, E·I]:
+        every expert neuron's gate pre-activation x·g_j when the caller already has them (a gate router); the dense and
+        gather paths then compute only the up projections, the others ignore it."""
         N, K = idx_NK.shape
         path = self.pick_path(N, K, x_ND)
         gram = None
@@ -277,7 +280,7 @@ class TinyOnnExperts(nn.Module):
                 keep = keep_NK.to(x_ND.dtype if weight_NK is None else weight_NK.dtype)
                 weight_NK = keep if weight_NK is None else weight_NK * keep
             run = self._dense if path == "dense" else self._gather
-            y_ND = run(x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram)
+            y_ND = run(x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, gate_NF)
         elif path == "loop" and N == 1:  # decode: no pairs to sort
             expert_K, weight_K = idx_NK[0], None if weight_NK is None else weight_NK[0]
             if keep_NK is not None:
@@ -322,11 +325,19 @@ class TinyOnnExperts(nn.Module):
         E, D, inter = self.down_proj.shape
         return self.down_proj.permute(1, 0, 2).reshape(D, E * inter)  # [D, E·I], a copy
 
-    def _dense(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram):
+    def _up_rows(self) -> torch.Tensor:
+        """The up projection rows [E, I, D] (a strided view of `gate_up_proj`)."""
+        return self.gate_up_proj[:, self.down_proj.shape[-1]:]
+
+    def _dense(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, gate_NF=None):
         N, D = x_ND.shape
         E, I2, _ = self.gate_up_proj.shape
-        h = F.linear(x_ND, self.gate_up_proj.reshape(E * I2, D)).view(N, E, I2)  # [N, E, 2I]
-        a = self._activations(h)  # [N, E, I]
+        if gate_NF is None:
+            h = F.linear(x_ND, self.gate_up_proj.reshape(E * I2, D)).view(N, E, I2)  # [N, E, 2I]
+            a = self._activations(h)  # [N, E, I]
+        else:  # gate pre-activations given: the up GEMM only (one-neuron experts: the rows are a view, no copy)
+            up = F.linear(x_ND, self._up_rows().reshape(E * I2 // 2, D)).view(N, E, I2 // 2)  # [N, E, I]
+            a = self.act_fn(gate_NF.view(N, E, I2 // 2).to(up.dtype)) * up
         masked = keep_NK is not None or idx_NK.shape[1] < E  # some (token, expert) pairs are not selected
         selected = torch.ones(N, E, dtype=torch.bool, device=x_ND.device)
         if masked:
@@ -351,12 +362,19 @@ class TinyOnnExperts(nn.Module):
             return F.linear(a_NF, self._down_flat())
         return torch.addmm(out_ND, a_NF, self._down_flat().T)
 
-    def _gather(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram):
+    def _gather(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, gate_NF=None):
         N, K = idx_NK.shape
         E, I2, D = self.gate_up_proj.shape
         flat = idx_NK.reshape(-1)  # [N·K]
-        gate_up = self.gate_up_proj.index_select(0, flat).view(N, K * I2, D)  # each token's experts, stacked
-        a = self._activations(torch.bmm(gate_up, x_ND[:, :, None]).view(N, K, I2))  # [N, K, I]
+        if gate_NF is None:
+            gate_up = self.gate_up_proj.index_select(0, flat).view(N, K * I2, D)  # each token's experts, stacked
+            a = self._activations(torch.bmm(gate_up, x_ND[:, :, None]).view(N, K, I2))  # [N, K, I]
+        else:  # gate pre-activations given: gather only the up rows, and the selected experts' gate values
+            inter = I2 // 2
+            up = self._up_rows().index_select(0, flat).view(N, K * inter, D)
+            up_NKI = torch.bmm(up, x_ND[:, :, None]).view(N, K, inter)
+            g_NKI = gate_NF.view(N, E, inter).gather(1, idx_NK[:, :, None].expand(N, K, inter))
+            a = self.act_fn(g_NKI.to(up_NKI.dtype)) * up_NKI  # [N, K, I]
         if gram is not None:
             with torch.no_grad():
                 a32 = a.detach().float().view(N * K, 1, -1)
@@ -574,10 +592,11 @@ class TinyOnnRouter(nn.Module):
             else:
                 setattr(self, prefix + "weight", nn.Parameter(torch.empty(K, D)))
 
-    def scores(self, r_ND: torch.Tensor, prefix: str = "") -> torch.Tensor:
-        """Raw logits [N, K] of the experts (prefix "") or of the groups (prefix "group_"), in float32."""
+    def scores(self, r_ND: torch.Tensor, prefix: str = "", gate_NF: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits [N, K] of the experts (prefix "") or of the groups (prefix "group_"), in float32 (`gate_NF`: a
+        gate router's gate pre-activations, when already computed by `gate_preactivations`)."""
         if self.lowrank:
-            return self.lowrank_scores(r_ND).clamp_min(1e-12).log()
+            return self.lowrank_scores(r_ND, gate_NF).clamp_min(1e-12).log()
         if not self.gaussian:
             return F.linear(r_ND, getattr(self, prefix + "weight").float())
         params = (getattr(self, prefix + name).float() for name in ("mean", "log_std", "log_prior", "log_beta"))
@@ -599,10 +618,16 @@ class TinyOnnRouter(nn.Module):
         E, I2, D = w.shape
         return w[:, : I2 // 2].reshape(E * (I2 // 2), D)  # [E·I, D]
 
-    def lowrank_scores(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """The activation scorers' expert scores [N, E] = Σ_j |ĥ_j|·|c_j| over each expert's neurons, in float32."""
+    def gate_preactivations(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """A "gate" router's exact gate pre-activations [N, E·I] of every routed neuron, in float32. The MoE block
+        computes them once and hands them to the experts too, so no gate GEMM runs twice."""
+        return F.linear(x_ND.float(), self.gate_rows().float())
+
+    def lowrank_scores(self, x_ND: torch.Tensor, gate_NF: torch.Tensor | None = None) -> torch.Tensor:
+        """The activation scorers' expert scores [N, E] = Σ_j |ĥ_j|·|c_j| over each expert's neurons, in float32
+        (`gate_NF`: a gate router's `gate_preactivations`, when already computed)."""
         if self.exact_gate:
-            g_NF = F.linear(x_ND, self.gate_rows().float())
+            g_NF = self.gate_preactivations(x_ND) if gate_NF is None else gate_NF
         else:
             g_NF = F.linear(F.linear(x_ND, self.gate_in.float()), self.gate_out.float())
         h_NF = self.act_fn(g_NF)
@@ -627,10 +652,11 @@ class TinyOnnRouter(nn.Module):
             raise RuntimeError(f"router_input={self.input_kind!r}: the model did not set this forward's side input")
         return self.side_input
 
-    def route(self, r_ND: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(log-probabilities [N, E], the raw logits of each softmax) for routing inputs r_ND."""
+    def route(self, r_ND: torch.Tensor, gate_NF: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(log-probabilities [N, E], the raw logits of each softmax) for routing inputs r_ND (`gate_NF`: see
+        `scores`)."""
         r = r_ND.float()
-        logits_NE = self.scores(r)
+        logits_NE = self.scores(r, gate_NF=gate_NF)
         if not self.hierarchical:
             return F.log_softmax(logits_NE, dim=-1), [logits_NE]
         N, G = logits_NE.shape[0], self.num_groups
@@ -644,10 +670,13 @@ class TinyOnnRouter(nn.Module):
         """Log-probabilities [N, E] in float32."""
         return self.log_probs_and_z_loss(x_ND, z_loss=False)[0]
 
-    def log_probs_and_z_loss(self, x_ND: torch.Tensor, z_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def log_probs_and_z_loss(
+        self, x_ND: torch.Tensor, z_loss: bool = True, gate_NF: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probabilities [N, E] in float32 and (when `z_loss`) the mean squared log-sum-exp of the raw router
-        logits (ST-MoE's z-loss; for a hierarchical router the mean over the main router and the sub-routers)."""
-        logp_NE, z_terms = self.route(self.routing_input(x_ND))
+        logits (ST-MoE's z-loss; for a hierarchical router the mean over the main router and the sub-routers).
+        `gate_NF`: see `scores`."""
+        logp_NE, z_terms = self.route(self.routing_input(x_ND), gate_NF)
         z = sum(torch.logsumexp(t, dim=-1).pow(2).mean() for t in z_terms) / len(z_terms) if z_loss else None
         return logp_NE, z
 
@@ -752,13 +781,15 @@ class TinyOnnSparseMoeBlock(nn.Module):
         only, else None))."""
         shape = hidden_states.shape
         x_ND = hidden_states.reshape(-1, shape[-1])
-        logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training)
+        # a gate router reads the experts' own gate pre-activations: computed once here, for the router and the experts
+        gate_NF = self.router.gate_preactivations(x_ND) if self.router.exact_gate else None  # [N, E·I]
+        logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training, gate_NF=gate_NF)
         idx_NK, weight_NK, keep_NK = self.route(logp_NE)
         with torch.no_grad():
             selected_NE = torch.zeros(logp_NE.shape, dtype=torch.bool, device=logp_NE.device)
             selected_NE.scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
         shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
-        out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND)
+        out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND, gate_NF=gate_NF)
         return out_ND.reshape(shape), logp_NE, selected_NE, z_loss
 
 
