@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from tiny_onn.cli import main
 from tiny_onn.data import PackedData
+from tiny_onn.interpret.dashboard import PAGE_SIZE, render_dashboard
 from tiny_onn.interpret.profiles import auto_label, layer_nmi, record_routing, selection_rate, token_log_odds
 from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
 
@@ -75,19 +77,8 @@ def test_interpret_cli_and_dashboard_in_a_browser(tiny_moe, tmp_path):
     html = (out / "dashboard.html").read_text()
     assert "<script src" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser test")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (make setup installs it where it can)")
     errors = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page()
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto((out / "dashboard.html").as_uri())
+    with browser_page(out / "dashboard.html", errors) as page:
         assert page.locator("#experts tbody tr").count() == 4
         page.select_option("#layer", "1")
         page.locator("#experts tbody tr").nth(2).locator("td").first.click()
@@ -99,6 +90,65 @@ def test_interpret_cli_and_dashboard_in_a_browser(tiny_moe, tmp_path):
         saved = json.loads(Path(download.value.path()).read_text())
         assert saved["labels"][1][0] == "my label"
         page.screenshot(path=str(tmp_path / "dashboard.png"))
-        browser.close()
     assert not errors, errors
     assert (tmp_path / "dashboard.png").stat().st_size > 1000
+
+
+@contextlib.contextmanager
+def browser_page(html: Path, errors: list[str]):
+    """`html` opened in headless Chromium (skips without playwright or Debian's chromium); console and page errors are
+    appended to `errors`."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser test")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make setup installs it where it can)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(html.as_uri())
+        yield page
+        browser.close()
+
+
+def many_experts_dashboard(experts: int) -> dict:
+    """Dashboard data of one layer with `experts` experts: expert e is selected at rate e / experts (so sorting by
+    selection reverses the index order), dominated by "code" when e is a multiple of 7, with token "tok<e>"."""
+    rows = [{"dominant": "code" if e % 7 == 0 else "chat", "specificity": (e % 10) / 10, "selected": e / experts,
+             "rate": [e / experts, 0.0], "xy": [float(e % 17), float(e // 17)], "tokens": [[f"tok{e}", 1.0, 3]],
+             "snippets": [{"prob": 0.5, "text": f"x [[tok{e}]] y"}]} for e in range(experts)]
+    return {"title": "many", "categories": ["code", "chat"], "layers": [{"nmi": 0.1, "experts": rows}],
+            "labels": [[f"expert {e}" for e in range(experts)]]}
+
+
+def test_dashboard_pages_sorts_and_filters_many_experts(tmp_path):
+    """A layer of 250 experts: pages of PAGE_SIZE rows in the table and the heatmap, sorting by selection rate, a text
+    filter, and a click on the map opening the clicked expert's page."""
+    experts = 250
+    html = tmp_path / "dashboard.html"
+    html.write_text(render_dashboard(many_experts_dashboard(experts), "test"), encoding="utf-8")
+    rows = lambda p: [int(t) for t in p.locator("#experts tbody tr td:first-child").all_inner_texts()]  # noqa: E731
+    errors = []
+    with browser_page(html, errors) as page:
+        assert rows(page) == list(range(PAGE_SIZE))
+        assert page.locator("#heat tr").count() == PAGE_SIZE + 1  # + the header row
+        page.click("#next")
+        page.click("#next")
+        assert rows(page) == list(range(2 * PAGE_SIZE, experts))
+        assert page.locator("#page").inner_text() == f"3 / {-(-experts // PAGE_SIZE)}"
+        page.click("#next")  # past the last page: stays there
+        assert rows(page) == list(range(2 * PAGE_SIZE, experts))
+        page.click("th[data-key=selected]")  # highest selection rate first, back to page 1
+        assert rows(page) == list(range(experts - 1, experts - 1 - PAGE_SIZE, -1))
+        page.fill("#filter", "tok12")  # tok12 and tok120..tok129
+        assert sorted(rows(page)) == [12, *range(120, 130)]
+        assert "of 11 (filtered from 250)" in page.locator("#shown").inner_text()
+        page.fill("#filter", "")
+        page.click("th[data-key=index]")
+        page.locator("#scatter circle").nth(230).click()  # expert 230 is on page 3
+        assert page.locator("#which").inner_text().startswith("230")
+        assert 230 in rows(page) and page.locator("#page").inner_text().startswith("3 /")
+    assert not errors, errors
