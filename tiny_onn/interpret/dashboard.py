@@ -84,7 +84,7 @@ function render() {
   });
   const heat = $("heat"); let max = 0; L.experts.forEach(x => x.rate.forEach(v => { max = Math.max(max, v); }));
   heat.innerHTML = "<tr><th>expert</th>" + D.categories.map(c => `<th>${c}</th>`).join("") + "</tr>" +
-    shown.map(e => [e, L.experts[e]]).map(([e, x]) => `<tr><td>${e}</td>` + x.rate.map(v => `<td style="background:${color(v, max)}">${(100 * v).toFixed(0)}</td>`).join("") + "</tr>").join("");
+    shown.map(e => `<tr><td>${e}</td>` + L.experts[e].rate.map(v => `<td style="background:${color(v, max)}">${(100 * v).toFixed(0)}</td>`).join("") + "</tr>").join("");
   const svg = $("scatter"); svg.innerHTML = "";
   const xs = L.experts.map(x => x.xy[0]), ys = L.experts.map(x => x.xy[1]);
   const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
@@ -101,8 +101,7 @@ function render() {
 function esc(s) { return s.replace(/[&<>]/g, ch => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"}[ch])); }
 function select(e) {
   current = e;
-  const at = order().indexOf(e);
-  if (at < 0) { filter = ""; $("filter").value = ""; }  // an expert the filter hides: clear the filter to show it
+  if (!order().includes(e)) { filter = ""; $("filter").value = ""; }  // the filter hides it: clear the filter
   page = Math.floor(order().indexOf(e) / PAGE);
   render();
   const x = D.layers[layer].experts[e];
