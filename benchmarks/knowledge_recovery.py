@@ -81,8 +81,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate of experts (MoE) or FFNs (dense controls)")
     p.add_argument("--k", type=int, default=4, help="smk/smk2: experts updated per layer and step")
     p.add_argument("--kd-temperature", type=float, default=1.0)
-    p.add_argument("--corpus", default="runs/corpus-smollm2", help="teacher-written corpus folder (made if missing)")
-    p.add_argument("--corpus-prompts", type=int, default=1008)
+    p.add_argument("--corpus", default="runs/corpus-smollm2",
+                   help="teacher-written corpus folder (made or extended if missing; one folder per --corpus-prompts)")
+    p.add_argument("--corpus-prompts", type=int, default=576, help="prompts the teacher answers (the corpus' records)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="mix held-out tokens")
     p.add_argument("--general-tokens", type=int, default=4096)
     p.add_argument("--facts-limit", type=int, default=240, help="evaluation facts scored per model (fixed subset)")
@@ -98,6 +99,7 @@ def main() -> None:
     protocol["tokens_per_run"] = args.steps * args.batch_size * args.seq_len
     work = Path(args.workdir) / protocol_name(protocol)
     results = load_results(protocol) if args.append else {"protocol": protocol, "start": {}, "runs": {}, "forgetting": {}}
+    results["start"] = {**start_rows_of_other_protocols(protocol), **results["start"]}
     results["commands"] = results.get("commands", []) + ["python " + " ".join(sys.argv)]
     ecfg = EvalConfig(model=[SOURCE], tasks="ppl,general,facts", eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                       general_tokens=args.general_tokens, facts_limit=args.facts_limit, facts_source=SOURCE,
@@ -132,15 +134,27 @@ def main() -> None:
 
 
 PROTOCOL_KEYS = ("steps", "batch_size", "seq_len", "lr", "k", "kd_temperature", "eval_tokens", "general_tokens",
-                 "facts_limit")
+                 "facts_limit", "corpus_prompts")
+EVAL_KEYS = ("seq_len", "eval_tokens", "general_tokens", "facts_limit")  # what an untrained model's row depends on
+
+
+LEGACY_CORPUS_PROMPTS = 576  # the corpus of every protocol before corpus_prompts was a key: their names omit it
 
 
 def protocol_name(protocol: dict) -> str:
-    return f"{protocol['steps']}x{protocol['batch_size']}x{protocol['seq_len']}-lr{protocol['lr']:g}"
+    corpus = protocol.get("corpus_prompts", LEGACY_CORPUS_PROMPTS)
+    return (f"{protocol['steps']}x{protocol['batch_size']}x{protocol['seq_len']}-lr{protocol['lr']:g}"
+            + (f"-corpus{corpus}" if corpus != LEGACY_CORPUS_PROMPTS else ""))
 
 
 def ensure_corpus(args) -> str:
-    """The teacher-written corpus (its first `corpus_prompts` records; generated or extended when missing)."""
+    """The teacher-written corpus (its first `corpus_prompts` records; generated or extended when missing). A folder
+    holding more records is refused: distil-data would cut it to this size, under the runs that used all of it."""
+    meta = Path(args.corpus) / "corpus.json"
+    records = json.loads(meta.read_text()).get("records", 0) if meta.is_file() else 0
+    if records > args.corpus_prompts:
+        raise SystemExit(f"{args.corpus} holds {records} records; --corpus-prompts {args.corpus_prompts} would cut it. "
+                         f"Pass --corpus with a folder of its own for {args.corpus_prompts} prompts")
     distil_data(DistilDataConfig(model=SOURCE, max_prompts=args.corpus_prompts, batch_size=48, max_new_tokens=160,
                                  device="cpu", out=args.corpus))
     return args.corpus
@@ -244,6 +258,17 @@ def forgetting(args, results: dict, work: Path, ecfg: EvalConfig, dense: dict) -
         change = {c: row["mix_ppl_by_category"][c] / before[c] for c in before}
         print(f"forget {name}: per-category ppl change {change}, retention {base['fact_retention']:.3f} -> "
               f"{row['fact_retention']:.3f}, general ppl ×{row['general_ppl'] / base['general_ppl']:.2f}", flush=True)
+
+
+def start_rows_of_other_protocols(protocol: dict) -> dict:
+    """Rows of untrained models already scored under the same evaluation settings (start models are shared by every
+    protocol; the knowledge-aware carves, whose scan reads the corpus, are scored again)."""
+    path = RESULTS / "knowledge_recovery.json"
+    rows = {}
+    for entry in json.loads(path.read_text()).get("protocols", []) if path.is_file() else []:
+        if all(entry["protocol"].get(k) == protocol[k] for k in EVAL_KEYS):
+            rows.update({name: row for name, row in entry["start"].items() if not name.endswith("k")})
+    return rows
 
 
 def load_results(protocol: dict) -> dict:

@@ -317,7 +317,8 @@ def knowledge_recovery(d: dict) -> str:
         cats = sorted(dense["mix_ppl_by_category"])
         out += [
             f"Protocol: {p['steps']} steps × {p['batch_size']}×{p['seq_len']} tokens = {p['tokens_per_run']:,} training "
-            f"tokens per run, lr {p['lr']:g}, KD temperature {p['kd_temperature']:g}; scored on {dense['facts_n']} "
+            f"tokens per run, lr {p['lr']:g}, KD temperature {p['kd_temperature']:g}, teacher-written corpus of "
+            f"{p['corpus_prompts']:,} prompts; scored on {dense['facts_n']} "
             f"evaluation facts ({dense['facts_known']} known by the dense source), {p['general_tokens']:,} tokens of "
             f"news and {p['eval_tokens']:,} held-out mix tokens. Dense source: fact accuracy "
             f"{dense['fact_accuracy']:.3f}, general-text ppl {dense['general_ppl']:.2f}, mix ppl {dense['mix_ppl']:.2f}. "
