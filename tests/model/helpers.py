@@ -19,6 +19,11 @@ ROUTINGS = {
     # gate routers hand their gate pre-activations to the experts (dense and gather paths)
     "gate router": dict(router_score="gate", router_rank=0),
     "gate router rank 2 top-p": dict(router_score="gate", router_rank=2, router_top_p=0.6, max_experts_per_tok=5),
+    # one neuron per expert (the knowledge benchmark's layouts): the gather path sums down columns in place
+    "one-neuron gate router": dict(router_score="gate", router_rank=0, num_experts=48, moe_intermediate_size=1,
+                                   num_experts_per_tok=12),
+    "one-neuron lowrank router top-p": dict(router_score="lowrank", router_rank=4, num_experts=48,
+                                            moe_intermediate_size=1, router_top_p=0.3, max_experts_per_tok=20),
 }
 
 

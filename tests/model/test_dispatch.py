@@ -77,6 +77,8 @@ def test_every_path_matches_the_reference(routing, path):
     """Logits, every parameter's gradient (router included), selections and statistics, in float64 (grouped_mm
     supports float32 only: there float32 and a float32 tolerance)."""
     dtype = torch.float32 if path == "grouped_mm" else torch.float64
+    if path == "grouped_mm" and ROUTINGS[routing].get("moe_intermediate_size", 8) * 4 % 16:
+        pytest.skip("torch._grouped_mm needs 16-byte strides: experts narrower than 4 float32 neurons never take it")
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-6, rtol=1e-6)
     # 18 tokens; the dense path also on 4 (its down projection changes form when tokens <= the expert width, 8)
     for shape in [(2, 9)] + ([(1, 4)] if path == "dense" else []):

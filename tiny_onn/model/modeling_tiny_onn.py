@@ -371,7 +371,8 @@ class TinyOnnExperts(nn.Module):
             a = self._activations(torch.bmm(gate_up, x_ND[:, :, None]).view(N, K, I2))  # [N, K, I]
         else:  # gate pre-activations given: gather only the up rows, and the selected experts' gate values
             inter = I2 // 2
-            up = self._up_rows().index_select(0, flat).view(N, K * inter, D)
+            rows = self._up_rows()  # [E, I, D], a strided view; one-neuron experts: as [E, D] (a faster gather)
+            up = (rows.squeeze(1) if inter == 1 else rows).index_select(0, flat).view(N, K * inter, D)
             up_NKI = torch.bmm(up, x_ND[:, :, None]).view(N, K, inter)
             g_NKI = gate_NF.view(N, E, inter).gather(1, idx_NK[:, :, None].expand(N, K, inter))
             a = self.act_fn(g_NKI.to(up_NKI.dtype)) * up_NKI  # [N, K, I]
@@ -385,6 +386,9 @@ class TinyOnnExperts(nn.Module):
         if weight_NK is not None:
             a = a * weight_NK[:, :, None].to(a.dtype)
         inter = a.shape[-1]
+        if inter == 1:  # one-neuron experts: each token's output is a weighted sum of down columns, read in place
+            y_ND = F.embedding_bag(idx_NK, self.down_proj.reshape(E, D), per_sample_weights=a.view(N, K), mode="sum")
+            return y_ND if out_ND is None else out_ND + y_ND
         # each token's experts side by side, [N, D, K·I], so that one GEMV per token also sums over its experts
         down = self.down_proj.index_select(0, flat).view(N, K, D, inter).transpose(1, 2).reshape(N, D, K * inter)
         a_N = a.reshape(N, K * inter, 1)
@@ -634,6 +638,8 @@ class TinyOnnRouter(nn.Module):
         if hasattr(self, "up_in"):
             h_NF = h_NF * F.linear(F.linear(x_ND, self.up_in.float()), self.up_out.float())
         s_NF = h_NF.abs() * self.neuron_scale.float().abs()
+        if s_NF.shape[1] == self.num_experts:  # one neuron per expert: nothing to sum
+            return s_NF
         return s_NF.view(x_ND.shape[0], self.num_experts, -1).sum(-1)  # [N, E]
 
     def expert_directions(self) -> torch.Tensor:
