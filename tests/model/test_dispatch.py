@@ -14,9 +14,9 @@ from tiny_onn.carve.plan import CarvePlan, LayerPlan
 from tiny_onn.model import select_experts
 
 
-def reference_forward(block, hidden_states):
+def reference_forward(block, hidden_states, routing_outputs=True):
     """The block as first written (boolean selection, `nonzero`, one expert at a time through `expert_forward`, outputs
-    weighted then summed with index_add): the reference every path must match."""
+    weighted then summed with index_add): the reference every path must match (its routing outputs always returned)."""
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     logp, z_loss = block.router.log_probs_and_z_loss(x, z_loss=block.training)
@@ -173,3 +173,27 @@ def test_every_expert_active_equals_dense_on_every_path(tiny_model_dir, path):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_skipping_the_routing_outputs_keeps_the_function(routing):
+    """Without routing outputs (generation, perplexity) a flat top-k router with weight 1 selects from its raw scores
+    and the block skips the softmax and the [N, E] selection: same logits as with them, on every token count the
+    dispatch paths distinguish; other routings still return them, as they need the probabilities."""
+    model = tiny_moe(seed=4, **ROUTINGS[routing]).double()
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    lean = (ROUTINGS[routing].get("router_type", "flat") == "flat" and not ROUTINGS[routing].get("router_top_p")
+            and ROUTINGS[routing].get("expert_weighting", "straight_through") == "straight_through"
+            and ROUTINGS[routing].get("moe_mode", "sparse") == "sparse")
+    with torch.no_grad():
+        for n in (1, 4, 9):
+            kept = model(ids[:, :n], output_router_logits=True)
+            skipped = model(ids[:, :n])  # the config's default: no router logits wanted
+            torch.testing.assert_close(skipped.logits, kept.logits, atol=1e-12, rtol=1e-12)
+            assert kept.router_logits is not None and skipped.router_logits is None
+            inner = model.model(input_ids=ids[:, :n], output_router_logits=False)
+            assert (inner.router_logits is None and inner.expert_selections is None) == lean
+            full = model.model(input_ids=ids[:, :n])  # called directly: routing outputs kept by default
+            assert len(full.router_logits) == len(full.expert_selections) == 2
+    with torch.enable_grad():  # a gradient wanted: the weight-1 straight-through path, outputs kept
+        assert model.model(input_ids=ids, output_router_logits=False).router_logits is not None

@@ -26,8 +26,9 @@ from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import swiglu_mlps
 
 
-def _oracle_block_forward(self, hidden_states: torch.Tensor):
-    """A TinyOnnSparseMoeBlock forward that selects each token's top-k experts by their true gain."""
+def _oracle_block_forward(self, hidden_states: torch.Tensor, routing_outputs: bool = True):
+    """A TinyOnnSparseMoeBlock forward that selects each token's top-k experts by their true gain (its routing outputs
+    are always returned)."""
     shape = hidden_states.shape
     x_ND = hidden_states.reshape(-1, shape[-1])
     E = self.experts.num_experts

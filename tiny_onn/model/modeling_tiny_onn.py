@@ -263,7 +263,8 @@ class TinyOnnExperts(nn.Module):
         gate_NF: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum over each token's selected experts `idx_NK` (only where `keep_NK`, when given) of their outputs times
-        `weight_NK` (None: weight 1), added to `out_ND` when given (the shared expert's output). `gate_NF` [N, E·I]:
+        `weight_NK` (None: weight 1), added to `out_ND` when given (the shared expert's output; without autograd some
+        paths add into it in place, so hand over a buffer of your own). `gate_NF` [N, E·I]:
         every expert neuron's gate pre-activation x·g_j when the caller already has them (a gate router); the dense and
         gather paths then compute only the up projections, the others ignore it."""
         N, K = idx_NK.shape
@@ -389,11 +390,11 @@ class TinyOnnExperts(nn.Module):
         if inter == 1:  # one-neuron experts: each token's output is a weighted sum of down columns, read in place
             y_ND = F.embedding_bag(idx_NK, self.down_proj.reshape(E, D), per_sample_weights=a.view(N, K), mode="sum")
             return y_ND if out_ND is None else out_ND + y_ND
-        # each token's experts side by side, [N, D, K·I], so that one GEMV per token also sums over its experts
-        down = self.down_proj.index_select(0, flat).view(N, K, D, inter).transpose(1, 2).reshape(N, D, K * inter)
-        a_N = a.reshape(N, K * inter, 1)
-        y = torch.bmm(down, a_N) if out_ND is None else torch.baddbmm(out_ND[:, :, None], down, a_N)
-        return y.view(N, D)
+        # one GEMV per selected (token, expert) on the gathered [D, I] blocks, then a sum over each token's experts
+        # (not one GEMV per token over its experts side by side: that needs a transposed [N, D, K·I] copy of them)
+        y_NKD = torch.bmm(self.down_proj.index_select(0, flat), a.reshape(N * K, inter, 1)).view(N, K, D)
+        y_ND = y_NKD.sum(1)
+        return y_ND if out_ND is None else out_ND + y_ND
 
     def _loop(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
         """The selected experts one after another (one sort; the host learns the counts). Without autograd each expert
@@ -467,7 +468,8 @@ class TinyOnnExperts(nn.Module):
             y_PD = torch.cat(parts) if parts else x_PD.new_zeros(0, x_ND.shape[1])
         if out_ND is None:
             return torch.zeros_like(x_ND).index_add_(0, token_sorted, y_PD)
-        return out_ND.index_add(0, token_sorted, y_PD)
+        # without autograd in place, as the loop path: the caller hands over its own buffer (the shared expert's output)
+        return out_ND.index_add(0, token_sorted, y_PD) if autograd else out_ND.index_add_(0, token_sorted, y_PD)
 
     def _loop_one_token(self, x_1D, expert_P, weight_P, out_1D, gram):
         """Decode on CPU: the token's few experts read in place (no copies), their sum folded into addmm."""
@@ -780,21 +782,35 @@ class TinyOnnSparseMoeBlock(nn.Module):
             return idx_NK, (p_NK - p_NK.detach()) + 1.0, keep_NK
         return idx_NK, None, keep_NK  # weight 1 and no gradient wanted: skip the multiply
 
+    def ranks_raw_scores(self) -> bool:
+        """Whether the selection can be read off the router's raw scores alone: a flat router's top-k with weight 1 and
+        no gradient wanted (the softmax is monotonic, so the top-k of the scores is the top-k of the probabilities)."""
+        routing = self.routing
+        return (routing.mode == "sparse" and routing.top_p <= 0.0 and not self.router.hierarchical
+                and self.config.expert_weighting == "straight_through" and not torch.is_grad_enabled())
+
     def forward(
-        self, hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self, hidden_states: torch.Tensor, routing_outputs: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Return (output [B, T, D], router log-probabilities [N, E], selection [N, E], router z-loss (training mode
-        only, else None))."""
+        only, else None)). `routing_outputs=False`: the caller reads only the output (generation, perplexity); where
+        `ranks_raw_scores`, the block then skips the router's softmax and the [N, E] selection and returns None for
+        both — a decode step's MoE block is a handful of small operations, so each one saved counts."""
         shape = hidden_states.shape
         x_ND = hidden_states.reshape(-1, shape[-1])
         # a gate router reads the experts' own gate pre-activations: computed once here, for the router and the experts
         gate_NF = self.router.gate_preactivations(x_ND) if self.router.exact_gate else None  # [N, E·I]
+        shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
+        if not routing_outputs and self.ranks_raw_scores():
+            scores_NE = self.router.scores(self.router.routing_input(x_ND).float(), gate_NF=gate_NF)
+            idx_NK = scores_NE.topk(self.routing.top_k, dim=-1).indices
+            out_ND = self.experts(x_ND, idx_NK, out_ND=shared_ND, gate_NF=gate_NF)
+            return out_ND.reshape(shape), None, None, None
         logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training, gate_NF=gate_NF)
         idx_NK, weight_NK, keep_NK = self.route(logp_NE)
         with torch.no_grad():
             selected_NE = torch.zeros(logp_NE.shape, dtype=torch.bool, device=logp_NE.device)
             selected_NE.scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
-        shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
         out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND, gate_NF=gate_NF)
         return out_ND.reshape(shape), logp_NE, selected_NE, z_loss
 
@@ -814,8 +830,9 @@ class TinyOnnDecoderLayer(nn.Module):
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        routing_outputs: bool = True,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
@@ -826,7 +843,8 @@ class TinyOnnDecoderLayer(nn.Module):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        moe_out, logp_NE, selected_NE, z_loss = self.mlp(self.post_attention_layernorm(hidden_states))
+        moe_out, logp_NE, selected_NE, z_loss = self.mlp(self.post_attention_layernorm(hidden_states),
+                                                             routing_outputs=routing_outputs)
         return hidden_states + moe_out, logp_NE, selected_NE, z_loss
 
 
@@ -884,12 +902,15 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache: Cache | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> TinyOnnModelOutput:
+        """`output_router_logits=False`: the caller reads only the hidden states, so `router_logits` and
+        `expert_selections` may be None (see `TinyOnnSparseMoeBlock.forward`); None (the default) or True: both kept."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         past_key_values = cache if cache is not None else past_key_values  # newer generate() passes `cache`
-        kwargs.pop("output_router_logits", None)
+        routing_outputs = output_router_logits is not False
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("output_attentions", None)
         kwargs.pop("return_dict", None)
@@ -923,15 +944,17 @@ class TinyOnnModel(TinyOnnPreTrainedModel):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 position_embeddings=position_embeddings,
+                routing_outputs=routing_outputs,
                 **kwargs,
             )
             router_logits.append(logp_NE)
             selections.append(selected_NE)
             z_losses.append(z_loss)
+        skipped = any(lp is None for lp in router_logits)  # the blocks skipped them (routing_outputs=False)
         return TinyOnnModelOutput(
             last_hidden_state=self.norm(hidden_states),
-            router_logits=tuple(router_logits),
-            expert_selections=tuple(selections),  # [N, E] booleans per layer, for load balance and analysis
+            router_logits=None if skipped else tuple(router_logits),
+            expert_selections=None if skipped else tuple(selections),  # [N, E] booleans per layer
             router_z_loss=torch.stack(z_losses).mean() if self.training else None,
             **{_OUTPUT_CACHE_FIELD: past_key_values},
         )
@@ -1017,6 +1040,7 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
