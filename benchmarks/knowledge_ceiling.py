@@ -58,6 +58,9 @@ def main() -> None:
     p.add_argument("--gate-ranks", type=int, nargs="*", default=[],
                    help="exact-gate predictors to score (the gate router's selection; rank of the up predictor, 0: "
                         "the up root mean square), each at every --predictor-fractions value")
+    p.add_argument("--gate-candidates", type=float, nargs="*", default=[],
+                   help="two-stage exact-gate selection: c·k candidates by the gate predictor (rank 0), then the k of "
+                        "largest true |h_j|·‖d_j‖ among them (a router that computes the candidates' up projections)")
     p.add_argument("--predictor-fractions", type=float, nargs="+", default=[0.25])
     p.add_argument("--predictor-data", default="default,runs/corpus-smollm2",
                    help="data whose train split fits the predictors (its FFN inputs' second moments)")
@@ -92,7 +95,7 @@ def main() -> None:
     for f in args.fractions:
         record(f"neuron oracle {f:g}", evaluate(SOURCE, ecfg, within=partial(neuron_oracle, fraction=f)),
                kind="neuron oracle", active_ffn_fraction=f)
-    if args.predictor_ranks or args.gate_ranks:
+    if args.predictor_ranks or args.gate_ranks or args.gate_candidates:
         source = load_source(SourceArgs(model=SOURCE))
         fit_data = build_dataset(source.tokenizer, DataArgs(data=args.predictor_data, seq_len=proto["seq_len"]), "train",
                                  max_tokens=args.predictor_tokens)
@@ -104,6 +107,14 @@ def main() -> None:
                        evaluate(SOURCE, ecfg, within=partial(predicted_neurons, predictors=predictors, fraction=f)),
                        kind="exact-gate predictor" if exact_gate else "low-rank predictor", active_ffn_fraction=f,
                        rank=r, predictor_data=args.predictor_data, predictor_tokens=fit_data.num_tokens)
+        if args.gate_candidates:
+            predictors = fit_neuron_predictors(source.model, fit_data, rank=0, exact_gate=True)
+            for c in args.gate_candidates:
+                for f in args.predictor_fractions:
+                    within = partial(predicted_neurons, predictors=predictors, fraction=f, candidate_factor=c)
+                    record(f"gate r0 candidates x{c:g} {f:g}", evaluate(SOURCE, ecfg, within=within),
+                           kind="two-stage exact-gate predictor", active_ffn_fraction=f, rank=0, candidate_factor=c,
+                           predictor_data=args.predictor_data, predictor_tokens=fit_data.num_tokens)
         del source
     for name in args.models:
         folder = ensure_start_model(name, Path(args.workdir), "")

@@ -102,6 +102,36 @@ def test_exact_gate_predictor_scores_with_the_gate_and_the_up_rms():
     torch.testing.assert_close(full.scores(x, act), h.abs() * mlp.down_proj.weight.norm(dim=0))
 
 
+def test_two_stage_selection_keeps_the_truly_best_of_the_predicted_candidates():
+    """candidate_factor c: per token the c·k neurons of largest predicted score, then the k of them with the largest
+    true |h_j|·‖d_j‖ — checked against a token-by-token selection; c·k = F is the neuron oracle, c = 1 one stage."""
+    dense = make_tiny_model("llama", 64).double()
+    predictors = fit_neuron_predictors(dense, _random_data(64), rank=0, exact_gate=True)
+    mlp, act = dense.model.layers[0].mlp, torch.nn.functional.silu
+    F_ = mlp.gate_proj.weight.shape[0]
+    keep = F_ // 4
+    x = torch.randn(5, dense.config.hidden_size, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    h = act(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)  # [5, F]
+    true = h.abs() * mlp.down_proj.weight.norm(dim=0)
+    predicted = predictors[0].scores(x, act)
+    with torch.no_grad():
+        for factor in (1.0, 2.0, 3.0):
+            want = torch.zeros(5, dense.config.hidden_size, dtype=torch.float64)
+            for t in range(5):
+                cand = sorted(range(F_), key=lambda j, t=t: -float(predicted[t, j]))[: round(factor * keep)]
+                kept = sorted(cand, key=lambda j, t=t: -float(true[t, j]))[:keep]
+                want[t] = mlp.down_proj.weight[:, kept] @ h[t, kept]
+            with predicted_neurons(dense, predictors, 0.25, candidate_factor=factor):
+                got = mlp(x)
+            torch.testing.assert_close(got, want)
+        with predicted_neurons(dense, predictors, 0.25, candidate_factor=4.0):  # every neuron a candidate
+            got = mlp(x)
+        with neuron_oracle(dense, 0.25):
+            torch.testing.assert_close(got, mlp(x))
+    with pytest.raises(TinyOnnError, match="at least 1"), predicted_neurons(dense, predictors, 0.25, candidate_factor=0.5):
+        pass
+
+
 def test_predictors_refuse_wrong_inputs():
     dense = make_tiny_model("llama", 64)
     data = _random_data(64)

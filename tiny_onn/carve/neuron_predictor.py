@@ -133,10 +133,16 @@ def fit_neuron_predictors(source: PreTrainedModel, data: PackedData, rank: int, 
     return predictors
 
 
-def _predicted_forward(predictor: NeuronPredictor, keep: int):
+def _predicted_forward(predictor: NeuronPredictor, keep: int, candidates: int):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        idx = predictor.scores(x, self.act_fn).topk(keep, dim=-1).indices  # [..., keep]
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # [..., F]; every neuron computed: quality, not speed
+        predicted = predictor.scores(x, self.act_fn)  # [..., F]
+        if candidates:  # two stages: the predicted top `candidates`, then the kept ones among them by their true score
+            cand = predicted.topk(candidates, dim=-1).indices  # [..., candidates]
+            true = h.gather(-1, cand).abs() * predictor.down_norm[cand]
+            idx = cand.gather(-1, true.topk(keep, dim=-1).indices)  # [..., keep]
+        else:
+            idx = predicted.topk(keep, dim=-1).indices  # [..., keep]
         mask = torch.zeros_like(h).scatter_(-1, idx, 1.0)
         return self.down_proj(h * mask)
 
@@ -144,19 +150,25 @@ def _predicted_forward(predictor: NeuronPredictor, keep: int):
 
 
 @contextmanager
-def predicted_neurons(dense: PreTrainedModel, predictors: list[NeuronPredictor],
-                      fraction: float) -> Iterator[PreTrainedModel]:
+def predicted_neurons(dense: PreTrainedModel, predictors: list[NeuronPredictor], fraction: float,
+                      candidate_factor: float = 0.0) -> Iterator[PreTrainedModel]:
     """Within the block, every SwiGLU FFN of `dense` keeps per token only its round(fraction·F) neurons with the largest
-    *predicted* |h_j|·‖d_j‖ (the neuron oracle with the activations estimated by `predictors`)."""
+    *predicted* |h_j|·‖d_j‖ (the neuron oracle with the activations estimated by `predictors`). `candidate_factor` c ≥ 1:
+    two stages instead — the c·round(fraction·F) neurons of largest predicted score are candidates, and the kept ones
+    are the candidates of largest true |h_j|·‖d_j‖ (a router that computes the candidates' exact up projections)."""
     if not 0.0 < fraction <= 1.0:
         raise TinyOnnError(f"the kept fraction of neurons must be in (0, 1], got {fraction}")
+    if candidate_factor and candidate_factor < 1.0:
+        raise TinyOnnError(f"the candidate factor must be 0 (one stage) or at least 1, got {candidate_factor}")
     mlps = [m.module for m in swiglu_mlps(dense)]
     if len(predictors) != len(mlps):
         raise TinyOnnError(f"{len(predictors)} neuron predictors for a model with {len(mlps)} SwiGLU FFNs: fit them "
                            "on this model (fit_neuron_predictors)")
     for mlp, predictor in zip(mlps, predictors, strict=True):
-        keep = max(1, math.floor(fraction * mlp.gate_proj.weight.shape[0] + 0.5))
-        mlp.forward = types.MethodType(_predicted_forward(predictor, keep), mlp)
+        width = mlp.gate_proj.weight.shape[0]
+        keep = max(1, math.floor(fraction * width + 0.5))
+        candidates = min(width, math.floor(candidate_factor * keep + 0.5)) if candidate_factor else 0
+        mlp.forward = types.MethodType(_predicted_forward(predictor, keep, candidates), mlp)
     try:
         yield dense
     finally:
