@@ -15,7 +15,8 @@ neuron, top-192 / top-576, with rank-64 `lowrank` routers that predict each neur
 `moe50n128`: the same with rank-128 routers; `moe25g` / `moe50g`: the same single-neuron experts with `gate` routers,
 which compute every routed neuron's exact gate and scale |act(gate)| by the neuron's up root mean square and down norm
 — the gate rows are then active for every token, so these match the 50 % layouts' / more active parameters; `moe25g64` /
-`moe50g64`: with a rank-64 up predictor), `width25` / `width50` / `width67` (the
+`moe50g64`: with a rank-64 up predictor; `moe25gc2` / `moe25gc3` / `moe50gc2`: two-stage gate routers, the
+2 or 3 × top-k experts of largest estimated score ranked again by their exact |h|·‖d‖, their up rows computed), `width25` / `width50` / `width67` (the
 dense source with each FFN cut to its top 25 % / 50 % / 67 % neurons by importance a·s: same active neurons, no router;
 `width50` has the active parameters of `moe25g`, `width67` about those of `moe50g`) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
@@ -55,7 +56,8 @@ from tiny_onn.train import run as train  # noqa: E402
 from tiny_onn.train.trainer import Checkpoints  # noqa: E402
 
 MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "moe25n128",
-          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "width25", "width50", "width67", "dense")
+          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "moe25gc2", "moe25gc3", "moe50gc2", "width25", "width50",
+          "width67", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
     "kd-mix": ("default", 1.0, 0.0),
@@ -170,7 +172,8 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     knowledge = name.endswith("k")
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
-        fraction, variant, rank = re.fullmatch(r"moe(25|50)([kcf]?|[ng](\d*))", name).group(1, 2, 3)
+        fraction, variant, rank, candidates = re.fullmatch(r"moe(25|50)([kcf]?|[ng](\d*)(?:c(\d+))?)",
+                                                           name).group(1, 2, 3, 4)
         single_neuron = variant[:1] in ("n", "g")
         score = {"n": "lowrank", "g": "gate"}.get(variant[:1], "linear")
         # the same active neurons in every layout
@@ -183,6 +186,7 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
         carve(CarveConfig(scan=str(scan), experts=experts, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
                           calib_refine="adam", calib_inputs="carved" if variant == "c" else "dense",
                           router_score=score, router_rank=int(rank or (0 if score == "gate" else 64)),
+                          router_candidates=float(candidates or 0),
                           eval_tokens=0, plots=False, device="cpu", out=str(folder)))
     else:
         source = load_source(SourceArgs(model=SOURCE, device="cpu"))

@@ -309,6 +309,9 @@ def knowledge_recovery(d: dict) -> str:
              "moe50g": "MoE 50 %, 1,344 one-neuron experts, gate router (every gate computed)",
              "moe25g64": "MoE 25 %, 1,344 one-neuron experts, gate router + rank-64 up",
              "moe50g64": "MoE 50 %, 1,344 one-neuron experts, gate router + rank-64 up",
+             "moe25gc2": "MoE 25 %, 1,344 one-neuron experts, two-stage gate router (2 × k candidates' up computed)",
+             "moe25gc3": "MoE 25 %, 1,344 one-neuron experts, two-stage gate router (3 × k candidates' up computed)",
+             "moe50gc2": "MoE 50 %, 1,344 one-neuron experts, two-stage gate router (2 × k candidates' up computed)",
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %",
              "width67": "width-pruned dense 67 %", "dense": "dense source"}
@@ -454,8 +457,11 @@ def knowledge_ceiling(d: dict) -> str:
                      "exact-gate predictor": "each token's top neurons by \\|act(gate)\\|·‖d‖ times "
                      + (f"a rank-{r.get('rank')} prediction of \\|up\\|" if r.get("rank") else "the up's RMS")
                      + " (every gate computed)",
+                     "two-stage exact-gate predictor": f"the {r.get('candidate_factor', 0):g} × k neurons of largest "
+                     "\|act(gate)\|·RMS(up)·‖d‖, then the top k of them by their true \|h\|·‖d‖ (every gate and "
+                     "those candidates' up computed; predictor fitted on `" + str(r.get("predictor_data")) + "`)",
                      }[r["kind"]]
-        if r["kind"] in ("neuron oracle", "low-rank predictor", "exact-gate predictor"):
+        if r["kind"] in ("neuron oracle", "low-rank predictor", "exact-gate predictor", "two-stage exact-gate predictor"):
             label = f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons per token"
         lines.append(f"| {label} | {selection} | {_retention(r)} | {r['fact_accuracy']:.3f} | "
                      f"**{r['ratios']['general_ppl']:.2f}** | {r['ratios']['mix_ppl']:.2f} |")

@@ -76,21 +76,26 @@ def test_reroute_keeps_the_experts_and_fits_new_routers(tiny_moe, tmp_path):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("score", ["lowrank", "gate"])
+@pytest.mark.parametrize("score", ["lowrank", "gate", "gate, two stages"])
 def test_single_neuron_carve_selects_like_the_neuron_oracle(tiny_moe, tmp_path, score):
-    """Experts of one neuron each and a full-rank lowrank (or gate) router: the router's top-k is each token's top
+    """Experts of one neuron each and a full-rank lowrank (or gate) router — or a gate router without up factors whose
+    second stage ranks every expert exactly (4 × top-k candidates = all): the router's top-k is each token's top
     neurons by |h_j|·‖d_j‖ of the routed neurons, computed here from the dense source's weights."""
     moe, _ = tiny_moe
     out = tmp_path / "neurons"
     dense = load_source(SourceArgs(model=str(moe.parent / "dense"), device="cpu")).model
     D, F = dense.config.hidden_size, dense.config.intermediate_size
+    two_stage = score == "gate, two stages"
+    router = ["--router-score", "gate", "--router-rank", "0", "--router-candidates", "4"] if two_stage else [
+        "--router-score", score, "--router-rank", str(D)]
     argv = ["carve", "--scan", str(moe.parent / "scan"), "--model", str(moe.parent / "dense"), "--experts", str(F),
-            "--top-k", str(F // 4), "--router-score", score, "--router-rank", str(D), "--calib-tokens", "512",
+            "--top-k", str(F // 4), *router, "--calib-tokens", "512",
             "--eval-tokens", "256", "--no-plots", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     model = load_source(SourceArgs(model=str(out), device="cpu"), dense_only=False).model
     plan = json.loads((out / "carve.json").read_text())
-    assert model.config.moe_intermediate_size == 1 and model.config.router_rank == D
+    assert model.config.moe_intermediate_size == 1 and model.config.router_rank == (0 if two_stage else D)
+    assert model.config.router_candidates == (F if two_stage else 0)
     block = model.model.layers[1].mlp
     mlp = dense.model.layers[1].mlp
     x = torch.randn(6, D, generator=torch.Generator().manual_seed(0))
@@ -117,6 +122,25 @@ def test_reroute_to_lowrank_routers(tiny_moe, tmp_path):
     assert after.config.router_score == "lowrank" and after.model.layers[0].mlp.router.lowrank
     meta = json.loads((out / "carve.json").read_text())
     assert [row["top_k_overlap_with_oracle"] > 0.5 for row in meta["calibration"]] == [True, True]
+
+
+def test_two_stage_gate_carve_is_validated_and_weighs_by_the_down_norms(tiny_moe, tmp_path):
+    moe, _ = tiny_moe
+    base = ["carve", "--scan", str(moe.parent / "scan"), "--model", str(moe.parent / "dense"), "--experts", "8",
+            "--top-k", "2", "--no-plots", "--device", "cpu", "--out", str(tmp_path / "bad")]
+    assert main([*base, "--router-candidates", "2"]) != 0  # not a gate router
+    assert main([*base, "--router-score", "gate", "--router-candidates", "0.5"]) != 0  # fewer candidates than top-k
+    assert main([*base, "--router-score", "gate", "--router-candidates", "5"]) != 0  # more than the 8 experts
+    assert not (tmp_path / "bad").exists()
+    config = TinyOnnConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=2,
+                           router_score="gate", router_rank=0, router_candidates=3)
+    block = TinyOnnSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    fit_lowrank_router(block, torch.randn(300, 8, generator=torch.Generator().manual_seed(1)), k=2)
+    torch.testing.assert_close(block.router.down_norm, block.experts.down_proj.norm(dim=1).reshape(-1))
 
 
 def test_gate_router_without_up_factors_scales_by_the_up_rms():

@@ -24,6 +24,11 @@ ROUTINGS = {
                                    num_experts_per_tok=12),
     "one-neuron lowrank router top-p": dict(router_score="lowrank", router_rank=4, num_experts=48,
                                             moe_intermediate_size=1, router_top_p=0.3, max_experts_per_tok=20),
+    # two-stage gate routers: candidates' up pre-activations gathered (few tokens) or from one GEMM, handed over
+    "two-stage gate router": dict(router_score="gate", router_rank=0, router_candidates=4),
+    "one-neuron two-stage gate router top-p": dict(router_score="gate", router_rank=2, num_experts=48,
+                                                   moe_intermediate_size=1, router_candidates=20, router_top_p=0.4,
+                                                   max_experts_per_tok=16),
 }
 
 

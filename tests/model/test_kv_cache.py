@@ -14,6 +14,9 @@ ROUTERS = {
     "hierarchical top-k": dict(router_type="hierarchical", num_expert_groups=2),
     "flat top-p": dict(router_top_p=0.6, max_experts_per_tok=5),
     "hierarchical top-p": dict(router_type="hierarchical", num_expert_groups=2, router_top_p=0.5, max_experts_per_tok=4),
+    # one cached token gathers its candidates' up rows, the full forward computes every up row: the same scores
+    "two-stage gate top-k": dict(router_score="gate", router_rank=0, num_experts=48, moe_intermediate_size=1,
+                                 num_experts_per_tok=8, router_candidates=16),
 }
 
 

@@ -222,3 +222,62 @@ def test_gate_router_save_load_and_cached_decoding(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids, use_cache=False).logits, full)
     # the loaded router reads the loaded experts, not the original model's
     assert loaded.model.layers[0].mlp.router._experts[0] is loaded.model.layers[0].mlp.experts
+
+
+@pytest.mark.parametrize("tokens", [1, 5])  # 1 token: candidates' up rows gathered; 5 × 2 candidates ≥ 4 experts: one GEMM
+def test_two_stage_gate_scores_rank_the_estimated_candidates_exactly(tokens):
+    """router_candidates M: per token the M experts of largest estimated score Σ_j |act(x·g_j)|·c_j are candidates,
+    scored again by the exact Σ_j |act(x·g_j)·(x·u_j)|·|n_j| (n = down_norm); every other expert's logit is below all
+    candidates'; the block selects the top-k among the candidates. Computed here neuron by neuron."""
+    config = _config(router_score="gate", router_type="flat", router_rank=0, router_candidates=2, num_experts_per_tok=1)
+    block = TinyOnnSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    router, experts = block.router, block.experts
+    x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(1))
+    act = torch.nn.functional.silu
+    logits = router.scores(x)
+    for n in range(tokens):
+        estimate, exact = torch.zeros(4), torch.zeros(4)
+        for e in range(4):
+            for i in range(8):
+                g, u = experts.gate_up_proj[e, i] @ x[n], experts.gate_up_proj[e, 8 + i] @ x[n]
+                estimate[e] += abs(act(g)) * abs(router.neuron_scale[e * 8 + i])
+                exact[e] += abs(act(g) * u) * abs(router.down_norm[e * 8 + i])
+        candidates = estimate.topk(2).indices
+        outside = [e for e in range(4) if e not in candidates.tolist()]
+        torch.testing.assert_close(logits[n, candidates], exact[candidates].log())
+        assert logits[n, outside].max() < logits[n, candidates].min()
+        with torch.no_grad():
+            _, _, selected, _ = block(x[n : n + 1])  # top-1 of the candidates by the exact score
+        assert selected[0].nonzero().item() == candidates[exact[candidates].argmax()].item()
+    # the one-GEMM and the gathering computation agree, token by token
+    pre_all = router.preactivations(x)
+    for n in range(tokens):
+        one = router.preactivations(x[n : n + 1])
+        torch.testing.assert_close(one.up_NF[0], pre_all.up_NF[n], rtol=1e-5, atol=1e-6)
+
+
+def test_two_stage_gate_router_config_save_and_load(tmp_path):
+    with pytest.raises(ValueError, match="needs router_score 'gate'"):
+        _config(router_candidates=2)
+    with pytest.raises(ValueError, match="between the experts chosen per token"):
+        _config(router_score="gate", router_type="flat", router_candidates=1)  # fewer than top-2
+    with pytest.raises(ValueError, match="between the experts chosen per token"):
+        _config(router_score="gate", router_type="flat", router_candidates=5)  # more than the 4 experts
+    torch.manual_seed(0)
+    model = TinyOnnForCausalLM(_config(router_score="gate", router_type="flat", num_experts=32, num_experts_per_tok=4,
+                                       moe_intermediate_size=1, router_rank=0, router_candidates=8)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(3))
+    full, cached = _full_and_cached_logits(model, ids, prompt=6)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = TinyOnnForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.router_candidates == 8
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, use_cache=False).logits, full)
+        torch.testing.assert_close(loaded.model.layers[1].mlp.router.down_norm, model.model.layers[1].mlp.router.down_norm)

@@ -232,7 +232,8 @@ def fit_lowrank_router(block, x_in: torch.Tensor, k: int) -> float:
     gate and up projections W [E·I, D] and the inputs' second moment C, the rank-r factors of the best rank-r estimate
     of x Wᵀ over those inputs (`tiny_onn.carve.neuron_predictor`; a "gate" router reads the exact gate and has only
     up factors), and c_j = ‖d_j‖ (the neurons' down-projection columns) — times the up pre-activation's root mean
-    square sqrt(w_j C w_jᵀ) for a "gate" router without up factors. Returns the share of the oracle's top-k experts by
+    square sqrt(w_j C w_jᵀ) for a "gate" router without up factors; a two-stage gate router's exact stage weighs by
+    ‖d_j‖. Returns the share of the oracle's top-k experts by
     gain that the fitted router also picks (on up to 2048 of the tokens)."""
     from tiny_onn.carve.neuron_predictor import low_rank_factors, projection_rms, sqrt_psd
 
@@ -251,10 +252,11 @@ def fit_lowrank_router(block, x_in: torch.Tensor, k: int) -> float:
         a_Dr, b_rF = low_rank_factors(rows, sqrt_c, getattr(router, name_in).shape[0])
         getattr(router, name_in).copy_(a_Dr.T.to(getattr(router, name_in)))
         getattr(router, name_out).copy_(b_rF.T.to(getattr(router, name_out)))
-    scale_F = experts.down_proj.detach().cpu().norm(dim=1).reshape(-1).double()  # [E·I]
-    if not hasattr(router, "up_in"):
-        scale_F = scale_F * projection_rms(up_FD, c_DD)  # × the RMS of u_j over the inputs
+    down_norm_F = experts.down_proj.detach().cpu().norm(dim=1).reshape(-1).double()  # [E·I]
+    scale_F = down_norm_F if hasattr(router, "up_in") else down_norm_F * projection_rms(up_FD, c_DD)  # × RMS of u_j
     router.neuron_scale.copy_(scale_F.to(router.neuron_scale))
+    if router.num_candidates:  # the second stage weighs the exact |h_j| by ‖d_j‖
+        router.down_norm.copy_(down_norm_F.to(router.down_norm))
     x_TD = x_in[:2048].to(router.neuron_scale.device, torch.float32)
     gains_TE, _ = expert_and_group_gains(block, x_TD, 1)
     logp = router.log_probs(x_TD.to(router.neuron_scale.dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,10 @@ class CarveConfig(SourceArgs):
     router_rank: int = 64
     """Rank of the lowrank router's factors (2·rank·(D + routed neurons) router parameters per layer); of the gate
     router's up predictor (rank·(D + routed neurons); 0: none)."""
+    router_candidates: float = 0.0
+    """Gate routers: a second, exact stage. Each token's c·top_k experts of largest estimated score (c = this value,
+    at least 1) get their up projections computed and are ranked again by their exact Σ |h_j|·‖d_j‖; the top-k come
+    from them. Those up rows are then active per token too. 0 = one stage."""
     router_input: str = "ffn"
     """What routers read: ffn (the FFN input), embedding (the token embedding) or context (the running mean of the
     sequence's embeddings)."""
@@ -165,6 +170,12 @@ class CarveConfig(SourceArgs):
         if self.router_rank < (0 if self.router_score == "gate" else 1):
             raise TinyOnnError(f"router_rank must be at least {0 if self.router_score == 'gate' else 1} for "
                                f"--router-score {self.router_score}, got {self.router_rank}")
+        if self.router_candidates and self.router_score != "gate":
+            raise TinyOnnError(f"--router-candidates (a second, exact stage) needs --router-score gate, got "
+                               f"{self.router_score!r}")
+        if self.router_candidates and not (self.router_candidates >= 1 and self.candidates <= self.experts):
+            raise TinyOnnError(f"--router-candidates is a factor of top_k ({self.top_k}): at least 1, and at most "
+                               f"{self.experts / self.top_k:g} (all {self.experts} experts); got {self.router_candidates:g}")
         if self.router == "hierarchical" and (self.groups < 1 or self.experts % self.groups):
             raise TinyOnnError(f"experts ({self.experts}) must be a multiple of groups ({self.groups})")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:
@@ -186,6 +197,11 @@ class CarveConfig(SourceArgs):
             raise TinyOnnError(f"calib_inputs must be one of {', '.join(CALIB_INPUTS)}, got {self.calib_inputs!r}")
         if self.calib_steps < 0:
             raise TinyOnnError(f"calib_steps must be >= 0 (0 = least squares only), got {self.calib_steps}")
+
+    @property
+    def candidates(self) -> int:
+        """Candidate experts per token of a two-stage gate router (0: one stage)."""
+        return math.floor(self.router_candidates * self.top_k + 0.5) if self.router_candidates else 0
 
     @property
     def num_groups(self) -> int:
@@ -255,6 +271,7 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
         min_experts_per_tok=cfg.min_k, max_experts_per_tok=cfg.max_k or cfg.experts,
         expert_weighting=cfg.expert_weighting,
         router_score=cfg.router_score, router_input=cfg.router_input, router_rank=cfg.router_rank,
+        router_candidates=cfg.candidates,
     )
     report = []
     if calib_data is not None and cfg.calib_inputs == "carved":

@@ -35,6 +35,8 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
     changes = {"router_score": router_score, "router_input": router_input}
     if router_score in ACTIVATION_SCORES:  # one flat scorer over the neurons' activations: groups play no part
         changes["router_type"] = "flat"
+    if router_score != "gate":  # a second, exact stage exists for gate routers only
+        changes["router_candidates"] = 0
     try:
         config = TinyOnnConfig(**{**carved.model.config.to_dict(), **changes})
     except ValueError as err:

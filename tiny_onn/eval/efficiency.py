@@ -25,6 +25,9 @@ def parameter_counts(model, experts_per_token: float | None = None) -> dict:
         active = total - c.num_hidden_layers * (c.num_experts - k) * per_expert
         if getattr(c, "router_score", "linear") == "gate":  # its router computes every routed neuron's gate
             active += c.num_hidden_layers * (c.num_experts - k) * c.hidden_size * c.moe_intermediate_size
+            # and, with a second stage, the up rows of each token's candidates
+            candidates = max(getattr(c, "router_candidates", 0), k)
+            active += c.num_hidden_layers * (candidates - k) * c.hidden_size * c.moe_intermediate_size
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     )

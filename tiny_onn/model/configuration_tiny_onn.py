@@ -35,6 +35,10 @@ class TinyOnnConfig(PretrainedConfig):
         routed neuron's gate is computed per token; the up pre-activation predicted at rank `router_rank`, or at rank
         0 replaced by a per-neuron constant folded into c_j).
     router_rank (`int`): rank of the "lowrank" router's factors, and of the "gate" router's up predictor (0: none).
+    router_candidates (`int`): "gate" routers only, 0 = off: a second stage — each token's `router_candidates` experts
+        of largest (estimated) score get their exact up pre-activations computed, and are ranked again by the exact
+        Σ_j |act(x·g_j)·(x·u_j)|·‖d_j‖ (‖d_j‖ a learned per-neuron weight initialised to the down-projection column's
+        norm); the selection is made among them. Costs the candidates' up rows per token.
     router_input (`str`): what the router sees: "ffn" (the FFN input, the usual), "embedding" (the token's input
         embedding) or "context" (the running mean of the input embeddings of the sequence so far, this token included).
     router_top_p (`float`): if > 0, dynamic top-k: the fewest experts whose probabilities sum to at least top_p,
@@ -78,6 +82,7 @@ class TinyOnnConfig(PretrainedConfig):
         router_score: str = "linear",
         router_input: str = "ffn",
         router_rank: int = 64,
+        router_candidates: int = 0,
         router_top_p: float = 0.0,
         min_experts_per_tok: int = 1,
         max_experts_per_tok: int | None = None,
@@ -116,6 +121,7 @@ class TinyOnnConfig(PretrainedConfig):
         self.router_score = router_score
         self.router_input = router_input
         self.router_rank = router_rank
+        self.router_candidates = router_candidates
         self.router_top_p = router_top_p
         self.min_experts_per_tok = min_experts_per_tok
         self.max_experts_per_tok = max_experts_per_tok if max_experts_per_tok is not None else num_experts
@@ -149,6 +155,14 @@ class TinyOnnConfig(PretrainedConfig):
             raise ValueError(f"router_rank must be at least 1 for router_score 'lowrank', got {self.router_rank}")
         if self.router_score == "gate" and self.router_rank < 0:
             raise ValueError(f"router_rank must be at least 0 for router_score 'gate', got {self.router_rank}")
+        if self.router_candidates:
+            if self.router_score != "gate":
+                raise ValueError(f"router_candidates (a second, exact stage) needs router_score 'gate', got "
+                                 f"{self.router_score!r}")
+            fewest = max(self.num_experts_per_tok, self.min_experts_per_tok)
+            if not fewest <= self.router_candidates <= self.num_experts:
+                raise ValueError(f"router_candidates must be between the experts chosen per token ({fewest}) and "
+                                 f"num_experts ({self.num_experts}), or 0 (one stage); got {self.router_candidates}")
         if self.moe_mode not in ("sparse", "dense_mixture"):
             raise ValueError(f"moe_mode must be 'sparse' or 'dense_mixture', got {self.moe_mode!r}")
         if self.expert_weighting not in EXPERT_WEIGHTINGS:

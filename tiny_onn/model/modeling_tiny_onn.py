@@ -70,6 +70,17 @@ class RoutingSettings:
 
 
 @dataclasses.dataclass
+class GatePreactivations:
+    """What a "gate" router computes once per forward, for its scores and for the experts: every routed neuron's gate
+    pre-activation x·g_j [N, E·I] and, with `router_candidates`, each token's candidate experts [N, M] and the exact up
+    pre-activations x·u_j of their neurons [N, E·I] (zero for every other neuron). All float32."""
+
+    gate_NF: torch.Tensor
+    up_NF: torch.Tensor | None = None
+    candidates_NM: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
 class TinyOnnModelOutput(MoeModelOutputWithPast):
     """`MoeModelOutputWithPast` plus each layer's expert selection [N, E] (booleans) and, in training mode, the
     routers' z-loss averaged over layers."""
@@ -150,6 +161,11 @@ class TinyOnnMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# a two-stage gate router's logit for experts outside a token's candidates: below any candidate's (log 1e-12 at the
+# least), finite so that log-probabilities stay finite for the losses that read them
+NON_CANDIDATE_LOGIT = math.log(1e-12) - 30.0
 
 
 def _grouped_mm_supported(x: torch.Tensor, inter: int) -> bool:
@@ -260,13 +276,13 @@ class TinyOnnExperts(nn.Module):
         weight_NK: torch.Tensor | None = None,
         keep_NK: torch.Tensor | None = None,
         out_ND: torch.Tensor | None = None,
-        gate_NF: torch.Tensor | None = None,
+        pre: GatePreactivations | None = None,
     ) -> torch.Tensor:
         """Sum over each token's selected experts `idx_NK` (only where `keep_NK`, when given) of their outputs times
         `weight_NK` (None: weight 1), added to `out_ND` when given (the shared expert's output; without autograd some
-        paths add into it in place, so hand over a buffer of your own). `gate_NF` [N, E·I]:
-        every expert neuron's gate pre-activation x·g_j when the caller already has them (a gate router); the dense and
-        gather paths then compute only the up projections, the others ignore it."""
+        paths add into it in place, so hand over a buffer of your own). `pre`: a gate router's pre-activations, when
+        the caller already has them; the dense and gather paths then compute only the up projections (none, when
+        `pre` holds them too), the others ignore it."""
         N, K = idx_NK.shape
         path = self.pick_path(N, K, x_ND)
         gram = None
@@ -281,7 +297,7 @@ class TinyOnnExperts(nn.Module):
                 keep = keep_NK.to(x_ND.dtype if weight_NK is None else weight_NK.dtype)
                 weight_NK = keep if weight_NK is None else weight_NK * keep
             run = self._dense if path == "dense" else self._gather
-            y_ND = run(x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, gate_NF)
+            y_ND = run(x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, pre)
         elif path == "loop" and N == 1:  # decode: no pairs to sort
             expert_K, weight_K = idx_NK[0], None if weight_NK is None else weight_NK[0]
             if keep_NK is not None:
@@ -330,15 +346,18 @@ class TinyOnnExperts(nn.Module):
         """The up projection rows [E, I, D] (a strided view of `gate_up_proj`)."""
         return self.gate_up_proj[:, self.down_proj.shape[-1]:]
 
-    def _dense(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, gate_NF=None):
+    def _dense(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, pre=None):
         N, D = x_ND.shape
         E, I2, _ = self.gate_up_proj.shape
-        if gate_NF is None:
+        if pre is None:
             h = F.linear(x_ND, self.gate_up_proj.reshape(E * I2, D)).view(N, E, I2)  # [N, E, 2I]
             a = self._activations(h)  # [N, E, I]
         else:  # gate pre-activations given: the up GEMM only (one-neuron experts: the rows are a view, no copy)
-            up = F.linear(x_ND, self._up_rows().reshape(E * I2 // 2, D)).view(N, E, I2 // 2)  # [N, E, I]
-            a = self.act_fn(gate_NF.view(N, E, I2 // 2).to(up.dtype)) * up
+            if pre.up_NF is None:
+                up = F.linear(x_ND, self._up_rows().reshape(E * I2 // 2, D)).view(N, E, I2 // 2)  # [N, E, I]
+            else:  # the candidates' up pre-activations too (the selected experts are candidates)
+                up = pre.up_NF.view(N, E, I2 // 2).to(x_ND.dtype)
+            a = self.act_fn(pre.gate_NF.view(N, E, I2 // 2).to(up.dtype)) * up
         masked = keep_NK is not None or idx_NK.shape[1] < E  # some (token, expert) pairs are not selected
         selected = torch.ones(N, E, dtype=torch.bool, device=x_ND.device)
         if masked:
@@ -363,19 +382,23 @@ class TinyOnnExperts(nn.Module):
             return F.linear(a_NF, self._down_flat())
         return torch.addmm(out_ND, a_NF, self._down_flat().T)
 
-    def _gather(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, gate_NF=None):
+    def _gather(self, x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, pre=None):
         N, K = idx_NK.shape
         E, I2, D = self.gate_up_proj.shape
         flat = idx_NK.reshape(-1)  # [N·K]
-        if gate_NF is None:
+        if pre is None:
             gate_up = self.gate_up_proj.index_select(0, flat).view(N, K * I2, D)  # each token's experts, stacked
             a = self._activations(torch.bmm(gate_up, x_ND[:, :, None]).view(N, K, I2))  # [N, K, I]
-        else:  # gate pre-activations given: gather only the up rows, and the selected experts' gate values
+        else:  # gate pre-activations given: gather only the up rows (or their given values), and the gate values
             inter = I2 // 2
-            rows = self._up_rows()  # [E, I, D], a strided view; one-neuron experts: as [E, D] (a faster gather)
-            up = (rows.squeeze(1) if inter == 1 else rows).index_select(0, flat).view(N, K * inter, D)
-            up_NKI = torch.bmm(up, x_ND[:, :, None]).view(N, K, inter)
-            g_NKI = gate_NF.view(N, E, inter).gather(1, idx_NK[:, :, None].expand(N, K, inter))
+            idx_NKI = idx_NK[:, :, None].expand(N, K, inter)
+            if pre.up_NF is None:
+                rows = self._up_rows()  # [E, I, D], a strided view; one-neuron experts: as [E, D] (a faster gather)
+                up = (rows.squeeze(1) if inter == 1 else rows).index_select(0, flat).view(N, K * inter, D)
+                up_NKI = torch.bmm(up, x_ND[:, :, None]).view(N, K, inter)
+            else:
+                up_NKI = pre.up_NF.view(N, E, inter).gather(1, idx_NKI).to(x_ND.dtype)
+            g_NKI = pre.gate_NF.view(N, E, inter).gather(1, idx_NKI)
             a = self.act_fn(g_NKI.to(up_NKI.dtype)) * up_NKI  # [N, K, I]
         if gram is not None:
             with torch.no_grad():
@@ -574,6 +597,7 @@ class TinyOnnRouter(nn.Module):
         score = getattr(config, "router_score", "linear")
         self.lowrank = score in ACTIVATION_SCORES  # scores every routed neuron's (predicted) SwiGLU activation
         self.exact_gate = score == "gate"
+        self.num_candidates = getattr(config, "router_candidates", 0)  # gate routers: experts ranked again exactly
         self._experts: list[nn.Module] = []  # gate routers: the block's experts, held outside the module tree
         self.input_kind = getattr(config, "router_input", "ffn")
         self.side_input: torch.Tensor | None = None  # [N, D], set by TinyOnnModel.forward when input_kind != "ffn"
@@ -588,6 +612,8 @@ class TinyOnnRouter(nn.Module):
                 self.up_in = nn.Parameter(torch.empty(r, D))
                 self.up_out = nn.Parameter(torch.empty(F_, r))
             self.neuron_scale = nn.Parameter(torch.empty(F_))  # [E·I], c_j: the norm of neuron j's down column at carve
+            if self.num_candidates:  # [E·I], the second stage's weight of each neuron: ‖d_j‖ at carve
+                self.down_norm = nn.Parameter(torch.empty(F_))
             return
         for prefix, K in sizes.items():
             if self.gaussian:
@@ -598,11 +624,18 @@ class TinyOnnRouter(nn.Module):
             else:
                 setattr(self, prefix + "weight", nn.Parameter(torch.empty(K, D)))
 
-    def scores(self, r_ND: torch.Tensor, prefix: str = "", gate_NF: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw logits [N, K] of the experts (prefix "") or of the groups (prefix "group_"), in float32 (`gate_NF`: a
-        gate router's gate pre-activations, when already computed by `gate_preactivations`)."""
+    def scores(self, r_ND: torch.Tensor, prefix: str = "", pre: GatePreactivations | None = None) -> torch.Tensor:
+        """Raw logits [N, K] of the experts (prefix "") or of the groups (prefix "group_"), in float32 (`pre`: a gate
+        router's pre-activations, when already computed by `preactivations`). A two-stage gate router gives the experts
+        that are not a token's candidates a logit far below any candidate's, so that no selection reaches them."""
         if self.lowrank:
-            return self.lowrank_scores(r_ND, gate_NF).clamp_min(1e-12).log()
+            if self.num_candidates and pre is None:
+                pre = self.preactivations(r_ND)
+            logits_NE = self.lowrank_scores(r_ND, pre).clamp_min(1e-12).log()
+            if not self.num_candidates:
+                return logits_NE
+            outside_NE = torch.ones_like(logits_NE, dtype=torch.bool).scatter_(1, pre.candidates_NM, False)
+            return logits_NE.masked_fill(outside_NE, NON_CANDIDATE_LOGIT)
         if not self.gaussian:
             return F.linear(r_ND, getattr(self, prefix + "weight").float())
         params = (getattr(self, prefix + name).float() for name in ("mean", "log_std", "log_prior", "log_beta"))
@@ -613,36 +646,72 @@ class TinyOnnRouter(nn.Module):
         the weights in the state dict)."""
         self._experts = [experts]
 
-    def gate_rows(self) -> torch.Tensor:
-        """The routed neurons' gate projection rows [E·I, D]: the experts' own for a "gate" router, else the rank-r
-        estimate B_g A_g."""
-        if not self.exact_gate:
-            return self.gate_out @ self.gate_in
+    def _expert_rows(self, half: int) -> torch.Tensor:
         if not self._experts:
             raise RuntimeError("a 'gate' router reads its experts' gate rows: call bind_experts first")
         w = self._experts[0].gate_up_proj  # [E, 2I, D]
         E, I2, D = w.shape
-        return w[:, : I2 // 2].reshape(E * (I2 // 2), D)  # [E·I, D]
+        inter = I2 // 2
+        return w[:, half * inter : (half + 1) * inter].reshape(E * inter, D)  # [E·I, D]
 
-    def gate_preactivations(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """A "gate" router's exact gate pre-activations [N, E·I] of every routed neuron, in float32. The MoE block
-        computes them once and hands them to the experts too, so no gate GEMM runs twice."""
-        return F.linear(x_ND.float(), self.gate_rows().float())
+    def gate_rows(self) -> torch.Tensor:
+        """The routed neurons' gate projection rows [E·I, D]: the experts' own for a "gate" router, else the rank-r
+        estimate B_g A_g."""
+        return self._expert_rows(0) if self.exact_gate else self.gate_out @ self.gate_in
 
-    def lowrank_scores(self, x_ND: torch.Tensor, gate_NF: torch.Tensor | None = None) -> torch.Tensor:
-        """The activation scorers' expert scores [N, E] = Σ_j |ĥ_j|·|c_j| over each expert's neurons, in float32
-        (`gate_NF`: a gate router's `gate_preactivations`, when already computed)."""
+    def preactivations(self, x_ND: torch.Tensor) -> GatePreactivations:
+        """A "gate" router's exact gate pre-activations of every routed neuron, and (two stages) each token's candidates
+        — its `router_candidates` experts of largest estimated score — with their neurons' exact up pre-activations,
+        float32. The MoE block computes them once and hands them to the experts too, so no projection runs twice. The
+        candidates' up rows are gathered when the tokens' candidates are fewer than the experts, else every neuron's up
+        comes from one GEMM and the others are zeroed."""
+        x32 = x_ND.float()
+        pre = GatePreactivations(F.linear(x32, self.gate_rows().float()))
+        if not self.num_candidates:
+            return pre
+        N, E, M = x_ND.shape[0], self.num_experts, self.num_candidates
+        with torch.no_grad():
+            pre.candidates_NM = self.estimated_scores(x32, pre.gate_NF).topk(M, dim=-1).indices
+        up_rows = self._expert_rows(1).float()  # [E·I, D]
+        inter = up_rows.shape[0] // E
+        if N * M >= E:
+            keep_NE = torch.zeros(N, E, device=x_ND.device).scatter_(1, pre.candidates_NM, 1.0)
+            pre.up_NF = (F.linear(x32, up_rows).view(N, E, inter) * keep_NE[:, :, None]).view(N, E * inter)
+        else:
+            rows = up_rows.view(E, inter, -1).index_select(0, pre.candidates_NM.reshape(-1))  # [N·M, I, D]
+            up_NMI = torch.bmm(rows.view(N, M * inter, -1), x32[:, :, None]).view(N, M, inter)
+            cand_NMI = pre.candidates_NM[:, :, None].expand(N, M, inter)
+            pre.up_NF = up_NMI.new_zeros(N, E, inter).scatter(1, cand_NMI, up_NMI).view(N, E * inter)
+        return pre
+
+    def estimated_scores(self, x_ND: torch.Tensor, gate_NF: torch.Tensor | None = None) -> torch.Tensor:
+        """The activation scorers' estimated expert scores [N, E] = Σ_j |ĥ_j|·|c_j| over each expert's neurons, in
+        float32 (`gate_NF`: a gate router's exact gate pre-activations, when already computed): a one-stage router's
+        scores, a two-stage router's first stage."""
         if self.exact_gate:
-            g_NF = self.gate_preactivations(x_ND) if gate_NF is None else gate_NF
+            g_NF = F.linear(x_ND.float(), self.gate_rows().float()) if gate_NF is None else gate_NF
         else:
             g_NF = F.linear(F.linear(x_ND, self.gate_in.float()), self.gate_out.float())
         h_NF = self.act_fn(g_NF)
         if hasattr(self, "up_in"):
             h_NF = h_NF * F.linear(F.linear(x_ND, self.up_in.float()), self.up_out.float())
-        s_NF = h_NF.abs() * self.neuron_scale.float().abs()
+        return self._per_expert(h_NF.abs() * self.neuron_scale.float().abs())
+
+    def _per_expert(self, s_NF: torch.Tensor) -> torch.Tensor:
         if s_NF.shape[1] == self.num_experts:  # one neuron per expert: nothing to sum
             return s_NF
-        return s_NF.view(x_ND.shape[0], self.num_experts, -1).sum(-1)  # [N, E]
+        return s_NF.view(s_NF.shape[0], self.num_experts, -1).sum(-1)  # [N, E]
+
+    def lowrank_scores(self, x_ND: torch.Tensor, pre: GatePreactivations | None = None) -> torch.Tensor:
+        """The activation scorers' expert scores [N, E] in float32: `estimated_scores`, or for a two-stage gate router
+        the exact Σ_j |act(x·g_j)·(x·u_j)|·|‖d_j‖| of each token's candidates (0 for the other experts). `pre`: a gate
+        router's `preactivations`, when already computed."""
+        if self.exact_gate and pre is None:
+            pre = self.preactivations(x_ND)
+        if not self.num_candidates:
+            return self.estimated_scores(x_ND, None if pre is None else pre.gate_NF)
+        h_NF = self.act_fn(pre.gate_NF) * pre.up_NF
+        return self._per_expert(h_NF.abs() * self.down_norm.float().abs())
 
     def expert_directions(self) -> torch.Tensor:
         """One vector per expert [E, D] in the router's input space, for plots: a linear router's weight rows, a
@@ -660,11 +729,10 @@ class TinyOnnRouter(nn.Module):
             raise RuntimeError(f"router_input={self.input_kind!r}: the model did not set this forward's side input")
         return self.side_input
 
-    def route(self, r_ND: torch.Tensor, gate_NF: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(log-probabilities [N, E], the raw logits of each softmax) for routing inputs r_ND (`gate_NF`: see
-        `scores`)."""
+    def route(self, r_ND: torch.Tensor, pre: GatePreactivations | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(log-probabilities [N, E], the raw logits of each softmax) for routing inputs r_ND (`pre`: see `scores`)."""
         r = r_ND.float()
-        logits_NE = self.scores(r, gate_NF=gate_NF)
+        logits_NE = self.scores(r, pre=pre)
         if not self.hierarchical:
             return F.log_softmax(logits_NE, dim=-1), [logits_NE]
         N, G = logits_NE.shape[0], self.num_groups
@@ -679,12 +747,12 @@ class TinyOnnRouter(nn.Module):
         return self.log_probs_and_z_loss(x_ND, z_loss=False)[0]
 
     def log_probs_and_z_loss(
-        self, x_ND: torch.Tensor, z_loss: bool = True, gate_NF: torch.Tensor | None = None
+        self, x_ND: torch.Tensor, z_loss: bool = True, pre: GatePreactivations | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probabilities [N, E] in float32 and (when `z_loss`) the mean squared log-sum-exp of the raw router
         logits (ST-MoE's z-loss; for a hierarchical router the mean over the main router and the sub-routers).
-        `gate_NF`: see `scores`."""
-        logp_NE, z_terms = self.route(self.routing_input(x_ND), gate_NF)
+        `pre`: see `scores`."""
+        logp_NE, z_terms = self.route(self.routing_input(x_ND), pre)
         z = sum(torch.logsumexp(t, dim=-1).pow(2).mean() for t in z_terms) / len(z_terms) if z_loss else None
         return logp_NE, z
 
@@ -798,20 +866,20 @@ class TinyOnnSparseMoeBlock(nn.Module):
         both — a decode step's MoE block is a handful of small operations, so each one saved counts."""
         shape = hidden_states.shape
         x_ND = hidden_states.reshape(-1, shape[-1])
-        # a gate router reads the experts' own gate pre-activations: computed once here, for the router and the experts
-        gate_NF = self.router.gate_preactivations(x_ND) if self.router.exact_gate else None  # [N, E·I]
+        # a gate router reads the experts' own pre-activations: computed once here, for the router and the experts
+        pre = self.router.preactivations(x_ND) if self.router.exact_gate else None
         shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
         if not routing_outputs and self.ranks_raw_scores():
-            scores_NE = self.router.scores(self.router.routing_input(x_ND).float(), gate_NF=gate_NF)
+            scores_NE = self.router.scores(self.router.routing_input(x_ND).float(), pre=pre)
             idx_NK = scores_NE.topk(self.routing.top_k, dim=-1).indices
-            out_ND = self.experts(x_ND, idx_NK, out_ND=shared_ND, gate_NF=gate_NF)
+            out_ND = self.experts(x_ND, idx_NK, out_ND=shared_ND, pre=pre)
             return out_ND.reshape(shape), None, None, None
-        logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training, gate_NF=gate_NF)
+        logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training, pre=pre)
         idx_NK, weight_NK, keep_NK = self.route(logp_NE)
         with torch.no_grad():
             selected_NE = torch.zeros(logp_NE.shape, dtype=torch.bool, device=logp_NE.device)
             selected_NE.scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
-        out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND, gate_NF=gate_NF)
+        out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND, pre=pre)
         return out_ND.reshape(shape), logp_NE, selected_NE, z_loss
 
 
@@ -871,6 +939,8 @@ class TinyOnnPreTrainedModel(PreTrainedModel):
                 if hasattr(module, name):
                     getattr(module, name).normal_(0.0, std)
             module.neuron_scale.fill_(1.0)
+            if module.num_candidates:
+                module.down_norm.fill_(1.0)
         elif isinstance(module, TinyOnnRouter):
             prefixes = ("", "group_") if module.hierarchical else ("",)
             for prefix in prefixes:
