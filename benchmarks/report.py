@@ -315,7 +315,10 @@ def knowledge_recovery(d: dict) -> str:
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %",
              "width67": "width-pruned dense 67 %", "dense": "dense source"}
-    for entry in d["protocols"]:
+    # the protocols in a fixed order, whichever a run wrote last: by training tokens, corpus size, learning rate
+    order = sorted(d["protocols"], key=lambda e: (e["protocol"]["tokens_per_run"], e["protocol"].get("corpus_prompts", 0),
+                                                  -e["protocol"]["lr"]))
+    for entry in order:
         p, dense = entry["protocol"], entry["start"]["dense"]
         cats = sorted(dense["mix_ppl_by_category"])
         out += [
