@@ -5,7 +5,8 @@ beside the dense source and the 14 x 96 carve (`moe25`), all at 25 % of the FFN 
 
 Models are the knowledge benchmark's start folders (`runs/bench/knowledge/start/moe25`, `.../moe25n`, carved there when
 missing): shared 12.5 % + 14 experts of 96, top-2, linear routers; shared 12.5 % + 1,344 experts of one neuron,
-top-192, rank-64 `lowrank` routers; the same with `gate` routers (`moe25g`: every routed neuron's gate computed).
+top-192, rank-64 `lowrank` routers; the same with `gate` routers (`moe25g`: every routed neuron's gate computed), and
+with two-stage gate routers (`moe25gc3`: also the up rows of each token's 3 × 192 candidates).
 The measures are moe_speed.py's (interleaved repeats, median wall clock):
 prefill 8 x 256 (last position's logits), decode 64 greedy tokens after a 32-token prompt with the KV cache, one FFN
 block on 2,048 tokens, all 30 FFN blocks on one token, and a training step (4 x 256, forward + backward + AdamW over
@@ -28,7 +29,7 @@ from moe_speed import MLP_LAYER, Inputs, interleaved, medians, train_params, tra
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
-MODELS = ("moe25", "moe25n", "moe25g")
+MODELS = ("moe25", "moe25n", "moe25g", "moe25gc3")
 
 
 def main() -> None:
@@ -85,7 +86,9 @@ def main() -> None:
                   "train": list(inp.train_ids.shape)},
         "mlp_layer": MLP_LAYER, "models": {"moe25": "shared 12.5 % + 14x96, top-2, linear routers",
                                            "moe25n": "shared 12.5 % + 1344x1, top-192, rank-64 lowrank routers",
-                                           "moe25g": "shared 12.5 % + 1344x1, top-192, gate routers (rank 0)"},
+                                           "moe25g": "shared 12.5 % + 1344x1, top-192, gate routers (rank 0)",
+                                           "moe25gc3": "shared 12.5 % + 1344x1, top-192, two-stage gate routers "
+                                                       "(576 candidates' up computed)"},
         "rows": rows,
     })
 
