@@ -671,7 +671,7 @@ class TinyOnnRouter(nn.Module):
             return pre
         N, E, M = x_ND.shape[0], self.num_experts, self.num_candidates
         with torch.no_grad():
-            pre.candidates_NM = self.estimated_scores(x32, pre.gate_NF).topk(M, dim=-1).indices
+            pre.candidates_NM = self.estimated_scores(x32, pre.gate_NF).topk(M, dim=-1, sorted=False).indices
         up_rows = self._expert_rows(1).float()  # [E·I, D]
         inter = up_rows.shape[0] // E
         if N * M >= E:
@@ -765,13 +765,14 @@ class TinyOnnRouter(nn.Module):
 def expert_indices(
     scores_NE: torch.Tensor, top_k: int, top_p: float = 0.0, min_k: int = 1, max_k: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each token's selected experts [N, K], best first, and (top_p > 0) which of them are kept [N, K] (else None).
+    """Each token's selected experts [N, K] (top-k: in no particular order; top-p: best first) and (top_p > 0) which of
+    them are kept [N, K] (else None).
 
     Top-k ranks `scores_NE` (probabilities or log-probabilities); top-p (`scores_NE` must be probabilities) keeps the
     fewest experts reaching cumulative probability top_p, clamped to [min_k, max_k]; K is then the batch's largest k
     (a host sync)."""
     if top_p <= 0.0:
-        return scores_NE.topk(top_k, dim=-1).indices, None
+        return scores_NE.topk(top_k, dim=-1, sorted=False).indices, None  # a set: unsorted is 1.5-3x faster
     E = scores_NE.shape[-1]
     sorted_NE, order_NE = scores_NE.sort(dim=-1, descending=True)
     before_NE = sorted_NE.cumsum(dim=-1) - sorted_NE  # mass of the better-ranked experts
@@ -871,7 +872,7 @@ class TinyOnnSparseMoeBlock(nn.Module):
         shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
         if not routing_outputs and self.ranks_raw_scores():
             scores_NE = self.router.scores(self.router.routing_input(x_ND).float(), pre=pre)
-            idx_NK = scores_NE.topk(self.routing.top_k, dim=-1).indices
+            idx_NK = scores_NE.topk(self.routing.top_k, dim=-1, sorted=False).indices
             out_ND = self.experts(x_ND, idx_NK, out_ND=shared_ND, pre=pre)
             return out_ND.reshape(shape), None, None, None
         logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training, pre=pre)
