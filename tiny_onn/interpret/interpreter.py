@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,10 @@ def expert_embedding(features: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
             # 200 layout epochs (UMAP's own choice above 10,000 points; 500 below): a map to browse, 30 layers of it
             umap_ = umap.UMAP(n_neighbors=min(15, n - 1), metric="precomputed", n_epochs=200, random_state=seed,
                               n_jobs=1)
-            return umap_.fit_transform(distances), "UMAP"
+            with warnings.catch_warnings():
+                # a precomputed metric only disables inverse_transform, which the map never uses
+                warnings.filterwarnings("ignore", message="using precomputed metric")
+                return umap_.fit_transform(distances), "UMAP"
     from sklearn.manifold import TSNE
 
     if n >= 4:
