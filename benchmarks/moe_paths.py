@@ -26,7 +26,7 @@ from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
-PATHS = ("dense", "loop", "sorted", "gather", "padded")
+PATHS = ("dense", "loop", "sorted", "gather", "bag", "padded")
 GATHER_MAX = 64  # the gather path copies N·K experts' weights: beyond this it only measures memory traffic
 LAYER = 15
 

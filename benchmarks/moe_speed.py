@@ -11,13 +11,18 @@ tokens, so tokens spread over experts as in a carved model. Each measure runs th
 - FFN: one block (layer 15) on the prefill's [2048, 576] input, and all 30 blocks one after another on one token;
 - training step: batch 4 x 256, loss (+ the router's load balance) forward and backward, AdamW step over the FFN
   parameters (experts, shared expert, routers: what `tiny-onn train` trains by default), expert statistics tracked;
-- paths: the FFN block's time on every dispatch path (prefill, decode sweep, training forward + backward).
+- paths: the FFN block's time on every dispatch path (prefill, decode sweep, training forward + backward);
+- decode kernel control: the MoE decodes through `bag_products` (embedding_bag over cached transposed weights), which on
+  this CPU streams weights about twice as fast as MKL's matrix-vector product that the dense source's FFNs use. So the
+  dense source is also decoded with its FFNs on that same kernel ("dense, decode kernel"): MoE ÷ that is the part of
+  the decode speed-up that sparsity alone earns.
 Writes benchmarks/results/moe_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import statistics
 import subprocess
@@ -36,6 +41,7 @@ from _common import smollm2_scan, write_result  # noqa: E402
 from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
 from tiny_onn.carve.carver import active_fraction  # noqa: E402
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
+from tiny_onn.model.modeling_tiny_onn import TinyOnnMLP  # noqa: E402
 from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
@@ -53,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BEFORE = f"before ({BASELINE_COMMIT})"
 # prefill leaves out "gather": it copies every selected expert's weights per token (GiBs at 2048 tokens); moe_paths.py
 # measures it where it is meant to run (few tokens)
-PATHS = {"prefill": ("dense", "loop", "sorted", "padded"), "decode": ("dense", "loop", "gather", "padded"),
+PATHS = {"prefill": ("dense", "loop", "sorted", "padded"), "decode": ("dense", "loop", "gather", "bag", "padded"),
          "training": ("dense", "loop", "loop-dense-down", "sorted", "padded", "padded-dense-down")}
 
 
@@ -137,11 +143,23 @@ def training_step(model, ids: torch.Tensor, optimizer: torch.optim.Optimizer) ->
     return step
 
 
+def dense_on_decode_kernel(dense):
+    """A copy of the dense model whose FFNs are TinyOnnMLPs holding the same weights: one-token steps run through the
+    MoE's decode kernel, everything else as in the dense model."""
+    model = copy.deepcopy(dense)
+    for layer in model.model.layers:
+        mlp = TinyOnnMLP(model.config, layer.mlp.gate_proj.weight.shape[0])
+        mlp.load_state_dict(layer.mlp.state_dict())
+        layer.mlp = mlp
+    return model.eval()
+
+
 class Inputs:
     """The dense model and every input the measures share (prefill batch, decode prompt, training batch, FFN inputs)."""
 
     def __init__(self, dense, ids: torch.Tensor, mask: torch.Tensor):
         self.dense, self.ids, self.mask = dense, ids, mask
+        self.dense_kernel = dense_on_decode_kernel(dense)
         self.prompt, self.train_ids = ids[:1, :32], ids[:4]
         x_BTD = {}
         hook = dense.model.layers[MLP_LAYER].mlp.register_forward_pre_hook(lambda m, a: x_BTD.setdefault("x", a[0]))
@@ -199,10 +217,13 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
         "dense_generate_1": lambda: inp.generate(dense, 1), "moe_generate_1": lambda: inp.generate(moe, 1),
         "dense_mlp": lambda: inp.block(dense_block), "moe_mlp": lambda: inp.block(moe_block),
         "dense_ffn_sweep_1_token": lambda: inp.ffn_sweep(dense), "moe_ffn_sweep_1_token": lambda: inp.ffn_sweep(moe),
+        "dense_kernel_generate_64": lambda: inp.generate(inp.dense_kernel, 64),
+        "dense_kernel_generate_1": lambda: inp.generate(inp.dense_kernel, 1),
+        "dense_kernel_ffn_sweep_1_token": lambda: inp.ffn_sweep(inp.dense_kernel),
     }, repeats))
     log(f"{name}: inference measured")
     wall = inf["wall"]
-    per_token = {k: (wall[f"{k}_generate_64"] - wall[f"{k}_generate_1"]) / 63 for k in ("dense", "moe")}
+    per_token = {k: (wall[f"{k}_generate_64"] - wall[f"{k}_generate_1"]) / 63 for k in ("dense", "moe", "dense_kernel")}
     # one training step of each model
     moe.train()
     dense.train()
@@ -259,6 +280,10 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
         "prefill_speedup": wall["dense_prefill"] / wall["moe_prefill"],
         "decode_tokens_per_second": {k: 1 / v for k, v in per_token.items()},
         "decode_speedup": per_token["dense"] / per_token["moe"],
+        # the control: the dense source with its FFNs on the MoE's decode kernel
+        "decode_speedup_vs_dense_on_decode_kernel": per_token["dense_kernel"] / per_token["moe"],
+        "ffn_decode_sweep_time_ratio_vs_dense_on_decode_kernel": (wall["moe_ffn_sweep_1_token"]
+                                                                  / wall["dense_kernel_ffn_sweep_1_token"]),
         "mlp_time_ratio": wall["moe_mlp"] / wall["dense_mlp"],
         "ffn_decode_sweep_time_ratio": wall["moe_ffn_sweep_1_token"] / wall["dense_ffn_sweep_1_token"],
         "train_step_seconds": {"dense": train["wall"]["dense_train_step"], "moe": train["wall"]["moe_train_step"]},

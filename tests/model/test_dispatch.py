@@ -106,16 +106,17 @@ def _check_path_against_the_reference(routing, path, dtype, tol, shape):
 
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_decode_paths_equal_the_grouped_path_for_1_to_16_tokens(routing):
-    """The few-token paths (gather, the CPU loop, sorted, dense) give the grouped (padded) path's logits for N = 1..16 tokens."""
+    """The few-token paths (bag, gather, the CPU loop, sorted, dense) give the grouped (padded) path's logits for
+    N = 1..16 tokens."""
     model = tiny_moe(seed=2, **ROUTINGS[routing])
     ids = torch.randint(2, 64, (1, 16), generator=torch.Generator().manual_seed(3))
     for n in range(1, 17):
         logits = {}
-        for path in ("padded", "gather", "loop", "sorted", "dense"):
+        for path in ("padded", "bag", "gather", "loop", "sorted", "dense"):
             use_path(model, path)
             with torch.no_grad():
                 logits[path] = model(ids[:, :n]).logits
-        for path in ("gather", "loop", "sorted", "dense"):
+        for path in ("bag", "gather", "loop", "sorted", "dense"):
             torch.testing.assert_close(logits[path], logits["padded"], atol=1e-5, rtol=1e-5)
 
 
@@ -123,6 +124,12 @@ def test_auto_path_choice():
     experts = tiny_moe().model.layers[0].mlp.experts
     x = torch.zeros(1, 32)
     E, inter = experts.num_experts, experts.down_proj.shape[-1]
+    # inference on CPU: the bag path up to bag_max_tokens tokens, whatever the number of experts selected
+    for k in (1, 2, 6):
+        assert experts.pick_path(1, k, x, grad=False) == experts.pick_path(experts.bag_max_tokens, k, x, grad=False) == "bag"
+    assert experts.pick_path(experts.bag_max_tokens + 1, 2, x, grad=False) == "dense"
+    assert experts.pick_path(1, E, x, grad=False) == "dense"  # every expert selected: one GEMM each
+    experts.bag_max_tokens = 0  # off: the one-token paths of training
     for grad in (False, True):
         assert experts.pick_path(1, 2, x, grad=grad) == "loop"  # one token, few experts, CPU
         assert experts.pick_path(1, 6, x, grad=grad) == "gather"

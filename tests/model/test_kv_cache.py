@@ -38,9 +38,11 @@ def test_cached_greedy_decoding_equals_full_forwards(routing):
 
 
 def test_decode_steps_take_the_few_token_paths():
-    """CPU: the 12-token prefill runs every expert (dense: at 12 tokens nearly all are touched), each one-token step
-    loops over its 2 experts."""
+    """CPU: a prefill longer than `bag_max_tokens` runs every expert (dense: nearly all are touched), each one-token
+    step takes the bag path (its experts' rows read in place)."""
     model = tiny_moe()
+    for layer in model.model.layers:
+        layer.mlp.experts.bag_max_tokens = 8
     experts = model.model.layers[0].mlp.experts
     seen = []
     run = experts.forward
@@ -53,4 +55,4 @@ def test_decode_steps_take_the_few_token_paths():
     prompt = torch.randint(2, 64, (1, 12), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert seen == ["dense", "loop", "loop"]
+    assert seen == ["dense", "bag", "bag"]

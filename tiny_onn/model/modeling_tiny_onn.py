@@ -149,8 +149,60 @@ class TinyOnnAttention(nn.Module):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
+_BAG_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def bag_products(rows_XR: torch.Tensor, table_TC: torch.Tensor, weights_XR: torch.Tensor) -> torch.Tensor:
+    """Σ_r weights[x, r] · table[rows[x, r]] for every bag x -> [X, C]: a matrix product read as weighted sums of a
+    transposed weight's rows (embedding_bag's per-sample-weighted sum). On CPU this streams the weight rows at about
+    twice the rate of MKL's matrix-vector product (benchmarks/moe_speed.py, "decode kernel"), and it reads only the rows
+    it is given, so a token's selected experts are read in place, without copies. Calls the op directly, with cached
+    bag offsets: in decode the functional wrapper's checks and offsets cost as much as the product."""
+    X, R = rows_XR.shape
+    key = (X, R, rows_XR.device)
+    offsets_X = _BAG_OFFSETS.get(key)
+    if offsets_X is None:
+        offsets_X = _BAG_OFFSETS.setdefault(key, torch.arange(0, X * R, R, device=rows_XR.device))
+    mode_sum = 0
+    return torch.embedding_bag(table_TC, rows_XR.reshape(-1), offsets_X, False, mode_sum, False,
+                               weights_XR.reshape(-1), False, None)[0]
+
+
+def bag_kernel_runs(x: torch.Tensor, weight: torch.Tensor, tokens: int, max_tokens: int) -> bool:
+    """Whether the decode kernel (`bag_products` over cached transposed weights) takes this call: CPU, at most
+    `max_tokens` tokens, nothing for autograd to record."""
+    if x.device.type != "cpu" or tokens > max_tokens or x.dtype != weight.dtype:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+class DecodeTables:
+    """Transposed copies of a module's weights for the decode kernel, built on first use and rebuilt whenever one of
+    the weights changes (its version counter, storage, dtype or device): an optimizer step, `load_state_dict`, `.to`.
+    They double the memory of the weights they copy while they exist; entering training mode drops them."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._tables: tuple[torch.Tensor, ...] = ()
+
+    def get(self, params: tuple[torch.Tensor, ...], build: Callable[[], tuple[torch.Tensor, ...]]):
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        if key != self._key:
+            self._tables, self._key = (), None  # the old copies go before the new ones are made
+            with torch.no_grad():
+                self._tables = tuple(t.contiguous() for t in build())
+            self._key = key
+        return self._tables
+
+    def clear(self) -> None:
+        self._key, self._tables = None, ()
+
+
 class TinyOnnMLP(nn.Module):
-    """A dense SwiGLU FFN (the always-on shared expert)."""
+    """A dense SwiGLU FFN (the always-on shared expert). On CPU without autograd, up to `bag_max_tokens` tokens (decode)
+    run through the decode kernel (`bag_products`) on cached transposed weights (`DecodeTables`); 0 turns it off."""
+
+    bag_max_tokens = 1
 
     def __init__(self, config: TinyOnnConfig, intermediate_size: int):
         super().__init__()
@@ -158,9 +210,32 @@ class TinyOnnMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.decode_tables = DecodeTables()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        D = x.shape[-1]
+        if bag_kernel_runs(x, self.down_proj.weight, x.numel() // D, self.bag_max_tokens):
+            return self._bag_forward(x.reshape(-1, D)).view(x.shape)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def _bag_forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        N, D = x_ND.shape
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        gate_up_T, down_rows, rows_D, rows_S = self.decode_tables.get(weights, lambda: (
+            torch.cat(weights[:2]).T,  # [D, 2S]
+            weights[2].T,  # [S, D]
+            torch.arange(D, device=x_ND.device),
+            torch.arange(weights[2].shape[1], device=x_ND.device),
+        ))
+        S = down_rows.shape[0]
+        h_N2S = bag_products(rows_D.expand(N, D), gate_up_T, x_ND.contiguous())
+        a_NS = self.act_fn(h_N2S[:, :S]) * h_N2S[:, S:]
+        return bag_products(rows_S.expand(N, S), down_rows, a_NS)
+
+    def train(self, mode: bool = True) -> TinyOnnMLP:
+        if mode:
+            self.decode_tables.clear()
+        return super().train(mode)
 
 
 # a two-stage gate router's logit for experts outside a token's candidates: below any candidate's (log 1e-12 at the
@@ -199,8 +274,13 @@ class TinyOnnExperts(nn.Module):
     - "sorted": the pairs sorted by expert and gathered once into [P, D]; each expert's contiguous rows through its two
       GEMMs, written in place into one [P, D] output (no grad), summed per token by one index_add (CPU prefill: fewer,
       larger copies than the loop's per-expert gathers and adds).
+    - "bag": CPU decode without autograd: each selected (token, expert) pair's gate and up pre-activations as one
+      weighted sum of rows of a cached transposed copy of the experts' weights, and each token's down projection as one
+      weighted sum of its selected neurons' down rows (`bag_products`: two calls per block, the selected rows read in
+      place, no host sync, no Python loop). Under autograd, with statistics tracked or with a gate router's
+      pre-activations handed over, it runs "gather" instead.
     - "gather": copy each token's selected experts (index_select), two batched matmuls; no host sync, no Python loop
-      (CUDA with few tokens; one-token CPU decode with many selected experts).
+      (CUDA with few tokens).
     - "padded": tokens grouped into an [E, C, D] batch (C = the busiest expert's count), batched matmuls (CUDA without
       grouped GEMM; on CPU its cost follows the routing imbalance).
     - "grouped_mm": `torch._grouped_mm` on the expert-sorted tokens, no host sync (CUDA bf16, Hopper or newer).
@@ -210,7 +290,10 @@ class TinyOnnExperts(nn.Module):
 
     path = "auto"
     # thresholds of the "auto" choice, measured by benchmarks/moe_paths.py and moe_speed.py (an instance may override)
-    loop_max_experts = 4  # one-token decode on CPU: the loop over at most this many selected experts, else gather
+    # CPU without autograd: the bag path up to this many tokens (0: off, and no cached copies); it beats the GEMM paths
+    # up to 64-256 tokens at every layout of moe_speed.py, as it reads only the selected rows
+    bag_max_tokens = 64
+    loop_max_experts = 4  # one-token decode on CPU under autograd: the loop over at most this many experts, else gather
     gather_max_tokens = 8  # CUDA: up to this many tokens, the gather path
     # CPU inference, 2+ tokens: the sorted path for experts at least this wide once their average tokens × width
     # reach this (e.g. 64 tokens each at width 96, 256 at width 24), else dense
@@ -232,6 +315,12 @@ class TinyOnnExperts(nn.Module):
         self.track_stats = False
         self.output_norm_sum: torch.Tensor | None = None  # [E], created by reset_stats
         self.routed_count: torch.Tensor | None = None  # [E]
+        self.decode_tables = DecodeTables()  # the bag path's transposed weights
+
+    def train(self, mode: bool = True) -> TinyOnnExperts:
+        if mode:
+            self.decode_tables.clear()
+        return super().train(mode)
 
     def reset_stats(self) -> None:
         self.output_norm_sum = torch.zeros(self.num_experts, device=self.down_proj.device)
@@ -257,6 +346,8 @@ class TinyOnnExperts(nn.Module):
             if tokens <= self.gather_max_tokens:
                 return "gather"
             return "grouped_mm" if _grouped_mm_supported(x, inter) else "padded"
+        if not grad and tokens <= self.bag_max_tokens:
+            return "bag"
         if tokens == 1:
             # reads each selected expert in place; with many selected experts their copies cost less than the loop
             return "loop" if k <= self.loop_max_experts else "gather"
@@ -277,14 +368,27 @@ class TinyOnnExperts(nn.Module):
         keep_NK: torch.Tensor | None = None,
         out_ND: torch.Tensor | None = None,
         pre: GatePreactivations | None = None,
+        shared: TinyOnnMLP | None = None,
     ) -> torch.Tensor:
         """Sum over each token's selected experts `idx_NK` (only where `keep_NK`, when given) of their outputs times
-        `weight_NK` (None: weight 1), added to `out_ND` when given (the shared expert's output; without autograd some
-        paths add into it in place, so hand over a buffer of your own). `pre`: a gate router's pre-activations, when
+        `weight_NK` (None: weight 1), added to `out_ND` when given (without autograd some paths add into it in place,
+        so hand over a buffer of your own) and to the output of `shared` (the block's shared expert: the bag path
+        folds it into its own two calls, the other paths run it first). `pre`: a gate router's pre-activations, when
         the caller already has them; the dense and gather paths then compute only the up projections (none, when
         `pre` holds them too), the others ignore it."""
         N, K = idx_NK.shape
         path = self.pick_path(N, K, x_ND)
+        if path == "bag":
+            if not (self.track_stats or pre is not None or weight_NK is not None and weight_NK.requires_grad
+                    or not bag_kernel_runs(x_ND, self.down_proj, 0, 0)):
+                if keep_NK is not None:
+                    keep = keep_NK.to(x_ND.dtype if weight_NK is None else weight_NK.dtype)
+                    weight_NK = keep if weight_NK is None else weight_NK * keep
+                y_ND = self._bag(x_ND, idx_NK, weight_NK, shared)
+                return y_ND if out_ND is None else out_ND.add_(y_ND)
+            path = "gather"  # the same function, differentiable, with statistics and gate pre-activations
+        if shared is not None:
+            out_ND = shared(x_ND) if out_ND is None else out_ND + shared(x_ND)
         gram = None
         if self.track_stats:
             if self.output_norm_sum is None:
@@ -418,6 +522,53 @@ class TinyOnnExperts(nn.Module):
         y_NKD = torch.bmm(self.down_proj.index_select(0, flat), a.reshape(N * K, inter, 1)).view(N, K, D)
         y_ND = y_NKD.sum(1)
         return y_ND if out_ND is None else out_ND + y_ND
+
+    def _bag_tables(self, shared: TinyOnnMLP | None) -> tuple[torch.Tensor, ...]:
+        """The bag path's tables: gate and up columns [U·D, 2I] (row u·D + d: unit u's gate and up weights on input
+        dimension d), down rows [U·I, D] (row u·I + i: neuron i of unit u), each unit's row numbers in them, [U, D]
+        and [U, I], and the shared expert's units [M]. Units: the E experts, then the shared expert's S neurons cut
+        into M = ⌈S / I⌉ units of I (the last one padded with zero neurons, which add nothing)."""
+        weights = (self.gate_up_proj, self.down_proj)
+        if shared is not None:
+            weights += (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+
+        def build() -> tuple[torch.Tensor, ...]:
+            E, I2, D = self.gate_up_proj.shape
+            inter = I2 // 2
+            gate_up, down = self.gate_up_proj, self.down_proj  # [E, 2I, D], [E, D, I]
+            if shared is not None:
+                g, u, d = weights[2:]  # [S, D], [S, D], [D, S]
+                M = -(-g.shape[0] // inter)
+                pad = M * inter - g.shape[0]
+                g, u = F.pad(g, (0, 0, 0, pad)).view(M, inter, D), F.pad(u, (0, 0, 0, pad)).view(M, inter, D)
+                gate_up = torch.cat([gate_up, torch.cat([g, u], dim=1)])  # [E + M, 2I, D]
+                down = torch.cat([down, F.pad(d, (0, pad)).view(D, M, inter).transpose(0, 1)])  # [E + M, D, I]
+            U, device = gate_up.shape[0], gate_up.device
+            return (gate_up.transpose(1, 2).reshape(U * D, I2),  # [U·D, 2I]
+                    down.transpose(1, 2).reshape(U * inter, D),  # [U·I, D]
+                    torch.arange(U * D, device=device).view(U, D),
+                    torch.arange(U * inter, device=device).view(U, inter),
+                    torch.arange(E, U, device=device))
+
+        return self.decode_tables.get(weights, build)
+
+    def _bag(self, x_ND, idx_NK, weight_NK, shared):
+        gate_up_cols, down_rows, rows_UD, neurons_UI, shared_M = self._bag_tables(shared)
+        N, D = x_ND.shape
+        if shared is not None:  # the shared expert's units: selected by every token, weight 1
+            M = shared_M.shape[0]
+            idx_NK = torch.cat([idx_NK, shared_M.expand(N, M)], dim=1)
+            if weight_NK is not None:
+                weight_NK = torch.cat([weight_NK, weight_NK.new_ones(N, M)], dim=1)
+        K, inter = idx_NK.shape[1], neurons_UI.shape[1]
+        flat = idx_NK.reshape(-1)  # [N·K]
+        x_PD = x_ND[:, None, :].expand(N, K, D)  # each pair's input, weighting its unit's rows
+        h_P2I = bag_products(rows_UD.index_select(0, flat), gate_up_cols, x_PD)  # [N·K, 2I]
+        a_PI = self._activations(h_P2I)
+        if weight_NK is not None:
+            a_PI = a_PI * weight_NK.reshape(-1, 1).to(a_PI.dtype)
+        # each token: one bag over its K units' neurons, weighted by their activations
+        return bag_products(neurons_UI.index_select(0, flat).view(N, K * inter), down_rows, a_PI.view(N, K * inter))
 
     def _loop(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
         """The selected experts one after another (one sort; the host learns the counts). Without autograd each expert
@@ -869,18 +1020,17 @@ class TinyOnnSparseMoeBlock(nn.Module):
         x_ND = hidden_states.reshape(-1, shape[-1])
         # a gate router reads the experts' own pre-activations: computed once here, for the router and the experts
         pre = self.router.preactivations(x_ND) if self.router.exact_gate else None
-        shared_ND = self.shared_expert(x_ND) if self.shared_expert is not None else None
         if not routing_outputs and self.ranks_raw_scores():
             scores_NE = self.router.scores(self.router.routing_input(x_ND).float(), pre=pre)
             idx_NK = scores_NE.topk(self.routing.top_k, dim=-1, sorted=False).indices
-            out_ND = self.experts(x_ND, idx_NK, out_ND=shared_ND, pre=pre)
+            out_ND = self.experts(x_ND, idx_NK, pre=pre, shared=self.shared_expert)
             return out_ND.reshape(shape), None, None, None
         logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training, pre=pre)
         idx_NK, weight_NK, keep_NK = self.route(logp_NE)
         with torch.no_grad():
             selected_NE = torch.zeros(logp_NE.shape, dtype=torch.bool, device=logp_NE.device)
             selected_NE.scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
-        out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, out_ND=shared_ND, pre=pre)
+        out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, pre=pre, shared=self.shared_expert)
         return out_ND.reshape(shape), logp_NE, selected_NE, z_loss
 
 

@@ -1,0 +1,83 @@
+"""The CPU decode kernel (`bag_products` on cached transposed weights): the same products as matrix multiplication,
+the shared expert folded into the experts' two calls (zero-padded to whole units), and cached copies that follow every
+change of the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.model.helpers import tiny_moe, use_path
+from tiny_onn.model.modeling_tiny_onn import TinyOnnMLP, bag_products
+
+
+def test_bag_products_are_weighted_sums_of_the_given_rows():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    rows = torch.tensor([[0, 4, 9], [2, 2, 5]])
+    weights = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    want = torch.stack([sum(weights[x, r] * table[rows[x, r]] for r in range(3)) for x in range(2)])
+    torch.testing.assert_close(bag_products(rows, table, weights), want)
+
+
+@pytest.mark.parametrize("shared", [16, 12, 3, 0])  # whole units of 8 neurons, padded units, none
+@pytest.mark.parametrize("fields", [dict(), dict(expert_weighting="probs"), dict(router_top_p=0.6, max_experts_per_tok=5)])
+def test_the_shared_expert_folds_into_the_bag_path(shared, fields):
+    model = tiny_moe(seed=7, shared_expert_intermediate_size=shared, **fields).double()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        for n in (1, 3, 5):
+            use_path(model, "padded")
+            want = model(ids[:, :n]).logits
+            use_path(model, "bag")
+            torch.testing.assert_close(model(ids[:, :n]).logits, want, atol=1e-10, rtol=1e-10)
+
+
+def _one_token_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_cached_tables_follow_every_change_of_the_weights():
+    """An optimizer step, load_state_dict and a dtype change each rebuild the copies; training mode drops them."""
+    model = tiny_moe(seed=9)
+    reference = tiny_moe(seed=9)
+    use_path(reference, "loop")  # reads the parameters themselves
+    ids = torch.randint(2, 64, (1, 1), generator=torch.Generator().manual_seed(10))
+    experts = model.model.layers[0].mlp.experts
+    torch.testing.assert_close(_one_token_logits(model, ids), _one_token_logits(reference, ids))
+    assert experts.decode_tables._tables  # built by the first decode
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for m in (model, reference):
+        m.zero_grad()
+    for m in (model, reference):
+        m(torch.randint(2, 64, (1, 6), generator=torch.Generator().manual_seed(11)), labels=torch.ones(1, 6).long()
+          ).loss.backward()
+    optimizer.step()
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    torch.testing.assert_close(_one_token_logits(model, ids), _one_token_logits(reference, ids))
+    other = tiny_moe(seed=12)
+    model.load_state_dict(other.state_dict())
+    reference.load_state_dict(other.state_dict())
+    torch.testing.assert_close(_one_token_logits(model, ids), _one_token_logits(reference, ids))
+    model.double()
+    reference.double()
+    torch.testing.assert_close(_one_token_logits(model, ids), _one_token_logits(reference, ids))
+    model.train()
+    assert not experts.decode_tables._tables
+    model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mlp_decode_kernel_equals_its_linear_layers(dtype):
+    model = tiny_moe(seed=13)
+    mlp: TinyOnnMLP = model.model.layers[0].mlp.shared_expert.to(dtype)
+    x = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(14)).to(dtype)
+    with torch.no_grad():
+        got = mlp(x)
+        want = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert mlp.decode_tables._tables and got.shape == want.shape
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(got, want, **tol)
+    y = mlp(x.requires_grad_(True))  # autograd: the linear layers
+    assert y.grad_fn is not None
