@@ -81,3 +81,29 @@ def test_the_mlp_decode_kernel_equals_its_linear_layers(dtype):
     torch.testing.assert_close(got, want, **tol)
     y = mlp(x.requires_grad_(True))  # autograd: the linear layers
     assert y.grad_fn is not None
+
+
+@pytest.mark.parametrize("fields", [
+    dict(router_score="gate", router_rank=0),
+    dict(router_score="gate", router_rank=0, router_candidates=4),
+    dict(router_score="gate", router_rank=2, num_experts=48, moe_intermediate_size=1, num_experts_per_tok=8,
+         router_candidates=16),
+])
+def test_gate_routers_read_their_rows_through_the_decode_kernel(fields):
+    """One token without autograd: the gate (and candidates' up) pre-activations from the decode kernel equal the
+    GEMM's, and so do the logits."""
+    model = tiny_moe(seed=15, **fields).double()
+    router = model.model.layers[0].mlp.router
+    x = torch.randn(1, 32, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    ids = torch.randint(2, 64, (1, 1), generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        got, logits = router.preactivations(x), model(ids).logits
+        assert router.decode_tables._tables  # the kernel ran
+        for layer in model.model.layers:
+            layer.mlp.router.bag_max_tokens = 0
+        want, want_logits = router.preactivations(x), model(ids).logits
+    torch.testing.assert_close(got.gate_NF, want.gate_NF)
+    if "router_candidates" in fields:
+        assert torch.equal(got.candidates_NM.sort().values, want.candidates_NM.sort().values)
+        torch.testing.assert_close(got.up_NF, want.up_NF)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)  # pre-activations are float32

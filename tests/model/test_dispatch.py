@@ -129,6 +129,8 @@ def test_auto_path_choice():
         assert experts.pick_path(1, k, x, grad=False) == experts.pick_path(experts.bag_max_tokens, k, x, grad=False) == "bag"
     assert experts.pick_path(experts.bag_max_tokens + 1, 2, x, grad=False) == "dense"
     assert experts.pick_path(1, E, x, grad=False) == "dense"  # every expert selected: one GEMM each
+    experts.bag_min_inter = inter + 1  # experts narrower than that: the one-token paths below
+    assert experts.pick_path(1, 2, x, grad=False) == "loop"
     experts.bag_max_tokens = 0  # off: the one-token paths of training
     for grad in (False, True):
         assert experts.pick_path(1, 2, x, grad=grad) == "loop"  # one token, few experts, CPU

@@ -168,10 +168,10 @@ def bag_products(rows_XR: torch.Tensor, table_TC: torch.Tensor, weights_XR: torc
                                weights_XR.reshape(-1), False, None)[0]
 
 
-def bag_kernel_runs(x: torch.Tensor, weight: torch.Tensor, tokens: int, max_tokens: int) -> bool:
+def bag_kernel_runs(x: torch.Tensor, weight: torch.Tensor, tokens: int, max_tokens: int, dtype: bool = True) -> bool:
     """Whether the decode kernel (`bag_products` over cached transposed weights) takes this call: CPU, at most
-    `max_tokens` tokens, nothing for autograd to record."""
-    if x.device.type != "cpu" or tokens > max_tokens or x.dtype != weight.dtype:
+    `max_tokens` tokens, nothing for autograd to record (and, `dtype`, x in the weight's dtype)."""
+    if x.device.type != "cpu" or tokens > max_tokens or dtype and x.dtype != weight.dtype:
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
@@ -293,6 +293,8 @@ class TinyOnnExperts(nn.Module):
     # CPU without autograd: the bag path up to this many tokens (0: off, and no cached copies); it beats the GEMM paths
     # up to 64-256 tokens at every layout of moe_speed.py, as it reads only the selected rows
     bag_max_tokens = 64
+    # one-neuron experts: rows of two floats make the bag's gate and up calls slower than the gather path's copies
+    bag_min_inter = 2
     loop_max_experts = 4  # one-token decode on CPU under autograd: the loop over at most this many experts, else gather
     gather_max_tokens = 8  # CUDA: up to this many tokens, the gather path
     # CPU inference, 2+ tokens: the sorted path for experts at least this wide once their average tokens × width
@@ -332,9 +334,10 @@ class TinyOnnExperts(nn.Module):
         inter = self.down_proj.shape[-1]
         return torch.mm(self.act_fn(h[:, :inter]) * h[:, inter:], self.down_proj[e].T)
 
-    def pick_path(self, tokens: int, k: int, x: torch.Tensor, grad: bool | None = None) -> str:
+    def pick_path(self, tokens: int, k: int, x: torch.Tensor, grad: bool | None = None, bag: bool = True) -> str:
         """The path `forward` takes for `tokens` tokens with k selected experts each; `grad`: whether autograd records
-        the call (None: as it would now, from the grad mode and whether x or the weights require grad)."""
+        the call (None: as it would now, from the grad mode and whether x or the weights require grad); `bag`: whether
+        the bag path may be picked (`forward` asks again without it where it does not apply)."""
         if self.path != "auto":
             return self.path
         if grad is None:
@@ -346,7 +349,7 @@ class TinyOnnExperts(nn.Module):
             if tokens <= self.gather_max_tokens:
                 return "gather"
             return "grouped_mm" if _grouped_mm_supported(x, inter) else "padded"
-        if not grad and tokens <= self.bag_max_tokens:
+        if bag and not grad and tokens <= self.bag_max_tokens and inter >= self.bag_min_inter:
             return "bag"
         if tokens == 1:
             # reads each selected expert in place; with many selected experts their copies cost less than the loop
@@ -386,7 +389,8 @@ class TinyOnnExperts(nn.Module):
                     weight_NK = keep if weight_NK is None else weight_NK * keep
                 y_ND = self._bag(x_ND, idx_NK, weight_NK, shared)
                 return y_ND if out_ND is None else out_ND.add_(y_ND)
-            path = "gather"  # the same function, differentiable, with statistics and gate pre-activations
+            # the same function, differentiable, with statistics and gate pre-activations
+            path = "gather" if self.path == "bag" else self.pick_path(N, K, x_ND, bag=False)
         if shared is not None:
             out_ND = shared(x_ND) if out_ND is None else out_ND + shared(x_ND)
         gram = None
@@ -738,6 +742,8 @@ class TinyOnnRouter(nn.Module):
     û_j = 1 at rank 0). It reads the FFN input, or (`router_input`) a side input the model hands over before its layers
     run: the token embeddings or the running mean of the sequence's embeddings."""
 
+    bag_max_tokens = 1  # gate routers: CPU decode without autograd reads the gate (and up) rows through bag_products
+
     def __init__(self, config: TinyOnnConfig):
         super().__init__()
         E, D = config.num_experts, config.hidden_size
@@ -750,6 +756,7 @@ class TinyOnnRouter(nn.Module):
         self.exact_gate = score == "gate"
         self.num_candidates = getattr(config, "router_candidates", 0)  # gate routers: experts ranked again exactly
         self._experts: list[nn.Module] = []  # gate routers: the block's experts, held outside the module tree
+        self.decode_tables = DecodeTables()  # gate routers: the experts' gate (and up) rows transposed, for decode
         self.input_kind = getattr(config, "router_input", "ffn")
         self.side_input: torch.Tensor | None = None  # [N, D], set by TinyOnnModel.forward when input_kind != "ffn"
         sizes = {"": E, "group_": self.num_groups} if self.hierarchical else {"": E}  # "": (sub-)routers, stacked
@@ -810,19 +817,51 @@ class TinyOnnRouter(nn.Module):
         estimate B_g A_g."""
         return self._expert_rows(0) if self.exact_gate else self.gate_out @ self.gate_in
 
+    def train(self, mode: bool = True) -> TinyOnnRouter:
+        if mode:
+            self.decode_tables.clear()
+        return super().train(mode)
+
+    def _decode_preactivations(self, x32_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode on CPU: every routed neuron's gate (and, two stages, up) pre-activation [N, E·I] from one call of
+        the decode kernel on a cached float32 copy of the experts' gate (and up) rows, transposed [D, E·I (·2)]."""
+        w = self._experts[0].gate_up_proj
+
+        def build() -> tuple[torch.Tensor, ...]:
+            rows = [self._expert_rows(0)] + ([self._expert_rows(1)] if self.num_candidates else [])
+            return torch.cat(rows).float().T, torch.arange(w.shape[-1], device=w.device)  # [D, F or 2F], [D]
+
+        table_DC, rows_D = self.decode_tables.get((w,), build)
+        N, D = x32_ND.shape
+        h_NC = bag_products(rows_D.expand(N, D), table_DC, x32_ND.contiguous())
+        F_ = h_NC.shape[1] // (2 if self.num_candidates else 1)
+        return h_NC[:, :F_], (h_NC[:, F_:] if self.num_candidates else None)
+
     def preactivations(self, x_ND: torch.Tensor) -> GatePreactivations:
         """A "gate" router's exact gate pre-activations of every routed neuron, and (two stages) each token's candidates
         — its `router_candidates` experts of largest estimated score — with their neurons' exact up pre-activations,
         float32. The MoE block computes them once and hands them to the experts too, so no projection runs twice. The
         candidates' up rows are gathered when the tokens' candidates are fewer than the experts, else every neuron's up
-        comes from one GEMM and the others are zeroed."""
+        comes from one GEMM and the others are zeroed. CPU decode without autograd (up to `bag_max_tokens` tokens) reads
+        every gate (and up) row through the decode kernel instead: one call, at about twice the GEMV's rate."""
         x32 = x_ND.float()
-        pre = GatePreactivations(F.linear(x32, self.gate_rows().float()))
+        N = x_ND.shape[0]
+        up_all = None  # every neuron's up pre-activation, from the decode kernel
+        if self._experts and bag_kernel_runs(x32, self._experts[0].gate_up_proj, N, self.bag_max_tokens, dtype=False):
+            gate_NF, up_all = self._decode_preactivations(x32)
+            pre = GatePreactivations(gate_NF)
+        else:
+            pre = GatePreactivations(F.linear(x32, self.gate_rows().float()))
         if not self.num_candidates:
             return pre
-        N, E, M = x_ND.shape[0], self.num_experts, self.num_candidates
+        E, M = self.num_experts, self.num_candidates
         with torch.no_grad():
             pre.candidates_NM = self.estimated_scores(x32, pre.gate_NF).topk(M, dim=-1, sorted=False).indices
+        if up_all is not None:
+            inter = up_all.shape[1] // E
+            keep_NE = torch.zeros(N, E, device=x_ND.device).scatter_(1, pre.candidates_NM, 1.0)
+            pre.up_NF = (up_all.reshape(N, E, inter) * keep_NE[:, :, None]).view(N, E * inter)
+            return pre
         up_rows = self._expert_rows(1).float()  # [E·I, D]
         inter = up_rows.shape[0] // E
         if N * M >= E:
