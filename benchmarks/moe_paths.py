@@ -1,6 +1,6 @@
 """Which dispatch path wins per shape: one carved MoE block of SmolLM2 (layer 15) on N tokens, every inference path.
 
-    python benchmarks/moe_paths.py [--repeats 7] [--tokens 1 2 4 8 16 32 64 128 512 2048]
+    python benchmarks/moe_paths.py [--repeats 7] [--tokens 1 2 4 8 16 32 64 128 256 512 2048]
 
 Batched generation (a batch of B prompts decodes B tokens per step), short prompts and prefill sit at different N; the
 auto path (`TinyOnnExperts.pick_path`) should be the fastest (or close) at every N. Layouts as in moe_speed (25 %
@@ -54,7 +54,7 @@ def set_path(block, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 512, 2048])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048])
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     args = parser.parse_args()
     torch.manual_seed(0)

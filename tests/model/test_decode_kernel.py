@@ -107,3 +107,15 @@ def test_gate_routers_read_their_rows_through_the_decode_kernel(fields):
         assert torch.equal(got.candidates_NM.sort().values, want.candidates_NM.sort().values)
         torch.testing.assert_close(got.up_NF, want.up_NF)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)  # pre-activations are float32
+
+
+def test_weights_made_in_inference_mode_skip_the_decode_kernel():
+    """They keep no version counter, so a cached copy could not follow them: the usual paths run instead."""
+    ids = torch.randint(2, 64, (1, 1), generator=torch.Generator().manual_seed(18))
+    with torch.no_grad():
+        want = tiny_moe(seed=19)(ids).logits
+    with torch.inference_mode():
+        model = tiny_moe(seed=19)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not model.model.layers[0].mlp.experts.decode_tables._tables

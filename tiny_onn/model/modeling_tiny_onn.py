@@ -173,6 +173,8 @@ def bag_kernel_runs(x: torch.Tensor, weight: torch.Tensor, tokens: int, max_toke
     `max_tokens` tokens, nothing for autograd to record (and, `dtype`, x in the weight's dtype)."""
     if x.device.type != "cpu" or tokens > max_tokens or dtype and x.dtype != weight.dtype:
         return False
+    if weight.is_inference():  # weights made under torch.inference_mode keep no version counter to watch
+        return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
@@ -186,7 +188,7 @@ class DecodeTables:
         self._tables: tuple[torch.Tensor, ...] = ()
 
     def get(self, params: tuple[torch.Tensor, ...], build: Callable[[], tuple[torch.Tensor, ...]]):
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        key = tuple((-1 if p.is_inference() else p._version, p.data_ptr(), p.dtype, p.device) for p in params)
         if key != self._key:
             self._tables, self._key = (), None  # the old copies go before the new ones are made
             with torch.no_grad():
@@ -291,16 +293,16 @@ class TinyOnnExperts(nn.Module):
     path = "auto"
     # thresholds of the "auto" choice, measured by benchmarks/moe_paths.py and moe_speed.py (an instance may override)
     # CPU without autograd: the bag path up to this many tokens (0: off, and no cached copies); it beats the GEMM paths
-    # up to 64-256 tokens at every layout of moe_speed.py, as it reads only the selected rows
-    bag_max_tokens = 64
+    # up to 128-256 tokens at every layout of moe_speed.py (benchmarks/moe_paths.py), as it reads only the selected rows
+    bag_max_tokens = 128
     # one-neuron experts: rows of two floats make the bag's gate and up calls slower than the gather path's copies
     bag_min_inter = 2
     loop_max_experts = 4  # one-token decode on CPU under autograd: the loop over at most this many experts, else gather
     gather_max_tokens = 8  # CUDA: up to this many tokens, the gather path
-    # CPU inference, 2+ tokens: the sorted path for experts at least this wide once their average tokens × width
-    # reach this (e.g. 64 tokens each at width 96, 256 at width 24), else dense
+    # CPU inference beyond the bag path: the sorted path for experts at least this wide once their average tokens ×
+    # width reach this (e.g. 11 tokens each at width 96, 43 at width 24), else dense
     sorted_min_inter = 24
-    sorted_min_rows_x_width = 6144
+    sorted_min_rows_x_width = 1024
     # CPU training, 2+ tokens: the per-expert loop once experts get this many tokens on average and are this wide
     sparse_min_tokens_per_expert = 48
     sparse_min_inter = 64
