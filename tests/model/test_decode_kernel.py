@@ -119,3 +119,22 @@ def test_weights_made_in_inference_mode_skip_the_decode_kernel():
         got = model(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not model.model.layers[0].mlp.experts.decode_tables._tables
+
+
+def test_the_decode_kernel_can_be_turned_off_and_on():
+    model = tiny_moe(seed=20)
+    ids = torch.randint(2, 64, (1, 1), generator=torch.Generator().manual_seed(21))
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        on = model(ids).logits
+        assert block.experts.decode_tables._tables  # the shared expert folded into the experts' copies
+        model.use_decode_kernel(False)
+        assert not block.experts.decode_tables._tables
+        off = model(ids).logits
+        assert not block.experts.decode_tables._tables  # nothing rebuilt: the usual paths ran
+        model.use_decode_kernel(True)
+        assert block.experts.bag_max_tokens == type(block.experts).bag_max_tokens
+        again = model(ids).logits
+    assert block.experts.decode_tables._tables
+    torch.testing.assert_close(off, on, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, on)

@@ -1279,6 +1279,19 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
         for block in self.moe_blocks():
             block.experts.track_stats = on
 
+    def use_decode_kernel(self, on: bool = True) -> None:
+        """Turn the CPU decode kernel (`bag_products` over cached transposed weights: the experts' "bag" path, the gate
+        routers' and shared experts' one-token products) on with the default token limits, or off, which also frees
+        its cached copies (they double the FFN weights' memory while they exist)."""
+        for block in self.moe_blocks():
+            modules = [block.experts, block.router] + ([block.shared_expert] if block.shared_expert is not None else [])
+            for module in modules:
+                if on:
+                    vars(module).pop("bag_max_tokens", None)  # back to the class default
+                else:
+                    module.bag_max_tokens = 0
+                    module.decode_tables.clear()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
