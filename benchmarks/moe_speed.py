@@ -13,7 +13,7 @@ tokens, so tokens spread over experts as in a carved model. Each measure runs th
   parameters (experts, shared expert, routers: what `tiny-onn train` trains by default), expert statistics tracked;
 - paths: the FFN block's time on every dispatch path (prefill, decode sweep, training forward + backward);
 - decode kernel control: the MoE decodes through `bag_products` (embedding_bag over cached transposed weights), which on
-  this CPU streams weights about twice as fast as MKL's matrix-vector product that the dense source's FFNs use. So the
+  this CPU reads weights faster than MKL's matrix-vector product that the dense source's FFNs use. So the
   dense source is also decoded with its FFNs on that same kernel ("dense, decode kernel"): MoE ÷ that is the part of
   the decode speed-up that sparsity alone earns.
 Writes benchmarks/results/moe_speed.json.

@@ -42,7 +42,7 @@ def test_cached_tables_follow_every_change_of_the_weights():
     """An optimizer step, load_state_dict and a dtype change each rebuild the copies; training mode drops them."""
     model = tiny_moe(seed=9)
     reference = tiny_moe(seed=9)
-    use_path(reference, "loop")  # reads the parameters themselves
+    reference.use_decode_kernel(False)  # reads the parameters themselves
     ids = torch.randint(2, 64, (1, 1), generator=torch.Generator().manual_seed(10))
     experts = model.model.layers[0].mlp.experts
     torch.testing.assert_close(_one_token_logits(model, ids), _one_token_logits(reference, ids))

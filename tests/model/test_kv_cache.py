@@ -1,6 +1,6 @@
 """Greedy decoding with the KV cache gives, at every step, the logits of a full forward over the sequence so far: flat
-and hierarchical routers, top-k and top-p. The cached steps run one token through the decode paths, the full forward
-runs the whole sequence through the grouped path, so this also ties the two together."""
+and hierarchical routers, top-k and top-p. The cached steps run one token through the decode kernel, the full forwards
+run without it (the multi-token paths on the parameters themselves), so this also ties the two together."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def test_cached_greedy_decoding_equals_full_forwards(routing):
                              return_dict_in_generate=True, pad_token_id=0)
         seq = out.sequences
         assert seq.shape[1] == prompt.shape[1] + new
+        model.use_decode_kernel(False)
         for step, cached_logits in enumerate(out.logits):
             end = prompt.shape[1] + step  # the step predicted token `end` from the tokens before it
             full = model(seq[:, :end], use_cache=False).logits[:, -1]

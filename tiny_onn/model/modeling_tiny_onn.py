@@ -154,8 +154,8 @@ _BAG_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 def bag_products(rows_XR: torch.Tensor, table_TC: torch.Tensor, weights_XR: torch.Tensor) -> torch.Tensor:
     """Σ_r weights[x, r] · table[rows[x, r]] for every bag x -> [X, C]: a matrix product read as weighted sums of a
-    transposed weight's rows (embedding_bag's per-sample-weighted sum). On CPU this streams the weight rows at about
-    twice the rate of MKL's matrix-vector product (benchmarks/moe_speed.py, "decode kernel"), and it reads only the rows
+    transposed weight's rows (embedding_bag's per-sample-weighted sum). On CPU this reads the weight rows 1.5-1.9x
+    faster than MKL's matrix-vector product (benchmarks/moe_speed.py, the dense FFNs on it), and it reads only the rows
     it is given, so a token's selected experts are read in place, without copies. Calls the op directly, with cached
     bag offsets: in decode the functional wrapper's checks and offsets cost as much as the product."""
     X, R = rows_XR.shape
@@ -168,10 +168,10 @@ def bag_products(rows_XR: torch.Tensor, table_TC: torch.Tensor, weights_XR: torc
                                weights_XR.reshape(-1), False, None)[0]
 
 
-def bag_kernel_runs(x: torch.Tensor, weight: torch.Tensor, tokens: int, max_tokens: int, dtype: bool = True) -> bool:
-    """Whether the decode kernel (`bag_products` over cached transposed weights) takes this call: CPU, at most
-    `max_tokens` tokens, nothing for autograd to record (and, `dtype`, x in the weight's dtype)."""
-    if x.device.type != "cpu" or tokens > max_tokens or dtype and x.dtype != weight.dtype:
+def bag_kernel_applies(x: torch.Tensor, weight: torch.Tensor, dtype: bool = True) -> bool:
+    """Whether the decode kernel (`bag_products` over cached transposed weights) can take a call on x reading `weight`:
+    CPU, nothing for autograd to record (and, `dtype`, x in the weight's dtype). Callers check their token limit."""
+    if x.device.type != "cpu" or dtype and x.dtype != weight.dtype:
         return False
     if weight.is_inference():  # weights made under torch.inference_mode keep no version counter to watch
         return False
@@ -200,11 +200,25 @@ class DecodeTables:
         self._key, self._tables = None, ()
 
 
-class TinyOnnMLP(nn.Module):
-    """A dense SwiGLU FFN (the always-on shared expert). On CPU without autograd, up to `bag_max_tokens` tokens (decode)
-    run through the decode kernel (`bag_products`) on cached transposed weights (`DecodeTables`); 0 turns it off."""
+class DecodeKernelModule(nn.Module):
+    """A module that may run the decode kernel: it holds the cached copies (`decode_tables`) and drops them on entering
+    training mode. `bag_max_tokens`: the most tokens a call may have to take the kernel (0: never)."""
 
     bag_max_tokens = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decode_tables = DecodeTables()
+
+    def train(self, mode: bool = True) -> DecodeKernelModule:
+        if mode:
+            self.decode_tables.clear()
+        return super().train(mode)
+
+
+class TinyOnnMLP(DecodeKernelModule):
+    """A dense SwiGLU FFN (the always-on shared expert). On CPU without autograd, up to `bag_max_tokens` tokens (decode)
+    run through the decode kernel (`bag_products`) on cached transposed weights (`DecodeTables`); 0 turns it off."""
 
     def __init__(self, config: TinyOnnConfig, intermediate_size: int):
         super().__init__()
@@ -212,11 +226,10 @@ class TinyOnnMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
-        self.decode_tables = DecodeTables()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         D = x.shape[-1]
-        if bag_kernel_runs(x, self.down_proj.weight, x.numel() // D, self.bag_max_tokens):
+        if x.numel() // D <= self.bag_max_tokens and bag_kernel_applies(x, self.down_proj.weight):
             return self._bag_forward(x.reshape(-1, D)).view(x.shape)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
@@ -233,11 +246,6 @@ class TinyOnnMLP(nn.Module):
         h_N2S = bag_products(rows_D.expand(N, D), gate_up_T, x_ND.contiguous())
         a_NS = self.act_fn(h_N2S[:, :S]) * h_N2S[:, S:]
         return bag_products(rows_S.expand(N, S), down_rows, a_NS)
-
-    def train(self, mode: bool = True) -> TinyOnnMLP:
-        if mode:
-            self.decode_tables.clear()
-        return super().train(mode)
 
 
 # a two-stage gate router's logit for experts outside a token's candidates: below any candidate's (log 1e-12 at the
@@ -260,7 +268,7 @@ def _norms(a_XI: torch.Tensor, aG_XI: torch.Tensor) -> torch.Tensor:
     return (aG_XI * a_XI).sum(-1).clamp_min(0.0).sqrt()
 
 
-class TinyOnnExperts(nn.Module):
+class TinyOnnExperts(DecodeKernelModule):
     """E equal-size SwiGLU experts stored as fused 3-D tensors, with several ways to run the selected ones.
 
     `forward` computes, for every token n, the sum over its selected experts e of w_ne · expert_e(x_n) (w = 1 when no
@@ -319,12 +327,6 @@ class TinyOnnExperts(nn.Module):
         self.track_stats = False
         self.output_norm_sum: torch.Tensor | None = None  # [E], created by reset_stats
         self.routed_count: torch.Tensor | None = None  # [E]
-        self.decode_tables = DecodeTables()  # the bag path's transposed weights
-
-    def train(self, mode: bool = True) -> TinyOnnExperts:
-        if mode:
-            self.decode_tables.clear()
-        return super().train(mode)
 
     def reset_stats(self) -> None:
         self.output_norm_sum = torch.zeros(self.num_experts, device=self.down_proj.device)
@@ -383,16 +385,16 @@ class TinyOnnExperts(nn.Module):
         `pre` holds them too), the others ignore it."""
         N, K = idx_NK.shape
         path = self.pick_path(N, K, x_ND)
-        if path == "bag":
-            if not (self.track_stats or pre is not None or weight_NK is not None and weight_NK.requires_grad
-                    or not bag_kernel_runs(x_ND, self.down_proj, 0, 0)):
-                if keep_NK is not None:
-                    keep = keep_NK.to(x_ND.dtype if weight_NK is None else weight_NK.dtype)
-                    weight_NK = keep if weight_NK is None else weight_NK * keep
-                y_ND = self._bag(x_ND, idx_NK, weight_NK, shared)
-                return y_ND if out_ND is None else out_ND.add_(y_ND)
+        if path == "bag" and (self.track_stats or pre is not None or weight_NK is not None and weight_NK.requires_grad
+                              or not bag_kernel_applies(x_ND, self.down_proj)):
             # the same function, differentiable, with statistics and gate pre-activations
             path = "gather" if self.path == "bag" else self.pick_path(N, K, x_ND, bag=False)
+        if keep_NK is not None and path in ("bag", "dense", "gather"):  # these paths weight unkept pairs 0
+            keep = keep_NK.to(x_ND.dtype if weight_NK is None else weight_NK.dtype)
+            weight_NK = keep if weight_NK is None else weight_NK * keep
+        if path == "bag":
+            y_ND = self._bag(x_ND, idx_NK, weight_NK, shared)
+            return y_ND if out_ND is None else out_ND.add_(y_ND)
         if shared is not None:
             out_ND = shared(x_ND) if out_ND is None else out_ND + shared(x_ND)
         gram = None
@@ -403,9 +405,6 @@ class TinyOnnExperts(nn.Module):
                 d = self.down_proj.detach().float()
                 gram = torch.bmm(d.transpose(1, 2), d)  # [E, I, I]
         if path in ("dense", "gather"):
-            if keep_NK is not None:
-                keep = keep_NK.to(x_ND.dtype if weight_NK is None else weight_NK.dtype)
-                weight_NK = keep if weight_NK is None else weight_NK * keep
             run = self._dense if path == "dense" else self._gather
             y_ND = run(x_ND, idx_NK, weight_NK, keep_NK, out_ND, gram, pre)
         elif path == "loop" and N == 1:  # decode: no pairs to sort
@@ -735,7 +734,7 @@ def gaussian_logits(
     return log_prior_K + log_beta.exp() * (-0.5 * quad_NK - log_norm_K)
 
 
-class TinyOnnRouter(nn.Module):
+class TinyOnnRouter(DecodeKernelModule):
     """Flat (one scorer over E experts) or hierarchical (a main scorer over G groups, G sub-scorers) routing
     probabilities. A scorer is linear (logit = w·x), Gaussian (`router_score`; logit = b + β·log N(x; μ, diag σ²) per
     expert or group) or low-rank (flat only: logit = log Σ_j |act(ĝ_j)·û_j|·|c_j| over the expert's neurons, ĝ and û
@@ -743,8 +742,6 @@ class TinyOnnRouter(nn.Module):
     pre-activations, read from the experts' own gate rows after `bind_experts`, and û at rank `router_rank`, or
     û_j = 1 at rank 0). It reads the FFN input, or (`router_input`) a side input the model hands over before its layers
     run: the token embeddings or the running mean of the sequence's embeddings."""
-
-    bag_max_tokens = 1  # gate routers: CPU decode without autograd reads the gate (and up) rows through bag_products
 
     def __init__(self, config: TinyOnnConfig):
         super().__init__()
@@ -758,7 +755,6 @@ class TinyOnnRouter(nn.Module):
         self.exact_gate = score == "gate"
         self.num_candidates = getattr(config, "router_candidates", 0)  # gate routers: experts ranked again exactly
         self._experts: list[nn.Module] = []  # gate routers: the block's experts, held outside the module tree
-        self.decode_tables = DecodeTables()  # gate routers: the experts' gate (and up) rows transposed, for decode
         self.input_kind = getattr(config, "router_input", "ffn")
         self.side_input: torch.Tensor | None = None  # [N, D], set by TinyOnnModel.forward when input_kind != "ffn"
         sizes = {"": E, "group_": self.num_groups} if self.hierarchical else {"": E}  # "": (sub-)routers, stacked
@@ -819,11 +815,6 @@ class TinyOnnRouter(nn.Module):
         estimate B_g A_g."""
         return self._expert_rows(0) if self.exact_gate else self.gate_out @ self.gate_in
 
-    def train(self, mode: bool = True) -> TinyOnnRouter:
-        if mode:
-            self.decode_tables.clear()
-        return super().train(mode)
-
     def _decode_preactivations(self, x32_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode on CPU: every routed neuron's gate (and, two stages, up) pre-activation [N, E·I] from one call of
         the decode kernel on a cached float32 copy of the experts' gate (and up) rows, transposed [D, E·I (·2)]."""
@@ -845,11 +836,12 @@ class TinyOnnRouter(nn.Module):
         float32. The MoE block computes them once and hands them to the experts too, so no projection runs twice. The
         candidates' up rows are gathered when the tokens' candidates are fewer than the experts, else every neuron's up
         comes from one GEMM and the others are zeroed. CPU decode without autograd (up to `bag_max_tokens` tokens) reads
-        every gate (and up) row through the decode kernel instead: one call, at about twice the GEMV's rate."""
+        every gate (and up) row through the decode kernel instead: one call, faster than the GEMV."""
         x32 = x_ND.float()
         N = x_ND.shape[0]
         up_all = None  # every neuron's up pre-activation, from the decode kernel
-        if self._experts and bag_kernel_runs(x32, self._experts[0].gate_up_proj, N, self.bag_max_tokens, dtype=False):
+        if (self._experts and x_ND.shape[0] <= self.bag_max_tokens
+                and bag_kernel_applies(x32, self._experts[0].gate_up_proj, dtype=False)):
             gate_NF, up_all = self._decode_preactivations(x32)
             pre = GatePreactivations(gate_NF)
         else:
@@ -1283,14 +1275,14 @@ class TinyOnnForCausalLM(TinyOnnPreTrainedModel, GenerationMixin):
         """Turn the CPU decode kernel (`bag_products` over cached transposed weights: the experts' "bag" path, the gate
         routers' and shared experts' one-token products) on with the default token limits, or off, which also frees
         its cached copies (they double the FFN weights' memory while they exist)."""
-        for block in self.moe_blocks():
-            modules = [block.experts, block.router] + ([block.shared_expert] if block.shared_expert is not None else [])
-            for module in modules:
-                if on:
-                    vars(module).pop("bag_max_tokens", None)  # back to the class default
-                else:
-                    module.bag_max_tokens = 0
-                    module.decode_tables.clear()
+        for module in self.modules():
+            if not isinstance(module, DecodeKernelModule):
+                continue
+            if on:
+                vars(module).pop("bag_max_tokens", None)  # back to the class default
+            else:
+                module.bag_max_tokens = 0
+                module.decode_tables.clear()
 
     def forward(
         self,
