@@ -16,7 +16,9 @@ neuron, top-192 / top-576, with rank-64 `lowrank` routers that predict each neur
 which compute every routed neuron's exact gate and scale |act(gate)| by the neuron's up root mean square and down norm
 — the gate rows are then active for every token, so these match the 50 % layouts' / more active parameters; `moe25g64` /
 `moe50g64`: with a rank-64 up predictor; `moe25gc2` / `moe25gc3` / `moe50gc2`: two-stage gate routers, the
-2 or 3 × top-k experts of largest estimated score ranked again by their exact |h|·‖d‖, their up rows computed), `width25` / `width50` / `width67` (the
+2 or 3 × top-k experts of largest estimated score ranked again by their exact |h|·‖d‖, their up rows computed;
+`moe25gc2s0` / `moe25gc3s0`: the same without a shared expert, all 1,536 neurons routed, top-384 — `moe25gc2s0`
+reads as many up rows per token as `moe25gc3` (768), chosen per token instead of 192 of them fixed), `width25` / `width50` / `width67` (the
 dense source with each FFN cut to its top 25 % / 50 % / 67 % neurons by importance a·s: same active neurons, no router;
 `width50` has the active parameters of `moe25g`, `width67` about those of `moe50g`) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
@@ -56,7 +58,7 @@ from tiny_onn.train import run as train  # noqa: E402
 from tiny_onn.train.trainer import Checkpoints  # noqa: E402
 
 MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "moe25n128",
-          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "moe25gc2", "moe25gc3", "moe50gc2", "width25", "width50",
+          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "moe25gc2", "moe25gc3", "moe50gc2", "moe25gc2s0", "moe25gc3s0", "width25", "width50",
           "width67", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
@@ -172,18 +174,21 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     knowledge = name.endswith("k")
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
-        fraction, variant, rank, candidates = re.fullmatch(r"moe(25|50)([kcf]?|[ng](\d*)(?:c(\d+))?)",
-                                                           name).group(1, 2, 3, 4)
+        fraction, variant, rank, candidates, no_shared = re.fullmatch(
+            r"moe(25|50)([kcf]?|[ng](\d*)(?:c(\d+))?)(s0)?", name).group(1, 2, 3, 4, 5)
         single_neuron = variant[:1] in ("n", "g")
+        shared = 0.0 if no_shared else 0.125
         score = {"n": "lowrank", "g": "gate"}.get(variant[:1], "linear")
         # the same active neurons in every layout
-        if single_neuron:  # one neuron per expert: 1,344 routed = 87.5 % of 1,536
+        if single_neuron and no_shared:  # every neuron routed, one per expert
+            experts, top_k = NEURONS, NEURONS * int(fraction) // 100
+        elif single_neuron:  # one neuron per expert: 1,344 routed = 87.5 % of 1,536
             experts, top_k = NEURONS * 7 // 8, {"25": NEURONS // 8, "50": NEURONS * 3 // 8}[fraction]
         elif variant == "f":  # 56 experts of 24 neurons instead of 14 of 96
             experts, top_k = 56, {"25": 8, "50": 24}[fraction]
         else:
             experts, top_k = 14, {"25": 2, "50": 6}[fraction]
-        carve(CarveConfig(scan=str(scan), experts=experts, top_k=top_k, shared=0.125, calib_tokens=8192, calib_steps=300,
+        carve(CarveConfig(scan=str(scan), experts=experts, top_k=top_k, shared=shared, calib_tokens=8192, calib_steps=300,
                           calib_refine="adam", calib_inputs="carved" if variant == "c" else "dense",
                           router_score=score, router_rank=int(rank or (0 if score == "gate" else 64)),
                           router_candidates=float(candidates or 0),
