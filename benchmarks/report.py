@@ -324,8 +324,6 @@ def knowledge_recovery(d: dict) -> str:
              "moe50gc2": "MoE 50 %, 1,344 one-neuron experts, two-stage gate router (2 × k candidates' up computed)",
              "moe25gc2s0": "MoE 25 %, no shared expert, 1,536 one-neuron experts, two-stage gate router (2 × k "
                            "candidates' up computed: as many up rows as moe25gc3)",
-             "moe25gc3s0": "MoE 25 %, no shared expert, 1,536 one-neuron experts, two-stage gate router (3 × k "
-                           "candidates' up computed)",
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %",
              "width67": "width-pruned dense 67 %", "dense": "dense source"}
