@@ -157,6 +157,7 @@ def main() -> None:
                    "moe": f"{moe}: shared 12.5% + 14 experts of 96, top-2 (25% of FFN neurons active), "
                           "expert_weighting=probs, exported by tiny-onn export (llama.cpp architecture deepseek)"},
         "llama_cpp_python": llama_cpp.__version__, "llama_cpp_system": llama_cpp.llama_print_system_info().decode(),
+        "llama_cpp_extra_buffers": not llamacpp.build_uses_amx(),  # what llamacpp.load chose (off on AMX builds)
         "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "repeats": args.repeats, "eval_tokens": args.eval_tokens,
         "rows": rows, "moe_vs_dense_same_quant": speedups, "target_decode_speedup": 1.5,

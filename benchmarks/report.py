@@ -280,7 +280,9 @@ def gguf_speed(d: dict) -> str:
     rows = d["rows"]
     lines = [f"llama-cpp-python {d['llama_cpp_python']}, {d['threads']} thread(s), prompt {d['prompt_tokens']} tokens, "
              f"decode {d['new_tokens']} tokens at batch 1, median of {d['repeats']} interleaved rounds "
-             "(shared 2-core machine: compare within the table).", "",
+             "(shared 2-core machine: compare within the table)"
+             + {True: ", extra weight buffers on.", False: ", extra weight buffers off (AMX build).",
+                None: "."}[d.get("llama_cpp_extra_buffers")], "",
              "| model | runtime | file MiB | prompt tok/s | decode tok/s | held-out ppl |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         size = f"{r['file_mib']:.0f}" if "file_mib" in r else "–"

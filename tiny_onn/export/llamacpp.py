@@ -6,6 +6,7 @@ benchmarks/gguf_speed.py (speed and quality as llama.cpp users see them).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -29,17 +30,49 @@ def require_llama_cpp():
     return llama_cpp
 
 
+def build_uses_amx() -> bool:
+    """Whether this llama.cpp build runs quantised matmuls on Intel AMX tiles (its system info lists AMX_INT8 = 1)."""
+    return "AMX_INT8 = 1" in require_llama_cpp().llama_print_system_info().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _model_params(llama_cpp, **fields):
+    """Within the block, llama.cpp's default model parameters carry `fields` (llama_cpp.Llama builds its parameters
+    from these defaults and has no argument for them)."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def patched():
+        params = defaults()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
 def load(path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = False,
-         f32_kv_cache: bool = False):
+         f32_kv_cache: bool = False, extra_buffers: bool | None = None):
     """A llama.cpp model + context for `path` (CPU, quiet). `logits_all` keeps every position's logits (perplexity);
-    `f32_kv_cache` keeps keys and values in float32 instead of llama.cpp's default f16 (for exactness checks)."""
+    `f32_kv_cache` keeps keys and values in float32 instead of llama.cpp's default f16 (for exactness checks).
+
+    `extra_buffers` lets llama.cpp move quantised weights into its extra CPU buffers (AMX tiles, interleaved repacking:
+    llama-cli's default, `--no-repack` turns it off). None means on unless the build uses AMX: its AMX matmul crashes
+    with a segmentation fault on some (virtualised) Sapphire Rapids machines, this project's CI among them
+    (ggml-org/llama.cpp#20824), at the first evaluation of any Q4/Q8 file."""
     llama_cpp = require_llama_cpp()
     if not Path(path).is_file():
         raise TinyOnnError(f"GGUF file not found: {path}")
+    if extra_buffers is None:
+        extra_buffers = not build_uses_amx()
     threads = threads or os.cpu_count() or 1
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_kv_cache else {}
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                           n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0, **kv)
+    with _model_params(llama_cpp, use_extra_bufts=extra_buffers):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                               n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0, **kv)
 
 
 def last_logits(llm) -> np.ndarray:
