@@ -60,7 +60,7 @@ BEFORE = f"before ({BASELINE_COMMIT})"
 # prefill leaves out "gather": it copies every selected expert's weights per token (GiBs at 2048 tokens); moe_paths.py
 # measures it where it is meant to run (few tokens)
 PATHS = {"prefill": ("dense", "loop", "sorted", "padded"), "decode": ("dense", "loop", "gather", "bag", "padded"),
-         "training": ("dense", "loop", "loop-dense-down", "sorted", "padded", "padded-dense-down")}
+         "training": ("dense", "fused", "loop", "loop-dense-down", "sorted", "padded", "padded-dense-down")}
 
 
 def baseline_blocks(moe) -> list[torch.nn.Module]:

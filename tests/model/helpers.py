@@ -8,7 +8,7 @@ from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
 
 # every way TinyOnnExperts can run the selected experts; "X-dense-down" is path X with the dense down projection
 # ("bag" is inference only: under autograd it runs "gather")
-PATHS = ("dense", "loop", "loop-dense-down", "sorted", "gather", "bag", "padded", "padded-dense-down", "grouped_mm")
+PATHS = ("dense", "loop", "loop-dense-down", "fused", "sorted", "gather", "bag", "padded", "padded-dense-down", "grouped_mm")
 
 ROUTINGS = {
     "flat top-k": dict(),

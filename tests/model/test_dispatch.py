@@ -146,12 +146,15 @@ def test_auto_path_choice():
         assert experts.pick_path(busy, 2, x) == "sorted"
     experts.sorted_min_inter = inter + 1  # narrower experts than that never take it
     assert experts.pick_path(100 * busy, 2, x, grad=False) == "dense"
-    # training: the loop for wide, busy experts
-    busy = -(-experts.sparse_min_tokens_per_expert * E // 2)
-    assert experts.pick_path(busy, 2, x) == ("loop" if inter >= experts.sparse_min_inter else "dense")  # weights: grad
-    experts.sparse_min_inter = inter
-    assert experts.pick_path(busy, 2, x, grad=True) == "loop"  # wide, busy experts: per-expert GEMMs
+    # training: the fused per-expert path once tokens per expert × expert width reach fused_min_rows_x_width
+    busy = -(-experts.fused_min_rows_x_width * E // (2 * inter))  # tokens that reach it at k = 2
+    assert experts.pick_path(busy, 2, x) == ("fused" if inter >= experts.fused_min_inter else "dense")  # weights: grad
+    experts.fused_min_inter = inter
+    assert experts.pick_path(busy, 2, x, grad=True) == "fused"  # busy experts: per-expert GEMMs
     assert experts.pick_path(busy - 1, 2, x, grad=True) == "dense"
+    assert experts.pick_path(busy, 2, x, grad=False) != "fused"  # inference never takes it
+    experts.fused_min_inter = inter + 1  # narrower experts than that never take it
+    assert experts.pick_path(100 * busy, 2, x, grad=True) == "dense"
     experts.path = "loop"
     assert experts.pick_path(512, 2, x, grad=False) == "loop"
 

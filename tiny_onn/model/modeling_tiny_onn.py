@@ -268,6 +268,74 @@ def _norms(a_XI: torch.Tensor, aG_XI: torch.Tensor) -> torch.Tensor:
     return (aG_XI * a_XI).sum(-1).clamp_min(0.0).sqrt()
 
 
+class ExpertGroupsFunction(torch.autograd.Function):
+    """The selected experts on their tokens, with forward and backward written out expert by expert.
+
+    Inputs: the tokens x [N, D], the experts' fused weights gate_up [E, 2I, D] and down [E, D, I], one weight per pair
+    (or None), the pairs' tokens sorted by expert [P] and each expert's pair count (a list, summing to P). Returns the
+    summed outputs [N, D] and the pairs' activations a [P, I] (not differentiable; for the statistics).
+
+    Autograd over the per-expert loop records ~10 nodes per expert and keeps one [n, D] input copy per expert; here
+    backward makes one pass over the experts with every product written into preallocated gradients (no full-size
+    zero gradient per expert, no [P, D] buffers), and the inputs are gathered again, into one reused scratch buffer
+    (CPU training with many narrow experts, where per-node overhead and allocations dominate the small GEMMs)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, gate_up, down, weight_P, token_P, counts, act_fn):
+        E, I2, D = gate_up.shape
+        inter = I2 // 2
+        spans = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, accumulate(counts), strict=True)) if n]
+        scratch = x_ND.new_empty(max(counts, default=0), D)  # one expert's gathered inputs, then its outputs
+        h_P2I = x_ND.new_empty(token_P.numel(), I2)
+        for e, start, end in spans:
+            x_nD = torch.index_select(x_ND, 0, token_P[start:end], out=scratch[: end - start])
+            torch.mm(x_nD, gate_up[e].T, out=h_P2I[start:end])
+        a_PI = act_fn(h_P2I[:, :inter]) * h_P2I[:, inter:]
+        aw_PI = a_PI if weight_P is None else a_PI * weight_P[:, None].to(a_PI.dtype)
+        y_ND = torch.zeros_like(x_ND)
+        for e, start, end in spans:
+            y_nD = torch.mm(aw_PI[start:end], down[e].T, out=scratch[: end - start])
+            y_ND.index_add_(0, token_P[start:end], y_nD)
+        ctx.save_for_backward(x_ND, gate_up, down, weight_P, token_P, h_P2I, a_PI)
+        ctx.spans, ctx.act_fn = spans, act_fn
+        ctx.mark_non_differentiable(a_PI)
+        return y_ND, a_PI
+
+    @staticmethod
+    def backward(ctx, dy_ND, _da_unused):
+        x_ND, gate_up, down, weight_P, token_P, h_P2I, a_PI = ctx.saved_tensors
+        need_x, need_gate_up, need_down, need_weight = ctx.needs_input_grad[:4]
+        inter = down.shape[-1]
+        dy_ND = dy_ND.contiguous()
+        scratch = x_ND.new_empty(max((end - start for _, start, end in ctx.spans), default=0), x_ND.shape[1])
+        aw_PI = a_PI if weight_P is None else a_PI * weight_P[:, None].to(a_PI.dtype)
+        da_PI = torch.empty_like(a_PI)
+        # the down projections' gradients as [E, I, D] (aᵀ·dy is the fast orientation of that small GEMM)
+        g_down_EID = down.new_zeros(down.shape[0], inter, down.shape[1]) if need_down else None
+        for e, start, end in ctx.spans:
+            dy_nD = torch.index_select(dy_ND, 0, token_P[start:end], out=scratch[: end - start])
+            torch.mm(dy_nD, down[e], out=da_PI[start:end])
+            if need_down:
+                torch.mm(aw_PI[start:end].T, dy_nD, out=g_down_EID[e])
+        g_weight = (da_PI * a_PI).sum(1).to(weight_P.dtype) if need_weight else None
+        if weight_P is not None:
+            da_PI = da_PI * weight_P[:, None].to(da_PI.dtype)
+        with torch.enable_grad():  # the activation's derivative, on all pairs at once
+            h = h_P2I.detach().requires_grad_(True)
+            (dh_P2I,) = torch.autograd.grad(ctx.act_fn(h[:, :inter]) * h[:, inter:], h, da_PI)
+        g_gate_up = torch.zeros_like(gate_up) if need_gate_up else None
+        dx_ND = torch.zeros_like(x_ND) if need_x else None
+        for e, start, end in ctx.spans:
+            tokens = token_P[start:end]
+            if need_gate_up:
+                x_nD = torch.index_select(x_ND, 0, tokens, out=scratch[: end - start])
+                torch.mm(dh_P2I[start:end].T, x_nD, out=g_gate_up[e])
+            if need_x:
+                dx_ND.index_add_(0, tokens, torch.mm(dh_P2I[start:end], gate_up[e], out=scratch[: end - start]))
+        g_down = None if g_down_EID is None else g_down_EID.transpose(1, 2)
+        return dx_ND, g_gate_up, g_down, g_weight, None, None, None
+
+
 class TinyOnnExperts(DecodeKernelModule):
     """E equal-size SwiGLU experts stored as fused 3-D tensors, with several ways to run the selected ones.
 
@@ -280,7 +348,9 @@ class TinyOnnExperts(DecodeKernelModule):
       on CPU from 2 tokens on unless experts are wide and busy: nearly every expert is touched by then, and two GEMMs
       beat per-expert work (benchmarks/moe_paths.py).
     - "loop": the selected experts one after another, tokens grouped by one sort (CPU: one-token decode with few
-      experts, reading each selected expert in place; prefill and training with wide experts and many tokens each).
+      experts, reading each selected expert in place).
+    - "fused": the loop as one autograd node, `ExpertGroupsFunction`, whose backward is written out per expert into
+      preallocated gradients (CPU training once experts are busy enough; benchmarks/moe_speed.py).
     - "sorted": the pairs sorted by expert and gathered once into [P, D]; each expert's contiguous rows through its two
       GEMMs, written in place into one [P, D] output (no grad), summed per token by one index_add (CPU prefill: fewer,
       larger copies than the loop's per-expert gathers and adds).
@@ -311,9 +381,10 @@ class TinyOnnExperts(DecodeKernelModule):
     # width reach this (e.g. 11 tokens each at width 96, 43 at width 24), else dense
     sorted_min_inter = 24
     sorted_min_rows_x_width = 1024
-    # CPU training, 2+ tokens: the per-expert loop once experts get this many tokens on average and are this wide
-    sparse_min_tokens_per_expert = 48
-    sparse_min_inter = 64
+    # CPU training, 2+ tokens: the fused per-expert path for experts at least this wide once their average tokens ×
+    # width reach this (e.g. 22 tokens each at width 96, 171 at width 12), else dense; narrower experts stay dense
+    fused_min_inter = 12
+    fused_min_rows_x_width = 2048
     dense_down_max_inter = 32  # loop and padded paths under autograd: experts this narrow use the dense down projection
 
     def __init__(self, config: TinyOnnConfig):
@@ -362,8 +433,8 @@ class TinyOnnExperts(DecodeKernelModule):
                 and tokens * k * inter >= self.sorted_min_rows_x_width * self.num_experts):
             # inference, each expert's GEMMs large enough (tokens per expert × width) to beat computing every expert
             return "sorted"
-        if grad and tokens * k >= self.sparse_min_tokens_per_expert * self.num_experts and inter >= self.sparse_min_inter:
-            return "loop"  # not padded: its batch is as long as the busiest expert's, so its cost follows the imbalance
+        if grad and inter >= self.fused_min_inter and tokens * k * inter >= self.fused_min_rows_x_width * self.num_experts:
+            return "fused"  # not padded: its batch is as long as the busiest expert's, so its cost follows the imbalance
         # from 2 tokens on, nearly every expert is touched: computing all of them in two GEMMs beats per-expert work
         return "dense"
 
@@ -414,7 +485,7 @@ class TinyOnnExperts(DecodeKernelModule):
             y_ND = self._loop_one_token(x_ND, expert_K, weight_K, out_ND, gram)
         else:
             token_P, expert_P, weight_P = self._pairs(idx_NK, weight_NK, keep_NK)
-            run = {"loop": self._loop, "sorted": self._sorted, "padded": self._padded,
+            run = {"loop": self._loop, "fused": self._fused, "sorted": self._sorted, "padded": self._padded,
                    "grouped_mm": self._grouped_mm}[path]
             y_ND = run(x_ND, token_P, expert_P, weight_P, out_ND, gram)
         return y_ND
@@ -614,6 +685,26 @@ class TinyOnnExperts(DecodeKernelModule):
         if dense_down:
             return self._dense_down(torch.cat(parts), token_sorted, expert_sorted, x_ND.shape[0], out_ND)
         return out_ND.index_add(0, token_sorted, torch.cat(parts)) if autograd else out_ND
+
+    def _fused(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
+        """The loop path as one autograd node (`ExpertGroupsFunction`): one sort, the host learns the counts."""
+        order = torch.argsort(expert_P, stable=True)
+        token_sorted, expert_sorted = token_P[order], expert_P[order]
+        counts = torch.bincount(expert_P, minlength=self.num_experts).tolist()
+        w_sorted = None if weight_P is None else weight_P[order]
+        y_ND, a_PI = ExpertGroupsFunction.apply(x_ND, self.gate_up_proj, self.down_proj, w_sorted, token_sorted, counts,
+                                                self.act_fn)
+        if gram is not None:
+            with torch.no_grad():
+                a32 = a_PI.float()
+                aG = torch.empty_like(a32)
+                for e, (n, end) in enumerate(zip(counts, accumulate(counts), strict=True)):
+                    if n:
+                        torch.mm(a32[end - n : end], gram[e], out=aG[end - n : end])
+                E = self.num_experts
+                self._record(torch.zeros(E, device=a32.device).index_add_(0, expert_sorted, _norms(a32, aG)),
+                             torch.tensor(counts, dtype=torch.float32, device=a32.device))
+        return y_ND if out_ND is None else out_ND + y_ND
 
     def _sorted(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
         """Pairs sorted by expert, one gather of their inputs, per-expert GEMMs on contiguous row ranges, one scatter-add.
