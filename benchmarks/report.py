@@ -132,7 +132,7 @@ def moe_paths(d: dict) -> str:
     return "\n".join(lines)
 
 
-_PATH_NAMES = ("dense", "loop", "loop-dense-down", "sorted", "gather", "bag", "padded", "padded-dense-down")
+_PATH_NAMES = ("dense", "fused", "loop", "loop-dense-down", "sorted", "gather", "bag", "padded", "padded-dense-down")
 
 
 def calibration_speed(d: dict) -> str:
