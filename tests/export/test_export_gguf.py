@@ -248,7 +248,6 @@ def test_quantised_exports_load_and_stay_close(flat_probs_moe, tiny_tokenizer, t
     assert corr > {"q8_0": 0.99, "q4_1": 0.85}[quant], corr
 
 
-
 def test_extra_buffers_default_follows_the_build_and_params_are_restored(tmp_path):
     llamacpp = need_llama_cpp()
     import llama_cpp
@@ -273,6 +272,7 @@ def test_extra_buffers_default_follows_the_build_and_params_are_restored(tmp_pat
         llama_cpp.Llama = real_llama
     assert seen == ["AMX_INT8 = 1" not in info, True, False]
     assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # llama.cpp's own default, restored
+
 
 # A routing decision whose k-th and (k+1)-th router log-probabilities are closer than this is a coin flip between two
 # float32 implementations (summation order alone moves router logits by ~1e-7): the exactness check stops there.
