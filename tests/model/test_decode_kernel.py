@@ -20,9 +20,19 @@ def test_bag_products_are_weighted_sums_of_the_given_rows():
     torch.testing.assert_close(bag_products(rows, table, weights), want)
 
 
+@pytest.fixture(params=[1, 4], ids=["1-thread", "4-threads"])
+def threads(request):
+    """Runs a test with 1 and with 4 intra-op threads: with fewer tokens than threads the decode kernel splits each
+    token's down projection into several bags (one per unit, or per thread), which must not change the sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shared", [16, 12, 3, 0])  # whole units of 8 neurons, padded units, none
 @pytest.mark.parametrize("fields", [dict(), dict(expert_weighting="probs"), dict(router_top_p=0.6, max_experts_per_tok=5)])
-def test_the_shared_expert_folds_into_the_bag_path(shared, fields):
+def test_the_shared_expert_folds_into_the_bag_path(shared, fields, threads):
     model = tiny_moe(seed=7, shared_expert_intermediate_size=shared, **fields).double()
     ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -68,11 +78,13 @@ def test_cached_tables_follow_every_change_of_the_weights():
     model.eval()
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_mlp_decode_kernel_equals_its_linear_layers(dtype):
+def test_the_mlp_decode_kernel_equals_its_linear_layers(dtype, tokens, threads):
     model = tiny_moe(seed=13)
     mlp: TinyOnnMLP = model.model.layers[0].mlp.shared_expert.to(dtype)
-    x = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(14)).to(dtype)
+    mlp.bag_max_tokens = tokens
+    x = torch.randn(1, tokens, 32, generator=torch.Generator().manual_seed(14)).to(dtype)
     with torch.no_grad():
         got = mlp(x)
         want = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))

@@ -245,6 +245,12 @@ class TinyOnnMLP(DecodeKernelModule):
         S = down_rows.shape[0]
         h_N2S = bag_products(rows_D.expand(N, D), gate_up_T, x_ND.contiguous())
         a_NS = self.act_fn(h_N2S[:, :S]) * h_N2S[:, S:]
+        threads = torch.get_num_threads()
+        if threads > N and S % threads == 0:
+            # the kernel splits its work by bag: a token's neurons as one bag per thread, summed
+            C = S // threads
+            return bag_products(rows_S.view(threads, C).repeat(N, 1), down_rows, a_NS.reshape(N * threads, C)).view(
+                N, threads, D).sum(1)
         return bag_products(rows_S.expand(N, S), down_rows, a_NS)
 
 
@@ -643,8 +649,11 @@ class TinyOnnExperts(DecodeKernelModule):
         a_PI = self._activations(h_P2I)
         if weight_NK is not None:
             a_PI = a_PI * weight_NK.reshape(-1, 1).to(a_PI.dtype)
-        # each token: one bag over its K units' neurons, weighted by their activations
-        return bag_products(neurons_UI.index_select(0, flat).view(N, K * inter), down_rows, a_PI.view(N, K * inter))
+        if torch.get_num_threads() <= N:
+            # each token: one bag over its K units' neurons, weighted by their activations
+            return bag_products(neurons_UI.index_select(0, flat).view(N, K * inter), down_rows, a_PI.view(N, K * inter))
+        # fewer tokens than threads (decode): the kernel splits its work by bag, so one bag per (token, unit), summed
+        return bag_products(neurons_UI.index_select(0, flat), down_rows, a_PI).view(N, K, D).sum(1)
 
     def _loop(self, x_ND, token_P, expert_P, weight_P, out_ND, gram):
         """The selected experts one after another (one sort; the host learns the counts). Without autograd each expert
