@@ -60,6 +60,18 @@ def _moe_speed_prefill_only(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _decode_limits(r: dict) -> tuple[float, float, float] | None:
+    """From a moe_speed layout's medians: the decode speed-ups if the MoE's FFNs took exactly their active fraction of
+    the dense FFNs' one-token time, and if they took no time at all (nothing else changed), and the FFNs' share of the
+    dense source's time per token."""
+    wall = r["median_seconds"]["inference"]["wall"]
+    if "dense_ffn_sweep_1_token" not in wall or "active_fraction" not in r:
+        return None
+    per_token = (wall["dense_generate_64"] - wall["dense_generate_1"]) / 63
+    ffn = wall["dense_ffn_sweep_1_token"]
+    return per_token / (per_token - (1 - r["active_fraction"]) * ffn), per_token / (per_token - ffn), ffn / per_token
+
+
 def moe_speed(d: dict) -> str:
     if "threads" not in d:
         return _moe_speed_prefill_only(d)
@@ -79,17 +91,23 @@ def moe_speed(d: dict) -> str:
         "kernel too: the part of the speed-up that sparsity alone earns. MLP: one FFN block (layer "
         f"{d['mlp_layer']}) on the prefill's input, router and dispatch included. Train step: batch "
         f"{b['train'][0]}×{b['train'][1]}, forward + backward + AdamW over the FFN parameters (what `tiny-onn train` "
-        "trains), the MoE's step ÷ the dense model's.",
+        "trains), the MoE's step ÷ the dense model's. Decode, FFN-proportional · FFN-free: the dense source's measured "
+        "time per token t and its 30 FFNs' time on one token f give the decode speed-up if the MoE's FFNs took exactly "
+        "their active fraction a of f, t ÷ (t − (1 − a) f), and if they took no time at all, t ÷ (t − f): the ceiling of "
+        "any speed-up that comes from the FFNs alone (f ÷ t: their share of the dense decode).",
         "",
         "| layout (25 % of FFN neurons active) | prefill tok/s dense → MoE | prefill speed-up | decode tok/s dense → MoE | "
-        "decode speed-up | decode speed-up vs dense on the decode kernel | MoE MLP ÷ dense MLP | train step MoE ÷ dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "decode speed-up | decode, FFN-proportional · FFN-free (FFN share) | decode speed-up vs dense on the decode kernel | "
+        "MoE MLP ÷ dense MLP | train step MoE ÷ dense |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in d["layouts"].items():
         p, t = r["prefill_tokens_per_second"], r["decode_tokens_per_second"]
         control = r.get("decode_speedup_vs_dense_on_decode_kernel")
+        limit = _decode_limits(r)
         lines.append(f"| {name} | {p['dense']:.0f} → {p['moe']:.0f} | {r['prefill_speedup']:.2f}× | "
                      f"{t['dense']:.1f} → {t['moe']:.1f} | {r['decode_speedup']:.2f}× | "
+                     f"{'–' if limit is None else f'{limit[0]:.2f}× · {limit[1]:.2f}× ({limit[2]:.0%})'} | "
                      f"{'–' if control is None else f'{control:.2f}×'} | {r['mlp_time_ratio']:.3f} | "
                      f"{r['train_step_time_ratio']:.2f} |")
     tg = d["targets"]
