@@ -18,6 +18,10 @@ Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its prot
 - exact-gate predictor r at f (`--gate-ranks`): the same with the exact gate pre-activations (every neuron's gate
   computed, a third of the FFN) and the up pre-activation at rank r, or at r = 0 its root mean square: the selection of
   the `gate` router.
+- neuron threshold oracle at f (`--threshold-scopes layer|global`): per token the neurons whose |h_j|·‖d_j‖ reaches
+  a threshold fitted so that on `--predictor-data` a fraction f of (token, neuron) pairs pass, per FFN or one for all
+  FFNs: the neuron oracle with a budget that varies per token (and, global, per layer); the row records the active
+  fraction measured on everything it scored.
 - a trained run of knowledge_recovery (`--trained MODEL:RECIPE:POLICY:SEED`), router and expert oracle: whether training
   left the router behind its experts.
 Router rows already scored by knowledge_recovery (same protocol) are copied from its result file, not re-run.
@@ -40,7 +44,13 @@ from tiny_onn.carve.neuron_predictor import fit_neuron_predictors, predicted_neu
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.eval.facts import KnownFacts  # noqa: E402
 from tiny_onn.eval.harness import EvalConfig, evaluation_facts  # noqa: E402
-from tiny_onn.eval.oracle import neuron_oracle, oracle_expert_routing  # noqa: E402
+from tiny_onn.eval.oracle import (  # noqa: E402
+    KeptNeurons,
+    calibrate_neuron_thresholds,
+    neuron_oracle,
+    neuron_threshold_oracle,
+    oracle_expert_routing,
+)
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
 EVAL_KEYS = ("seq_len", "eval_tokens", "general_tokens", "facts_limit")
@@ -62,6 +72,9 @@ def main() -> None:
                    help="two-stage exact-gate selection: c·k candidates by the gate predictor (rank 0), then the k of "
                         "largest true |h_j|·‖d_j‖ among them (a router that computes the candidates' up projections)")
     p.add_argument("--predictor-fractions", type=float, nargs="+", default=[0.25])
+    p.add_argument("--threshold-scopes", nargs="*", choices=("layer", "global"), default=[],
+                   help="neuron threshold oracles to score at every --predictor-fractions value: per token the neurons "
+                        "whose |h_j|·‖d_j‖ reach a threshold fitted on --predictor-data (per FFN, or one for all FFNs)")
     p.add_argument("--predictor-data", default="default,runs/corpus-smollm2",
                    help="data whose train split fits the predictors (its FFN inputs' second moments)")
     p.add_argument("--predictor-tokens", type=int, default=16384)
@@ -95,7 +108,7 @@ def main() -> None:
     for f in args.fractions:
         record(f"neuron oracle {f:g}", evaluate(SOURCE, ecfg, within=partial(neuron_oracle, fraction=f)),
                kind="neuron oracle", active_ffn_fraction=f)
-    if args.predictor_ranks or args.gate_ranks or args.gate_candidates:
+    if args.predictor_ranks or args.gate_ranks or args.gate_candidates or args.threshold_scopes:
         source = load_source(SourceArgs(model=SOURCE))
         fit_data = build_dataset(source.tokenizer, DataArgs(data=args.predictor_data, seq_len=proto["seq_len"]), "train",
                                  max_tokens=args.predictor_tokens)
@@ -115,6 +128,15 @@ def main() -> None:
                     record(f"gate r0 candidates x{c:g} {f:g}", evaluate(SOURCE, ecfg, within=within),
                            kind="two-stage exact-gate predictor", active_ffn_fraction=f, rank=0, candidate_factor=c,
                            predictor_data=args.predictor_data, predictor_tokens=fit_data.num_tokens)
+        for scope in args.threshold_scopes:
+            for f in args.predictor_fractions:
+                thresholds = calibrate_neuron_thresholds(source.model, fit_data.batches(8), f, scope=scope)
+                kept = KeptNeurons(len(thresholds))
+                within = partial(neuron_threshold_oracle, thresholds=thresholds, counts=kept)
+                record(f"neuron threshold {scope} {f:g}", evaluate(SOURCE, ecfg, within=within),
+                       kind=f"neuron threshold oracle ({scope})", active_ffn_fraction=f,
+                       measured_active_fraction=kept.fraction(), measured_active_by_layer=kept.per_layer(),
+                       predictor_data=args.predictor_data, predictor_tokens=fit_data.num_tokens)
         del source
     for name in args.models:
         folder = ensure_start_model(name, Path(args.workdir), "")

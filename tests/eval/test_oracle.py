@@ -9,7 +9,13 @@ import torch
 from tests.conftest import make_tiny_model
 from tests.model.helpers import tiny_moe
 from tiny_onn.errors import TinyOnnError
-from tiny_onn.eval.oracle import neuron_oracle, oracle_expert_routing
+from tiny_onn.eval.oracle import (
+    KeptNeurons,
+    calibrate_neuron_thresholds,
+    neuron_oracle,
+    neuron_threshold_oracle,
+    oracle_expert_routing,
+)
 
 
 def _expected_oracle_block(block, x_ND: torch.Tensor) -> torch.Tensor:
@@ -69,4 +75,63 @@ def test_oracles_refuse_wrong_inputs():
     with pytest.raises(TinyOnnError, match="carved TinyOnn model"), oracle_expert_routing(dense):
         pass
     with pytest.raises(TinyOnnError, match=r"in \(0, 1\]"), neuron_oracle(dense, 0.0):
+        pass
+
+
+def _scores(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    return h, h.abs() * mlp.down_proj.weight.norm(dim=0)
+
+
+def _ffn_inputs(dense, ids: torch.Tensor) -> list[torch.Tensor]:
+    inputs = []
+    handles = [layer.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+               for layer in dense.model.layers]
+    with torch.no_grad():
+        dense(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return inputs
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_neuron_thresholds_keep_the_asked_fraction_of_the_calibration_scores(scope):
+    dense = make_tiny_model("llama", 64).double().eval()
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    thresholds = calibrate_neuron_thresholds(dense, [{"input_ids": ids}], 0.25, scope=scope)
+    scores = [_scores(layer.mlp, x)[1] for layer, x in zip(dense.model.layers, _ffn_inputs(dense, ids), strict=True)]
+    passed = [int((s >= t).sum()) for s, t in zip(scores, thresholds, strict=True)]
+    total = sum(s.numel() for s in scores)
+    if scope == "layer":
+        assert all(p == round(0.25 * s.numel()) for p, s in zip(passed, scores, strict=True))
+    else:
+        assert len(set(thresholds)) == 1 and sum(passed) == round(0.25 * total)
+
+
+def test_neuron_threshold_oracle_keeps_the_neurons_above_its_threshold_and_counts_them():
+    dense = make_tiny_model("llama", 64).double().eval()
+    mlp = dense.model.layers[0].mlp
+    x = torch.randn(5, dense.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h, score = _scores(mlp, x)
+    tau = float(score.median())
+    kept = KeptNeurons(len(dense.model.layers))
+    with torch.no_grad():
+        full = mlp(x)
+        with neuron_threshold_oracle(dense, [tau] * len(dense.model.layers), counts=kept):
+            got = mlp(x)
+        torch.testing.assert_close(mlp(x), full)  # restored
+    want = torch.stack([sum(h[n, j] * mlp.down_proj.weight[:, j] for j in range(h.shape[1]) if score[n, j] >= tau)
+                        for n in range(5)])
+    torch.testing.assert_close(got, want)
+    assert kept.kept[0] == int((score >= tau).sum()) and kept.offered[0] == score.numel()
+    assert kept.fraction() == pytest.approx(kept.kept[0] / score.numel())
+
+
+def test_threshold_oracles_refuse_wrong_inputs():
+    dense = make_tiny_model("llama", 64)
+    with pytest.raises(TinyOnnError, match="scope"):
+        calibrate_neuron_thresholds(dense, [], 0.25, scope="token")
+    with pytest.raises(TinyOnnError, match="no calibration batches"):
+        calibrate_neuron_thresholds(dense, [], 0.25)
+    with pytest.raises(TinyOnnError, match="FFNs"), neuron_threshold_oracle(dense, [0.1]):
         pass

@@ -85,3 +85,101 @@ def neuron_oracle(dense: PreTrainedModel, fraction: float) -> Iterator[PreTraine
     finally:
         for mlp in mlps:
             del mlp.forward
+
+
+def _neuron_scores(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SwiGLU activations h [..., F], scores |h_j|·‖d_j‖ [..., F]) of one FFN on its inputs x."""
+    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    return h, h.abs() * mlp.down_proj.weight.norm(dim=0)
+
+
+@torch.no_grad()
+def calibrate_neuron_thresholds(dense: PreTrainedModel, batches, fraction: float, scope: str = "layer",
+                                sample_per_layer: int = 1 << 20, seed: int = 0) -> list[float]:
+    """Score thresholds τ_l, one per FFN, such that on the calibration `batches` (dicts with input_ids and optionally
+    attention_mask) a `fraction` of the (token, neuron) scores |h_j|·‖d_j‖ reach them: per FFN (`scope="layer"`: each
+    FFN keeps that fraction on average) or over all FFNs at once (`"global"`: one τ for every layer, so layers whose
+    neurons contribute more to the residual stream keep more). Scores are sampled (at most `sample_per_layer` per FFN)
+    to bound memory."""
+    if not 0.0 < fraction <= 1.0:
+        raise TinyOnnError(f"the threshold oracle's fraction must be in (0, 1], got {fraction}")
+    if scope not in ("layer", "global"):
+        raise TinyOnnError(f"the threshold oracle's scope must be 'layer' or 'global', got {scope!r}")
+    mlps = [m.module for m in swiglu_mlps(dense)]
+    samples: list[list[torch.Tensor]] = [[] for _ in mlps]
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(i: int):
+        def record(module, args) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            score = _neuron_scores(module, x)[1]
+            samples[i].append(score.to(torch.promote_types(score.dtype, torch.float32)).reshape(-1))
+        return record
+
+    handles = [mlp.register_forward_pre_hook(hook(i)) for i, mlp in enumerate(mlps)]
+    try:
+        for batch in batches:
+            dense(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not samples[0]:
+        raise TinyOnnError("no calibration batches to fit the neuron thresholds on")
+    per_layer = []
+    for chunks in samples:
+        s = torch.cat(chunks)
+        if s.numel() > sample_per_layer:
+            s = s[torch.randperm(s.numel(), generator=generator)[:sample_per_layer]]
+        per_layer.append(s)
+
+    def threshold(s: torch.Tensor) -> float:
+        keep = max(1, math.floor(fraction * s.numel() + 0.5))
+        return float(s.kthvalue(s.numel() - keep + 1).values)  # the keep-th largest score
+
+    if scope == "layer":
+        return [threshold(s) for s in per_layer]
+    return [threshold(torch.cat(per_layer))] * len(mlps)
+
+
+class KeptNeurons:
+    """Counts of neurons kept and neurons offered by a threshold oracle (its measured active fraction)."""
+
+    def __init__(self, layers: int) -> None:
+        self.kept = [0] * layers
+        self.offered = [0] * layers
+
+    def fraction(self) -> float:
+        return sum(self.kept) / max(1, sum(self.offered))
+
+    def per_layer(self) -> list[float]:
+        return [k / max(1, o) for k, o in zip(self.kept, self.offered, strict=True)]
+
+
+def _threshold_oracle_forward(tau: float, layer: int, counts: KeptNeurons):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, score = _neuron_scores(self, x)
+        mask = score >= tau
+        counts.kept[layer] += int(mask.sum())
+        counts.offered[layer] += mask.numel()
+        return self.down_proj(h * mask.to(h.dtype))
+
+    return forward
+
+
+@contextmanager
+def neuron_threshold_oracle(dense: PreTrainedModel, thresholds: list[float],
+                            counts: KeptNeurons | None = None) -> Iterator[PreTrainedModel]:
+    """Within the block, every SwiGLU FFN l of `dense` keeps per token the neurons whose |h_j|·‖d_j‖ reaches
+    thresholds[l] (`calibrate_neuron_thresholds`): the neuron oracle with a budget that varies per token (and, for
+    global thresholds, per layer) instead of a fixed top-k. `counts` (optional) accumulates how many were kept."""
+    mlps = [m.module for m in swiglu_mlps(dense)]
+    if len(thresholds) != len(mlps):
+        raise TinyOnnError(f"{len(thresholds)} neuron thresholds for a model with {len(mlps)} FFNs")
+    counts = counts if counts is not None else KeptNeurons(len(mlps))
+    for i, (mlp, tau) in enumerate(zip(mlps, thresholds, strict=True)):
+        mlp.forward = types.MethodType(_threshold_oracle_forward(tau, i, counts), mlp)
+    try:
+        yield dense
+    finally:
+        for mlp in mlps:
+            del mlp.forward
