@@ -5,6 +5,7 @@ perplexity of SmolLM2 under oracles, beside the carved models' own routers.
     python benchmarks/knowledge_ceiling.py --models moe25f --trained --fractions --append   # add rows
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --predictor-ranks 64 128 --append
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --gate-ranks 0 64 --predictor-fractions 0.25 0.5 --append
+    python benchmarks/knowledge_ceiling.py --models --trained --fractions --threshold-scopes layer global --append
 
 Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its protocol's facts and tokens):
 - neuron oracle at f (0.25, 0.5): the dense source with every FFN keeping, per token, its f·F neurons of largest

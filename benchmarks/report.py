@@ -495,9 +495,18 @@ def knowledge_ceiling(d: dict) -> str:
                      "two-stage exact-gate predictor": f"the {r.get('candidate_factor', 0):g} × k neurons of largest "
                      "\|act(gate)\|·RMS(up)·‖d‖, then the top k of them by their true \|h\|·‖d‖ (every gate and "
                      "those candidates' up computed; predictor fitted on `" + str(r.get("predictor_data")) + "`)",
+                     "neuron threshold oracle (layer)": "each token's neurons whose \\|h\\|·‖d‖ reaches its FFN's "
+                     "threshold (fitted on `" + str(r.get("predictor_data")) + "`), so the count varies per token",
+                     "neuron threshold oracle (global)": "each token's neurons whose \\|h\\|·‖d‖ reaches one threshold "
+                     "for all FFNs (fitted on `" + str(r.get("predictor_data")) + "`): the count varies per token and "
+                     "per layer",
                      }[r["kind"]]
         if r["kind"] in ("neuron oracle", "low-rank predictor", "exact-gate predictor", "two-stage exact-gate predictor"):
             label = f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons per token"
+        elif r["kind"].startswith("neuron threshold oracle"):
+            by_layer = r["measured_active_by_layer"]
+            label = (f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons on average (measured here: "
+                     f"{r['measured_active_fraction']:.1%}; per layer {min(by_layer):.0%}–{max(by_layer):.0%})")
         lines.append(f"| {label} | {selection} | {_retention(r)} | {r['fact_accuracy']:.3f} | "
                      f"**{r['ratios']['general_ppl']:.2f}** | {r['ratios']['mix_ppl']:.2f} |")
     return "\n".join(lines)
