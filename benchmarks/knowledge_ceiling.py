@@ -6,6 +6,7 @@ perplexity of SmolLM2 under oracles, beside the carved models' own routers.
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --predictor-ranks 64 128 --append
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --gate-ranks 0 64 --predictor-fractions 0.25 0.5 --append
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --threshold-scopes layer global --append
+    python benchmarks/knowledge_ceiling.py --models --trained --fractions --allocated-fractions 0.25 --append
 
 Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its protocol's facts and tokens):
 - neuron oracle at f (0.25, 0.5): the dense source with every FFN keeping, per token, its f·F neurons of largest
@@ -23,6 +24,9 @@ Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its prot
   a threshold fitted so that on `--predictor-data` a fraction f of (token, neuron) pairs pass, per FFN or one for all
   FFNs: the neuron oracle with a budget that varies per token (and, global, per layer); the row records the active
   fraction measured on everything it scored.
+- neuron oracle with allocated fractions at f (`--allocated-fractions`): the neuron oracle with per-FFN fractions that
+  average f, each FFN's chosen so that the next neuron anywhere would remove about the same share of its FFN's output
+  (`allocate_neuron_fractions`, fitted on `--predictor-data`).
 - a trained run of knowledge_recovery (`--trained MODEL:RECIPE:POLICY:SEED`), router and expert oracle: whether training
   left the router behind its experts.
 Router rows already scored by knowledge_recovery (same protocol) are copied from its result file, not re-run.
@@ -47,6 +51,7 @@ from tiny_onn.eval.facts import KnownFacts  # noqa: E402
 from tiny_onn.eval.harness import EvalConfig, evaluation_facts  # noqa: E402
 from tiny_onn.eval.oracle import (  # noqa: E402
     KeptNeurons,
+    allocate_neuron_fractions,
     calibrate_neuron_thresholds,
     neuron_oracle,
     neuron_threshold_oracle,
@@ -73,6 +78,9 @@ def main() -> None:
                    help="two-stage exact-gate selection: c·k candidates by the gate predictor (rank 0), then the k of "
                         "largest true |h_j|·‖d_j‖ among them (a router that computes the candidates' up projections)")
     p.add_argument("--predictor-fractions", type=float, nargs="+", default=[0.25])
+    p.add_argument("--allocated-fractions", type=float, nargs="*", default=[],
+                   help="neuron oracles at these average fractions with per-FFN fractions from "
+                        "allocate_neuron_fractions (equal relative gain of the next neuron, fitted on --predictor-data)")
     p.add_argument("--threshold-scopes", nargs="*", choices=("layer", "global"), default=[],
                    help="neuron threshold oracles to score at every --predictor-fractions value: per token the neurons "
                         "whose |h_j|·‖d_j‖ reach a threshold fitted on --predictor-data (per FFN, or one for all FFNs)")
@@ -109,7 +117,7 @@ def main() -> None:
     for f in args.fractions:
         record(f"neuron oracle {f:g}", evaluate(SOURCE, ecfg, within=partial(neuron_oracle, fraction=f)),
                kind="neuron oracle", active_ffn_fraction=f)
-    if args.predictor_ranks or args.gate_ranks or args.gate_candidates or args.threshold_scopes:
+    if args.predictor_ranks or args.gate_ranks or args.gate_candidates or args.threshold_scopes or args.allocated_fractions:
         source = load_source(SourceArgs(model=SOURCE))
         fit_data = build_dataset(source.tokenizer, DataArgs(data=args.predictor_data, seq_len=proto["seq_len"]), "train",
                                  max_tokens=args.predictor_tokens)
@@ -129,6 +137,11 @@ def main() -> None:
                     record(f"gate r0 candidates x{c:g} {f:g}", evaluate(SOURCE, ecfg, within=within),
                            kind="two-stage exact-gate predictor", active_ffn_fraction=f, rank=0, candidate_factor=c,
                            predictor_data=args.predictor_data, predictor_tokens=fit_data.num_tokens)
+        for f in args.allocated_fractions:
+            fractions = allocate_neuron_fractions(source.model, fit_data.batches(8), f)
+            record(f"neuron oracle allocated {f:g}", evaluate(SOURCE, ecfg, within=partial(neuron_oracle, fraction=fractions)),
+                   kind="neuron oracle (allocated)", active_ffn_fraction=f, fractions_by_layer=fractions,
+                   predictor_data=args.predictor_data, predictor_tokens=fit_data.num_tokens)
         for scope in args.threshold_scopes:
             for f in args.predictor_fractions:
                 thresholds = calibrate_neuron_thresholds(source.model, fit_data.batches(8), f, scope=scope)

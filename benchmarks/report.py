@@ -495,6 +495,9 @@ def knowledge_ceiling(d: dict) -> str:
                      "two-stage exact-gate predictor": f"the {r.get('candidate_factor', 0):g} × k neurons of largest "
                      "\|act(gate)\|·RMS(up)·‖d‖, then the top k of them by their true \|h\|·‖d‖ (every gate and "
                      "those candidates' up computed; predictor fitted on `" + str(r.get("predictor_data")) + "`)",
+                     "neuron oracle (allocated)": "each token's top neurons by \\|h\\|·‖d‖, per FFN its own "
+                     "fraction (equal relative gain of the next neuron, fitted on `" + str(r.get("predictor_data"))
+                     + "`)",
                      "neuron threshold oracle (layer)": "each token's neurons whose \\|h\\|·‖d‖ reaches its FFN's "
                      "threshold (fitted on `" + str(r.get("predictor_data")) + "`), so the count varies per token",
                      "neuron threshold oracle (global)": "each token's neurons whose \\|h\\|·‖d‖ reaches one threshold "
@@ -503,6 +506,10 @@ def knowledge_ceiling(d: dict) -> str:
                      }[r["kind"]]
         if r["kind"] in ("neuron oracle", "low-rank predictor", "exact-gate predictor", "two-stage exact-gate predictor"):
             label = f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons per token"
+        elif r["kind"] == "neuron oracle (allocated)":
+            by_layer = r["fractions_by_layer"]
+            label = (f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons on average (per layer "
+                     f"{min(by_layer):.0%}–{max(by_layer):.0%})")
         elif r["kind"].startswith("neuron threshold oracle"):
             by_layer = r["measured_active_by_layer"]
             label = (f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons on average (measured here: "

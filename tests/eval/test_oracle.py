@@ -11,6 +11,7 @@ from tests.model.helpers import tiny_moe
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval.oracle import (
     KeptNeurons,
+    allocate_neuron_fractions,
     calibrate_neuron_thresholds,
     neuron_oracle,
     neuron_threshold_oracle,
@@ -134,4 +135,32 @@ def test_threshold_oracles_refuse_wrong_inputs():
     with pytest.raises(TinyOnnError, match="no calibration batches"):
         calibrate_neuron_thresholds(dense, [], 0.25)
     with pytest.raises(TinyOnnError, match="FFNs"), neuron_threshold_oracle(dense, [0.1]):
+        pass
+
+
+def test_allocated_fractions_spend_the_budget_on_the_largest_relative_gains():
+    dense = make_tiny_model("llama", 64).double().eval()
+    with torch.no_grad():  # layer 1: a few neurons carry nearly all of its output, so it needs few
+        dense.model.layers[1].mlp.up_proj.weight[:3] *= 50.0
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    got = allocate_neuron_fractions(dense, [{"input_ids": ids}], 0.25, min_fraction=0.05)
+    layers = dense.model.layers
+    F = layers[0].mlp.gate_proj.weight.shape[0]
+    # independently: each FFN's mean r-th largest score² ÷ its mean ‖y‖², then one neuron at a time to the largest gain
+    gains = []
+    for layer, x in zip(layers, _ffn_inputs(dense, ids), strict=True):
+        with torch.no_grad():
+            score = _scores(layer.mlp, x)[1]
+            y = layer.mlp(x)
+        gains.append([float(v) for v in score.sort(dim=-1, descending=True).values.pow(2).mean(0) / y.pow(2).sum(-1).mean()])
+    floor = round(0.05 * F)
+    keep = [floor] * len(layers)
+    for _ in range(round(0.25 * F * len(layers)) - floor * len(layers)):
+        best = max(range(len(layers)), key=lambda i: gains[i][keep[i]] if keep[i] < F else -1.0)
+        keep[best] += 1
+    assert got == [k / F for k in keep]
+    assert sum(got) / len(got) == pytest.approx(0.25, abs=1 / F) and got[1] < got[0]
+    with pytest.raises(TinyOnnError, match="min_fraction"):
+        allocate_neuron_fractions(dense, [{"input_ids": ids}], 0.25, min_fraction=0.5)
+    with pytest.raises(TinyOnnError, match="fractions for a model"), neuron_oracle(dense, [0.25]):
         pass

@@ -71,14 +71,18 @@ def _neuron_oracle_forward(keep: int):
 
 
 @contextmanager
-def neuron_oracle(dense: PreTrainedModel, fraction: float) -> Iterator[PreTrainedModel]:
+def neuron_oracle(dense: PreTrainedModel, fraction: float | list[float]) -> Iterator[PreTrainedModel]:
     """Within the block, every SwiGLU FFN of `dense` keeps per token only its round(fraction·F) neurons with the
-    largest |h_j|·‖d_j‖."""
-    if not 0.0 < fraction <= 1.0:
-        raise TinyOnnError(f"the neuron oracle's fraction must be in (0, 1], got {fraction}")
+    largest |h_j|·‖d_j‖ (`fraction`: one for every FFN, or one per FFN, e.g. from `allocate_neuron_fractions`)."""
     mlps = [m.module for m in swiglu_mlps(dense)]
-    for mlp in mlps:
-        keep = max(1, math.floor(fraction * mlp.gate_proj.weight.shape[0] + 0.5))
+    fractions = [fraction] * len(mlps) if isinstance(fraction, float | int) else list(fraction)
+    if len(fractions) != len(mlps):
+        raise TinyOnnError(f"{len(fractions)} neuron-oracle fractions for a model with {len(mlps)} FFNs")
+    for f in fractions:
+        if not 0.0 < f <= 1.0:
+            raise TinyOnnError(f"the neuron oracle's fraction must be in (0, 1], got {f}")
+    for mlp, f in zip(mlps, fractions, strict=True):
+        keep = max(1, math.floor(f * mlp.gate_proj.weight.shape[0] + 0.5))
         mlp.forward = types.MethodType(_neuron_oracle_forward(keep), mlp)
     try:
         yield dense
@@ -183,3 +187,50 @@ def neuron_threshold_oracle(dense: PreTrainedModel, thresholds: list[float],
     finally:
         for mlp in mlps:
             del mlp.forward
+
+
+@torch.no_grad()
+def allocate_neuron_fractions(dense: PreTrainedModel, batches, fraction: float, min_fraction: float = 0.05) -> list[float]:
+    """Per-FFN active fractions averaging `fraction` (over neurons, all FFNs of width F alike), chosen so that the next
+    neuron any FFN would add removes about the same share of that FFN's output: on the calibration `batches`, the r-th
+    largest |h_j|·‖d_j‖ of each token, squared and averaged over tokens, divided by the FFN's mean ‖y‖², is FFN l's
+    gain from its r-th neuron; the budget goes to the largest gains of all FFNs (each FFN keeps at least
+    `min_fraction`). Cross terms between neurons are ignored: a proxy for the relative error of the per-token top-k."""
+    if not 0.0 < fraction <= 1.0 or not 0.0 < min_fraction <= fraction:
+        raise TinyOnnError(f"allocation needs 0 < min_fraction <= fraction <= 1, got {min_fraction}, {fraction}")
+    mlps = [m.module for m in swiglu_mlps(dense)]
+    widths = {mlp.gate_proj.weight.shape[0] for mlp in mlps}
+    if len(widths) != 1:
+        raise TinyOnnError(f"allocating one neuron budget needs FFNs of one width, got {sorted(widths)}")
+    F = widths.pop()
+    ranked_sq = [torch.zeros(F, dtype=torch.float64) for _ in mlps]  # [F] summed r-th largest score², per FFN
+    out_sq = [0.0] * len(mlps)
+    tokens = [0] * len(mlps)
+
+    def hook(i: int):
+        def record(module, args, output) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            score = _neuron_scores(module, x)[1].double()  # [T, F]
+            ranked_sq[i] += score.sort(dim=-1, descending=True).values.pow(2).sum(0)
+            out_sq[i] += float(output.double().pow(2).sum())
+            tokens[i] += x.shape[0]
+        return record
+
+    handles = [mlp.register_forward_hook(hook(i)) for i, mlp in enumerate(mlps)]
+    try:
+        for batch in batches:
+            dense(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not tokens[0]:
+        raise TinyOnnError("no calibration batches to allocate the neuron budget on")
+    floor = max(1, math.floor(min_fraction * F + 0.5))
+    keep = [floor] * len(mlps)
+    gains = torch.cat([(r / max(o, 1e-30))[floor:] for r, o in zip(ranked_sq, out_sq, strict=True)])  # [L·(F - floor)]
+    layer_of = torch.arange(len(mlps)).repeat_interleave(F - floor)
+    extra = max(0, math.floor(fraction * F * len(mlps) + 0.5) - floor * len(mlps))
+    chosen = layer_of[gains.topk(extra).indices]  # each FFN's gains decrease with rank: its top ones are chosen first
+    for i, n in enumerate(torch.bincount(chosen, minlength=len(mlps)).tolist()):
+        keep[i] += n
+    return [k / F for k in keep]
