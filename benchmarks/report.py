@@ -493,7 +493,7 @@ def knowledge_ceiling(d: dict) -> str:
                      + (f"a rank-{r.get('rank')} prediction of \\|up\\|" if r.get("rank") else "the up's RMS")
                      + " (every gate computed)",
                      "two-stage exact-gate predictor": f"the {r.get('candidate_factor', 0):g} × k neurons of largest "
-                     "\|act(gate)\|·RMS(up)·‖d‖, then the top k of them by their true \|h\|·‖d‖ (every gate and "
+                     "\\|act(gate)\\|·RMS(up)·‖d‖, then the top k of them by their true \\|h\\|·‖d‖ (every gate and "
                      "those candidates' up computed; predictor fitted on `" + str(r.get("predictor_data")) + "`)",
                      "neuron oracle (allocated)": "each token's top neurons by \\|h\\|·‖d‖, per FFN its own "
                      "fraction (equal relative gain of the next neuron, fitted on `" + str(r.get("predictor_data"))

@@ -113,7 +113,8 @@ def test_neuron_threshold_oracle_keeps_the_neurons_above_its_threshold_and_count
     dense = make_tiny_model("llama", 64).double().eval()
     mlp = dense.model.layers[0].mlp
     x = torch.randn(5, dense.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    h, score = _scores(mlp, x)
+    with torch.no_grad():
+        h, score = _scores(mlp, x)
     tau = float(score.median())
     kept = KeptNeurons(len(dense.model.layers))
     with torch.no_grad():
