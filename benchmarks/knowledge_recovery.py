@@ -103,7 +103,7 @@ def main() -> None:
     protocol["tokens_per_run"] = args.steps * args.batch_size * args.seq_len
     work = Path(args.workdir) / protocol_name(protocol)
     results = load_results(protocol) if args.append else {"protocol": protocol, "start": {}, "runs": {}, "forgetting": {}}
-    results["start"] = {**start_rows_of_other_protocols(protocol), **results["start"]}
+    results["start"] = {**start_rows_of_other_protocols(protocol, ["dense", *args.models]), **results["start"]}
     results["commands"] = results.get("commands", []) + ["python " + " ".join(sys.argv)]
     ecfg = EvalConfig(model=[SOURCE], tasks="ppl,general,facts", eval_tokens=args.eval_tokens, seq_len=args.seq_len,
                       general_tokens=args.general_tokens, facts_limit=args.facts_limit, facts_source=SOURCE,
@@ -269,14 +269,15 @@ def forgetting(args, results: dict, work: Path, ecfg: EvalConfig, dense: dict) -
               f"{row['fact_retention']:.3f}, general ppl ×{row['general_ppl'] / base['general_ppl']:.2f}", flush=True)
 
 
-def start_rows_of_other_protocols(protocol: dict) -> dict:
-    """Rows of untrained models already scored under the same evaluation settings (start models are shared by every
-    protocol; the knowledge-aware carves, whose scan reads the corpus, are scored again)."""
+def start_rows_of_other_protocols(protocol: dict, names: list[str]) -> dict:
+    """Rows of the untrained models `names` already scored under the same evaluation settings (start models are shared
+    by every protocol; the knowledge-aware carves, whose scan reads the corpus, are scored again). Only the models this
+    command trains are taken, so a protocol's table lists the starts of its own runs."""
     path = RESULTS / "knowledge_recovery.json"
     rows = {}
     for entry in json.loads(path.read_text()).get("protocols", []) if path.is_file() else []:
         if all(entry["protocol"].get(k) == protocol[k] for k in EVAL_KEYS):
-            rows.update({name: row for name, row in entry["start"].items() if not name.endswith("k")})
+            rows.update({name: row for name, row in entry["start"].items() if name in names and not name.endswith("k")})
     return rows
 
 
