@@ -25,7 +25,8 @@ dense source with each FFN cut to its top 25 % / 50 % / 67 % neurons by importan
 Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-mix` (full-vocabulary KL to the dense
 teacher on the mix), `kd-corpus` (KL on the teacher-written corpus of `tiny-onn distil-data`), `kd-both` (KL on
 both), `ce-both` (cross-entropy on both: the teacher's text without its distribution; the recipe under which the dense
-control means something, as KL of the dense source to itself is zero). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
+control means something, as KL of the dense source to itself is zero), `kd-both-hidden` (kd-both plus hidden-state
+distillation, `--hidden-kd 1`: each decoder layer's output pulled toward the teacher's). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
 perplexity ÷ dense, mix held-out perplexity ÷ dense, per category, active parameters, training tokens.
 The forgetting test starts from a trained run, learns one category only (plain CE) under each update policy, and
 reports what the other categories, the general text and the facts lose.
@@ -66,7 +67,9 @@ RECIPES = {  # data, teacher KD weight, CE weight
     "kd-corpus": ("{corpus}", 1.0, 0.0),
     "kd-both": ("default,{corpus}", 1.0, 0.0),
     "ce-both": ("default,{corpus}", 0.0, 1.0),
+    "kd-both-hidden": ("default,{corpus}", 1.0, 0.0),
 }
+HIDDEN_KD = {"kd-both-hidden": 1.0}  # recipes that add hidden-state distillation (TrainConfig.hidden_kd) to their KD
 FORGET_POLICIES = {"full": ("full", 4), "smk": ("smk", 4), "smk2": ("smk2", 4), "smk-min1": ("smk", 1)}
 SOURCE = "smollm2"
 NEURONS = 1536  # SmolLM2's FFN width
@@ -130,7 +133,8 @@ def main() -> None:
                     key = f"{name}:{recipe}:{policy}:{seed}"
                     out = work / key.replace(":", "-")
                     data, kd, ce = RECIPES[recipe]
-                    cfg = train_config(args, start, out, data.format(corpus=corpus), kd, ce, policy, args.k, seed)
+                    cfg = train_config(args, start, out, data.format(corpus=corpus), kd, ce, policy, args.k, seed,
+                                       hidden_kd=HIDDEN_KD.get(recipe, 0.0))
                     row = train_and_evaluate(cfg, out, ecfg, dense)
                     results["runs"][key] = {"model": name, "recipe": recipe, "policy": policy, "seed": seed, **row}
                     save(results)
@@ -200,8 +204,9 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
 
 
 def train_config(args, start: Path, out: Path, data: str, kd: float, ce: float, policy: str, k: int, seed: int,
-                 categories: str = "") -> TrainConfig:
+                 categories: str = "", hidden_kd: float = 0.0) -> TrainConfig:
     return TrainConfig(model=str(start), data=data, categories=categories, teacher=SOURCE if kd else "", kd=kd,
+                       hidden_kd=hidden_kd,
                        ce_weight=ce, kd_temperature=args.kd_temperature, policy=policy, max_k=k, min_k=k,
                        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=seed,
                        eval_tokens=0, checkpoint_every=CHECKPOINT_EVERY, device="cpu", out=str(out))
@@ -220,8 +225,8 @@ def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dic
     row = evaluate(str(out / "model"), ecfg)
     return {**row, "ratios": ratios(row, dense), "training_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
             "step_seconds_median": report.get("step_seconds_median"), "model_folder": str(out / "model"),
-            "config": {k: getattr(cfg, k) for k in ("data", "categories", "kd", "ce_weight", "policy", "max_k", "min_k",
-                                                     "steps", "lr", "seed")}}
+            "config": {k: getattr(cfg, k) for k in ("data", "categories", "kd", "hidden_kd", "ce_weight", "policy",
+                                                     "max_k", "min_k", "steps", "lr", "seed")}}
 
 
 def evaluate(spec: str, ecfg: EvalConfig, within=None) -> dict:

@@ -75,3 +75,19 @@ def pi_schedule(pi: float, act_k: int, lr_floor: float) -> tuple[float, int]:
     max(1, round(act_k·(1 − PI)))), act_k the experts that computed in the layer this step. A model that predicts well
     (PI → 1) takes small steps on few experts; a surprised one (PI → 0) full steps on every expert that computed."""
     return lr_floor + (1.0 - lr_floor) * (1.0 - pi), max(1, round(act_k * (1.0 - pi)))
+
+
+def hidden_distill_sum(student_LBTD: list[torch.Tensor], teacher_LBTD: list[torch.Tensor],
+                       labels_BT: torch.Tensor) -> torch.Tensor:
+    """Hidden-state distillation, summed over the positions KD scores (those that predict a response token): for each,
+    the mean over layers of ‖h_student − h_teacher‖² / ‖h_teacher‖², h a decoder layer's output [B, T, D]. Relative
+    per token, so the few tokens with very large hidden states do not outweigh the others."""
+    if len(student_LBTD) != len(teacher_LBTD) or not student_LBTD:
+        raise ValueError(f"hidden distillation needs one teacher state per student layer, got {len(student_LBTD)} "
+                         f"student and {len(teacher_LBTD)} teacher layers")
+    _, scored = scored_positions(labels_BT)  # [B, T-1]
+    total = torch.zeros((), device=student_LBTD[0].device)
+    for s_BTD, t_BTD in zip(student_LBTD, teacher_LBTD, strict=True):
+        s_ND, t_ND = s_BTD[:, :-1][scored].float(), t_BTD[:, :-1][scored].float()  # [scored tokens, D]
+        total = total + ((s_ND - t_ND).pow(2).sum(-1) / t_ND.pow(2).sum(-1).clamp_min(1e-12)).sum()
+    return total / len(student_LBTD)

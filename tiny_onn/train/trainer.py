@@ -35,6 +35,7 @@ from tiny_onn.model.export import CARVE_META, TRAIN_META, read_carve_metadata, s
 from tiny_onn.sources import Source, SourceArgs, load_source
 from tiny_onn.train.ewc import EWC
 from tiny_onn.train.losses import (
+    hidden_distill_sum,
     kd_sum,
     performance_index,
     pi_schedule,
@@ -46,6 +47,7 @@ from tiny_onn.train.optim import MaskedAdamW
 from tiny_onn.train.policies import POLICIES, expert_grad_norms, update_mask
 from tiny_onn.train.replay import ReplayBuffer
 from tiny_onn.train.routing import RouterTaps, TeacherGains
+from tiny_onn.train.taps import LayerOutputTaps, check_same_stack
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class TrainConfig(SourceArgs, DataArgs):
     kd: float = 0.0
     """Weight α_kd of the distillation loss α·T²·KL(teacher ‖ student)."""
     kd_temperature: float = 2.0
+    hidden_kd: float = 0.0
+    """Weight of hidden-state distillation: per token, the mean over decoder layers of ‖h − h_teacher‖² / ‖h_teacher‖²
+    (h a layer's output), on the positions KD scores and scaled like it (needs --teacher, of the same depth and width;
+    0 = off)."""
     """Distillation temperature T."""
     policy: str = "smk2"
     """Expert update policy: full, smk (min_k lowest-gradient experts), smk2 (max_k highest ΔSC experts)."""
@@ -171,6 +177,8 @@ class TrainConfig(SourceArgs, DataArgs):
             raise TinyOnnError("--kd needs a --teacher (and must be non-negative)")
         if self.kd_temperature <= 0:
             raise TinyOnnError("kd_temperature must be positive")
+        if self.hidden_kd < 0 or (self.hidden_kd > 0 and not self.teacher):
+            raise TinyOnnError(f"--hidden-kd needs a --teacher (and must be non-negative), got {self.hidden_kd}")
         if self.lr <= 0 or self.router_lr <= 0:
             raise TinyOnnError("learning rates must be positive")
         if self.ce_weight < 0 or (self.ce_weight == 0 and not self.kd):
@@ -424,6 +432,10 @@ class Trainer:
         self.ewc = self.setup_ewc(tok) if cfg.ewc else None
         self.router_taps = RouterTaps(self.model) if self.is_moe and (cfg.router_distill or cfg.specificity) else None
         self.teacher_gains = TeacherGains(self.teacher, cfg.model) if cfg.router_distill else None
+        self.layer_taps = None
+        if cfg.hidden_kd:
+            check_same_stack(self.model, self.teacher)
+            self.layer_taps = (LayerOutputTaps(self.model), LayerOutputTaps(self.teacher))
         self.ddp_model = self.accelerator.prepare(self.model)
         if self.held is not None and self.state.ppl_before is None:
             self.state.ppl_before = self.evaluate()
@@ -478,6 +490,7 @@ class Trainer:
         tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro)) * self.world
         return {"step": step + 1, "phase": self.state.phase, "ce": losses["ce"], "kd": losses["kd"], "lb": losses["lb"],
                 "z": losses["z"], "router_distill": losses["rd"], "specificity": losses["sp"], "ewc": losses["ewc"],
+                "hidden_kd": losses["hidden_kd"],
                 "pi": self.state.pi, "grad_norm": grad_norm, "update_grad_norm": update_norm,
                 "lr": opt.param_groups[0]["lr"], "lr_scale": lr_scale, "tokens_per_second": tokens / dt,
                 "experts_updated_mean": sum(updated) / max(len(updated), 1), "step_seconds": dt}
@@ -496,7 +509,8 @@ class Trainer:
         """Accumulate the gradients of the step's micro-batches; return the losses as global means and the [C] count of
         scored tokens per category (both summed over ranks)."""
         C = self.state.category_mass.numel()
-        sums = torch.zeros(9, dtype=torch.float64)  # ce, kd, lb, z, entropy·n, n, router distill, specificity, ewc
+        # ce, kd, lb, z, entropy·n, n, router distill, specificity, ewc, hidden kd
+        sums = torch.zeros(10, dtype=torch.float64)
         cat_tokens = torch.zeros(C)
         for mb in micro:
             mb = {k: v.to(self.accelerator.device) for k, v in mb.items()}
@@ -513,7 +527,7 @@ class Trainer:
             sums += torch.tensor([parts["ce"].item(), parts["kd"].item(), parts["lb"].item() / len(micro),
                                   parts["z"].item() / len(micro), parts["entropy"].item() * n, n,
                                   parts["rd"].item() / len(micro), parts["sp"].item() / len(micro),
-                                  parts["ewc"].item() / len(micro)], dtype=torch.float64)
+                                  parts["ewc"].item() / len(micro), parts["hidden_kd"].item()], dtype=torch.float64)
             cats = mb["category"][:, 1:][scored].cpu()
             cat_tokens += torch.bincount(cats[cats >= 0], minlength=C).float()
         distributed.all_reduce_sum(sums)
@@ -521,7 +535,8 @@ class Trainer:
         n_all = max(sums[5].item(), 1)
         losses = {"ce": sums[0].item() / n_all, "kd": sums[1].item() / n_all, "lb": sums[2].item() / self.world,
                   "z": sums[3].item() / self.world, "entropy": sums[4].item() / n_all, "rd": sums[6].item() / self.world,
-                  "sp": sums[7].item() / self.world, "ewc": sums[8].item() / self.world}
+                  "sp": sums[7].item() / self.world, "ewc": sums[8].item() / self.world,
+                  "hidden_kd": sums[9].item() / n_all}
         return losses, cat_tokens
 
     def micro_batch_loss(self, mb: dict, scale: float, n_micro: int) -> tuple[torch.Tensor, dict]:
@@ -535,20 +550,27 @@ class Trainer:
                                  **moe_kwargs)
         ce, entropy = response_ce_sum(outputs.logits, mb["labels"])
         loss = cfg.ce_weight * ce * scale
-        kd = zero
-        if self.teacher is not None and (cfg.kd or cfg.router_distill):
+        kd = hkd = zero
+        if self.teacher is not None and (cfg.kd or cfg.router_distill or cfg.hidden_kd):
             with torch.no_grad():  # (its FFN hooks compute the expert gains router distillation needs)
                 t_logits = self.teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
             if cfg.kd:
                 kd = kd_sum(outputs.logits, t_logits, mb["labels"], cfg.kd_temperature)
                 loss = loss + cfg.kd * kd * scale
+            if cfg.hidden_kd:
+                student_taps, teacher_taps = self.layer_taps
+                hkd = hidden_distill_sum(student_taps.states(), teacher_taps.states(), mb["labels"])
+                student_taps.clear()  # let the graph go with this micro-batch
+                teacher_taps.clear()
+                loss = loss + cfg.hidden_kd * hkd * scale
         lb = outputs.aux_loss if self.is_moe else zero
         z = outputs.router_z_loss if self.is_moe and cfg.z_loss_coef else zero
         rd, sp = self.routing_losses(mb)
         ewc = self.ewc.penalty() if self.ewc is not None else zero
         loss = loss + (cfg.aux_loss_coef * lb + cfg.z_loss_coef * z + cfg.router_distill * rd + cfg.specificity * sp
                        + ewc) / n_micro
-        return loss, {"ce": ce, "kd": kd, "lb": lb, "z": z, "entropy": entropy, "rd": rd, "sp": sp, "ewc": ewc}
+        return loss, {"ce": ce, "kd": kd, "lb": lb, "z": z, "entropy": entropy, "rd": rd, "sp": sp, "ewc": ewc,
+                      "hidden_kd": hkd}
 
     def routing_losses(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Router distillation and specificity, each averaged over layers, on the non-padding tokens of the micro-batch
@@ -637,7 +659,7 @@ class Trainer:
             bar.set_postfix(loss=f"{rec['ce']:.3f}", PI=f"{rec['pi']:.3f}", lr=f"{rec['lr']:.1e}",
                             tok_s=f"{rec['tokens_per_second']:.0f}")
             if self.writer is not None and (step + 1) % cfg.log_every == 0:
-                for key in ("ce", "kd", "lb", "z", "router_distill", "specificity", "ewc", "pi", "grad_norm",
+                for key in ("ce", "kd", "hidden_kd", "lb", "z", "router_distill", "specificity", "ewc", "pi", "grad_norm",
                             "update_grad_norm", "lr", "lr_scale", "tokens_per_second", "experts_updated_mean"):
                     self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and self.rank == 0:
