@@ -26,7 +26,8 @@ Recipes: `ce-mix` (cross-entropy on the training mix, the earlier recipe), `kd-m
 teacher on the mix), `kd-corpus` (KL on the teacher-written corpus of `tiny-onn distil-data`), `kd-both` (KL on
 both), `ce-both` (cross-entropy on both: the teacher's text without its distribution; the recipe under which the dense
 control means something, as KL of the dense source to itself is zero), `kd-both-hidden` (kd-both plus hidden-state
-distillation, `--hidden-kd 1`: each decoder layer's output pulled toward the teacher's). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
+distillation, `--hidden-kd 1`: each decoder layer's output pulled toward the teacher's; `kd-both-hidden10`: weight
+10). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
 perplexity ÷ dense, mix held-out perplexity ÷ dense, per category, active parameters, training tokens.
 The forgetting test starts from a trained run, learns one category only (plain CE) under each update policy, and
 reports what the other categories, the general text and the facts lose.
@@ -40,6 +41,7 @@ import dataclasses
 import json
 import re
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -68,8 +70,10 @@ RECIPES = {  # data, teacher KD weight, CE weight
     "kd-both": ("default,{corpus}", 1.0, 0.0),
     "ce-both": ("default,{corpus}", 0.0, 1.0),
     "kd-both-hidden": ("default,{corpus}", 1.0, 0.0),
+    "kd-both-hidden10": ("default,{corpus}", 1.0, 0.0),
 }
-HIDDEN_KD = {"kd-both-hidden": 1.0}  # recipes that add hidden-state distillation (TrainConfig.hidden_kd) to their KD
+# recipes that add hidden-state distillation (TrainConfig.hidden_kd, this weight) to their KD
+HIDDEN_KD = {"kd-both-hidden": 1.0, "kd-both-hidden10": 10.0}
 FORGET_POLICIES = {"full": ("full", 4), "smk": ("smk", 4), "smk2": ("smk2", 4), "smk-min1": ("smk", 1)}
 SOURCE = "smollm2"
 NEURONS = 1536  # SmolLM2's FFN width
@@ -224,9 +228,17 @@ def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dic
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     row = evaluate(str(out / "model"), ecfg)
     return {**row, "ratios": ratios(row, dense), "training_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
-            "step_seconds_median": report.get("step_seconds_median"), "model_folder": str(out / "model"),
+            "step_seconds_median": report.get("step_seconds_median"), "train_losses": loss_ends(report["history"]),
+            "model_folder": str(out / "model"),
             "config": {k: getattr(cfg, k) for k in ("data", "categories", "kd", "hidden_kd", "ce_weight", "policy",
                                                      "max_k", "min_k", "steps", "lr", "seed")}}
+
+
+def loss_ends(history: list[dict], steps: int = 10) -> dict:
+    """Each logged training loss averaged over the first and the last `steps` steps of a run's history."""
+    keys = [k for k in ("ce", "kd", "hidden_kd") if k in history[0]]
+    return {k: {"first": statistics.fmean(r[k] for r in history[:steps]),
+                "last": statistics.fmean(r[k] for r in history[-steps:])} for k in keys}
 
 
 def evaluate(spec: str, ecfg: EvalConfig, within=None) -> dict:
