@@ -27,7 +27,8 @@ teacher on the mix), `kd-corpus` (KL on the teacher-written corpus of `tiny-onn 
 both), `ce-both` (cross-entropy on both: the teacher's text without its distribution; the recipe under which the dense
 control means something, as KL of the dense source to itself is zero), `kd-both-hidden` (kd-both plus hidden-state
 distillation, `--hidden-kd 1`: each decoder layer's output pulled toward the teacher's; `kd-both-hidden10`: weight
-10). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
+10), `kd-both-attn` (kd-both with the attention layers and norms trained too, `--train-attention`, at the same
+learning rate). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
 perplexity ÷ dense, mix held-out perplexity ÷ dense, per category, active parameters, training tokens.
 The forgetting test starts from a trained run, learns one category only (plain CE) under each update policy, and
 reports what the other categories, the general text and the facts lose.
@@ -71,9 +72,11 @@ RECIPES = {  # data, teacher KD weight, CE weight
     "ce-both": ("default,{corpus}", 0.0, 1.0),
     "kd-both-hidden": ("default,{corpus}", 1.0, 0.0),
     "kd-both-hidden10": ("default,{corpus}", 1.0, 0.0),
+    "kd-both-attn": ("default,{corpus}", 1.0, 0.0),
 }
-# recipes that add hidden-state distillation (TrainConfig.hidden_kd, this weight) to their KD
-HIDDEN_KD = {"kd-both-hidden": 1.0, "kd-both-hidden10": 10.0}
+# recipes' further TrainConfig settings: hidden-state distillation, attention (and norms) trained beside the FFNs
+RECIPE_OPTIONS = {"kd-both-hidden": {"hidden_kd": 1.0}, "kd-both-hidden10": {"hidden_kd": 10.0},
+                  "kd-both-attn": {"train_attention": True}}
 FORGET_POLICIES = {"full": ("full", 4), "smk": ("smk", 4), "smk2": ("smk2", 4), "smk-min1": ("smk", 1)}
 SOURCE = "smollm2"
 NEURONS = 1536  # SmolLM2's FFN width
@@ -138,7 +141,7 @@ def main() -> None:
                     out = work / key.replace(":", "-")
                     data, kd, ce = RECIPES[recipe]
                     cfg = train_config(args, start, out, data.format(corpus=corpus), kd, ce, policy, args.k, seed,
-                                       hidden_kd=HIDDEN_KD.get(recipe, 0.0))
+                                       **RECIPE_OPTIONS.get(recipe, {}))
                     row = train_and_evaluate(cfg, out, ecfg, dense)
                     results["runs"][key] = {"model": name, "recipe": recipe, "policy": policy, "seed": seed, **row}
                     save(results)
@@ -208,9 +211,9 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
 
 
 def train_config(args, start: Path, out: Path, data: str, kd: float, ce: float, policy: str, k: int, seed: int,
-                 categories: str = "", hidden_kd: float = 0.0) -> TrainConfig:
+                 categories: str = "", hidden_kd: float = 0.0, train_attention: bool = False) -> TrainConfig:
     return TrainConfig(model=str(start), data=data, categories=categories, teacher=SOURCE if kd else "", kd=kd,
-                       hidden_kd=hidden_kd,
+                       hidden_kd=hidden_kd, train_attention=train_attention,
                        ce_weight=ce, kd_temperature=args.kd_temperature, policy=policy, max_k=k, min_k=k,
                        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=seed,
                        eval_tokens=0, checkpoint_every=CHECKPOINT_EVERY, device="cpu", out=str(out))
@@ -230,8 +233,8 @@ def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dic
     return {**row, "ratios": ratios(row, dense), "training_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
             "step_seconds_median": report.get("step_seconds_median"), "train_losses": loss_ends(report["history"]),
             "model_folder": str(out / "model"),
-            "config": {k: getattr(cfg, k) for k in ("data", "categories", "kd", "hidden_kd", "ce_weight", "policy",
-                                                     "max_k", "min_k", "steps", "lr", "seed")}}
+            "config": {k: getattr(cfg, k) for k in ("data", "categories", "kd", "hidden_kd", "train_attention",
+                                                     "ce_weight", "policy", "max_k", "min_k", "steps", "lr", "seed")}}
 
 
 def loss_ends(history: list[dict], steps: int = 10) -> dict:
