@@ -31,10 +31,6 @@ class LayerOutputTaps:
     def clear(self) -> None:
         self.outputs = [None] * len(self.outputs)
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
 
 def check_same_stack(student, teacher) -> None:
     """Hidden-state distillation pairs layer l of the student with layer l of the teacher: same depth and width."""

@@ -69,11 +69,11 @@ class TrainConfig(SourceArgs, DataArgs):
     kd: float = 0.0
     """Weight α_kd of the distillation loss α·T²·KL(teacher ‖ student)."""
     kd_temperature: float = 2.0
+    """Distillation temperature T."""
     hidden_kd: float = 0.0
     """Weight of hidden-state distillation: per token, the mean over decoder layers of ‖h − h_teacher‖² / ‖h_teacher‖²
     (h a layer's output), on the positions KD scores and scaled like it (needs --teacher, of the same depth and width;
     0 = off)."""
-    """Distillation temperature T."""
     policy: str = "smk2"
     """Expert update policy: full, smk (min_k lowest-gradient experts), smk2 (max_k highest ΔSC experts)."""
     max_k: int = 4
