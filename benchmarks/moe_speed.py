@@ -16,7 +16,7 @@ tokens, so tokens spread over experts as in a carved model. Each measure runs th
   this CPU reads weights faster than MKL's matrix-vector product that the dense source's FFNs use. So the
   dense source is also decoded with its FFNs on that same kernel ("dense, decode kernel"): MoE ÷ that is the part of
   the decode speed-up that sparsity alone earns.
-Writes benchmarks/results/moe_speed.json.
+Writes benchmarks/results/moe_speed.json (`--result moe_speed-<machine>`: a file of its own for another machine).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import re
 import statistics
 import subprocess
 import sys
@@ -308,11 +309,22 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
     }
 
 
+def result_name(name: str) -> str:
+    """A result file name the report renders as a moe_speed table: moe_speed or moe_speed-<machine>."""
+    if not re.fullmatch(r"moe_speed(-[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*)?", name):
+        raise argparse.ArgumentTypeError(f"{name!r} is not moe_speed or moe_speed-<machine> (letters, digits, '.', '_', "
+                                         "'-'); pick e.g. moe_speed-my-cpu")
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--result", default="moe_speed", type=result_name,
+                        help="name of the result file under benchmarks/results/ (without .json): a run on another "
+                             "machine gets its own file instead of replacing moe_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -329,7 +341,7 @@ def main() -> None:
         print(f"{name}: prefill {r['prefill_speedup']:.2f}x, decode {r['decode_speedup']:.2f}x, MLP ratio "
               f"{r['mlp_time_ratio']:.3f}, train step ratio {r['train_step_time_ratio']:.2f}", flush=True)
     e16, e128 = results.get("16x96, top-4"), results.get("128x12, top-32")
-    write_result("moe_speed", {
+    write_result(args.result, {
         "model": "smollm2 (SmolLM2-135M-Instruct, fp32)",
         "batch": {"prefill": list(inp.ids.shape), "decode_prompt": list(inp.prompt.shape), "decode_new_tokens": 64,
                   "train": list(inp.train_ids.shape)},

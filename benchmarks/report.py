@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 from tiny_onn.eval.facts import wilson_interval
@@ -558,7 +559,7 @@ def neuron_moe_speed(d: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "moe_speed-intel-xeon-amx": moe_speed,
+RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed,
              "moe_paths": moe_paths, "calibration_speed": calibration_speed,
              "carve_quality": carve_quality, "score_validity": score_validity, "train_policies": train_policies,
              "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
@@ -567,12 +568,19 @@ RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed, "moe_speed-
              "layer_error": layer_error, "neuron_moe_speed": neuron_moe_speed}
 
 
+def renderers() -> dict:
+    """Every result file's table renderer: RENDERERS, plus each other machine's moe_speed run
+    (`moe_speed.py --result moe_speed-<machine>`), rendered like moe_speed into its own README markers."""
+    machines = sorted(p.stem for p in RESULTS.glob("moe_speed-*.json"))
+    return {**RENDERERS, **{name: moe_speed for name in machines}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print", action="store_true")
     args = parser.parse_args()
     readme = (ROOT / "README.md").read_text()
-    for name, render in RENDERERS.items():
+    for name, render in renderers().items():
         data = _load(name)
         if data is None:
             continue
@@ -580,7 +588,10 @@ def main() -> None:
         if args.print:
             print(f"## {name}\n{table}\n")
             continue
-        pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /results:{re.escape(name)} -->)",
+                             re.S)
+        if not pattern.search(readme):
+            print(f"README.md has no <!-- results:{name} --> markers: {name}.json not rendered", file=sys.stderr)
         readme = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), readme)
     if not args.print:
         (ROOT / "README.md").write_text(readme)

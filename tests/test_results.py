@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 import sys
 from argparse import Namespace
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +26,9 @@ def test_readme_result_sections_are_rendered_from_the_result_files():
     report = _benchmark("report")
     readme = (ROOT / "README.md").read_text()
     rendered = 0
-    for name, render in report.RENDERERS.items():
+    names = report.renderers()
+    assert "moe_speed-intel-xeon-amx" in names  # another machine's run is rendered into its own section
+    for name, render in names.items():
         data = report._load(name)
         if data is None:
             continue
@@ -32,6 +37,15 @@ def test_readme_result_sections_are_rendered_from_the_result_files():
         assert section.group(1) == render(data) + "\n", f"README section {name} differs: run benchmarks/report.py"
         rendered += 1
     assert rendered >= 8
+
+
+def test_moe_speed_runs_of_other_machines_get_files_of_their_own():
+    name = _benchmark("moe_speed").result_name
+    assert name("moe_speed") == "moe_speed"
+    assert name("moe_speed-intel-xeon-amx") == "moe_speed-intel-xeon-amx"
+    for bad in ("moe_paths", "moe_speed-", "moe_speed-../x", "moe_speed x", "other-moe_speed"):
+        with pytest.raises(argparse.ArgumentTypeError, match="moe_speed-<machine>"):
+            name(bad)
 
 
 def test_training_protocols_keep_their_models_in_their_own_folders():
