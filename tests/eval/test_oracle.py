@@ -16,6 +16,7 @@ from tiny_onn.eval.oracle import (
     neuron_oracle,
     neuron_threshold_oracle,
     oracle_expert_routing,
+    run_with_hooks,
 )
 
 
@@ -165,3 +166,21 @@ def test_allocated_fractions_spend_the_budget_on_the_largest_relative_gains():
         allocate_neuron_fractions(dense, [{"input_ids": ids}], 0.25, min_fraction=0.5)
     with pytest.raises(TinyOnnError, match="fractions for a model"), neuron_oracle(dense, [0.25]):
         pass
+
+
+def test_run_with_hooks_removes_the_hooks_when_the_model_fails():
+    class Failing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 2)
+
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            self.inner(input_ids.float())
+            raise RuntimeError("boom")
+
+    model, calls = Failing(), []
+    handles = [model.inner.register_forward_hook(lambda m, a, o: calls.append(o.shape))]
+    with pytest.raises(RuntimeError, match="boom"):
+        run_with_hooks(model, [{"input_ids": torch.ones(3, 2)}], handles)
+    assert calls == [torch.Size([3, 2])]
+    assert not model.inner._forward_hooks

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -25,6 +25,15 @@ from transformers import PreTrainedModel
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import swiglu_mlps
 
+
+def run_with_hooks(model: torch.nn.Module, batches: Iterable[dict], handles: list) -> None:
+    """Run `model` over `batches` (no KV cache) for what its hooks record, then remove the hooks, also on error."""
+    try:
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 def _oracle_block_forward(self, hidden_states: torch.Tensor, routing_outputs: bool = True):
     """A TinyOnnSparseMoeBlock forward that selects each token's top-k experts by their true gain (its routing outputs
@@ -120,13 +129,7 @@ def calibrate_neuron_thresholds(dense: PreTrainedModel, batches, fraction: float
             samples[i].append(score.to(torch.promote_types(score.dtype, torch.float32)).reshape(-1))
         return record
 
-    handles = [mlp.register_forward_pre_hook(hook(i)) for i, mlp in enumerate(mlps)]
-    try:
-        for batch in batches:
-            dense(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(dense, batches, [mlp.register_forward_pre_hook(hook(i)) for i, mlp in enumerate(mlps)])
     if not samples[0]:
         raise TinyOnnError("no calibration batches to fit the neuron thresholds on")
     per_layer = []
@@ -216,13 +219,7 @@ def allocate_neuron_fractions(dense: PreTrainedModel, batches, fraction: float, 
             tokens[i] += x.shape[0]
         return record
 
-    handles = [mlp.register_forward_hook(hook(i)) for i, mlp in enumerate(mlps)]
-    try:
-        for batch in batches:
-            dense(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(dense, batches, [mlp.register_forward_hook(hook(i)) for i, mlp in enumerate(mlps)])
     if not tokens[0]:
         raise TinyOnnError("no calibration batches to allocate the neuron budget on")
     floor = max(1, math.floor(min_fraction * F + 0.5))
