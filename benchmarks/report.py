@@ -151,6 +151,29 @@ def moe_paths(d: dict) -> str:
     return "\n".join(lines)
 
 
+def fused_breakdown(d: dict) -> str:
+    layouts = d["layouts"]
+    names = list(layouts)
+    lines = [f"SmolLM2 layer {d['layer']}'s FFN split into experts of random neurons, {d['tokens']} held-out tokens, each "
+             "token's top-k experts by Σ|h|·‖d‖; one forward + backward of the `fused` path, each phase timed alone "
+             f"(milliseconds, median of {d['repeats']} interleaved repeats, {d['threads']} threads; the phases need not "
+             "sum to the whole). Row moves: the per-expert gathers and scatter-adds of D-wide rows, one per (token, "
+             "expert) pair.", "",
+             "| phase | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for phase in d["phases"]:
+        lines.append(f"| {phase} | " + " | ".join(f"{layouts[n]['milliseconds'][phase]:.1f}" for n in names) + " |")
+    totals = [("(token, expert) pairs", lambda r: f"{r['pairs']:,}"),
+              ("busiest expert ÷ mean", lambda r: f"{r['busiest_over_mean_expert']:.2f}"),
+              ("**row moves** (gathers + scatter-adds)", lambda r: f"**{r['moves_ms']:.1f}**"),
+              ("**GEMMs**", lambda r: f"**{r['gemms_ms']:.1f}**"),
+              ("**fused forward + backward**", lambda r: f"**{r['milliseconds']['fused forward + backward']:.1f}**"),
+              ("dense FFN forward + backward (same neurons)",
+               lambda r: f"{r['milliseconds']['dense FFN forward + backward']:.1f}")]
+    for label, cell in totals:
+        lines.append(f"| {label} | " + " | ".join(cell(layouts[n]) for n in names) + " |")
+    return "\n".join(lines)
+
+
 _PATH_NAMES = ("dense", "fused", "loop", "loop-dense-down", "sorted", "gather", "bag", "padded", "padded-dense-down")
 
 
@@ -565,7 +588,8 @@ RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed,
              "eval_suite": eval_suite, "interpret_nmi": interpret_nmi, "lossless": lossless,
              "gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "knowledge_recovery": knowledge_recovery,
              "seed_mechanisms": seed_mechanisms, "knowledge_ceiling": knowledge_ceiling,
-             "layer_error": layer_error, "neuron_moe_speed": neuron_moe_speed}
+             "layer_error": layer_error, "neuron_moe_speed": neuron_moe_speed,
+             "fused_breakdown": fused_breakdown}
 
 
 def renderers() -> dict:
