@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, median, write_result  # noqa: E402
 from moe_paths import LAYER, ffn_inputs  # noqa: E402
 
+from tiny_onn.carve.assemble import expert_weights  # noqa: E402
 from tiny_onn.model.modeling_tiny_onn import ExpertGroupsFunction  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
@@ -56,12 +57,10 @@ def split_ffn(mlp, experts: int, generator: torch.Generator) -> tuple[torch.Tens
     """The FFN's neurons in `experts` groups of random neurons: gate_up [E, 2I, D] (gate rows, then up rows) and
     down [E, D, I], the layout `TinyOnnExperts` keeps."""
     gate, up, down = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
-    F_, D = gate.shape
-    inter = F_ // experts
-    perm = torch.randperm(F_, generator=generator)[: experts * inter].view(experts, inter)  # [E, I]
-    gate_up = torch.cat([gate[perm], up[perm]], dim=1)  # [E, 2I, D]
-    down_EDI = down[:, perm].permute(1, 0, 2).contiguous()  # [D, E, I] -> [E, D, I]
-    return gate_up.contiguous(), down_EDI
+    neurons = gate.shape[0]
+    inter = neurons // experts
+    perm = torch.randperm(neurons, generator=generator)[: experts * inter].view(experts, inter)  # [E, I]
+    return expert_weights(gate, up, down, perm)
 
 
 def oracle_selection(x_ND: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,6 @@ def test_training_protocols_keep_their_models_in_their_own_folders():
 
 def test_fused_breakdown_splits_the_ffn_into_experts_that_sum_to_it():
     breakdown = _benchmark("fused_breakdown")
-    torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(0)
     mlp = torch.nn.Module()
     mlp.gate_proj, mlp.up_proj = torch.nn.Linear(8, 12, bias=False), torch.nn.Linear(8, 12, bias=False)

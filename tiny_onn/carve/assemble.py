@@ -47,6 +47,14 @@ def moe_config(source: PreTrainedModel, plan: CarvePlan, **moe_fields) -> TinyOn
     return TinyOnnConfig(**fields)
 
 
+def expert_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, idx_EI: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FFN's neurons `idx_EI` [E, I] as the fused expert tensors `TinyOnnExperts` keeps: gate_up [E, 2I, D] (each
+    expert's gate rows, then its up rows) and down [E, D, I], from gate, up [N, D] and down [D, N]."""
+    gate_up = torch.cat([gate[idx_EI], up[idx_EI]], dim=1)  # [E, 2I, D]
+    return gate_up, down[:, idx_EI].permute(1, 0, 2).contiguous()  # [D, E, I] -> [E, D, I]
+
+
 def moe_state_dict(source: PreTrainedModel, plan: CarvePlan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Source weights outside the FFNs as they are (dequantized if 4-bit); each FFN sliced into shared and routed experts."""
     # a 4-bit source is dequantized before slicing: its packed bytes are not weights
@@ -54,9 +62,9 @@ def moe_state_dict(source: PreTrainedModel, plan: CarvePlan, dtype: torch.dtype)
     for mlp, lp in zip(swiglu_mlps(source), plan.layers, strict=True):
         gate, up, down = (dense_weight(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))  # [N, D], [N, D], [D, N]
         p = f"model.layers.{mlp.layer}.mlp."
-        idx_EI = lp.experts
-        state[p + "experts.gate_up_proj"] = torch.cat([gate[idx_EI], up[idx_EI]], dim=1).to(dtype)  # [E, 2I, D]
-        state[p + "experts.down_proj"] = down[:, idx_EI].permute(1, 0, 2).contiguous().to(dtype)  # [E, D, I]
+        gate_up, down_EDI = expert_weights(gate, up, down, lp.experts)
+        state[p + "experts.gate_up_proj"] = gate_up.to(dtype)
+        state[p + "experts.down_proj"] = down_EDI.to(dtype)
         if lp.shared.numel():
             state[p + "shared_expert.gate_proj.weight"] = gate[lp.shared].to(dtype)
             state[p + "shared_expert.up_proj.weight"] = up[lp.shared].to(dtype)

@@ -35,6 +35,7 @@ def run_with_hooks(model: torch.nn.Module, batches: Iterable[dict], handles: lis
         for handle in handles:
             handle.remove()
 
+
 def _oracle_block_forward(self, hidden_states: torch.Tensor, routing_outputs: bool = True):
     """A TinyOnnSparseMoeBlock forward that selects each token's top-k experts by their true gain (its routing outputs
     are always returned)."""
