@@ -288,8 +288,51 @@ def train_policies(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _eval_model_label(spec: str) -> str:
+    """A readable name for an eval_suite model: the knowledge benchmark's carved start or trained run, else the spec."""
+    if spec == "smollm2":
+        return "SmolLM2-135M-Instruct (dense source)"
+    parts = Path(spec).parts
+    if len(parts) >= 2 and parts[-2] == "start":
+        return f"`{parts[-1]}` carved, untrained"
+    run = re.fullmatch(r"(\w+)-(.+)-(\w+)-(\d+)", parts[-2]) if len(parts) >= 3 and parts[-1] == "model" else None
+    if run:
+        return f"`{run[1]}` trained ({run[2]}, {run[3]}, seed {run[4]}; protocol {parts[-3]})"
+    return f"`{spec}`"
+
+
 def eval_suite(d: dict) -> str:
-    return f"`{d['command']}` ({d['mc_task']}; HumanEval: first {d['humaneval_problems']} problems):\n\n" + d["table_markdown"]
+    header = f"`{d['command']}` ({d['mc_task']}; HumanEval: first {d['humaneval_problems']} problems of its evaluation part"
+    if "facts_limit" not in d:  # a result file from before the fact benchmark: its own table
+        return header + "):\n\n" + d["table_markdown"]
+    rows = d["models"]
+    dense = next(r for r in rows if r["kind"] == "dense")
+    lines = [header + f"; {d['facts_limit']} evaluation facts, {d['general_tokens']:,} news tokens, "
+             f"{d['eval_tokens']:,} held-out mix tokens; speeds: 2 threads, median of 3, each model timed in its turn, "
+             "not interleaved):", "",
+             "| model | active params | GFLOPs/token | fact retention (kept/known; 95 % CI) | fact acc | "
+             "general-text ppl (÷ dense) | mix ppl (÷ dense) | prefill tok/s (× dense) | decode tok/s (× dense) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["facts"]
+        lo, hi = f["retention_ci95"]
+        ppl = {k: (r[k]["ppl"], r[k]["ppl"] / dense[k]["ppl"]) for k in ("general", "perplexity")}
+        speed = {k: (r[k], r[k] / dense[k]) for k in ("prefill_tokens_per_second", "decode_tokens_per_second")}
+        lines.append(
+            f"| {_eval_model_label(r['model'])} | {r['params']['active_per_token'] / 1e6:.1f}M | "
+            f"{r['flops_per_token'] / 1e9:.3f} | **{f['retention']:.3f}** ({f['retained']}/{f['known']}; "
+            f"{lo:.2f}–{hi:.2f}) | {f['accuracy']:.3f} | **{ppl['general'][0]:.2f}** ({ppl['general'][1]:.2f}×) | "
+            f"{ppl['perplexity'][0]:.2f} ({ppl['perplexity'][1]:.2f}×) | "
+            f"{speed['prefill_tokens_per_second'][0]:.0f} ({speed['prefill_tokens_per_second'][1]:.2f}×) | "
+            f"{speed['decode_tokens_per_second'][0]:.1f} ({speed['decode_tokens_per_second'][1]:.2f}×) |")
+    lines += ["", "| model | task | score | items |", "|---|---|---|---|"]
+    for r in rows:
+        for sc in r.get("mc", {}).values():
+            lines.append(f"| {_eval_model_label(r['model'])} | arithmetic multiple choice | acc {sc['acc']:.3f} | {sc['n']} |")
+        if "humaneval" in r:
+            lines.append(f"| {_eval_model_label(r['model'])} | HumanEval | pass@1 {r['humaneval']['pass@1']:.3f} | "
+                         f"{r['humaneval']['n']} |")
+    return "\n".join(lines)
 
 
 def interpret_nmi(d: dict) -> str:

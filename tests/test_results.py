@@ -78,3 +78,29 @@ def test_fused_breakdown_splits_the_ffn_into_experts_that_sum_to_it():
     score = torch.tensor([[sum(abs(float(a[n, e, j])) * float(down[e, :, j].norm()) for j in range(3)) for e in range(4)]
                           for n in range(5)])
     assert torch.equal(idx.sort(-1).values, score.topk(2, -1).indices.sort(-1).values)
+
+
+def test_eval_suite_table_divides_by_the_dense_row_and_names_the_knowledge_runs():
+    report = _benchmark("report")
+
+    def row(model: str, kind: str, retained: int, general: float, mix: float, prefill: float, decode: float) -> dict:
+        return {"model": model, "kind": kind, "params": {"active_per_token": 75.0e6}, "flops_per_token": 0.16e9,
+                "facts": {"retention": retained / 10, "retained": retained, "known": 10, "accuracy": 0.2,
+                          "retention_ci95": [0.1, 0.9]},
+                "general": {"ppl": general}, "perplexity": {"ppl": mix},
+                "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
+                "humaneval": {"pass@1": 0.0, "n": 5}}
+
+    d = {"command": "python benchmarks/eval_suite.py", "mc_task": "arithmetic", "humaneval_problems": 5,
+         "facts_limit": 240, "general_tokens": 4096, "eval_tokens": 4096,
+         "models": [row("smollm2", "dense", 10, 40.0, 8.0, 1000.0, 20.0),
+                    row("runs/bench/knowledge/start/moe25", "moe", 0, 160.0, 16.0, 1500.0, 25.0),
+                    row("runs/bench/knowledge/390x4x256-lr0.0003/moe25gc2s0-kd-both-attn-full-1/model", "moe",
+                        6, 52.0, 8.4, 900.0, 23.0)]}
+    table = report.eval_suite(d)
+    assert "| `moe25` carved, untrained | 75.0M | 0.160 | **0.000** (0/10; 0.10–0.90) | 0.200 | **160.00** (4.00×) | " \
+           "16.00 (2.00×) | 1500 (1.50×) | 25.0 (1.25×) |" in table
+    # 52 / 40 = 1.30, 8.4 / 8 = 1.05, 900 / 1000 = 0.90, 23 / 20 = 1.15
+    assert "| `moe25gc2s0` trained (kd-both-attn, full, seed 1; protocol 390x4x256-lr0.0003) | 75.0M | 0.160 | " \
+           "**0.600** (6/10; 0.10–0.90) | 0.200 | **52.00** (1.30×) | 8.40 (1.05×) | 900 (0.90×) | 23.0 (1.15×) |" in table
+    assert "| SmolLM2-135M-Instruct (dense source) | HumanEval | pass@1 0.000 | 5 |" in table

@@ -132,6 +132,19 @@ def test_humaneval_scores_only_problems_no_training_mix_holds(tiny_tokenizer, mo
     assert humaneval_pass_at_1(_InstantModel(), tiny_tokenizer, True, limit=3)["task_ids"] == result["task_ids"][:3]
 
 
+@pytest.mark.parametrize(("experts", "top_k", "candidates", "expected"), [
+    (14, 2, 0, [1, 2, 3, 4, 6, 8, 12, 14]),  # the ladder up to every expert
+    (56, 8, 0, [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 56]),
+    (1536, 384, 768, [96, 192, 288, 384, 576, 768]),  # one-neuron experts: multiples of top-k up to the candidates
+    (1344, 168, 0, [42, 84, 126, 168, 252, 336, 504, 672]),
+    (200, 5, 0, [1, 2, 4, 5, 8, 10, 15, 20]),  # round(1.25) = 1, round(2.5) = 2, round(3.75) = 4, round(7.5) = 8
+])
+def test_curve_top_ks_include_the_models_own_top_k_and_respect_the_candidates(experts, top_k, candidates, expected):
+    from tiny_onn.eval.harness import curve_top_ks
+
+    assert curve_top_ks(experts, top_k, candidates) == expected
+
+
 def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys, tiny_tokenizer):
     moe, data = tiny_moe
     arc = write_jsonl(tmp_path / "arc.jsonl", [ARC] * 3)

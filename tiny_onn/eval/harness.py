@@ -100,11 +100,23 @@ class EvalConfig(DataArgs):
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 
+def curve_top_ks(num_experts: int, top_k: int, candidates: int = 0) -> list[int]:
+    """The top-k values of a sparsity curve: a fixed ladder up to every expert for up to 100 experts; for more (one-
+    neuron experts) multiples of the model's own top-k, from a quarter to four times it. Always the model's top-k, and
+    never more than a two-stage router's candidates (the experts beyond them would add nothing)."""
+    limit = min(num_experts, candidates) if candidates else num_experts
+    if num_experts <= 100:
+        ladder = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100, num_experts}
+    else:
+        ladder = {max(1, round(top_k * f)) for f in (0.25, 0.5, 0.75, 1.5, 2, 3, 4)}
+    return sorted({k for k in ladder | {top_k} if k <= limit})
+
+
 def sparsity_curve(model, held, ids: torch.Tensor, source_neurons: int, repeats: int) -> list[dict]:
-    """Perplexity and prefill speed of one MoE at every top-k (a subset for many experts) and a few top-p values."""
+    """Perplexity and prefill speed of one MoE at the top-k values of `curve_top_ks` and a few top-p values."""
     c = model.config
     k0 = c.num_experts_per_tok
-    ks = sorted({k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100, c.num_experts) if k <= c.num_experts})
+    ks = curve_top_ks(c.num_experts, k0, getattr(c, "router_candidates", 0))
     points = []
     for k, p in [(k, 0.0) for k in ks] + [(k0, p) for p in (0.5, 0.7, 0.9)]:
         with model.routing_settings(top_k=k, top_p=p):
@@ -273,33 +285,40 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _short_name(spec: str) -> str:
+    """A model's name for a plot legend: a folder's name (its parent's for a training run's `model` folder)."""
+    path = Path(spec)
+    return path.parent.name if path.name == "model" and path.parent.name else path.name or spec
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for r in rows:
+        name = _short_name(r["model"])
         if r["kind"] == "dense" and "perplexity" in r:
-            a1.axhline(r["perplexity"]["ppl"], ls="--", color="k", lw=0.8, label=f"dense {r['model']}")
+            a1.axhline(r["perplexity"]["ppl"], ls="--", color="k", lw=0.8, label=f"dense {name}")
             if "prefill_tokens_per_second" in r:
-                a2.axhline(r["prefill_tokens_per_second"], ls="--", color="k", lw=0.8, label=f"dense {r['model']}")
+                a2.axhline(r["prefill_tokens_per_second"], ls="--", color="k", lw=0.8, label=f"dense {name}")
         if "curve" in r:
             pts = sorted((p for p in r["curve"] if not p["top_p"]), key=lambda p: p["active_fraction"])
             xs = [p["active_fraction"] for p in pts]
-            a1.plot(xs, [p["ppl"] for p in pts], "o-", label=f"{r['model']} top-k")
-            a2.plot(xs, [p["prefill_tokens_per_second"] for p in pts], "o-", label=f"{r['model']} top-k")
+            a1.plot(xs, [p["ppl"] for p in pts], "o-", label=f"{name} top-k")
+            a2.plot(xs, [p["prefill_tokens_per_second"] for p in pts], "o-", label=f"{name} top-k")
             tp = [p for p in r["curve"] if p["top_p"]]
-            a1.scatter([p["active_fraction"] for p in tp], [p["ppl"] for p in tp], marker="x", label=f"{r['model']} top-p")
+            a1.scatter([p["active_fraction"] for p in tp], [p["ppl"] for p in tp], marker="x", label=f"{name} top-p")
     a1.set_yscale("log")
     a1.set_xlabel("active fraction of source FFN neurons")
     a1.set_ylabel("held-out perplexity")
     a2.set_xlabel("active fraction of source FFN neurons")
     a2.set_ylabel("prefill tokens/s")
-    a1.legend(fontsize=7)
-    a2.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = a1.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.045 * ((len(labels) + 1) // 2) + 0.03, 1, 1))  # room for the legend below
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
