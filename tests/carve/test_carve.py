@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from tiny_onn.carve import CarveConfig, assemble, make_plan
 from tiny_onn.carve.cluster import balanced_kmeans
 from tiny_onn.carve.select import shared_scores
 from tiny_onn.cli import main
+from tiny_onn.errors import TinyOnnError
 from tiny_onn.scan import ScanResult, s_p, zscore
 from tiny_onn.sources import SourceArgs, load_source
 
@@ -56,6 +58,57 @@ def test_every_expert_active_equals_dense(tiny_model_dir, tiny_scan, layout):
     for lp in plan.layers:
         used = torch.cat([lp.shared, lp.experts.reshape(-1)]).sort().values
         assert torch.equal(used, torch.arange(64))
+
+
+def _tiny_source(tmp_path, tiny_tokenizer, config) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # biases too: Qwen2's q/k/v biases must reach the MoE
+    model.save_pretrained(tmp_path / "dense")
+    tiny_tokenizer.save_pretrained(tmp_path / "dense")
+    return tmp_path / "dense"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral-window"])
+def test_other_supported_families_carve_losslessly_with_the_cache(tmp_path, tiny_tokenizer, tiny_scan, family):
+    """Qwen2 (biased q/k/v) and Mistral with a sliding window shorter than the text: every expert active = dense, in
+    full forwards and in cached greedy decoding past the window."""
+    from transformers import MistralConfig, Qwen2Config
+
+    from tests.conftest import tiny_config
+
+    common = {k: v for k, v in tiny_config("llama", len(tiny_tokenizer)).to_dict().items()
+              if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "max_position_embeddings", "pad_token_id", "eos_token_id")}
+    config = Qwen2Config(**common) if family == "qwen2" else MistralConfig(sliding_window=6, **common)
+    dense_dir = _tiny_source(tmp_path, tiny_tokenizer, config)
+    scan = scan_tiny(dense_dir, tiny_scan[1], tmp_path / "scan")
+    source, _, moe = _dense_and_moe(dense_dir, scan, experts=4, top_k=4)
+    assert moe.config.sliding_window == (6 if family != "qwen2" else None)
+    assert moe.config.attention_bias == (family == "qwen2")
+    ids = torch.randint(3, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, source.model(ids).logits, atol=1e-4, rtol=1e-4)
+        prompt = ids[:1, :4]  # 4 + 12 tokens: past a 6-token window
+        out = [m.generate(prompt, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+               for m in (moe, source.model)]
+    assert torch.equal(out[0].sequences, out[1].sequences)
+    torch.testing.assert_close(torch.stack(out[0].scores), torch.stack(out[1].scores), atol=1e-4, rtol=1e-4)
+
+
+def test_sources_with_windows_in_some_layers_only_are_refused():
+    from transformers import Qwen2Config
+
+    from tiny_onn.carve.assemble import sliding_window
+
+    assert sliding_window(Qwen2Config(sliding_window=4096, use_sliding_window=False)) is None
+    with pytest.raises(TinyOnnError, match="some layers only"):
+        sliding_window(Qwen2Config(sliding_window=16, use_sliding_window=True, max_window_layers=1,
+                                   num_hidden_layers=2))
 
 
 def test_fewer_experts_change_the_output(tiny_model_dir, tiny_scan):

@@ -153,6 +153,7 @@ def test_expert_scales_fold_and_reduce_the_routed_error(tiny_model_dir, flat_pro
         ({"router_top_p": 0.5}, "--top-p 0"),
         ({"router_score": "gaussian"}, "--router-score linear"),
         ({"router_input": "context"}, "--router-input ffn"),
+        ({"sliding_window": 8}, "sliding window of 8 tokens"),
     ],
 )
 def test_unexportable_models_are_refused(flat_probs_moe, tmp_path, capsys, changes, message):

@@ -7,7 +7,7 @@ expert and every expert selected, the MoE computes exactly the dense model (test
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from tiny_onn.carve.plan import CarvePlan
 from tiny_onn.errors import TinyOnnError
@@ -22,14 +22,26 @@ _COPIED_CONFIG = (
 )
 
 
+def sliding_window(src: PretrainedConfig) -> int | None:
+    """The attention window of a source that uses the same one in every layer (Mistral), None for full attention.
+    Windows in some layers only (Qwen2/Qwen3 with use_sliding_window, Gemma-style layer_types) raise one clear error."""
+    window = getattr(src, "sliding_window", None)
+    layer_types = set(getattr(src, "layer_types", None) or ())
+    if getattr(src, "use_sliding_window", None) is False or layer_types == {"full_attention"} or window is None:
+        return None  # Qwen2/Qwen3 keep a sliding_window they do not use
+    if getattr(src, "use_sliding_window", False) or layer_types and layer_types != {"sliding_attention"}:
+        raise TinyOnnError(f"the source ('{src.model_type}') uses sliding-window attention in some layers only; "
+                           "TinyOnn supports full attention, or one window in every layer (Mistral)")
+    return int(window)
+
+
 def moe_config(source: PreTrainedModel, plan: CarvePlan, **moe_fields) -> TinyOnnConfig:
     """The TinyOnn config: attention/embedding fields from the source, MoE fields from the plan and `moe_fields`."""
     src = source.config
     if getattr(src, "mlp_bias", False):
         raise TinyOnnError("the source's MLP has biases (mlp_bias=True); carving supports bias-free SwiGLU MLPs only")
-    if getattr(src, "use_sliding_window", False):
-        raise TinyOnnError("the source uses sliding-window attention; TinyOnn supports full attention only")
     fields = {k: getattr(src, k) for k in _COPIED_CONFIG if hasattr(src, k)}
+    fields["sliding_window"] = sliding_window(src)
     attn = source.base_model.layers[0].self_attn
     fields["head_dim"] = getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
     fields["rope_parameters"] = dict(getattr(src, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})

@@ -111,6 +111,9 @@ def target_architecture(config: dict) -> str:
         fixes.append(f"its activation is {config.get('hidden_act')!r}; llama.cpp's MoE FFNs use SiLU")
     if config.get("attention_bias") or config.get("attention_out_bias"):
         fixes.append("its attention projections have biases (Qwen2-style), which the target architectures do not load")
+    if config.get("sliding_window"):
+        fixes.append(f"its attention keeps a sliding window of {config['sliding_window']} tokens (Mistral-style), which "
+                     "the target architectures do not apply")
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         fixes.append(f"its rope scaling {rope.get('rope_type')!r} is not exported (only plain rope)")

@@ -16,7 +16,8 @@ ROUTER_INPUTS = ("ffn", "embedding", "context")
 class TinyOnnConfig(PretrainedConfig):
     r"""
     Attention, embeddings and norms follow the dense source (Llama, or Qwen3 with `use_qk_norm=True`; Qwen2's biased
-    q/k/v with an unbiased o_proj is attention_bias=True, attention_out_bias=False). Each FFN is a MoE:
+    q/k/v with an unbiased o_proj is attention_bias=True, attention_out_bias=False; Mistral's `sliding_window`, the
+    same window in every layer, or None for full attention). Each FFN is a MoE:
 
     num_experts (`int`): routed experts per layer, all of `moe_intermediate_size` neurons.
     num_experts_per_tok (`int`): top-k when `router_top_p` is 0.
@@ -73,6 +74,7 @@ class TinyOnnConfig(PretrainedConfig):
         attention_out_bias: bool | None = None,
         attention_dropout: float = 0.0,
         use_qk_norm: bool = False,
+        sliding_window: int | None = None,
         num_experts: int = 16,
         num_experts_per_tok: int = 4,
         moe_intermediate_size: int = 96,
@@ -130,7 +132,7 @@ class TinyOnnConfig(PretrainedConfig):
         self.output_router_logits = output_router_logits
         self.moe_mode = moe_mode
         self.source_model_type = source_model_type
-        self.sliding_window = None  # full attention in every layer (read by transformers' mask helpers)
+        self.sliding_window = sliding_window  # read by transformers' mask helpers and DynamicCache
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
