@@ -111,6 +111,23 @@ def test_sources_with_windows_in_some_layers_only_are_refused():
                                    num_hidden_layers=2))
 
 
+def test_a_swiglu_family_that_scales_attention_otherwise_is_refused_before_carving(tmp_path, tiny_tokenizer, tiny_scan,
+                                                                                   capsys):
+    """Granite passes as a SwiGLU decoder, but multiplies embeddings, residuals and logits: scanning it works, carving
+    it gets one clear error and writes nothing."""
+    from transformers import GraniteConfig
+
+    config = GraniteConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+    scan = scan_tiny(_tiny_source(tmp_path, tiny_tokenizer, config), tiny_scan[1], tmp_path / "scan")
+    out = tmp_path / "moe"
+    assert main(["carve", "--scan", str(scan), "--experts", "4", "--top-k", "2", "--calib-tokens", "64",
+                 "--eval-tokens", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot carve a 'granite' source" in err[0]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_fewer_experts_change_the_output(tiny_model_dir, tiny_scan):
     source, _, moe = _dense_and_moe(tiny_model_dir, tiny_scan[0], experts=4, top_k=1)
     ids = torch.randint(3, 100, (1, 8))

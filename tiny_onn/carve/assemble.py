@@ -22,6 +22,12 @@ _COPIED_CONFIG = (
 )
 
 
+# the families whose attention, embeddings and norms TinyOnn computes exactly as the source does (carve tests: every
+# expert active = dense). Others that pass as SwiGLU decoders scale them differently (Granite's multipliers, SmolLM3's
+# layers without rope, Olmo2's norms after the blocks): a carve of them would be silently wrong.
+CARVABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def sliding_window(src: PretrainedConfig) -> int | None:
     """The attention window of a source that uses the same one in every layer (Mistral), None for full attention.
     Windows in some layers only (Qwen2/Qwen3 with use_sliding_window, Gemma-style layer_types) raise one clear error."""
@@ -35,11 +41,20 @@ def sliding_window(src: PretrainedConfig) -> int | None:
     return int(window)
 
 
+def check_carvable(src: PretrainedConfig) -> None:
+    """One clear error when a source's config shows that a MoE carved from it would not compute what it computes."""
+    if src.model_type not in CARVABLE_MODEL_TYPES:
+        raise TinyOnnError(f"cannot carve a '{src.model_type}' source: TinyOnn copies attention, embeddings and norms as "
+                           f"{', '.join(CARVABLE_MODEL_TYPES)} compute them, and this family computes them otherwise")
+    if getattr(src, "mlp_bias", False):
+        raise TinyOnnError("the source's MLP has biases (mlp_bias=True); carving supports bias-free SwiGLU MLPs only")
+    sliding_window(src)
+
+
 def moe_config(source: PreTrainedModel, plan: CarvePlan, **moe_fields) -> TinyOnnConfig:
     """The TinyOnn config: attention/embedding fields from the source, MoE fields from the plan and `moe_fields`."""
     src = source.config
-    if getattr(src, "mlp_bias", False):
-        raise TinyOnnError("the source's MLP has biases (mlp_bias=True); carving supports bias-free SwiGLU MLPs only")
+    check_carvable(src)
     fields = {k: getattr(src, k) for k in _COPIED_CONFIG if hasattr(src, k)}
     fields["sliding_window"] = sliding_window(src)
     attn = source.base_model.layers[0].self_attn

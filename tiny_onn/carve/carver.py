@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tiny_onn.artifacts import atomic_dir, versions
-from tiny_onn.carve.assemble import assemble
+from tiny_onn.carve.assemble import assemble, check_carvable
 from tiny_onn.carve.calibrate import (
     REFINERS,
     calibrate_routers,
@@ -343,6 +343,7 @@ def run(cfg: CarveConfig) -> Path:
     src_args.model = cfg.model or scan.meta["model"]
     source = load_source(src_args)
     check_scan_matches(scan, source)
+    check_carvable(source.model.config)  # before the plan and the calibration, not after them
     data_args = DataArgs(data=cfg.data or scan_cfg.get("data", "default"), seq_len=cfg.seq_len,
                          heldout_fraction=scan_cfg.get("heldout_fraction", 0.1), seed=cfg.seed)
     calib = build_dataset(source.tokenizer, data_args, "train", max_tokens=cfg.calib_tokens)
