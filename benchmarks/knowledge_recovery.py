@@ -18,7 +18,9 @@ which compute every routed neuron's exact gate and scale |act(gate)| by the neur
 `moe50g64`: with a rank-64 up predictor; `moe25gc2` / `moe25gc3` / `moe50gc2`: two-stage gate routers, the
 2 or 3 × top-k experts of largest estimated score ranked again by their exact |h|·‖d‖, their up rows computed;
 `moe25gc2s0`: the same with 2 × top-k candidates and no shared expert, all 1,536 neurons routed, top-384 — as many
-up rows per token as `moe25gc3` (768), chosen per token instead of 192 of them fixed), `width25` / `width50` / `width67` (the
+up rows per token as `moe25gc3` (768), chosen per token instead of 192 of them fixed; `moe25gc4s0` / `moe50gc2s0`:
+every neuron a candidate, so each token runs its exact top 25 % / 50 % of neurons by |h|·‖d‖ — the per-token neuron
+oracle of knowledge_ceiling.py made a layout, every gate and up row read: how much any router could keep), `width25` / `width50` / `width67` (the
 dense source with each FFN cut to its top 25 % / 50 % / 67 % neurons by importance a·s: same active neurons, no router;
 `width50` has the active parameters of `moe25g`, `width67` about those of `moe50g`) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
@@ -62,7 +64,8 @@ from tiny_onn.train import run as train  # noqa: E402
 from tiny_onn.train.trainer import Checkpoints  # noqa: E402
 
 MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "moe25n128",
-          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "moe25gc2", "moe25gc3", "moe50gc2", "moe25gc2s0", "width25",
+          "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "moe25gc2", "moe25gc3", "moe50gc2", "moe25gc2s0",
+          "moe25gc4s0", "moe50gc2s0", "width25",
           "width50", "width67", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),

@@ -411,6 +411,10 @@ def knowledge_recovery(d: dict) -> str:
              "moe50gc2": "MoE 50 %, 1,344 one-neuron experts, two-stage gate router (2 × k candidates' up computed)",
              "moe25gc2s0": "MoE 25 %, no shared expert, 1,536 one-neuron experts, two-stage gate router (2 × k "
                            "candidates' up computed: as many up rows as moe25gc3)",
+             "moe25gc4s0": "MoE 25 %, no shared expert, 1,536 one-neuron experts, exact per-token top-k (every gate "
+                           "and up computed: the neuron oracle as a layout)",
+             "moe50gc2s0": "MoE 50 %, no shared expert, 1,536 one-neuron experts, exact per-token top-k (every gate "
+                           "and up computed: the neuron oracle as a layout)",
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %",
              "width67": "width-pruned dense 67 %", "dense": "dense source"}

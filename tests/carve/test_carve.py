@@ -121,6 +121,7 @@ def test_a_swiglu_family_that_scales_attention_otherwise_is_refused_before_carvi
                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
     scan = scan_tiny(_tiny_source(tmp_path, tiny_tokenizer, config), tiny_scan[1], tmp_path / "scan")
     out = tmp_path / "moe"
+    capsys.readouterr()  # the source's saving and scanning progress
     assert main(["carve", "--scan", str(scan), "--experts", "4", "--top-k", "2", "--calib-tokens", "64",
                  "--eval-tokens", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
