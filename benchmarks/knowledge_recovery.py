@@ -20,7 +20,9 @@ which compute every routed neuron's exact gate and scale |act(gate)| by the neur
 `moe25gc2s0`: the same with 2 × top-k candidates and no shared expert, all 1,536 neurons routed, top-384 — as many
 up rows per token as `moe25gc3` (768), chosen per token instead of 192 of them fixed; `moe25gc4s0` / `moe50gc2s0`:
 every neuron a candidate, so each token runs its exact top 25 % / 50 % of neurons by |h|·‖d‖ — the per-token neuron
-oracle of knowledge_ceiling.py made a layout, every gate and up row read: how much any router could keep), `width25` / `width50` / `width67` (the
+oracle of knowledge_ceiling.py made a layout, every gate and up row read: how much any router could keep; a `b` suffix,
+e.g. `moe25gc2s0b`: the same carve with `--output-bias`, each block's output bias fitted to the mean of what the
+neurons a token does not run would add), `width25` / `width50` / `width67` (the
 dense source with each FFN cut to its top 25 % / 50 % / 67 % neurons by importance a·s: same active neurons, no router;
 `width50` has the active parameters of `moe25g`, `width67` about those of `moe50g`) and
 `dense` (the source itself, trained the same way: separates adaptation to our data from what sparsity costs).
@@ -65,7 +67,7 @@ from tiny_onn.train.trainer import Checkpoints  # noqa: E402
 
 MODELS = ("moe25", "moe50", "moe25k", "moe50k", "moe25c", "moe50c", "moe25f", "moe50f", "moe25n", "moe50n", "moe25n128",
           "moe50n128", "moe25g", "moe50g", "moe25g64", "moe50g64", "moe25gc2", "moe25gc3", "moe50gc2", "moe25gc2s0",
-          "moe25gc4s0", "moe50gc2s0", "width25",
+          "moe25gc4s0", "moe50gc2s0", "moe25gc2s0b", "moe25gc4s0b", "moe50gc2s0b", "width25",
           "width50", "width67", "dense")
 RECIPES = {  # data, teacher KD weight, CE weight
     "ce-mix": ("default", 0.0, 1.0),
@@ -188,8 +190,8 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
     knowledge = name.endswith("k")
     scan = smollm2_scan(folder="runs/bench/scan-knowledge", data=f"default,{corpus}") if knowledge else smollm2_scan()
     if name.startswith("moe"):
-        fraction, variant, rank, candidates, no_shared = re.fullmatch(
-            r"moe(25|50)([kcf]?|[ng](\d*)(?:c(\d+))?)(s0)?", name).group(1, 2, 3, 4, 5)
+        fraction, variant, rank, candidates, no_shared, bias = re.fullmatch(
+            r"moe(25|50)([kcf]?|[ng](\d*)(?:c(\d+))?)(s0)?(b)?", name).group(1, 2, 3, 4, 5, 6)
         single_neuron = variant[:1] in ("n", "g")
         shared = 0.0 if no_shared else 0.125
         score = {"n": "lowrank", "g": "gate"}.get(variant[:1], "linear")
@@ -205,7 +207,7 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
         carve(CarveConfig(scan=str(scan), experts=experts, top_k=top_k, shared=shared, calib_tokens=8192, calib_steps=300,
                           calib_refine="adam", calib_inputs="carved" if variant == "c" else "dense",
                           router_score=score, router_rank=int(rank or (0 if score == "gate" else 64)),
-                          router_candidates=float(candidates or 0),
+                          router_candidates=float(candidates or 0), output_bias=bool(bias),
                           eval_tokens=0, plots=False, device="cpu", out=str(folder)))
     else:
         source = load_source(SourceArgs(model=SOURCE, device="cpu"))

@@ -415,6 +415,12 @@ def knowledge_recovery(d: dict) -> str:
                            "and up computed: the neuron oracle as a layout)",
              "moe50gc2s0": "MoE 50 %, no shared expert, 1,536 one-neuron experts, exact per-token top-k (every gate "
                            "and up computed: the neuron oracle as a layout)",
+             "moe25gc2s0b": "MoE 25 %, no shared expert, 1,536 one-neuron experts, two-stage gate router (2 × k "
+                            "candidates' up computed), output bias (the mean of what the neurons left out add)",
+             "moe25gc4s0b": "MoE 25 %, no shared expert, 1,536 one-neuron experts, exact per-token top-k (the neuron "
+                            "oracle as a layout), output bias (the mean of what the neurons left out add)",
+             "moe50gc2s0b": "MoE 50 %, no shared expert, 1,536 one-neuron experts, exact per-token top-k (the neuron "
+                            "oracle as a layout), output bias (the mean of what the neurons left out add)",
              "moe50f": "MoE 50 %, 56×24 experts", "width25": "width-pruned dense 25 %",
              "width50": "width-pruned dense 50 %",
              "width67": "width-pruned dense 67 %", "dense": "dense source"}

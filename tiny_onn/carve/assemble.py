@@ -100,13 +100,14 @@ def moe_state_dict(source: PreTrainedModel, plan: CarvePlan, dtype: torch.dtype)
 
 
 def assemble(source: PreTrainedModel, plan: CarvePlan, dtype: torch.dtype = torch.float32, **moe_fields) -> TinyOnnForCausalLM:
-    """Build the carved MoE (routers zero-initialised: uniform probabilities until calibrated)."""
+    """Build the carved MoE (routers zero-initialised: uniform probabilities until calibrated; output biases, when the
+    layout has them, zero until fitted)."""
     config = moe_config(source, plan, **moe_fields)
     with torch.device("meta"):
         model = TinyOnnForCausalLM(config)
     state = moe_state_dict(source, plan, dtype)
     for name, param in model.named_parameters():
-        if ".mlp.router." in name:
+        if ".mlp.router." in name or name.endswith(".mlp.output_bias"):
             state[name] = torch.zeros(param.shape, dtype=dtype)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -330,6 +330,41 @@ def calibrate_sequentially(model: PreTrainedModel, data: PackedData, alpha: floa
     return report, inputs
 
 
+@torch.no_grad()
+def fit_output_biases(model: PreTrainedModel, source: PreTrainedModel, ffn_inputs: list[torch.Tensor],
+                      chunk: int = 2048) -> list[dict]:
+    """Set every MoE block's output bias (a layout with `moe_output_bias`) to the mean, over the FFN inputs
+    `ffn_inputs` [T, D] per layer, of the dense source's FFN output minus the block's (routers calibrated): the
+    average of what the neurons a token does not run would have added. Returns per layer the bias norm and the
+    block's mean squared error against the dense FFN before and after, each relative to the dense output's mean square."""
+    dense_mlps = {m.layer: m.module for m in swiglu_mlps(source)}
+    report = []
+    for i, x_in in enumerate(tqdm(ffn_inputs, desc="fit output biases", unit="layer", leave=False)):
+        block = model.model.layers[i].mlp
+        if block.output_bias is None:
+            raise ValueError("fit_output_biases needs a layout with moe_output_bias=True")
+        device = block.output_bias.device
+        block.output_bias.zero_()
+        residual_sum = torch.zeros(x_in.shape[1], dtype=torch.float64, device=device)
+        residual_sq = dense_sq = 0.0
+        for start in range(0, x_in.shape[0], chunk):
+            x_nD = x_in[start:start + chunk].to(device)
+            dense_nD = dense_mlps[i](x_nD).double()
+            r_nD = dense_nD - block(x_nD[None], routing_outputs=False)[0][0].double()  # [n, D]
+            residual_sum += r_nD.sum(0)
+            residual_sq += r_nD.pow(2).sum().item()
+            dense_sq += dense_nD.pow(2).sum().item()
+        T = x_in.shape[0]
+        bias = residual_sum / T
+        block.output_bias.copy_(bias.to(block.output_bias.dtype))
+        # Σ‖r − b‖² = Σ‖r‖² − T‖b‖² for the mean b
+        after = residual_sq - T * bias.pow(2).sum().item()
+        report.append({"layer": i, "output_bias_norm": round(bias.norm().item(), 5),
+                       "relative_mse_before": round(residual_sq / max(dense_sq, 1e-30), 5),
+                       "relative_mse_after": round(after / max(dense_sq, 1e-30), 5)})
+    return report
+
+
 # ---- routers the least-squares calibration above does not cover: Gaussian scorers and side inputs -----------------
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from tiny_onn.carve.calibrate import (
     calibrate_sequentially,
     collect_ffn_inputs,
     collect_router_inputs,
+    fit_output_biases,
     fit_routers,
 )
 from tiny_onn.carve.cluster import balanced_kmeans, random_split
@@ -118,6 +119,10 @@ class CarveConfig(SourceArgs):
     """Which FFN inputs the routers are calibrated on: dense (the dense source's, all layers from one forward) or carved
     (layer by layer, the carved model's own, earlier routers already calibrated: the inputs the router will see;
     about L/2 extra forwards of the calibration tokens)."""
+    output_bias: bool = False
+    """Give every MoE block an output bias, fitted after the routers to the mean, on the calibration tokens, of the
+    dense FFN's output minus the block's: the average contribution of the neurons a token does not run (D parameters
+    per layer; not exportable to GGUF)."""
     eval_tokens: int = 4096
     """Held-out tokens for the dense-vs-carved perplexity check (0 = skip)."""
     weight_features: float = 0.5
@@ -271,7 +276,7 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
         min_experts_per_tok=cfg.min_k, max_experts_per_tok=cfg.max_k or cfg.experts,
         expert_weighting=cfg.expert_weighting,
         router_score=cfg.router_score, router_input=cfg.router_input, router_rank=cfg.router_rank,
-        router_candidates=cfg.candidates,
+        router_candidates=cfg.candidates, moe_output_bias=cfg.output_bias,
     )
     report = []
     if calib_data is not None and cfg.calib_inputs == "carved":
@@ -288,6 +293,10 @@ def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=N
     if calib_data is not None and cfg.expert_weighting == "probs":
         for row, scales in zip(report, fit_expert_scales(model, ffn_inputs), strict=True):
             row["expert_scales"] = scales
+    # last: the bias is the mean of what the finished block (routers, expert scales) leaves out
+    if calib_data is not None and cfg.output_bias:
+        for row, fit in zip(report, fit_output_biases(model, source.model, ffn_inputs), strict=True):
+            row.update({k: v for k, v in fit.items() if k != "layer"})
     return model, plan, report
 
 

@@ -50,7 +50,7 @@ def _oracle_block_forward(self, hidden_states: torch.Tensor, routing_outputs: bo
     out_ND = (y_END * selected_NE.T[:, :, None].to(y_END.dtype)).sum(0)
     if self.shared_expert is not None:
         out_ND = out_ND + self.shared_expert(x_ND)
-    return out_ND.reshape(shape), gain_NE.float().log_softmax(-1), selected_NE, None
+    return self._with_bias(out_ND).reshape(shape), gain_NE.float().log_softmax(-1), selected_NE, None
 
 
 @contextmanager

@@ -105,6 +105,9 @@ def target_architecture(config: dict) -> str:
     if config.get("router_top_p", 0.0) > 0:
         fixes.append(f"it routes by top-p ({config['router_top_p']}), llama.cpp by a fixed top-k: carve or train "
                      "with --top-p 0")
+    if config.get("moe_output_bias"):
+        fixes.append("its MoE blocks add an output bias, which llama.cpp's MoE FFNs do not: carve without "
+                     "--output-bias")
     if config.get("moe_mode", "sparse") != "sparse":
         fixes.append(f"its moe_mode is {config.get('moe_mode')!r}: export a model saved in sparse mode")
     if config.get("hidden_act", "silu") not in ("silu", "swish"):

@@ -48,6 +48,9 @@ class TinyOnnConfig(PretrainedConfig):
         router gets gradients through 1 + p - stopgrad(p); with every expert selected the MoE equals the dense FFN) or
         "probs" (outputs weighted by router probabilities, as in a standard MoE).
     router_aux_loss_coef (`float`): weight of the Switch load-balancing loss added to the LM loss.
+    moe_output_bias (`bool`): each MoE block adds a learned vector to its output (zero-initialised; the carve fits it
+        to the mean, on its calibration tokens, of what the dense FFN outputs and the block leaves out: the neurons a
+        token does not run still add, on average, a constant direction, which no sum of selected experts restores).
     moe_mode (`str`): "sparse" (routing as above) or "dense_mixture" (training phase 1: every expert runs, weighted by
         E · p so that uniform routing equals the dense FFN).
     """
@@ -91,6 +94,7 @@ class TinyOnnConfig(PretrainedConfig):
         expert_weighting: str = "straight_through",
         router_aux_loss_coef: float = 0.01,
         output_router_logits: bool = False,
+        moe_output_bias: bool = False,
         moe_mode: str = "sparse",
         source_model_type: str = "llama",
         pad_token_id: int | None = None,
@@ -130,6 +134,7 @@ class TinyOnnConfig(PretrainedConfig):
         self.expert_weighting = expert_weighting
         self.router_aux_loss_coef = router_aux_loss_coef
         self.output_router_logits = output_router_logits
+        self.moe_output_bias = moe_output_bias
         self.moe_mode = moe_mode
         self.source_model_type = source_model_type
         self.sliding_window = sliding_window  # read by transformers' mask helpers and DynamicCache

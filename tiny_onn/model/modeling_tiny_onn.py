@@ -1109,6 +1109,8 @@ class TinyOnnSparseMoeBlock(nn.Module):
         self.shared_expert = (
             TinyOnnMLP(config, config.shared_expert_intermediate_size) if config.shared_expert_intermediate_size else None
         )
+        # the mean output of the neurons a token does not run (fitted by the carve; see TinyOnnConfig.moe_output_bias)
+        self.output_bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.moe_output_bias else None
         self.routing = RoutingSettings.from_config(config).checked(config.num_experts)
         if self.router.exact_gate:
             self.router.bind_experts(self.experts)
@@ -1158,14 +1160,18 @@ class TinyOnnSparseMoeBlock(nn.Module):
             scores_NE = self.router.scores(self.router.routing_input(x_ND).float(), pre=pre)
             idx_NK = scores_NE.topk(self.routing.top_k, dim=-1, sorted=False).indices
             out_ND = self.experts(x_ND, idx_NK, pre=pre, shared=self.shared_expert)
-            return out_ND.reshape(shape), None, None, None
+            return self._with_bias(out_ND).reshape(shape), None, None, None
         logp_NE, z_loss = self.router.log_probs_and_z_loss(x_ND, z_loss=self.training, pre=pre)
         idx_NK, weight_NK, keep_NK = self.route(logp_NE)
         with torch.no_grad():
             selected_NE = torch.zeros(logp_NE.shape, dtype=torch.bool, device=logp_NE.device)
             selected_NE.scatter_(1, idx_NK, True if keep_NK is None else keep_NK)
         out_ND = self.experts(x_ND, idx_NK, weight_NK, keep_NK, pre=pre, shared=self.shared_expert)
-        return out_ND.reshape(shape), logp_NE, selected_NE, z_loss
+        return self._with_bias(out_ND).reshape(shape), logp_NE, selected_NE, z_loss
+
+    def _with_bias(self, out_ND: torch.Tensor) -> torch.Tensor:
+        """The experts' summed output plus the block's output bias, when it has one."""
+        return out_ND if self.output_bias is None else out_ND + self.output_bias.to(out_ND.dtype)
 
 
 class TinyOnnDecoderLayer(nn.Module):
@@ -1219,6 +1225,8 @@ class TinyOnnPreTrainedModel(PreTrainedModel):
         if isinstance(module, TinyOnnExperts):
             module.gate_up_proj.normal_(0.0, std)
             module.down_proj.normal_(0.0, std)
+        elif isinstance(module, TinyOnnSparseMoeBlock) and module.output_bias is not None:
+            module.output_bias.zero_()
         elif isinstance(module, TinyOnnRouter) and module.lowrank:
             for name in ("gate_in", "gate_out", "up_in", "up_out"):
                 if hasattr(module, name):
