@@ -67,6 +67,8 @@ CASES = {
     "eval: missing MC file": (["eval", "--model", "{moe}", "--data", "{data}", "--tasks", "mc:{root}/no.jsonl"],
                               "task file not found"),
     "interpret: a dense model": (["interpret", "--model", "{dense}", "--data", "{data}"], "is not a TinyOnn MoE"),
+"eval: no task": (["eval", "--model", "{moe}", "--tasks", " , "], "no task given"),
+    "generate: empty prompt": (["generate", "--model", "{moe}", "--prompt", "  "], "the prompt is empty"),
     "generate: routing on a dense model": (["generate", "--model", "{dense}", "--top-k", "2"], "this model is dense"),
     "alchemy: missing pipeline file": (["alchemy", "--config", "{root}/none.yaml"], "config file not found"),
 }

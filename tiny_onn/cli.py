@@ -174,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TinyOnnError as e:
         if debug:
             raise
-        print(f"tiny-onn {args.stage}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever a wrapped library error held
+        print(f"tiny-onn {args.stage}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tiny-onn {args.stage}: interrupted; no partial artifact was kept", file=sys.stderr)

@@ -29,6 +29,8 @@ class GenerateConfig(SourceArgs):
         SourceArgs.__post_init__(self)
         if self.max_new_tokens < 1:
             raise TinyOnnError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not self.prompt.strip():
+            raise TinyOnnError("the prompt is empty: give the user message with --prompt")
 
 
 def run(cfg: GenerateConfig) -> str:

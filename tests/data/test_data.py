@@ -110,13 +110,30 @@ def test_jsonl_formats(tmp_path):
     assert b.category == "math" and b.messages[0] == ("user", "Add\n\n1 and 2")
 
 
+@pytest.mark.parametrize(("record", "messages"), [
+    ({"prompt": "Name a colour.", "completion": "Blue."}, [("user", "Name a colour."), ("assistant", "Blue.")]),
+    ({"prompt": "Hi", "response": "Hello!"}, [("user", "Hi"), ("assistant", "Hello!")]),
+    ({"question": "2 + 2?", "answer": 4}, [("user", "2 + 2?"), ("assistant", "4")]),
+    ({"instruction": "Summarise.", "context": "A long text.", "response": "Short."},  # Dolly
+     [("user", "Summarise.\n\nA long text."), ("assistant", "Short.")]),
+    ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                        {"from": "gpt", "value": "Hello."}]},  # ShareGPT
+     [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")]),
+])
+def test_common_record_layouts_become_chats(tmp_path, record, messages):
+    (example,) = load_examples(str(write_jsonl(tmp_path / "d.jsonl", [record])))
+    assert list(example.messages) == messages
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("", "holds no examples"),
-        ('{"text": "hello"}\n', "has neither 'messages' nor 'instruction'+'output' (keys found: text)"),
+        ('{"text": "hello"}\n', "not a chat or instruction record (keys found: text); expected 'messages'"),
+        ('{"prompt": "hi", "completion": " "}\n', "'completion' is empty"),
+        ('{"conversations": [{"from": "robot", "value": "hi"}]}\n', "needs 'from' (one of system, human"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no non-empty assistant message"),
-        ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "each message needs 'role'"),
+        ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "each entry of 'messages' needs 'role'"),
         ('{"instruction": "x", "output": "y"}\n{not json\n', ":2: not valid JSON"),
         ("[1, 2]\n", "expected a JSON object"),
     ],

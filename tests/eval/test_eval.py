@@ -37,6 +37,17 @@ def test_bad_task_files(tmp_path):
         load_mc(write_jsonl(tmp_path / "e.jsonl", []))
     with pytest.raises(TinyOnnError, match="task file not found"):
         load_mc(tmp_path / "nope.jsonl")
+    with pytest.raises(TinyOnnError, match=r"t.jsonl:2: .*outside its 3 choices"):
+        load_mc(write_jsonl(tmp_path / "t.jsonl", [MMLU, {**MMLU, "answer": 3}]))
+    with pytest.raises(TinyOnnError, match="needs at least 2"):
+        load_mc(write_jsonl(tmp_path / "one.jsonl", [{**MMLU, "choices": ["4"], "answer": 0}]))
+    with pytest.raises(TinyOnnError, match="outside its 2 choices"):  # ARC's numeric keys are 1-based
+        load_mc(write_jsonl(tmp_path / "arc.jsonl", [{**ARC, "choices": ["a", "b"], "answerKey": "0"}]))
+
+
+def test_mmlu_answer_may_be_a_letter(tmp_path):
+    _, items = load_mc(write_jsonl(tmp_path / "m.jsonl", [{**MMLU, "answer": "C"}, {**MMLU, "answer": " b "}]))
+    assert [item.gold for item in items] == [2, 1]
 
 
 def test_choice_logliks_match_a_hand_computation(tiny_tokenizer):

@@ -21,7 +21,7 @@ class DataArgs:
     """Options that choose and shape the instruction data."""
 
     data: str = "default"
-    """Data: 'default' (chat + code + math, offline), a .jsonl file, a distillation corpus folder (tiny-onn distil-data), a hub dataset name, or several joined by commas."""
+    """Data: 'default' (chat + code + math, offline), a .jsonl file (chat 'messages', ShareGPT 'conversations', or prompt/answer records such as Alpaca's and Dolly's), a distillation corpus folder (tiny-onn distil-data), a hub dataset name, or several joined by commas."""
     seq_len: int = 256
     """Tokens per packed sequence."""
     heldout_fraction: float = 0.1

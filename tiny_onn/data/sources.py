@@ -132,31 +132,58 @@ def default_mix() -> list[Example]:
 
 # --- local jsonl -----------------------------------------------------------------------------------------------------
 
+# the prompt / context / answer fields of single-turn records, in the order they are looked for (Alpaca:
+# instruction, input, output; Dolly: instruction, context, response; also prompt + completion or response, and
+# question + answer)
+_PROMPT_KEYS = ("instruction", "prompt", "question")
+_CONTEXT_KEYS = ("input", "context")
+_ANSWER_KEYS = ("output", "response", "completion", "answer")
+# ShareGPT's speaker names
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "model": "assistant", "chatgpt": "assistant"}
+ACCEPTED_RECORDS = ("'messages' [{role, content}], ShareGPT 'conversations' [{from, value}], or a prompt "
+                    "(instruction / prompt / question, optional input / context) with its answer "
+                    "(output / response / completion / answer)")
+
+
+def _messages_example(msgs: object, where: str, category: str, role_key: str, text_key: str,
+                      roles: dict[str, str]) -> Example:
+    field = "messages" if role_key == "role" else "conversations"
+    if not isinstance(msgs, list) or not msgs:
+        raise TinyOnnError(f"{where}: '{field}' must be a non-empty list of {{{role_key}, {text_key}}} objects")
+    pairs = []
+    for m in msgs:
+        if not isinstance(m, dict) or m.get(role_key) not in roles or not isinstance(m.get(text_key), str):
+            raise TinyOnnError(f"{where}: each entry of '{field}' needs '{role_key}' (one of {', '.join(roles)}) "
+                               f"and a string '{text_key}'")
+        pairs.append((roles[m[role_key]], m[text_key]))
+    if not any(r == "assistant" and c for r, c in pairs):
+        raise TinyOnnError(f"{where}: no non-empty assistant message, so nothing to learn or score")
+    return Example(tuple(pairs), category)
+
+
 def _example_from_record(record: object, where: str, default_category: str) -> Example:
     if not isinstance(record, dict):
         raise TinyOnnError(f"{where}: expected a JSON object, got {type(record).__name__}")
     category = str(record.get("category", default_category))
     if "messages" in record:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise TinyOnnError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        pairs = []
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-                raise TinyOnnError(f"{where}: each message needs 'role' (one of {', '.join(_ROLES)}) and string 'content'")
-            pairs.append((m["role"], m["content"]))
-        if not any(r == "assistant" and c for r, c in pairs):
-            raise TinyOnnError(f"{where}: no non-empty assistant message, so nothing to learn or score")
-        return Example(tuple(pairs), category)
-    if "instruction" in record and "output" in record:
-        prompt = str(record["instruction"])
-        if record.get("input"):
-            prompt += "\n\n" + str(record["input"])
-        if not str(record["output"]):
-            raise TinyOnnError(f"{where}: 'output' is empty, so nothing to learn or score")
-        return Example((("user", prompt), ("assistant", str(record["output"]))), category)
+        return _messages_example(record["messages"], where, category, "role", "content", {r: r for r in _ROLES})
+    if "conversations" in record:
+        return _messages_example(record["conversations"], where, category, "from", "value", _SHAREGPT_ROLES)
+    prompt_key = next((k for k in _PROMPT_KEYS if k in record), None)
+    answer_key = next((k for k in _ANSWER_KEYS if k in record), None)
+    if prompt_key and answer_key:
+        prompt = str(record[prompt_key])
+        context = next((record[k] for k in _CONTEXT_KEYS if record.get(k)), None)
+        if context:
+            prompt += "\n\n" + str(context)
+        answer = record[answer_key]
+        if answer is None or not str(answer).strip():
+            raise TinyOnnError(f"{where}: '{answer_key}' is empty, so nothing to learn or score")
+        return Example((("user", prompt), ("assistant", str(answer))), category)
     raise TinyOnnError(
-        f"{where}: has neither 'messages' nor 'instruction'+'output' (keys found: {', '.join(sorted(record)) or 'none'})"
+        f"{where}: not a chat or instruction record (keys found: {', '.join(sorted(record)) or 'none'}); "
+        f"expected {ACCEPTED_RECORDS}"
     )
 
 
@@ -176,7 +203,7 @@ def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
 
 
 def jsonl_examples(path: Path) -> list[Example]:
-    """A local jsonl file: each line `{"messages": [...]}` or `{"instruction", "input", "output"}`, optional `category`."""
+    """A local jsonl file, one record per line (`ACCEPTED_RECORDS`), each with an optional `category`."""
     examples = [_example_from_record(record, where, default_category=path.stem)
                 for where, record in jsonl_records(path, "data file")]
     if not examples:
@@ -185,7 +212,7 @@ def jsonl_examples(path: Path) -> list[Example]:
 
 
 def hub_examples(name: str) -> list[Example]:
-    """A hub dataset (online users): rows with `messages` or `instruction`/`output` columns."""
+    """A hub dataset (online users): rows in one of the `ACCEPTED_RECORDS` layouts."""
     try:
         import datasets
     except ImportError as e:

@@ -89,6 +89,8 @@ class EvalConfig(DataArgs):
             self.model = [self.model]
         if not self.model:
             raise TinyOnnError("give at least one --model")
+        if not self.task_list:
+            raise TinyOnnError(f"no task given (--tasks {self.tasks!r}); known: {', '.join(KNOWN_TASKS)}, mc:FILE.jsonl")
         for task in self.task_list:
             if task not in KNOWN_TASKS and not task.startswith("mc:"):
                 raise TinyOnnError(f"unknown task {task!r}; known: {', '.join(KNOWN_TASKS)}, mc:FILE.jsonl")

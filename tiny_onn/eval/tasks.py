@@ -33,10 +33,17 @@ def _arc(r: dict) -> MCItem:
     return MCItem(f"Question: {r['question']}\nAnswer:", tuple(f" {t}" for t in texts), gold)
 
 
+def _answer_index(answer: object) -> int:
+    """A gold answer given as an index (0-based) or as a letter ("B")."""
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
+        return LETTERS.index(answer.strip().upper())
+    return int(answer)
+
+
 def _mmlu(r: dict) -> MCItem:
     opts = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
     return MCItem(f"{r['question'].strip()}{opts}\nAnswer:", tuple(f" {LETTERS[i]}" for i in range(len(r["choices"]))),
-                  int(r["answer"]))
+                  _answer_index(r["answer"]))
 
 
 def _hellaswag(r: dict) -> MCItem:
@@ -79,7 +86,12 @@ def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
         try:
             record = json.loads(line)
             fmt = fmt or detect_format(record)
-            items.append(FORMATS[fmt][1](record))
+            item = FORMATS[fmt][1](record)
+            if len(item.choices) < 2:
+                raise ValueError(f"{len(item.choices)} choice(s); an item needs at least 2")
+            if not 0 <= item.gold < len(item.choices):
+                raise ValueError(f"the gold answer points outside its {len(item.choices)} choices")
+            items.append(item)
         except (json.JSONDecodeError, KeyError, ValueError, IndexError, TypeError) as e:
             raise TinyOnnError(f"{path}:{lineno}: not a valid {fmt or 'multiple-choice'} item ({e})") from e
     if not items:
