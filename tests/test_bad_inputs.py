@@ -22,6 +22,7 @@ def world(tiny_moe, tmp_path_factory):
     (root / "fields.jsonl").write_text('{"text": "hello"}\n')
     (root / "bad.yaml").write_text("scan: [unclosed\n")
     (root / "unknown.yaml").write_text("scan:\n  tokenz: 3\n")
+    (root / "badtype.yaml").write_text("scan:\n  tokens: many\n")
     (root / "noconfig").mkdir()
     broken_scan = root / "broken_scan"
     shutil.copytree(moe.parent / "scan", broken_scan)
@@ -57,6 +58,7 @@ CASES = {
     "train: a dense model": (["train", "--model", "{dense}", "--data", "{data}"], "only --policy full applies"),
     "train: max-k above experts": (["train", "--model", "{moe}", "--data", "{data}", "--max-k", "99"],
                                    "larger than the model's 4 experts"),
+    "train: top-p above 1": (["train", "--model", "{moe}", "--data", "{data}", "--top-p", "1.5"], "top_p must be in"),
     "train: kd without teacher": (["train", "--model", "{moe}", "--kd", "0.5"], "--kd needs a --teacher"),
     "train: resume without checkpoint": (["train", "--model", "{moe}", "--data", "{data}", "--resume"],
                                          "no checkpoint"),
@@ -68,6 +70,8 @@ CASES = {
                               "task file not found"),
     "interpret: a dense model": (["interpret", "--model", "{dense}", "--data", "{data}"], "is not a TinyOnn MoE"),
 "eval: no task": (["eval", "--model", "{moe}", "--tasks", " , "], "no task given"),
+    "generate: top-p above 1": (["generate", "--model", "{moe}", "--top-p", "2"], "top_p must be in [0, 1]"),
+    "scan: wrong type in YAML": (["scan", "--config", "{root}/badtype.yaml"], "option 'tokens' in"),
     "generate: empty prompt": (["generate", "--model", "{moe}", "--prompt", "  "], "the prompt is empty"),
     "generate: routing on a dense model": (["generate", "--model", "{dense}", "--top-k", "2"], "this model is dense"),
     "alchemy: missing pipeline file": (["alchemy", "--config", "{root}/none.yaml"], "config file not found"),

@@ -26,6 +26,24 @@ def test_unknown_yaml_key(tmp_path):
         config_from_args(ScanConfig, args, "scan")
 
 
+def test_yaml_values_are_checked_against_the_field_types(tmp_path):
+    """PyYAML reads `3e-4` and `1e4` as strings: numbers written so are converted; a value of the wrong type is named."""
+    from tiny_onn.train import TrainConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  lr: 3e-4\n  steps: 1e2\n  data: [default, extra.jsonl]\n  train_attention: false\n")
+    cfg = config_from_args(TrainConfig, build_parser().parse_args(["train", "--config", str(cfg_file)]), "train")
+    assert cfg.lr == pytest.approx(3e-4) and cfg.steps == 100 and isinstance(cfg.steps, int)
+    assert cfg.data == "default,extra.jsonl"
+    for text, message in [("scan:\n  tokens: abc\n", "option 'tokens' in .* must be an integer, got 'abc'"),
+                          ("scan:\n  tokens: 2.5\n", "must be an integer, got 2.5"),
+                          ("scan:\n  seq_len: true\n", "must be an integer, got True"),
+                          ("scan:\n  model: {a: 1}\n", "option 'model' .* must be a string")]:
+        cfg_file.write_text(text)
+        with pytest.raises(TinyOnnError, match=message):
+            config_from_args(ScanConfig, build_parser().parse_args(["scan", "--config", str(cfg_file)]), "scan")
+
+
 def test_every_field_has_help():
     docs = field_docs(ScanConfig)
     import dataclasses

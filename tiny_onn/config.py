@@ -93,13 +93,69 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
     return data
 
 
+def _number(value: Any) -> float | None:
+    """A YAML number, or a string holding one (PyYAML reads `3e-4` and `1e6` as strings); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def coerce_option(name: str, value: Any, typ: Any, source: str) -> Any:
+    """`value` as the field's type `typ` (bool, int, float, str, list, or Optional of one), or one clear error naming
+    the option, the value and the type it needs."""
+    args = typing.get_args(typ)
+    if type(None) in args:  # Optional[X] / X | None
+        if value is None:
+            return None
+        typ = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(typ)
+
+    def wrong(kind: str) -> TinyOnnError:
+        return TinyOnnError(f"option '{name}' in {source} must be {kind}, got {value!r}")
+
+    if origin in (list, tuple):
+        (item,) = {a for a in typing.get_args(typ) if a is not Ellipsis} or {str}
+        items = value if isinstance(value, list | tuple) else [value]
+        return [coerce_option(name, v, item, source) for v in items]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if typ is int:
+        number = _number(value)
+        if number is None or number != int(number):
+            raise wrong("an integer")
+        return int(number)
+    if typ is float:
+        number = _number(value)
+        if number is None:
+            raise wrong("a number")
+        return float(number)
+    if typ is str:
+        if isinstance(value, list) and value and all(isinstance(v, str | int | float) for v in value):
+            return ",".join(str(v) for v in value)  # the comma-separated options (data, tasks, ...) written as a list
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise wrong("a string")
+        return str(value)
+    return value
+
+
 def make_config(cls: type[C], values: dict[str, Any], source: str = "options") -> C:
-    """Build a config dataclass from a dict, rejecting unknown keys with the list of known ones."""
+    """Build a config dataclass from a dict, rejecting unknown keys with the list of known ones and values of the
+    wrong type with the option's name (numbers written as strings, as PyYAML reads `3e-4`, are converted)."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
         raise TinyOnnError(f"unknown option(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**values)
+    types = _field_types(cls)
+    return cls(**{k: coerce_option(k, v, types[k], source) for k, v in values.items()})
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, section: str) -> C:

@@ -29,6 +29,10 @@ class GenerateConfig(SourceArgs):
         SourceArgs.__post_init__(self)
         if self.max_new_tokens < 1:
             raise TinyOnnError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.top_p > 1.0:
+            raise TinyOnnError(f"top_p must be in [0, 1] (or negative for the model's own setting), got {self.top_p}")
+        if self.top_k < 0:
+            raise TinyOnnError(f"top_k must be 0 (the model's own setting) or positive, got {self.top_k}")
         if not self.prompt.strip():
             raise TinyOnnError("the prompt is empty: give the user message with --prompt")
 

@@ -198,6 +198,8 @@ class TrainConfig(SourceArgs, DataArgs):
             raise TinyOnnError("--router-distill needs a --teacher (the dense source the MoE was carved from)")
         if not 0.0 <= self.pi_lr_floor <= 1.0:
             raise TinyOnnError(f"pi_lr_floor must be in [0, 1], got {self.pi_lr_floor}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise TinyOnnError(f"top_p must be in [0, 1] (0 = fixed top-k), got {self.top_p}")
         if self.replay_data:
             if not 0.0 < self.replay_ratio < 1.0 or self.replay_size < 1:
                 raise TinyOnnError(f"replay needs 0 < replay_ratio < 1 and replay_size >= 1, got {self.replay_ratio} "
