@@ -23,6 +23,7 @@ def world(tiny_moe, tmp_path_factory):
     (root / "bad.yaml").write_text("scan: [unclosed\n")
     (root / "unknown.yaml").write_text("scan:\n  tokenz: 3\n")
     (root / "badtype.yaml").write_text("scan:\n  tokens: many\n")
+    (root / "latin1.jsonl").write_bytes('{"question": "Caf\xe9?", "answer": "oui"}\n'.encode("latin-1"))
     (root / "noconfig").mkdir()
     broken_scan = root / "broken_scan"
     shutil.copytree(moe.parent / "scan", broken_scan)
@@ -69,7 +70,12 @@ CASES = {
     "eval: missing MC file": (["eval", "--model", "{moe}", "--data", "{data}", "--tasks", "mc:{root}/no.jsonl"],
                               "task file not found"),
     "interpret: a dense model": (["interpret", "--model", "{dense}", "--data", "{data}"], "is not a TinyOnn MoE"),
-"eval: no task": (["eval", "--model", "{moe}", "--tasks", " , "], "no task given"),
+"eval: negative token count": (["eval", "--model", "{moe}", "--eval-tokens", "-5"], "eval_tokens must be positive"),
+    "eval: facts not UTF-8": (["eval", "--model", "{moe}", "--tasks", "facts", "--facts", "{root}/latin1.jsonl"],
+                              "latin1.jsonl:1: not UTF-8 text"),
+    "eval: MC file not UTF-8": (["eval", "--model", "{moe}", "--tasks", "mc:{root}/latin1.jsonl"], "is not UTF-8 text"),
+    "scan: data not UTF-8": (["scan", "--model", "{dense}", "--data", "{root}/latin1.jsonl"], "save the data file as UTF-8"),
+    "eval: no task": (["eval", "--model", "{moe}", "--tasks", " , "], "no task given"),
     "generate: top-p above 1": (["generate", "--model", "{moe}", "--top-p", "2"], "top_p must be in [0, 1]"),
     "scan: wrong type in YAML": (["scan", "--config", "{root}/badtype.yaml"], "option 'tokens' in"),
     "generate: empty prompt": (["generate", "--model", "{moe}", "--prompt", "  "], "the prompt is empty"),

@@ -83,7 +83,9 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise TinyOnnError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError as e:
+        raise TinyOnnError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
         raise TinyOnnError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):

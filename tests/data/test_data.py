@@ -146,6 +146,13 @@ def test_bad_jsonl_names_the_problem(tmp_path, content, message):
     assert message in str(err.value)
 
 
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "Hi", "response": "Hello."}\n')
+    (example,) = load_examples(str(path))
+    assert example.messages == (("user", "Hi"), ("assistant", "Hello."))
+
+
 def test_missing_data_file(tmp_path):
     with pytest.raises(TinyOnnError, match="data file not found"):
         load_examples(str(tmp_path / "nope.jsonl"))

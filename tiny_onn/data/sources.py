@@ -189,11 +189,16 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
 
 def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
     """(`path:line`, parsed JSON) of each non-blank line of a local jsonl file; one clear error for a missing file
-    (named `what`, e.g. "data file") or a line that is not JSON."""
+    (named `what`, e.g. "data file"), a line that is not UTF-8 or a line that is not JSON."""
     if not path.is_file():
         raise TinyOnnError(f"{what} not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading byte-order mark is allowed
+            except UnicodeDecodeError as e:
+                raise TinyOnnError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                                   f"save the {what} as UTF-8") from e
             if not line.strip():
                 continue
             try:

@@ -89,6 +89,14 @@ class EvalConfig(DataArgs):
             self.model = [self.model]
         if not self.model:
             raise TinyOnnError("give at least one --model")
+        for name in ("eval_tokens", "general_tokens", "facts_max_new_tokens", "facts_batch", "speed_batch", "repeats"):
+            if getattr(self, name) < 1:
+                raise TinyOnnError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("facts_limit", "humaneval_limit"):
+            if getattr(self, name) < 0:
+                raise TinyOnnError(f"{name} must be 0 (all) or positive, got {getattr(self, name)}")
+        if self.speed_seq_len < 2:
+            raise TinyOnnError(f"speed_seq_len must be at least 2, got {self.speed_seq_len}")
         if not self.task_list:
             raise TinyOnnError(f"no task given (--tasks {self.tasks!r}); known: {', '.join(KNOWN_TASKS)}, mc:FILE.jsonl")
         for task in self.task_list:

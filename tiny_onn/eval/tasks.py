@@ -79,8 +79,12 @@ def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
     path = Path(path)
     if not path.is_file():
         raise TinyOnnError(f"task file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TinyOnnError(f"task file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     items, fmt = [], None
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
