@@ -194,6 +194,8 @@ class CarveConfig(SourceArgs):
         max_k = self.max_k or self.experts
         if not 1 <= self.min_k <= max_k <= self.experts:
             raise TinyOnnError(f"need 1 <= min_k ({self.min_k}) <= max_k ({max_k}) <= experts ({self.experts})")
+        if self.seq_len < 2 or self.pca_dims < 1:
+            raise TinyOnnError(f"seq_len must be at least 2 and pca_dims positive, got {self.seq_len} and {self.pca_dims}")
         if self.calib_tokens < 1 or self.eval_tokens < 0:
             raise TinyOnnError("calib_tokens must be positive and eval_tokens non-negative")
         if self.calib_refine not in REFINERS:

@@ -49,6 +49,8 @@ class InterpretConfig(DataArgs):
         DataArgs.__post_init__(self)
         if self.tokens < 1:
             raise TinyOnnError(f"tokens must be positive, got {self.tokens}")
+        if self.top_tokens < 1:
+            raise TinyOnnError(f"top_tokens must be positive, got {self.top_tokens}")
 
 
 def expert_embedding(features: np.ndarray, seed: int) -> tuple[np.ndarray, str]:

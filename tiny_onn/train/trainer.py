@@ -170,9 +170,13 @@ class TrainConfig(SourceArgs, DataArgs):
         DataArgs.__post_init__(self)
         if self.policy not in POLICIES:
             raise TinyOnnError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("steps", "batch_size", "grad_accum", "max_k", "min_k"):
+        for name in ("steps", "batch_size", "grad_accum", "max_k", "min_k", "log_every"):
             if getattr(self, name) < 1:
                 raise TinyOnnError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("phase1_steps", "phase2_pi", "weight_decay", "warmup_steps", "clip", "aux_loss_coef",
+                     "z_loss_coef", "pi_alpha", "pi_gamma", "eval_tokens", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise TinyOnnError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.kd < 0 or (self.kd > 0 and not self.teacher):
             raise TinyOnnError("--kd needs a --teacher (and must be non-negative)")
         if self.kd_temperature <= 0:
