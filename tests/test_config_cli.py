@@ -37,6 +37,8 @@ def test_yaml_values_are_checked_against_the_field_types(tmp_path):
     assert cfg.data == "default,extra.jsonl"
     for text, message in [("scan:\n  tokens: abc\n", "option 'tokens' in .* must be an integer, got 'abc'"),
                           ("scan:\n  tokens: 2.5\n", "must be an integer, got 2.5"),
+                          ("scan:\n  tokens: .nan\n", "must be an integer, got nan"),
+                          ("scan:\n  w_act: inf\n", "option 'w_act' .* must be a number, got 'inf'"),
                           ("scan:\n  seq_len: true\n", "must be an integer, got True"),
                           ("scan:\n  model: {a: 1}\n", "option 'model' .* must be a string")]:
         cfg_file.write_text(text)

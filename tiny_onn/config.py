@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import typing
 from pathlib import Path
@@ -96,17 +97,16 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
 
 
 def _number(value: Any) -> float | None:
-    """A YAML number, or a string holding one (PyYAML reads `3e-4` and `1e6` as strings); None otherwise."""
+    """A finite YAML number, or a string holding one (PyYAML reads `3e-4` and `1e6` as strings); None otherwise."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
+    if isinstance(value, int):
         return value
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    try:
+        number = float(value) if isinstance(value, float | str) else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def coerce_option(name: str, value: Any, typ: Any, source: str) -> Any:
