@@ -45,9 +45,13 @@ def test_bad_task_files(tmp_path):
         load_mc(write_jsonl(tmp_path / "arc.jsonl", [{**ARC, "choices": ["a", "b"], "answerKey": "0"}]))
 
 
-def test_mmlu_answer_may_be_a_letter(tmp_path):
-    _, items = load_mc(write_jsonl(tmp_path / "m.jsonl", [{**MMLU, "answer": "C"}, {**MMLU, "answer": " b "}]))
-    assert [item.gold for item in items] == [2, 1]
+def test_mmlu_answer_may_be_a_letter_or_the_choice_text(tmp_path):
+    records = [{**MMLU, "answer": "C"}, {**MMLU, "answer": " b "}, {**MMLU, "choices": ["red", "blue"], "answer": "blue"},
+               {**MMLU, "answer": "2"}]
+    _, items = load_mc(write_jsonl(tmp_path / "m.jsonl", records))
+    assert [item.gold for item in items] == [2, 1, 1, 2]
+    with pytest.raises(TinyOnnError, match="m2.jsonl:1: .*neither an index, a letter nor exactly one of the choices"):
+        load_mc(write_jsonl(tmp_path / "m2.jsonl", [{**MMLU, "choices": ["red", "blue"], "answer": "green"}]))
 
 
 def test_choice_logliks_match_a_hand_computation(tiny_tokenizer):

@@ -33,17 +33,24 @@ def _arc(r: dict) -> MCItem:
     return MCItem(f"Question: {r['question']}\nAnswer:", tuple(f" {t}" for t in texts), gold)
 
 
-def _answer_index(answer: object) -> int:
-    """A gold answer given as an index (0-based) or as a letter ("B")."""
-    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
-        return LETTERS.index(answer.strip().upper())
+def _answer_index(answer: object, choices: list) -> int:
+    """A gold answer given as an index (0-based), as a letter ("B") or as the text of one of the choices."""
+    if isinstance(answer, str):
+        text = answer.strip()
+        if len(text) == 1 and text.upper() in LETTERS:
+            return LETTERS.index(text.upper())
+        if not text.lstrip("-").isdigit():
+            matches = [i for i, c in enumerate(choices) if str(c).strip() == text]
+            if len(matches) != 1:
+                raise ValueError(f"answer {answer!r} is neither an index, a letter nor exactly one of the choices")
+            return matches[0]
     return int(answer)
 
 
 def _mmlu(r: dict) -> MCItem:
     opts = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
     return MCItem(f"{r['question'].strip()}{opts}\nAnswer:", tuple(f" {LETTERS[i]}" for i in range(len(r["choices"]))),
-                  _answer_index(r["answer"]))
+                  _answer_index(r["answer"], r["choices"]))
 
 
 def _hellaswag(r: dict) -> MCItem:
