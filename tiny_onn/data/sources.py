@@ -146,9 +146,10 @@ ACCEPTED_RECORDS = ("'messages' [{role, content}], ShareGPT 'conversations' [{fr
                     "(output / response / completion / answer)")
 
 
-def _messages_example(msgs: object, where: str, category: str, role_key: str, text_key: str,
+def _messages_example(record: dict, field: str, where: str, category: str, role_key: str, text_key: str,
                       roles: dict[str, str]) -> Example:
-    field = "messages" if role_key == "role" else "conversations"
+    """A chat record's `field` list of {role_key, text_key} turns, speaker names mapped by `roles`."""
+    msgs = record[field]
     if not isinstance(msgs, list) or not msgs:
         raise TinyOnnError(f"{where}: '{field}' must be a non-empty list of {{{role_key}, {text_key}}} objects")
     pairs = []
@@ -167,9 +168,9 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
         raise TinyOnnError(f"{where}: expected a JSON object, got {type(record).__name__}")
     category = str(record.get("category", default_category))
     if "messages" in record:
-        return _messages_example(record["messages"], where, category, "role", "content", {r: r for r in _ROLES})
+        return _messages_example(record, "messages", where, category, "role", "content", {r: r for r in _ROLES})
     if "conversations" in record:
-        return _messages_example(record["conversations"], where, category, "from", "value", _SHAREGPT_ROLES)
+        return _messages_example(record, "conversations", where, category, "from", "value", _SHAREGPT_ROLES)
     prompt_key = next((k for k in _PROMPT_KEYS if k in record), None)
     answer_key = next((k for k in _ANSWER_KEYS if k in record), None)
     if prompt_key and answer_key:

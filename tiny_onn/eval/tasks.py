@@ -6,13 +6,13 @@ context; `acc` takes the highest sum, `acc_norm` the highest sum per character o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tiny_onn.data.sources import jsonl_records
 from tiny_onn.errors import TinyOnnError
 
 LETTERS = "ABCDEFGHIJ"
@@ -84,18 +84,9 @@ def detect_format(record: dict) -> str:
 def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
     """(format name, items) of a local jsonl file."""
     path = Path(path)
-    if not path.is_file():
-        raise TinyOnnError(f"task file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise TinyOnnError(f"task file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     items, fmt = [], None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for where, record in jsonl_records(path, "task file"):
         try:
-            record = json.loads(line)
             fmt = fmt or detect_format(record)
             item = FORMATS[fmt][1](record)
             if len(item.choices) < 2:
@@ -103,8 +94,8 @@ def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
             if not 0 <= item.gold < len(item.choices):
                 raise ValueError(f"the gold answer points outside its {len(item.choices)} choices")
             items.append(item)
-        except (json.JSONDecodeError, KeyError, ValueError, IndexError, TypeError) as e:
-            raise TinyOnnError(f"{path}:{lineno}: not a valid {fmt or 'multiple-choice'} item ({e})") from e
+        except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+            raise TinyOnnError(f"{where}: not a valid {fmt or 'multiple-choice'} item ({e})") from e
     if not items:
         raise TinyOnnError(f"task file {path} holds no items")
     return fmt, items
