@@ -244,6 +244,7 @@ def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dic
 
 def loss_ends(history: list[dict], steps: int = 10) -> dict:
     """Each logged training loss averaged over the first and the last `steps` steps of a run's history."""
+    history = [r for r in history if not r.get("skipped")]  # steps without response tokens did not train
     keys = [k for k in ("ce", "kd", "hidden_kd") if k in history[0]]
     return {k: {"first": statistics.fmean(r[k] for r in history[:steps]),
                 "last": statistics.fmean(r[k] for r in history[-steps:])} for k in keys}

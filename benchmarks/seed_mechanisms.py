@@ -186,10 +186,11 @@ def train_evaluate_nmi(cfg, out: Path, ecfg: EvalConfig, dense: dict, args) -> d
     row = train_and_evaluate(cfg, out, ecfg, dense)
     row["nmi"] = routing_nmi(out / "model", args)
     report = json.loads((out / "train.json").read_text())
-    last = report["history"][-1]
+    trained = [h for h in report["history"] if not h.get("skipped")]  # steps without response tokens did not train
+    last = trained[-1]
     row["final_log"] = {k: last[k] for k in ("ce", "kd", "router_distill", "specificity", "ewc", "pi", "lr_scale",
                                              "experts_updated_mean") if k in last}
-    row["experts_updated_mean"] = sum(h["experts_updated_mean"] for h in report["history"]) / len(report["history"])
+    row["experts_updated_mean"] = sum(h["experts_updated_mean"] for h in trained) / len(trained)
     return row
 
 

@@ -195,3 +195,33 @@ def test_training_phases_route_without_changing_the_saved_config(tiny_moe, tmp_p
     assert main(_train_args(moe, data, tmp_path / "p2", steps=3, extra=phase2)) == 0
     saved = json.loads((tmp_path / "p2" / "model" / "config.json").read_text())
     assert saved["moe_mode"] == "sparse" and saved["router_top_p"] == 0.6
+
+
+def test_step_without_response_tokens_updates_nothing(tiny_moe, tmp_path):
+    """A step whose packed rows all fall inside a long prompt has no CE to learn from: it is skipped (no optimizer
+    step, PI kept, losses None in its record) instead of logging CE 0, which PI would read as a perfect prediction."""
+    from tiny_onn.data import scored_positions
+    from tiny_onn.train import TrainConfig
+    from tiny_onn.train.trainer import Trainer
+
+    moe, _ = tiny_moe
+    long_prompt = " ".join(f"word{i}" for i in range(200))
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{long_prompt} {i}"},
+                                                     {"role": "assistant", "content": f"ok {i}"}]}) + "\n"
+                            for i in range(12)))
+    cfg = TrainConfig(model=str(moe), data=str(data), steps=8, batch_size=1, seq_len=16, eval_tokens=0, device="cpu",
+                      policy="full", checkpoint_every=0, warmup_steps=0, out=str(tmp_path / "t"))
+    trainer = Trainer(cfg)
+    has_response = scored_positions(trainer.data.labels)[1].any(1)  # [rows]
+    empty, scored = int((~has_response).nonzero()[0]), int(has_response.nonzero()[0])
+    trainer.state.pi = 0.25
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    rec = trainer.train_step(empty)
+    assert rec["skipped"] and rec["ce"] is None and rec["scored_tokens"] == 0 and rec["pi"] == 0.25
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters(), strict=True))
+    assert not trainer.optimizer.state  # AdamW took no step
+    rec = trainer.train_step(scored)
+    assert not rec.get("skipped") and rec["ce"] > 0 and rec["scored_tokens"] == int(
+        scored_positions(trainer.data.labels[scored : scored + 1])[1].sum())
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters(), strict=True))

@@ -480,6 +480,8 @@ class Trainer:
         for ex in self.experts:
             ex.reset_stats()
         micro, scored_global = step_batches(self.data, step, cfg, self.rank, self.world, self.replay)
+        if scored_global == 0:
+            return self.skipped_step(step, t0)
         losses, cat_tokens = self.forward_backward(micro, scored_global, step)
         grad_norm = opt.clip_grad_norm_(float("inf"))  # every trainable gradient: PI's S (no mask set yet)
         self.state.pi = performance_index(losses["ce"], losses["entropy"], grad_norm, cfg.pi_alpha, cfg.pi_gamma)
@@ -494,12 +496,26 @@ class Trainer:
         self.state.category_mass += share
         dt = time.perf_counter() - t0
         tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro)) * self.world
-        return {"step": step + 1, "phase": self.state.phase, "ce": losses["ce"], "kd": losses["kd"], "lb": losses["lb"],
+        return {"step": step + 1, "phase": self.state.phase, "scored_tokens": scored_global,
+                "ce": losses["ce"], "kd": losses["kd"], "lb": losses["lb"],
                 "z": losses["z"], "router_distill": losses["rd"], "specificity": losses["sp"], "ewc": losses["ewc"],
                 "hidden_kd": losses["hidden_kd"],
                 "pi": self.state.pi, "grad_norm": grad_norm, "update_grad_norm": update_norm,
                 "lr": opt.param_groups[0]["lr"], "lr_scale": lr_scale, "tokens_per_second": tokens / dt,
                 "experts_updated_mean": sum(updated) / max(len(updated), 1), "step_seconds": dt}
+
+    def skipped_step(self, step: int, t0: float) -> dict:
+        """A step whose sequences hold no response token (packed rows that fall inside long prompts, at a short
+        seq_len): nothing to learn from, so no update — no optimizer step, PI and phase as they were — instead of a
+        CE of 0 that would read as a perfect prediction (PI ≈ 1, which can end phase 1 early). Its history record has
+        the losses as None and `skipped` set."""
+        lr = self.base_lrs[0] * lr_lambda(step, self.cfg.warmup_steps, self.cfg.steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = ("ce", "kd", "lb", "z", "router_distill", "specificity", "ewc", "hidden_kd", "grad_norm",
+                "update_grad_norm", "lr_scale", "tokens_per_second", "experts_updated_mean")
+        return {"step": step + 1, "phase": self.state.phase, "scored_tokens": 0, **dict.fromkeys(keys),
+                "pi": self.state.pi, "lr": lr, "skipped": "no response tokens in this step's sequences",
+                "step_seconds": time.perf_counter() - t0}
 
     def _enter_phase(self, step: int) -> None:
         """Switch to phase 2 at phase1_steps or when PI reaches phase2_pi; tell the MoE layers how to route."""
@@ -662,12 +678,16 @@ class Trainer:
             rec = self.train_step(step)
             self.state.history.append(rec)
             self.state.step = step + 1
-            bar.set_postfix(loss=f"{rec['ce']:.3f}", PI=f"{rec['pi']:.3f}", lr=f"{rec['lr']:.1e}",
-                            tok_s=f"{rec['tokens_per_second']:.0f}")
+            if rec.get("skipped"):
+                bar.set_postfix(skipped="no response tokens", PI=f"{rec['pi']:.3f}", lr=f"{rec['lr']:.1e}")
+            else:
+                bar.set_postfix(loss=f"{rec['ce']:.3f}", PI=f"{rec['pi']:.3f}", lr=f"{rec['lr']:.1e}",
+                                tok_s=f"{rec['tokens_per_second']:.0f}")
             if self.writer is not None and (step + 1) % cfg.log_every == 0:
                 for key in ("ce", "kd", "hidden_kd", "lb", "z", "router_distill", "specificity", "ewc", "pi", "grad_norm",
                             "update_grad_norm", "lr", "lr_scale", "tokens_per_second", "experts_updated_mean"):
-                    self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
+                    if rec[key] is not None:
+                        self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and self.rank == 0:
                 self.save_checkpoint()
             distributed.barrier()
@@ -694,13 +714,15 @@ class Trainer:
 
     def report(self) -> dict:
         history = self.state.history
+        trained = [h for h in history if not h.get("skipped")]
         report = {
             "format": "tiny_onn.train/1",
             "config": config_to_dict(self.cfg),
             "versions": versions(),
             "categories": self.data.category_names,
             "history": history,
-            "final": history[-1] if history else None,
+            "final": trained[-1] if trained else None,  # the last step that updated the model
+            "steps_skipped": len(history) - len(trained),
             "step_seconds_median": sorted(h["step_seconds"] for h in history)[len(history) // 2] if history else None,
         }
         if self.is_moe:
