@@ -82,3 +82,16 @@ def test_shipped_pipeline_configs_are_valid(name):
     assert {k for k, v in cfgs.items() if v is not None} >= {"scan", "carve", "train", "eval", "interpret"}
     if cfgs["distil"] is not None:  # the demo distils on its own corpus
         assert "runs/x/corpus" in cfgs["train"].data
+
+
+def test_artifact_json_is_standard_json(tmp_path):
+    """Undefined numbers (NaN, ±inf) are written as null: Python would write NaN/Infinity, which strict readers refuse."""
+    import json
+
+    from tiny_onn.artifacts import write_json
+
+    write_json(tmp_path / "a.json", {"x": float("nan"), "y": [1.5, float("inf"), {"z": -float("inf")}], "n": 3})
+    text = (tmp_path / "a.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}")) == {
+        "x": None, "y": [1.5, None, {"z": None}], "n": 3}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -83,13 +84,26 @@ def content_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None, so that it is standard JSON (Python writes NaN and
+    Infinity, which other JSON readers refuse): an undefined value, e.g. the retention of a source that knows no fact."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+    """Write standard JSON (non-finite floats as null: `json_safe`) atomically (temp file in the same folder, then
+    rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            json.dump(json_safe(obj), f, indent=2, sort_keys=False, default=str, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

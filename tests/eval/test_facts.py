@@ -112,3 +112,12 @@ def test_wilson_interval_matches_published_values():
     assert lo == 0.0 and hi == pytest.approx(1.96**2 / (10 + 1.96**2))
     lo, hi = wilson_interval(10, 10)
     assert hi == 1.0 and lo == pytest.approx(10 / (10 + 1.96**2))
+
+
+def test_retention_is_undefined_when_the_source_knows_none_of_the_facts():
+    answers = [{"key": "a", "kind": "capital", "correct": True}, {"key": "b", "kind": "capital", "correct": False}]
+    scores = facts_scores(answers, known=set())
+    assert scores["known"] == 0 and scores["retention"] is None and scores["retention_ci95"] is None
+    assert scores["accuracy"] == 0.5
+    scores = facts_scores(answers, known={"a", "b"})
+    assert scores["retention"] == 0.5 and scores["retained"] == 1

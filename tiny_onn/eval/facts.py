@@ -135,6 +135,7 @@ def facts_scores(answers: list[dict], known: set[str] | None) -> dict:
         kept = [a for a in answers if a["key"] in known]
         out["known"] = len(kept)
         out["retained"] = sum(a["correct"] for a in kept)
-        out["retention"] = out["retained"] / len(kept) if kept else float("nan")
-        out["retention_ci95"] = list(wilson_interval(out["retained"], len(kept)))
+        # undefined (None) when the dense source knows none of these facts
+        out["retention"] = out["retained"] / len(kept) if kept else None
+        out["retention_ci95"] = list(wilson_interval(out["retained"], len(kept))) if kept else None
     return out
