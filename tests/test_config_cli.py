@@ -95,3 +95,21 @@ def test_artifact_json_is_standard_json(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}")) == {
         "x": None, "y": [1.5, None, {"z": None}], "n": 3}
+
+
+def test_artifacts_get_the_umask_permissions(tmp_path, monkeypatch):
+    """tempfile makes files 0600 and folders 0700 (safetensors too, for weights); a finished artifact is as readable as
+    a plain file or folder under the umask."""
+    import os
+
+    import tiny_onn.artifacts as artifacts
+
+    monkeypatch.setattr(artifacts, "_UMASK", 0o022)
+    with artifacts.atomic_dir(tmp_path / "art") as tmp:
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "w.bin").write_bytes(b"x")
+        os.chmod(tmp / "sub" / "w.bin", 0o600)
+    artifacts.write_json(tmp_path / "art" / "meta.json", {"a": 1})
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for p in [tmp_path / "art", *(tmp_path / "art").rglob("*")]}
+    assert modes == {"art": 0o755, "art/sub": 0o755, "art/sub/w.bin": 0o644, "art/meta.json": 0o644}

@@ -35,6 +35,25 @@ def versions() -> dict[str, str]:
     }
 
 
+def _process_umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it: done once, at import
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a file or folder (and, for a folder, everything in it) the permissions a plain `open` or `mkdir` would
+    have under the umask: `tempfile` makes them private to their owner (0600 / 0700), and so does safetensors for
+    weight files, so a published artifact would not be readable by a colleague or a web server."""
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `final`, on any error it is removed."""
@@ -46,6 +65,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask_mode(tmp)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -105,6 +125,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(json_safe(obj), f, indent=2, sort_keys=False, default=str, allow_nan=False)
             f.write("\n")
+        umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

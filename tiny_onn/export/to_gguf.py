@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from tiny_onn.artifacts import umask_mode
 from tiny_onn.errors import TinyOnnError
 
 log = logging.getLogger(__name__)
@@ -372,6 +373,7 @@ def export_gguf(folder: str | Path, out: str | Path, quant: str = "f16") -> dict
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask_mode(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
