@@ -195,3 +195,15 @@ def test_eval_cli_side_by_side(tiny_moe, tmp_path, capsys, tiny_tokenizer):
     assert main(["eval", "--model", str(moe), "--tasks", "humaneval", "--out", str(tmp_path / "h")]) == 2
     assert "--allow-code-execution" in capsys.readouterr().err
     assert main(["eval", "--model", str(moe), "--tasks", "bogus", "--out", str(tmp_path / "h")]) == 2
+
+
+def test_table_notes_models_that_tokenize_differently():
+    from tiny_onn.eval.harness import markdown_table
+
+    def row(name, tok):
+        return {"model": name, "kind": "dense", "tokenizer": tok, "params": {"total": 1e6, "active_per_token": 1e6},
+                "flops_per_token": 1e9, "perplexity": {"ppl": 10.0}, "memory": {"weights_bytes": 2**20}}
+
+    assert "tokenize differently" not in markdown_table([row("a", "t1"), row("b", "t1")])
+    note = markdown_table([row("a", "t1"), row("b", "t2"), row("c", "t1")]).splitlines()[-1]
+    assert "tokenize differently (a, c; b)" in note

@@ -14,6 +14,7 @@ import torch
 from tiny_onn.artifacts import atomic_dir, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
+from tiny_onn.data.distil import tokenizer_digest
 from tiny_onn.data.facts import Fact, load_facts
 from tiny_onn.data.general import build_general_dataset
 from tiny_onn.errors import TinyOnnError
@@ -158,7 +159,8 @@ def evaluate_model(spec: str, cfg: EvalConfig, within: Callable | None = None) -
 def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
     model, tok = src.model, src.tokenizer
     is_moe = model.config.model_type == "tiny_onn"
-    row: dict = {"model": spec, "origin": src.origin, "kind": "moe" if is_moe else "dense"}
+    row: dict = {"model": spec, "origin": src.origin, "kind": "moe" if is_moe else "dense",
+                 "tokenizer": tokenizer_digest(tok)}
     row["params"] = parameter_counts(model)
     row["flops_per_token"] = flops_per_token(model, cfg.speed_seq_len)
     if src.origin.startswith(("bundled GGUF", "GGUF")):
@@ -292,6 +294,13 @@ def markdown_table(rows: list[dict]) -> str:
             extra.append(f"| {r['model']} | HumanEval | pass@1 {r['humaneval']['pass@1']:.3f} | {r['humaneval']['n']} |")
     if extra:
         lines += ["", "| model | task | score | items |", "|---|---|---|---|", *extra]
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        groups.setdefault(r.get("tokenizer", ""), []).append(r["model"])
+    if len(groups) > 1:
+        names = "; ".join(", ".join(models) for models in groups.values())
+        lines += ["", f"Note: these models tokenize differently ({names}). Perplexities are per token of each model's "
+                  "own tokenizer and chat template, so they compare only within a group."]
     return "\n".join(lines)
 
 
@@ -348,5 +357,6 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def summary(cfg: EvalConfig, out: Path) -> str:
-    return (Path(out) / "eval.md").read_text() + f"\nwritten to {out} (eval.json, eval.md, sparsity_quality.png)"
+    written = ", ".join(f for f in ("eval.json", "eval.md", "sparsity_quality.png") if (Path(out) / f).is_file())
+    return (Path(out) / "eval.md").read_text() + f"\nwritten to {out} ({written})"
 
