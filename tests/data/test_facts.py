@@ -104,3 +104,30 @@ def test_fact_file_errors(tmp_path):
     good.write_text('{"question": "Who wrote Hamlet?", "answers": ["Shakespeare", "William Shakespeare"]}\n')
     (fact,) = facts_from_jsonl(good)
     assert fact.answers == ("Shakespeare", "William Shakespeare") and fact.kind == "good"
+
+
+def test_fact_file_split_field(tmp_path):
+    """A record's own "split" decides its split; without one the content hash does; another value is refused."""
+    questions = [f"What is the capital of Land{i}?" for i in range(40)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(f'{{"question": "{q}", "answer": "City"}}\n' for q in questions))
+    by_hash = {f.question: f.split for f in facts_from_jsonl(plain)}
+    assert set(by_hash.values()) == {"train", "eval"}  # 40 hashes split both ways
+    marked = tmp_path / "marked.jsonl"
+    marked.write_text("".join(f'{{"question": "{q}", "answer": "City", "split": "{"eval" if i % 2 else "train"}"}}\n'
+                              for i, q in enumerate(questions)))
+    assert [f.question for f in load_facts(str(marked), "eval")] == questions[1::2]
+    assert [f.question for f in load_facts(str(marked), "train")] == questions[::2]
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"question": "Who wrote Hamlet?", "answer": "Shakespeare", "split": "test"}\n')
+    with pytest.raises(TinyOnnError, match="wrong.jsonl:1: 'split' must be one of train, eval"):
+        facts_from_jsonl(wrong)
+
+
+def test_eval_refuses_facts_without_an_evaluation_split(tmp_path):
+    from tiny_onn.eval.harness import EvalConfig, evaluation_facts
+
+    train_only = tmp_path / "train_only.jsonl"
+    train_only.write_text('{"question": "Who wrote Hamlet?", "answer": "Shakespeare", "split": "train"}\n')
+    with pytest.raises(TinyOnnError, match="none in their evaluation split"):
+        evaluation_facts(EvalConfig(facts=str(train_only)))

@@ -34,6 +34,7 @@ class Fact:
     question: str
     answers: tuple[str, ...]
     case_sensitive: bool = False  # chemical symbols: "I" (iodine) must not match the pronoun "i"
+    given_split: str | None = None  # a user file's own "split"; None: by content hash
 
     @property
     def uid(self) -> str:
@@ -41,6 +42,8 @@ class Fact:
 
     @property
     def split(self) -> str:
+        if self.given_split is not None:
+            return self.given_split
         return "eval" if int(self.uid[:8], 16) % 1000 < EVAL_SHARE * 1000 else "train"
 
     def to_json(self) -> dict:
@@ -184,7 +187,8 @@ def builtin_facts() -> list[Fact]:
 
 
 def facts_from_jsonl(path: Path) -> list[Fact]:
-    """A user fact file: one `{"question": ..., "answer": ... | "answers": [...], "kind"?: ...}` per line."""
+    """A user fact file: one `{"question": ..., "answer": ... | "answers": [...], "kind"?: ..., "split"?: "train" |
+    "eval"}` per line (without "split", a fact's split follows its content hash, as for the built-in facts)."""
     facts = []
     for where, record in jsonl_records(path, "fact file"):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip():
@@ -193,8 +197,11 @@ def facts_from_jsonl(path: Path) -> list[Fact]:
         answers = [str(a).strip() for a in answers if str(a).strip()] if isinstance(answers, list) else []
         if not answers:
             raise TinyOnnError(f"{where}: no answer: give 'answer' (a string) or 'answers' (a list of strings)")
+        split = record.get("split")
+        if split is not None and split not in SPLITS:
+            raise TinyOnnError(f"{where}: 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
         facts.append(Fact(str(record.get("kind", path.stem)), record["question"].strip(), tuple(answers),
-                          bool(record.get("case_sensitive", False))))
+                          bool(record.get("case_sensitive", False)), split))
     if not facts:
         raise TinyOnnError(f"fact file {path} holds no facts (it is empty)")
     return facts

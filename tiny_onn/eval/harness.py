@@ -207,6 +207,9 @@ def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
 def evaluation_facts(cfg: EvalConfig) -> list[Fact]:
     """The evaluation-split facts scored by `eval` (a fixed subset when `facts_limit` is set)."""
     facts = sorted(load_facts(cfg.facts, "eval"), key=lambda f: f.uid)
+    if not facts:
+        raise TinyOnnError(f"the facts {cfg.facts!r} have none in their evaluation split (a fact without a \"split\" "
+                           "field is assigned by its content hash): mark the ones to score with \"split\": \"eval\"")
     return facts[: cfg.facts_limit] if cfg.facts_limit else facts
 
 
@@ -343,6 +346,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 
 def run(cfg: EvalConfig) -> Path:
+    if "facts" in cfg.task_list:
+        evaluation_facts(cfg)  # a fact file's errors before any model loads
     rows = []
     for spec in cfg.model:
         log.info("evaluating %s", spec)
