@@ -271,3 +271,42 @@ def test_two_stage_gate_router_config_is_validated():
         _config(router_score="gate", router_type="flat", router_candidates=1)  # fewer than top-2
     with pytest.raises(ValueError, match="between the experts chosen per token"):
         _config(router_score="gate", router_type="flat", router_candidates=5)  # more than the 4 experts
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # decode (kernel + bag of down columns); few tokens; prefill (GEMMs)
+@pytest.mark.parametrize("shared", [0, 4])
+def test_two_stage_selection_fast_path_equals_a_hand_computation(tokens, shared):
+    """The inference-only path for two-stage gate routers over one-neuron experts (`_two_stage_selection`): per token,
+    the M neurons of largest |act(x·g_j)|·|c_j| are candidates, the k of them with the largest exact
+    |act(x·g_j)·(x·u_j)|·|n_j| run, y = Σ act(x·g_j)·(x·u_j)·d_j + shared expert + output bias. Also equal to the general
+    path (routing outputs asked for)."""
+    E, M, K = 24, 12, 6
+    config = _config(router_score="gate", router_type="flat", router_rank=0, router_candidates=M,
+                     num_experts=E, num_experts_per_tok=K, moe_intermediate_size=1, moe_output_bias=True,
+                     shared_expert_intermediate_size=shared)
+    block = TinyOnnSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(1, tokens, 16, generator=torch.Generator().manual_seed(2))
+    x_ND = x[0]
+    with torch.no_grad():
+        assert block.runs_two_stage_selection(x_ND) == (tokens * M >= E or tokens == 1)
+        fast = block(x, routing_outputs=False)[0][0]
+        general = block(x)[0][0]
+        router, experts = block.router, block.experts
+        g = x_ND @ experts.gate_up_proj[:, 0].T  # [N, E]
+        u = x_ND @ experts.gate_up_proj[:, 1].T
+        h = torch.nn.functional.silu(g) * u
+        hand = torch.zeros(tokens, 16)
+        for n in range(tokens):
+            estimate = torch.nn.functional.silu(g[n]).abs() * router.neuron_scale.abs()
+            candidates = estimate.topk(M).indices
+            exact = (h[n] * router.down_norm).abs()[candidates]
+            for j in candidates[exact.topk(K).indices]:
+                hand[n] += h[n, j] * experts.down_proj[j, :, 0]
+        if shared:
+            hand += block.shared_expert(x_ND)
+        hand += block.output_bias
+    torch.testing.assert_close(fast, hand, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-5)
