@@ -6,7 +6,9 @@ beside the dense source and the 14 x 96 carve (`moe25`), all at 25 % of the FFN 
 Models are the knowledge benchmark's start folders (`runs/bench/knowledge/start/moe25`, `.../moe25n`, carved there when
 missing): shared 12.5 % + 14 experts of 96, top-2, linear routers; shared 12.5 % + 1,344 experts of one neuron,
 top-192, rank-64 `lowrank` routers; the same with `gate` routers (`moe25g`: every routed neuron's gate computed), and
-with two-stage gate routers (`moe25gc3`: also the up rows of each token's 3 × 192 candidates).
+with two-stage gate routers (`moe25gc3`: also the up rows of each token's 3 × 192 candidates), and the knowledge
+table's best 25 % layout (`moe25gc2s0`: no shared expert, 384 of 1,536 neurons among 768 candidates), once more with
+its two-stage fast path off (`moe25gc2s0-general`, the general MoE path it replaced in inference).
 The measures are moe_speed.py's (interleaved repeats, median wall clock):
 prefill 8 x 256 (last position's logits), decode 64 greedy tokens after a 32-token prompt with the KV cache, one FFN
 block on 2,048 tokens, all 30 FFN blocks on one token, and a training step (4 x 256, forward + backward + AdamW over
@@ -29,7 +31,8 @@ from moe_speed import MLP_LAYER, Inputs, interleaved, medians, train_params, tra
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
-MODELS = ("moe25", "moe25n", "moe25g", "moe25gc3")
+MODELS = ("moe25", "moe25n", "moe25g", "moe25gc3", "moe25gc2s0")
+GENERAL_PATH = "moe25gc2s0-general"  # the same model with the two-stage fast path off: what it replaced
 
 
 def main() -> None:
@@ -47,6 +50,11 @@ def main() -> None:
     for name in MODELS:
         folder = ensure_start_model(name, Path(args.workdir), "")
         models[name] = load_source(SourceArgs(model=str(folder), device="cpu"), dense_only=False).model.eval()
+    general = load_source(SourceArgs(model=str(ensure_start_model("moe25gc2s0", Path(args.workdir), "")), device="cpu"),
+                          dense_only=False).model.eval()
+    for block in general.moe_blocks():
+        block.two_stage_fast_path = False
+    models[GENERAL_PATH] = general
     variants = {}
     for name, model in models.items():
         block = model.model.layers[MLP_LAYER].mlp
@@ -72,7 +80,7 @@ def main() -> None:
                       "train_step_seconds": train[f"{name} train step"],
                       "params": {"total": sum(p.numel() for p in models[name].parameters())}}
     dense = rows["dense"]
-    for name in MODELS:
+    for name in (*MODELS, GENERAL_PATH):
         r = rows[name]
         r["vs_dense"] = {"prefill_speedup": r["prefill_tokens_per_second"] / dense["prefill_tokens_per_second"],
                          "decode_speedup": r["decode_tokens_per_second"] / dense["decode_tokens_per_second"],
@@ -88,7 +96,12 @@ def main() -> None:
                                            "moe25n": "shared 12.5 % + 1344x1, top-192, rank-64 lowrank routers",
                                            "moe25g": "shared 12.5 % + 1344x1, top-192, gate routers (rank 0)",
                                            "moe25gc3": "shared 12.5 % + 1344x1, top-192, two-stage gate routers "
-                                                       "(576 candidates' up computed)"},
+                                                       "(576 candidates' up computed)",
+                                           "moe25gc2s0": "no shared expert, 1536x1, top-384, two-stage gate routers "
+                                                         "(768 candidates' up computed; the knowledge table's best "
+                                                         "25 % layout)",
+                                           GENERAL_PATH: "the same, on the general MoE path (two-stage fast path "
+                                                         "off)"},
         "rows": rows,
     })
 

@@ -1105,6 +1105,8 @@ def select_experts(
 class TinyOnnSparseMoeBlock(nn.Module):
     """Router -> selection -> experts (+ the always-on shared expert). Selected outputs are summed."""
 
+    two_stage_fast_path = True  # `_two_stage_selection` where it applies (an instance may turn it off, to compare)
+
     def __init__(self, config: TinyOnnConfig):
         super().__init__()
         self.config = config
@@ -1181,7 +1183,8 @@ class TinyOnnSparseMoeBlock(nn.Module):
         statistics, and with every neuron's up pre-activation computed anyway (the decode kernel reads them all, and
         once the tokens' candidates outnumber the experts so does the GEMM)."""
         router, experts = self.router, self.experts
-        if not (router.num_candidates and experts.down_proj.shape[-1] == 1 and experts.path == "auto"
+        if not (self.two_stage_fast_path and router.num_candidates and experts.down_proj.shape[-1] == 1
+                and experts.path == "auto"
                 and not experts.track_stats and self.ranks_raw_scores()):
             return False
         return x_ND.shape[0] * router.num_candidates >= router.num_experts or router.reads_decode_kernel(x_ND)
