@@ -309,4 +309,5 @@ def test_two_stage_selection_fast_path_equals_a_hand_computation(tokens, shared)
             hand += block.shared_expert(x_ND)
         hand += block.output_bias
     torch.testing.assert_close(fast, hand, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-5)
+    # bit for bit: a last-bit difference would flip near-ties of later layers' top-k (outputs of whole models differ)
+    assert torch.equal(fast, general)

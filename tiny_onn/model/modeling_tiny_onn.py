@@ -1192,9 +1192,9 @@ class TinyOnnSparseMoeBlock(nn.Module):
     def _two_stage_selection(self, x_ND: torch.Tensor) -> torch.Tensor:
         """The block's output (before the output bias) for a two-stage gate router over one-neuron experts, as the
         general path computes it, in fewer passes over [tokens, neurons] tensors: each neuron's activation
-        act(x·g)·(x·u) is formed once and serves the exact scores and the experts; the second top-k ranks each token's
-        M candidates [N, M] instead of every expert with the others masked; no log-scores. The selection is the same
-        (tests/model/test_routers.py), and prefill runs ~1.3x faster on CPU."""
+        act(x·g)·(x·u) is formed once and serves the exact scores and the experts; with several tokens the second
+        top-k ranks each token's M candidates [N, M] instead of every expert with the others masked, and no log-scores
+        are taken. Its output equals the general path's bit for bit (tests/model/test_routers.py)."""
         router, experts = self.router, self.experts
         N, D = x_ND.shape
         x32 = x_ND.float()
@@ -1205,15 +1205,28 @@ class TinyOnnSparseMoeBlock(nn.Module):
         with torch.no_grad():
             cand_NM = router.estimated_scores(x32, g_NF).topk(router.num_candidates, dim=-1, sorted=False).indices
         h_NF = router.act_fn(g_NF) * u_NF  # every neuron's SwiGLU activation (one neuron per expert: F = E)
-        exact_NM = (h_NF.abs() * router.down_norm.float().abs()).gather(1, cand_NM)
-        idx_NK = cand_NM.gather(1, exact_NM.topk(self.routing.top_k, dim=-1, sorted=False).indices)
+        exact_NE = h_NF.abs() * router.down_norm.float().abs()
+        if N == 1:
+            # decode: the general path's log-scores over all experts (a few thousand values), so that top-k returns
+            # the experts in its order, the order in which the down columns below are summed
+            outside_NE = torch.ones_like(exact_NE, dtype=torch.bool).scatter_(1, cand_NM, False)
+            logits_NE = exact_NE.clamp_min(1e-12).log().masked_fill(outside_NE, NON_CANDIDATE_LOGIT)
+            idx_NK = logits_NE.topk(self.routing.top_k, dim=-1, sorted=False).indices
+        else:  # the top-k of each token's candidates; their order does not matter to the GEMM below
+            exact_NM = exact_NE.gather(1, cand_NM)
+            idx_NK = cand_NM.gather(1, exact_NM.topk(self.routing.top_k, dim=-1, sorted=False).indices)
         a_NK = h_NF.gather(1, idx_NK).to(x_ND.dtype)
         E = router.num_experts
+        # the sums in the general path's order (the shared expert's output first, accumulated into by the GEMM), so
+        # that both paths agree bit for bit: a last-bit difference can flip a near-tie of a later layer's top-k
+        shared_ND = None if self.shared_expert is None else self.shared_expert(x_ND)
         if N == 1:  # decode: a weighted sum of the selected down columns, read in place
             y_ND = F.embedding_bag(idx_NK, experts.down_proj.reshape(E, D), per_sample_weights=a_NK, mode="sum")
-        else:  # the selected activations in place, zero elsewhere, through one GEMM
-            y_ND = F.linear(torch.zeros_like(h_NF, dtype=x_ND.dtype).scatter_(1, idx_NK, a_NK), experts._down_flat())
-        return y_ND if self.shared_expert is None else y_ND + self.shared_expert(x_ND)
+            return y_ND if shared_ND is None else shared_ND + y_ND
+        a_NF = torch.zeros_like(h_NF, dtype=x_ND.dtype).scatter_(1, idx_NK, a_NK)  # selected activations, 0 elsewhere
+        if shared_ND is None:
+            return F.linear(a_NF, experts._down_flat())
+        return torch.addmm(shared_ND, a_NF, experts._down_flat().T)
 
     def _with_bias(self, out_ND: torch.Tensor) -> torch.Tensor:
         """The experts' summed output plus the block's output bias, when it has one."""
