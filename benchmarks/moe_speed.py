@@ -42,7 +42,7 @@ from _common import smollm2_scan, write_result  # noqa: E402
 from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
 from tiny_onn.carve.carver import active_fraction  # noqa: E402
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
-from tiny_onn.model.modeling_tiny_onn import TinyOnnMLP  # noqa: E402
+from tiny_onn.model.modeling_tiny_onn import TinyOnnMLP, TinyOnnSparseMoeBlock  # noqa: E402
 from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
@@ -155,6 +155,17 @@ def dense_on_decode_kernel(dense):
     return model.eval()
 
 
+# how the FFN measures (one block, the one-token sweep) call a MoE block: as generation and perplexity do, reading
+# only its output (the router's log-probabilities and selection are skipped where the block can; see
+# TinyOnnSparseMoeBlock.forward). Recorded in the result files; older files called it with routing outputs.
+FFN_CALLS = "inference (MoE blocks called without routing outputs, as generation and perplexity call them)"
+
+
+def inference_call(module, x: torch.Tensor):
+    """An FFN on x as generation runs it: a MoE block without its routing outputs, any other module as it is."""
+    return module(x, routing_outputs=False) if isinstance(module, TinyOnnSparseMoeBlock) else module(x)
+
+
 class Inputs:
     """The dense model and every input the measures share (prefill batch, decode prompt, training batch, FFN inputs)."""
 
@@ -182,11 +193,11 @@ class Inputs:
     def ffn_sweep(self, model) -> None:
         """Every layer's FFN on one token: the weights stream from memory as in decode."""
         for layer in model.model.layers:
-            layer.mlp(self.x_token)
+            inference_call(layer.mlp, self.x_token)
 
     @torch.no_grad()
     def block(self, block) -> None:
-        block(self.x_prefill)
+        inference_call(block, self.x_prefill)
 
     def block_train(self, block) -> None:
         x = self.x_prefill.detach().requires_grad_(True)
@@ -346,6 +357,7 @@ def main() -> None:
         "batch": {"prefill": list(inp.ids.shape), "decode_prompt": list(inp.prompt.shape), "decode_new_tokens": 64,
                   "train": list(inp.train_ids.shape)},
         "mlp_layer": MLP_LAYER,
+        "ffn_calls": FFN_CALLS,
         "repeats": args.repeats,
         "threads": args.threads,
         "shared_machine": "2 CPU cores shared with other engineers' jobs: ratios come from interleaved repeats (median); "

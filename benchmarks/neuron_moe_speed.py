@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import smollm2_scan, write_result  # noqa: E402
 from knowledge_recovery import SOURCE, ensure_start_model  # noqa: E402
-from moe_speed import MLP_LAYER, Inputs, interleaved, medians, train_params, training_step  # noqa: E402
+from moe_speed import FFN_CALLS, MLP_LAYER, Inputs, interleaved, medians, train_params, training_step  # noqa: E402
 
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
@@ -92,7 +92,7 @@ def main() -> None:
         "model": "smollm2 (SmolLM2-135M-Instruct, fp32)", "repeats": args.repeats, "threads": args.threads,
         "batch": {"prefill": list(inp.ids.shape), "decode_prompt": list(inp.prompt.shape), "decode_new_tokens": 64,
                   "train": list(inp.train_ids.shape)},
-        "mlp_layer": MLP_LAYER, "models": {"moe25": "shared 12.5 % + 14x96, top-2, linear routers",
+        "mlp_layer": MLP_LAYER, "ffn_calls": FFN_CALLS, "models": {"moe25": "shared 12.5 % + 14x96, top-2, linear routers",
                                            "moe25n": "shared 12.5 % + 1344x1, top-192, rank-64 lowrank routers",
                                            "moe25g": "shared 12.5 % + 1344x1, top-192, gate routers (rank 0)",
                                            "moe25gc3": "shared 12.5 % + 1344x1, top-192, two-stage gate routers "

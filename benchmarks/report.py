@@ -73,6 +73,13 @@ def _decode_limits(r: dict) -> tuple[float, float, float] | None:
     return per_token / (per_token - (1 - r["active_fraction"]) * ffn), per_token / (per_token - ffn), ffn / per_token
 
 
+def _ffn_calls(d: dict) -> str:
+    """How a speed run called the MoE blocks in its FFN measures (runs before the field: with routing outputs)."""
+    if d.get("ffn_calls", "").startswith("inference"):
+        return "called as generation calls it (no routing outputs)"
+    return "called with its routing outputs (router log-probabilities and selection, which generation skips)"
+
+
 def moe_speed(d: dict) -> str:
     if "threads" not in d:
         return _moe_speed_prefill_only(d)
@@ -90,7 +97,7 @@ def moe_speed(d: dict) -> str:
         "kernel (embedding_bag over cached transposed weights, written because it beat MKL's matrix-vector product "
         f"on the AMD EPYC of the first runs{kernel_note}), so the column \"vs dense on the decode kernel\" decodes the dense source with its FFNs on that "
         "kernel too: the part of the speed-up that sparsity alone earns. MLP: one FFN block (layer "
-        f"{d['mlp_layer']}) on the prefill's input, router and dispatch included. Train step: batch "
+        f"{d['mlp_layer']}) on the prefill's input, router and dispatch included, {_ffn_calls(d)}. Train step: batch "
         f"{b['train'][0]}×{b['train'][1]}, forward + backward + AdamW over the FFN parameters (what `tiny-onn train` "
         "trains), the MoE's step ÷ the dense model's. Decode, FFN-proportional · FFN-free: the dense source's measured "
         "time per token t and its 30 FFNs' time on one token f give the decode speed-up if the MoE's FFNs took exactly "
@@ -615,7 +622,8 @@ def neuron_moe_speed(d: dict) -> str:
     lines = [
         f"SmolLM2 fp32, {d['threads']} threads, {d['repeats']} interleaved repeats, median (`{d['command']}`): prefill "
         f"{d['batch']['prefill'][0]}×{d['batch']['prefill'][1]}, decode {d['batch']['decode_new_tokens']} greedy tokens "
-        f"with the KV cache, FFN block {d['mlp_layer']} on 2,048 tokens, the 30 FFN blocks on one token, one training "
+        f"with the KV cache, FFN block {d['mlp_layer']} on 2,048 tokens and the 30 FFN blocks on one token (MoE blocks "
+        f"{_ffn_calls(d)}), one training "
         f"step {d['batch']['train'][0]}×{d['batch']['train'][1]} (forward + backward + AdamW over the FFN parameters).",
         "",
         "| model | total params | prefill tok/s | decode tok/s | FFN block s | 30 FFNs on 1 token, ms | train step s |",
