@@ -311,3 +311,20 @@ def test_two_stage_selection_fast_path_equals_a_hand_computation(tokens, shared)
     torch.testing.assert_close(fast, hand, rtol=1e-4, atol=1e-4)
     # bit for bit: a last-bit difference would flip near-ties of later layers' top-k (outputs of whole models differ)
     assert torch.equal(fast, general)
+
+
+def test_two_stage_fast_path_breaks_ties_as_the_general_path():
+    """Exact scores below 1e-12 tie in the general path's log-scores; the fast path ranks the same tensor, so it
+    selects the same neurons even then (a different neuron of ~0 output could flip a later layer's near-tie)."""
+    E, M, K = 24, 16, 8
+    config = _config(router_score="gate", router_type="flat", router_rank=0, router_candidates=M,
+                     num_experts=E, num_experts_per_tok=K, moe_intermediate_size=1)
+    block = TinyOnnSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+        block.router.down_norm[: E * 2 // 3] = 1e-20  # most candidates' exact scores at the clamp floor: ties
+    x = torch.randn(1, 30, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert block.runs_two_stage_selection(x[0])
+        assert torch.equal(block(x, routing_outputs=False)[0], block(x)[0])

@@ -1192,9 +1192,9 @@ class TinyOnnSparseMoeBlock(nn.Module):
     def _two_stage_selection(self, x_ND: torch.Tensor) -> torch.Tensor:
         """The block's output (before the output bias) for a two-stage gate router over one-neuron experts, as the
         general path computes it, in fewer passes over [tokens, neurons] tensors: each neuron's activation
-        act(x·g)·(x·u) is formed once and serves the exact scores and the experts; with several tokens the second
-        top-k ranks each token's M candidates [N, M] instead of every expert with the others masked, and no log-scores
-        are taken. Its output equals the general path's bit for bit (tests/model/test_routers.py)."""
+        act(x·g)·(x·u) is formed once and serves the exact scores and the experts (no masked copy of the up
+        pre-activations, no second pass through the experts' dispatch). Its output equals the general path's bit for
+        bit (tests/model/test_routers.py)."""
         router, experts = self.router, self.experts
         N, D = x_ND.shape
         x32 = x_ND.float()
@@ -1205,16 +1205,13 @@ class TinyOnnSparseMoeBlock(nn.Module):
         with torch.no_grad():
             cand_NM = router.estimated_scores(x32, g_NF).topk(router.num_candidates, dim=-1, sorted=False).indices
         h_NF = router.act_fn(g_NF) * u_NF  # every neuron's SwiGLU activation (one neuron per expert: F = E)
+        # the general path's log-scores, ranked over all experts as it ranks them: scores below 1e-12 tie there, and
+        # ranking the candidates alone would break those ties otherwise (a different neuron of ~0 output, which can
+        # still flip a near-tie of a later layer); the same tensor gives the same selection, in the same order
         exact_NE = h_NF.abs() * router.down_norm.float().abs()
-        if N == 1:
-            # decode: the general path's log-scores over all experts (a few thousand values), so that top-k returns
-            # the experts in its order, the order in which the down columns below are summed
-            outside_NE = torch.ones_like(exact_NE, dtype=torch.bool).scatter_(1, cand_NM, False)
-            logits_NE = exact_NE.clamp_min(1e-12).log().masked_fill(outside_NE, NON_CANDIDATE_LOGIT)
-            idx_NK = logits_NE.topk(self.routing.top_k, dim=-1, sorted=False).indices
-        else:  # the top-k of each token's candidates; their order does not matter to the GEMM below
-            exact_NM = exact_NE.gather(1, cand_NM)
-            idx_NK = cand_NM.gather(1, exact_NM.topk(self.routing.top_k, dim=-1, sorted=False).indices)
+        outside_NE = torch.ones_like(exact_NE, dtype=torch.bool).scatter_(1, cand_NM, False)
+        logits_NE = exact_NE.clamp_min(1e-12).log().masked_fill(outside_NE, NON_CANDIDATE_LOGIT)
+        idx_NK = logits_NE.topk(self.routing.top_k, dim=-1, sorted=False).indices
         a_NK = h_NF.gather(1, idx_NK).to(x_ND.dtype)
         E = router.num_experts
         # the sums in the general path's order (the shared expert's output first, accumulated into by the GEMM), so
