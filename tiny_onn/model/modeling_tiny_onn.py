@@ -934,7 +934,7 @@ class TinyOnnRouter(DecodeKernelModule):
     def reads_decode_kernel(self, x_ND: torch.Tensor) -> bool:
         """Whether `preactivations` reads every gate (and up) row through the decode kernel for these tokens."""
         return bool(self._experts and x_ND.shape[0] <= self.bag_max_tokens
-                    and bag_kernel_applies(x_ND.float(), self._experts[0].gate_up_proj, dtype=False))
+                    and bag_kernel_applies(x_ND, self._experts[0].gate_up_proj, dtype=False))
 
     def preactivations(self, x_ND: torch.Tensor) -> GatePreactivations:
         """A "gate" router's exact gate pre-activations of every routed neuron, and (two stages) each token's candidates

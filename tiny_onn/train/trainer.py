@@ -330,6 +330,11 @@ class Checkpoints:
         return load_file(path) if path.is_file() else {}
 
 
+# what a step that trains logs (TensorBoard and its history record) beside PI and lr; a skipped step has them as None
+STEP_METRICS = ("ce", "kd", "hidden_kd", "lb", "z", "router_distill", "specificity", "ewc", "grad_norm",
+                "update_grad_norm", "lr_scale", "tokens_per_second", "experts_updated_mean")
+
+
 def step_batches(data: PackedData, step: int, cfg: TrainConfig, rank: int, world: int,
                  replay: ReplayBuffer | None = None) -> tuple[list[dict], int]:
     """This rank's micro-batches of global step `step` (the data cycles; with a replay buffer, each micro-batch's last
@@ -510,10 +515,7 @@ class Trainer:
         CE of 0 that would read as a perfect prediction (PI ≈ 1, which can end phase 1 early). Its history record has
         the losses as None and `skipped` set."""
         lr = self.base_lrs[0] * lr_lambda(step, self.cfg.warmup_steps, self.cfg.steps)
-        self.optimizer.zero_grad(set_to_none=True)
-        keys = ("ce", "kd", "lb", "z", "router_distill", "specificity", "ewc", "hidden_kd", "grad_norm",
-                "update_grad_norm", "lr_scale", "tokens_per_second", "experts_updated_mean")
-        return {"step": step + 1, "phase": self.state.phase, "scored_tokens": 0, **dict.fromkeys(keys),
+        return {"step": step + 1, "phase": self.state.phase, "scored_tokens": 0, **dict.fromkeys(STEP_METRICS),
                 "pi": self.state.pi, "lr": lr, "skipped": "no response tokens in this step's sequences",
                 "step_seconds": time.perf_counter() - t0}
 
@@ -684,9 +686,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['ce']:.3f}", PI=f"{rec['pi']:.3f}", lr=f"{rec['lr']:.1e}",
                                 tok_s=f"{rec['tokens_per_second']:.0f}")
             if self.writer is not None and (step + 1) % cfg.log_every == 0:
-                for key in ("ce", "kd", "hidden_kd", "lb", "z", "router_distill", "specificity", "ewc", "pi", "grad_norm",
-                            "update_grad_norm", "lr", "lr_scale", "tokens_per_second", "experts_updated_mean"):
-                    if rec[key] is not None:
+                for key in (*STEP_METRICS, "pi", "lr"):
+                    if rec[key] is not None:  # a skipped step has no metrics
                         self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and self.rank == 0:
                 self.save_checkpoint()
