@@ -49,6 +49,17 @@ def test_labels_cover_exactly_the_assistant_turns(tiny_tokenizer):
     assert "What is" not in kept
 
 
+def test_plain_text_records_are_learnt_whole_without_a_template(tmp_path, tiny_tokenizer):
+    (example,) = load_examples(str(write_jsonl(tmp_path / "news.jsonl", [{"text": "The river rose overnight."}])))
+    assert example.is_plain_text and example.category == "news"
+    ids, labels = encode_example(tiny_tokenizer, example)
+    expected = tiny_tokenizer("The river rose overnight.", add_special_tokens=False)["input_ids"]
+    assert ids == expected + [tiny_tokenizer.eos_token_id]  # no chat template, one end-of-sequence token
+    assert labels == ids  # every token learnt and scored
+    chat = Example((("user", "The river rose overnight."), ("assistant", "Yes.")), "news")
+    assert not chat.is_plain_text
+
+
 def _labelled_text(tokenizer, example: Example) -> str:
     ids, labels = encode_example(tokenizer, example)
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(example.chat, tokenize=False)
@@ -129,7 +140,9 @@ def test_common_record_layouts_become_chats(tmp_path, record, messages):
     ("content", "message"),
     [
         ("", "holds no examples"),
-        ('{"text": "hello"}\n', "not a chat or instruction record (keys found: text); expected 'messages'"),
+        ('{"body": "hello"}\n', "not a chat or instruction record (keys found: body); expected 'messages'"),
+        ('{"text": "  "}\n', "'text' must be a non-empty string"),
+        ('{"text": ["a", "b"]}\n', "'text' must be a non-empty string"),
         ('{"prompt": "hi", "completion": " "}\n', "'completion' is empty"),
         ('{"conversations": [{"from": "robot", "value": "hi"}]}\n', "needs 'from' (one of system, human"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no non-empty assistant message"),

@@ -70,8 +70,19 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tup
     return full, spans
 
 
+def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A plain document's token ids, no chat template, followed by the end-of-sequence token (so that packed documents
+    are separated as in pretraining)."""
+    eos = tokenizer.eos_token_id
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+
+
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[list[int], list[int]]:
-    """Token ids of the templated conversation and labels that keep only assistant tokens (others = IGNORE_INDEX)."""
+    """Token ids of the templated conversation and labels that keep only assistant tokens (others = IGNORE_INDEX);
+    a plain document: its tokens, every one a label."""
+    if example.is_plain_text:
+        ids = encode_plain_text(tokenizer, example.messages[0][1])
+        return ids, list(ids)
     text, spans = assistant_spans(tokenizer, example.chat)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]

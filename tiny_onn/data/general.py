@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from tiny_onn.data.encoding import PackedData, pack_examples
+from tiny_onn.data.encoding import PackedData, encode_plain_text, pack_examples
 from tiny_onn.errors import TinyOnnError
 
 BUNDLED_NEWS = "news"
@@ -64,9 +64,8 @@ def build_general_dataset(
     """Documents as plain text (no chat template), each followed by the end-of-sequence token, every token scored,
     packed into `seq_len` rows; the first `max_tokens` tokens in the corpus' fixed order."""
     encoded, total = [], 0
-    eos = tokenizer.eos_token_id
     for doc in general_documents(spec):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids = encode_plain_text(tokenizer, doc)
         if max_tokens is not None:
             ids = ids[: max_tokens - total]
         encoded.append((ids, list(ids), 0))

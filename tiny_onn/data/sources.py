@@ -16,14 +16,22 @@ from tiny_onn.errors import TinyOnnError
 
 DEFAULT_MIX = "default"
 _ROLES = ("system", "user", "assistant")
+# the role of a plain document: no chat template, every token is learnt and scored (pretraining-style text)
+TEXT_ROLE = "text"
 
 
 @dataclass(frozen=True)
 class Example:
-    """One conversation: `messages` are {role, content} dicts; at least one assistant turn carries the labels."""
+    """One conversation: `messages` are (role, content) pairs; at least one assistant turn carries the labels. A plain
+    document is the single pair (TEXT_ROLE, text): all of its tokens carry labels."""
 
     messages: tuple[tuple[str, str], ...]  # (role, content) pairs, hashable so examples can be deduplicated
     category: str
+
+    @property
+    def is_plain_text(self) -> bool:
+        """A plain document (`{"text": ...}` record) rather than a conversation."""
+        return len(self.messages) == 1 and self.messages[0][0] == TEXT_ROLE
 
     @property
     def chat(self) -> list[dict[str, str]]:
@@ -141,9 +149,9 @@ _ANSWER_KEYS = ("output", "response", "completion", "answer")
 # ShareGPT's speaker names
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "model": "assistant", "chatgpt": "assistant"}
-ACCEPTED_RECORDS = ("'messages' [{role, content}], ShareGPT 'conversations' [{from, value}], or a prompt "
+ACCEPTED_RECORDS = ("'messages' [{role, content}], ShareGPT 'conversations' [{from, value}], a prompt "
                     "(instruction / prompt / question, optional input / context) with its answer "
-                    "(output / response / completion / answer)")
+                    "(output / response / completion / answer), or plain 'text'")
 
 
 def _messages_example(record: dict, field: str, where: str, category: str, role_key: str, text_key: str,
@@ -182,6 +190,11 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
         if answer is None or not str(answer).strip():
             raise TinyOnnError(f"{where}: '{answer_key}' is empty, so nothing to learn or score")
         return Example((("user", prompt), ("assistant", str(answer))), category)
+    if TEXT_ROLE in record:
+        text = record[TEXT_ROLE]
+        if not isinstance(text, str) or not text.strip():
+            raise TinyOnnError(f"{where}: '{TEXT_ROLE}' must be a non-empty string, so there is something to learn or score")
+        return Example(((TEXT_ROLE, text),), category)
     raise TinyOnnError(
         f"{where}: not a chat or instruction record (keys found: {', '.join(sorted(record)) or 'none'}); "
         f"expected {ACCEPTED_RECORDS}"
