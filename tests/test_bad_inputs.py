@@ -7,6 +7,7 @@ import shutil
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from tests.conftest import make_tiny_model
 from tiny_onn.cli import main
 
 
@@ -19,10 +20,17 @@ def world(tiny_moe, tmp_path_factory):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
     (root / "corrupt.gguf").write_bytes(b"GGUF" + bytes(64))
     (root / "empty.jsonl").write_text("")
-    (root / "fields.jsonl").write_text('{"text": "hello"}\n')
+    (root / "fields.jsonl").write_text('{"body": "hello"}\n')
     (root / "bad.yaml").write_text("scan: [unclosed\n")
     (root / "unknown.yaml").write_text("scan:\n  tokenz: 3\n")
     (root / "badtype.yaml").write_text("scan:\n  tokens: many\n")
+    (root / "section.yaml").write_text("Scan:\n  tokens: 3\n")  # a misspelt section
+    other = root / "other_dense"  # the same shape as the MoE's source, other weights
+    make_tiny_model("llama", _vocab(moe), seed=7).save_pretrained(other)
+    shutil.copy(moe / "tokenizer.json", other / "tokenizer.json")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (moe / name).is_file():
+            shutil.copy(moe / name, other / name)
     (root / "latin1.jsonl").write_bytes('{"question": "Caf\xe9?", "answer": "oui"}\n'.encode("latin-1"))
     (root / "noconfig").mkdir()
     broken_scan = root / "broken_scan"
@@ -32,7 +40,13 @@ def world(tiny_moe, tmp_path_factory):
     shutil.copytree(moe, broken_moe)
     (broken_moe / "model.safetensors").write_bytes(b"not safetensors")
     return {"moe": moe, "data": data, "dense": moe.parent / "dense", "scan": moe.parent / "scan", "root": root,
-            "gpt2": gpt2, "broken_scan": broken_scan, "broken_moe": broken_moe}
+            "gpt2": gpt2, "broken_scan": broken_scan, "broken_moe": broken_moe, "other": other}
+
+
+def _vocab(moe) -> int:
+    import json
+
+    return json.loads((moe / "config.json").read_text())["vocab_size"]
 
 
 CASES = {
@@ -42,16 +56,19 @@ CASES = {
     "scan: corrupt GGUF": (["scan", "--model", "{root}/corrupt.gguf"], "could not read GGUF"),
     "scan: missing data": (["scan", "--model", "{dense}", "--data", "{root}/none.jsonl"], "data file not found"),
     "scan: empty data": (["scan", "--model", "{dense}", "--data", "{root}/empty.jsonl"], "holds no examples"),
-    "scan: unknown data fields": (["scan", "--model", "{dense}", "--data", "{root}/fields.jsonl"], "keys found: text"),
+    "scan: unknown data fields": (["scan", "--model", "{dense}", "--data", "{root}/fields.jsonl"], "keys found: body"),
     "scan: tokens out of range": (["scan", "--tokens", "-5"], "tokens must be positive"),
     "scan: bad positions": (["scan", "--positions", "sideways"], "positions must be one of"),
     "scan: invalid YAML": (["scan", "--config", "{root}/bad.yaml"], "is not valid YAML"),
     "scan: unknown option in YAML": (["scan", "--config", "{root}/unknown.yaml"], "unknown option(s)"),
+    "scan: misspelt YAML section": (["scan", "--config", "{root}/section.yaml"], "section 'Scan' is not a stage name"),
     "scan: a MoE as source": (["scan", "--model", "{moe}"], "needs the dense source model"),
     "carve: missing scan": (["carve", "--scan", "{root}/noscan"], "scan folder not found"),
     "carve: corrupted scan": (["carve", "--scan", "{broken_scan}"], "corrupt or truncated"),
     "carve: a model folder as scan": (["carve", "--scan", "{moe}"], "scan meta data not found"),
     "carve: scan of another model": (["carve", "--scan", "{scan}", "--model", "{moe}"], "needs the dense source model"),
+    "carve: scan of another model of the same shape": (["carve", "--scan", "{scan}", "--model", "{other}"],
+                                                         "their weights differ"),
     "carve: top-k above experts": (["carve", "--scan", "{scan}", "--experts", "4", "--top-k", "6"], "top_k must be"),
     "carve: more experts than neurons": (["carve", "--scan", "{scan}", "--model", "{dense}", "--experts", "500"],
                                          "500 experts need at least 500"),
@@ -98,6 +115,48 @@ def test_bad_input(case, world, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists(), "a failed stage must not leave its artifact"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder may be left"
+
+
+def test_out_that_would_replace_other_things_is_refused(world, tmp_path, monkeypatch, capsys):
+    """An --out that is a user's folder, an input model, a file or the working folder: one clear error before any
+    work, and what it points to is left as it was."""
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("precious")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("precious")
+    model_files = sorted(p.name for p in world["moe"].iterdir())
+    scan = ["scan", "--model", str(world["dense"]), "--data", str(world["data"]), "--seq-len", "32"]
+    cases = [
+        (scan + ["--out", str(user_dir)], "already holds other things (notes.txt)"),
+        (scan + ["--out", str(a_file)], "exists and is not a folder"),
+        (["eval", "--model", str(world["moe"]), "--data", str(world["data"]), "--tasks", "ppl",
+          "--out", str(world["moe"])], "no eval.json"),
+        (["carve", "--scan", str(world["scan"]), "--out", str(world["dense"])], "no carve.json"),
+        (["export", "--model", str(world["moe"]), "--out", str(tmp_path)], "is a folder"),
+        (["export", "--model", str(world["moe"]), "--out", str(a_file)], "is not a GGUF file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert (user_dir / "notes.txt").read_text() == "precious" and a_file.read_text() == "precious"
+    assert sorted(p.name for p in world["moe"].iterdir()) == model_files
+    assert (world["dense"] / "config.json").is_file()
+    monkeypatch.chdir(user_dir)
+    assert main(scan + ["--out", "."]) == 2
+    assert "is the working folder" in capsys.readouterr().err
+    assert sorted(p.name for p in user_dir.iterdir()) == ["notes.txt"]
+
+
+def test_earlier_output_of_the_same_stage_is_replaced(world, tmp_path):
+    out = tmp_path / "scan"
+    argv = ["scan", "--model", str(world["dense"]), "--data", str(world["data"]), "--seq-len", "32", "--tokens", "64",
+            "--fingerprint-tokens", "8", "--out", str(out)]
+    assert main(argv) == 0
+    first = (out / "scan.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "scan.json").stat().st_mtime_ns != first
 
 
 def test_ctrl_c_mid_scan_leaves_nothing(world, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiny_onn.artifacts import content_hash, write_json
-from tiny_onn.config import load_yaml, make_config
+from tiny_onn.config import check_sections, load_yaml, make_config
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.model.export import carve_metadata_path
 
@@ -93,6 +93,7 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     from tiny_onn.train import TrainConfig
 
     out = Path(acfg.out)
+    check_sections(acfg.config)
     raw = {k: load_yaml(acfg.config, k) if isinstance(load_yaml(acfg.config).get(k), dict) else {}
            for k in ("scan", "distil", "carve", "train", "eval", "interpret")}
     for section in raw.values():  # `{corpus}` in a data spec is this run's teacher-written corpus

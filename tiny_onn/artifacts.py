@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tiny_onn import __version__
+from tiny_onn.errors import TinyOnnError
 
 
 def versions() -> dict[str, str]:
@@ -54,14 +55,40 @@ def umask_mode(path: str | os.PathLike) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
 
 
+def check_replaceable(final: str | os.PathLike, marker: str) -> Path:
+    """`final` as an absolute path, once it is safe to replace: it does not exist, or it is an empty folder, or an earlier
+    output of the same kind (a folder holding `marker`, e.g. scan.json for a scan). Anything else — a file, a folder of
+    other things (an input model, a user's folder), the working folder or one above it — is one clear error, raised
+    before any work is done, so that an output path given by mistake never deletes what it points to."""
+    path = Path(final).expanduser().absolute()
+    cwd = Path.cwd().absolute()
+    if path == cwd or path in cwd.parents or path.parent == path:
+        raise TinyOnnError(f"output folder {final}: is the working folder or one above it, which an output would replace; "
+                           "give a new folder, e.g. --out runs/mine")
+    if not path.exists() and not path.is_symlink():
+        return path
+    if not path.is_dir() or path.is_symlink():
+        raise TinyOnnError(f"output folder {final} exists and is not a folder; give another --out or remove it")
+    entries = list(path.iterdir())
+    if entries and not (path / marker).is_file():
+        shown = ", ".join(sorted(e.name for e in entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise TinyOnnError(f"output folder {final} already holds other things ({shown}) and no {marker}, so it is not an "
+                           "earlier output of this step, which alone would be replaced; give another --out or remove it")
+    return path
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `final`, on any error it is removed."""
-    final = Path(final)
+def atomic_dir(final: str | os.PathLike, marker: str) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `final`, on any error it is removed. `final` must not exist, be
+    empty, or be an earlier output holding the file `marker` (`check_replaceable`; call it up front as well, to fail
+    before the work)."""
+    final = check_replaceable(final, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        if not (tmp / marker).is_file():
+            raise RuntimeError(f"bug: the output written to {final} lacks its marker file {marker}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -78,6 +78,19 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=f.name, type=scalar, default=argparse.SUPPRESS, help=help_text)
 
 
+# the sections a YAML file may hold: one per stage command (`distil` is alchemy's name for distil-data's section)
+SECTIONS = ("alchemy", "scan", "distil", "distil-data", "carve", "train", "eval", "interpret", "export", "generate")
+
+
+def check_sections(path: str | Path, options: set[str] = frozenset()) -> None:
+    """One clear error for a mapping at the top of a YAML config that is neither a stage section nor one of the stage's
+    `options` (e.g. "Scan:" or "carv:"): its settings would otherwise be ignored without a word."""
+    unknown = [k for k, v in load_yaml(path).items() if isinstance(v, dict) and k not in SECTIONS and k not in options]
+    if unknown:
+        raise TinyOnnError(f"config file {path}: section {unknown[0]!r} is not a stage name, so its settings would be "
+                           f"ignored; sections are {', '.join(SECTIONS)}")
+
+
 def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
     """Read a YAML config; with `section`, return that section if the file has one, else the top level."""
     path = Path(path)
@@ -166,6 +179,7 @@ def config_from_args(cls: type[C], args: argparse.Namespace, section: str) -> C:
     own_config = "config" in {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     if getattr(args, "config", None) and not own_config:
         stage_keys = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        check_sections(args.config, stage_keys)
         raw = load_yaml(args.config, section)
         # a whole-pipeline file also holds other stages' sections: keep only keys meant for this stage
         values = {k: v for k, v in raw.items() if k in stage_keys or not isinstance(v, dict)}

@@ -100,6 +100,16 @@ def test_fact_file_errors(tmp_path):
         facts_from_jsonl(bad)
     with pytest.raises(TinyOnnError, match="fact file not found"):
         facts_from_jsonl(tmp_path / "missing.jsonl")
+    for name, record, message in [
+        ("string_answers", '{"question": "x?", "answers": "two"}', "'answers' a list of them"),
+        ("list_answer", '{"question": "x?", "answer": ["a", "b"]}', "'answer' must be a string"),
+        ("symbol_answer", '{"question": "x?", "answer": "?!"}', "answer '?!' has no letter or digit"),
+    ]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(record + "\n")
+        with pytest.raises(TinyOnnError) as err:
+            facts_from_jsonl(path)
+        assert message in str(err.value)
     good = tmp_path / "good.jsonl"
     good.write_text('{"question": "Who wrote Hamlet?", "answers": ["Shakespeare", "William Shakespeare"]}\n')
     (fact,) = facts_from_jsonl(good)

@@ -17,6 +17,11 @@ PARIS = Fact("capital", "What is the capital of France?", ("Paris",))
 DC = Fact("capital", "What is the capital of the United States?", ("Washington D.C.", "Washington"))
 SAO = Fact("capital", "What is the capital of São Tomé and Príncipe?", ("São Tomé",))
 GEORGE = Fact("capital", "What is the capital of Grenada?", ("St. George's",))
+MOSCOW = Fact("capital", "Какая столица России?", ("Москва",))
+BEIJING = Fact("capital", "中国的首都是哪里？", ("北京",))
+C_LANG = Fact("language", "Which language is the letter before D?", ("C",))
+CPP = Fact("language", "Which language did Stroustrup create?", ("C++",))
+ZLOTY = Fact("currency", "What is the currency of Poland?", ("Złoty",))
 
 
 @pytest.mark.parametrize("fact,reply", [
@@ -26,6 +31,10 @@ GEORGE = Fact("capital", "What is the capital of Grenada?", ("St. George's",))
     (ROME, "Romeo and Juliet is set in Verona."),
     (PARIS, "I am not sure. The capital of France is Paris."),  # only the first sentence counts
     (PARIS, "Parisian cafés are famous."),
+    (MOSCOW, "Столица — Москвабург."),  # a longer word of another script
+    (BEIJING, "我不知道。首都是北京。"),  # only the first sentence counts, ended by 。
+    (C_LANG, "It is C++."),  # "C" is not "C++"
+    (CPP, "It is C."),
 ])
 def test_matcher_rejects_substrings_and_later_sentences(fact, reply):
     assert not answer_matches(reply, fact)
@@ -42,6 +51,12 @@ def test_matcher_rejects_substrings_and_later_sentences(fact, reply):
     (DC, "The capital of the United States is Washington, D.C. It is on the Potomac."),
     (SAO, "The capital is Sao Tome."),
     (GEORGE, "St. George's is the capital of Grenada."),
+    (MOSCOW, "Столица России — Москва."),
+    (MOSCOW, "МОСКВА"),
+    (BEIJING, "首都是北京。"),  # no spaces between words: matched within the text
+    (CPP, "Stroustrup created C++ in 1985."),
+    (C_LANG, "C, of course."),
+    (ZLOTY, "The currency is the zloty."),
 ])
 def test_matcher_accepts_varied_phrasing(fact, reply):
     assert answer_matches(reply, fact)

@@ -119,6 +119,13 @@ def test_resume_after_interrupt_is_bit_exact(tiny_moe, tmp_path, monkeypatch, ca
     assert resumed["history"] == reference["history"]
     assert resumed["update_rate_per_category"] == reference["update_rate_per_category"]
     assert resumed["emergent_shared_experts"] == reference["emergent_shared_experts"]
+    # resuming under other settings, or past the run's end, is refused and leaves the run as it was
+    model_mtime = (tmp_path / "b" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(_train_args(moe, data, tmp_path / "b", steps=9, extra=[*_PHASES, "--resume", "--lr", "0.5"])) == 2
+    assert "other settings (lr: 5e-05 -> 0.5)" in capsys.readouterr().err
+    assert main(_train_args(moe, data, tmp_path / "b", extra=[*_PHASES, "--resume"])) == 2
+    assert "is at step 6, so --steps 6 leaves nothing to train" in capsys.readouterr().err
+    assert (tmp_path / "b" / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime
 
 
 def test_two_processes_match_one(tiny_moe, tmp_path):
@@ -166,6 +173,23 @@ def test_train_bad_inputs(tiny_moe, tmp_path, capsys, monkeypatch):
                     calib_tokens=256, calib_steps=2, eval_tokens=0, plots=False, device="cpu", out=str(other)))
     assert main(_train_args(other, data, tmp_path / "nan", extra=["--resume", "--max-k", "1"])) == 2
     assert "was made for a different model" in capsys.readouterr().err
+    # a diverged run (finite training loss, weights blown up) writes no model
+    assert main(_train_args(moe, data, tmp_path / "diverged", steps=3, extra=["--lr", "1e6", "--policy", "full"])) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "Lower --lr" in err
+    assert not (tmp_path / "diverged" / "model").exists()
+    # a teacher of the same vocabulary size with another tokenizer is refused
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(moe.parent / "dense", teacher)
+    tok = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids: same size, another tokenizer
+    (teacher / "tokenizer.json").write_text(json.dumps(tok))
+    assert main(_train_args(moe, data, tmp_path / "kd", steps=1, extra=["--teacher", str(teacher), "--kd", "1"])) == 2
+    assert "tokenizes differently from the student" in capsys.readouterr().err
 
 
 def test_training_phases_route_without_changing_the_saved_config(tiny_moe, tmp_path):

@@ -53,7 +53,7 @@ def width_pruned_dense(source: PreTrainedModel, scan: ScanResult, n_keep: int) -
 def save_width_pruned(source: Source, scan: ScanResult, n_keep: int, folder: str | Path) -> Path:
     """Write the width-pruned dense control as a Hugging Face folder with provenance (its source, kept neurons)."""
     model, kept = width_pruned_dense(source.model, scan, n_keep)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "provenance.json") as tmp:
         model.save_pretrained(tmp)
         source.tokenizer.save_pretrained(tmp)
         write_json(tmp / "provenance.json", {

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from tiny_onn.artifacts import atomic_dir, versions
+from tiny_onn.artifacts import atomic_dir, check_replaceable, versions
 from tiny_onn.carve.assemble import assemble, check_carvable
 from tiny_onn.carve.calibrate import (
     REFINERS,
@@ -44,6 +44,7 @@ from tiny_onn.model.configuration_tiny_onn import (
 from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
+from tiny_onn.sources.loading import weights_agree
 
 CALIB_INPUTS = ("dense", "carved")
 log = logging.getLogger(__name__)
@@ -222,6 +223,10 @@ def check_scan_matches(scan: ScanResult, source: Source) -> None:
     if diff:
         detail = ", ".join(f"{k}: scan {theirs.get(k)} vs model {mine.get(k)}" for k in diff)
         raise TinyOnnError(f"the scan was made on another model ({scan.meta.get('model')}): {detail}")
+    sample = scan.meta.get("weight_sample")  # absent in scans made before it was recorded
+    if sample is not None and not weights_agree(sample, source.weight_sample()):
+        raise TinyOnnError(f"the scan was made on another model ({scan.meta.get('model')}) of the same shape as "
+                           f"{source.spec!r}: their weights differ; scan this model, or carve the scanned one")
 
 
 def plan_layer(scan: ScanResult, mlp, cfg: CarveConfig, gen: torch.Generator) -> LayerPlan:
@@ -346,8 +351,23 @@ def model_card(model: TinyOnnForCausalLM, source: Source, extra: dict) -> str:
     return "\n".join(lines)
 
 
+PLOTS_MARKER = "expert_sizes.png"  # written last by write_carve_plots
+
+
+def plots_folder(cfg: CarveConfig) -> Path:
+    """Where the carve's plots go: `--plots-out`, else a `carve` folder beside the model folder (`carve-plots` when
+    the model folder is itself named `carve`, which the plots would otherwise replace)."""
+    if cfg.plots_out:
+        return Path(cfg.plots_out)
+    out = Path(cfg.out)
+    return out.parent / ("carve-plots" if out.name == "carve" else "carve")
+
+
 def run(cfg: CarveConfig) -> Path:
     """Carve `cfg.scan`'s model and write the MoE folder (and plots)."""
+    check_replaceable(cfg.out, CARVE_META)
+    if cfg.plots:
+        check_replaceable(plots_folder(cfg), PLOTS_MARKER)
     scan = ScanResult.load(cfg.scan)
     scan_cfg = scan.meta.get("config", {})
     src_args = SourceArgs(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SourceArgs)})
@@ -372,13 +392,12 @@ def run(cfg: CarveConfig) -> Path:
         held = build_dataset(source.tokenizer, data_args, "heldout", max_tokens=cfg.eval_tokens)
         dense, carved = perplexity(source.model, held), perplexity(model, held)
         extra["perplexity"] = {"dense": dense, "carved": carved, "ratio": carved["ppl"] / dense["ppl"]}
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, CARVE_META) as tmp:
         export_folder(model, source, plan, tmp, extra)
     if cfg.plots:
         from tiny_onn.carve.plots import write_carve_plots
 
-        plots_dir = Path(cfg.plots_out) if cfg.plots_out else Path(cfg.out).parent / "carve"
-        with atomic_dir(plots_dir) as tmp:
+        with atomic_dir(plots_folder(cfg), PLOTS_MARKER) as tmp:
             write_carve_plots(scan, source.model, plan, cfg, tmp)
     return Path(cfg.out)
 

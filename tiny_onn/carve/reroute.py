@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_onn.artifacts import atomic_dir, read_json
+from tiny_onn.artifacts import atomic_dir, check_replaceable, read_json
 from tiny_onn.carve.calibrate import collect_ffn_inputs, collect_router_inputs, fit_routers
 from tiny_onn.carve.carver import model_card
 from tiny_onn.data import DataArgs, build_dataset
@@ -26,6 +26,7 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
     `router_input`, fitted (`fit_routers`) on `calib_tokens` training tokens of `data` (default: the carve's data, else
     the default mix) with the dense source named in the folder's provenance."""
     moe = Path(moe)
+    check_replaceable(out, CARVE_META)
     carve_meta = read_carve_metadata(moe)
     if carve_meta is None or not (moe / "provenance.json").is_file():
         raise TinyOnnError(f"{moe} is not a carved TinyOnn folder (no carve.json / provenance.json)")
@@ -57,6 +58,6 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
             "calibration": report,
             "rerouted_from": {"folder": str(moe), "calib_tokens": calib_tokens, "calib_steps": calib_steps,
                               "calib_refine": calib_refine, "data": args.data}}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, CARVE_META) as tmp:
         save_model_folder(model, carved.tokenizer, tmp, provenance, {CARVE_META: meta}, model_card(model, dense, meta))
     return Path(out)

@@ -51,13 +51,35 @@ class Fact:
                 "case_sensitive": self.case_sensitive, "split": self.split}
 
 
+# Latin letters that carry no separable accent, written as their plain letters ("Złoty" -> "zloty", "Tórshavn" is
+# handled by the accent stripping)
+_PLAIN_LATIN = str.maketrans({"ł": "l", "ø": "o", "đ": "d", "ð": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"})
+# scripts written without spaces between words: an answer in them is matched as a substring of the reply
+NO_SPACE_SCRIPTS = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                              r"\uf900-\ufaff]")
+
+
+def _strip_latin_accents(text: str) -> str:
+    """Accents removed from Latin letters only (other scripts' combining marks, e.g. Devanagari vowel signs or kana
+    voicing marks, are part of the letter and stay)."""
+    out: list[str] = []
+    for ch in unicodedata.normalize("NFKD", text):
+        if unicodedata.combining(ch) and out and out[-1] < "\u0250":
+            continue
+        out.append(ch)
+    return unicodedata.normalize("NFC", "".join(out))
+
+
 def normalise(text: str) -> str:
-    """Lower case, accents and punctuation removed, thousands separators dropped, single spaces."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    """Case folded, Latin accents and punctuation removed, thousands separators dropped, single spaces. Letters and
+    digits of every script are kept ("Москва", "北京"), and so are + and # written after a letter ("C++", "C#")."""
+    text = _strip_latin_accents(text).casefold().translate(_PLAIN_LATIN)
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
-    text = text.lower().replace("&", " and ").replace("'", "").replace("\u2019", "")
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text).split())
+    text = text.replace("&", " and ").replace("'", "").replace("\u2019", "")
+    # letters, digits and marks of any script ("हिन्दी" keeps its vowel signs) stay; every other character is a space
+    text = "".join(ch if ch.isalnum() or ch in "+#" or unicodedata.category(ch)[0] == "M" else " " for ch in text)
+    text = re.sub(r"(?<![\w+#])[+#]+", " ", text)  # a + or # that follows no letter is punctuation ("2 + 2")
+    return " ".join(text.split())
 
 
 # --- countries ---------------------------------------------------------------------------------------------------------
@@ -194,9 +216,16 @@ def facts_from_jsonl(path: Path) -> list[Fact]:
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip():
             raise TinyOnnError(f"{where}: each line needs a non-empty string 'question'")
         answers = record.get("answers", [record["answer"]] if "answer" in record else [])
-        answers = [str(a).strip() for a in answers if str(a).strip()] if isinstance(answers, list) else []
+        if not isinstance(answers, list) or any(not isinstance(a, str | int | float) or isinstance(a, bool)
+                                                for a in answers):
+            raise TinyOnnError(f"{where}: 'answer' must be a string (or number) and 'answers' a list of them")
+        answers = [str(a).strip() for a in answers if str(a).strip()]
         if not answers:
             raise TinyOnnError(f"{where}: no answer: give 'answer' (a string) or 'answers' (a list of strings)")
+        unmatchable = [a for a in answers if not normalise(a)]
+        if unmatchable:
+            raise TinyOnnError(f"{where}: answer {unmatchable[0]!r} has no letter or digit, so no reply could match it; "
+                               "write the answer in words or digits")
         split = record.get("split")
         if split is not None and split not in SPLITS:
             raise TinyOnnError(f"{where}: 'split' must be one of {', '.join(SPLITS)}, got {split!r}")

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from tiny_onn.artifacts import read_json, write_json
 from tiny_onn.data.encoding import prompt_ids
-from tiny_onn.data.facts import Fact, normalise
+from tiny_onn.data.facts import NO_SPACE_SCRIPTS, Fact, normalise
 from tiny_onn.generate import generate_batched
 
 # a sentence ends at . ! or ? followed by a space or the end, unless the period closes an initial ("D.C.", "J. K.") or
 # a common abbreviation ("St. George's"); decimals ("3.14") never end one (no space after the period)
-_SENTENCE_END = re.compile(r"(?<!\b[A-Z])(?<!\bSt)(?<!\bMt)(?<!\bDr)(?<!\bMr)(?<!\bMs)(?<!\bvs)[.!?](?=\s|$)")
+_SENTENCE_END = re.compile(r"(?<!\b[A-Z])(?<!\bSt)(?<!\bMt)(?<!\bDr)(?<!\bMr)(?<!\bMs)(?<!\bvs)[.!?](?=\s|$)|[。！？]")
 
 
 def first_sentence(reply: str) -> str:
@@ -38,9 +38,17 @@ def answer_matches(reply: str, fact: Fact) -> bool:
     """Does one of the fact's answers appear as a whole word/phrase in the reply's first sentence?"""
     sentence = first_sentence(reply)
     if fact.case_sensitive:
-        return any(re.search(rf"(?<![0-9A-Za-z]){re.escape(a)}(?![0-9A-Za-z])", sentence) for a in fact.answers)
+        return any(re.search(rf"(?<![\w+#]){re.escape(a)}(?![\w+#])", sentence) for a in fact.answers)
     hay = f" {normalise(sentence)} "
-    return any(f" {normalise(a)} " in hay for a in fact.answers if normalise(a))
+    for answer in map(normalise, fact.answers):
+        if not answer:
+            continue
+        if NO_SPACE_SCRIPTS.search(answer):  # no spaces between words to mark a whole word ("首都是北京")
+            if answer in hay:
+                return True
+        elif f" {answer} " in hay:
+            return True
+    return False
 
 
 def fact_key(fact: Fact) -> str:
@@ -85,7 +93,8 @@ def source_identity(spec: str) -> str:
 def known_store_path(identity: str, max_new_tokens: int) -> Path:
     from tiny_onn.sources.loading import cache_root
 
-    return cache_root() / "facts" / f"known-{identity}-greedy{max_new_tokens}.json"
+    # m2: the matcher of commit "facts: Unicode" (letters of every script, C++/C#); sets stored by the earlier one differ
+    return cache_root() / "facts" / f"known-{identity}-greedy{max_new_tokens}-m2.json"
 
 
 class KnownFacts:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_onn.artifacts import atomic_dir, read_json, versions, write_json
+from tiny_onn.artifacts import atomic_dir, check_replaceable, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.data.distil import tokenizer_digest
@@ -346,6 +346,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 
 def run(cfg: EvalConfig) -> Path:
+    check_replaceable(cfg.out, "eval.json")
     if "facts" in cfg.task_list:
         evaluation_facts(cfg)  # a fact file's errors before any model loads
     rows = []
@@ -353,7 +354,7 @@ def run(cfg: EvalConfig) -> Path:
         log.info("evaluating %s", spec)
         rows.append(evaluate_model(spec, cfg))
     report = {"format": "tiny_onn.eval/1", "models": rows, "config": config_to_dict(cfg), "versions": versions()}
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, "eval.json") as tmp:
         write_json(tmp / "eval.json", report)
         (tmp / "eval.md").write_text(markdown_table(rows) + "\n")
         if any("curve" in r for r in rows):

@@ -348,10 +348,24 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -
 
 # --- the whole file ----------------------------------------------------------------------------------------------
 
+def check_gguf_out(out: str | Path) -> None:
+    """One clear error, before converting, when `out` exists and is not an earlier GGUF (a folder, or a file of
+    something else, which the export would replace)."""
+    path = Path(out)
+    if path.is_dir():
+        raise TinyOnnError(f"--out {out} is a folder; give the GGUF file to write, e.g. {path / 'model.gguf'}")
+    if path.exists():
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise TinyOnnError(f"--out {out} exists and is not a GGUF file, which the export would replace; "
+                                   "give another path or remove it")
+
+
 def export_gguf(folder: str | Path, out: str | Path, quant: str = "f16") -> dict:
     """Write MoE `folder` as a GGUF at `out` (atomically); return a summary (architecture, tensor types, bytes)."""
     if quant not in QUANTS:
         raise TinyOnnError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    check_gguf_out(out)
     moe = read_moe_folder(folder)
     arch = target_architecture(moe.config)
     out = Path(out)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiny_onn.artifacts import atomic_dir, versions, write_json
+from tiny_onn.artifacts import atomic_dir, check_replaceable, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.errors import TinyOnnError
@@ -144,13 +144,14 @@ def write_figures(report: dict, folder: Path) -> None:
 
 
 def run(cfg: InterpretConfig) -> Path:
+    check_replaceable(cfg.out, "interpret.json")
     source = load_source(SourceArgs(model=cfg.model, device=cfg.device), dense_only=False)
     if source.model.config.model_type != "tiny_onn":
         raise TinyOnnError(f"{cfg.model!r} is not a TinyOnn MoE; interpret needs a carved or trained MoE folder")
     data = build_dataset(source.tokenizer, cfg, "heldout", max_tokens=cfg.tokens)
     rec = record_routing(source.model, data, max_tokens=cfg.tokens)
     report, dash = build_report(source.model, source.tokenizer, rec, cfg)
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, "interpret.json") as tmp:
         write_json(tmp / "interpret.json", report)
         write_json(tmp / "labels.json", {"model": cfg.model, "labels": dash["labels"]})
         (tmp / "dashboard.html").write_text(render_dashboard(dash, report["layers"][0]["embedding"]), encoding="utf-8")

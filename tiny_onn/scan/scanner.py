@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tiny_onn import distributed
-from tiny_onn.artifacts import atomic_dir, versions, write_json
+from tiny_onn.artifacts import atomic_dir, check_replaceable, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.errors import TinyOnnError
@@ -232,6 +232,7 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 def run(cfg: ScanConfig) -> Path:
     """Scan `cfg.model` on `cfg.data` and write `scan.safetensors` + `scan.json` to `cfg.out`."""
+    check_replaceable(cfg.out, "scan.json")
     rank, world_size = distributed.init_from_env()
     cfg.device = distributed.local_device(cfg.device)
     source = load_source(cfg)
@@ -272,6 +273,7 @@ def run(cfg: ScanConfig) -> Path:
             "model": cfg.model,
             "origin": source.origin,
             "architecture": source.architecture,
+            "weight_sample": source.weight_sample(),
             "layers": len(scanner.mlps),
             "neurons_per_layer": [m.num_neurons for m in scanner.mlps],
             "categories": data.category_names,
@@ -287,7 +289,7 @@ def run(cfg: ScanConfig) -> Path:
             "config": config_to_dict(cfg),
             "versions": versions(),
         }
-        with atomic_dir(cfg.out) as tmp:
+        with atomic_dir(cfg.out, "scan.json") as tmp:
             save_file(tensors, tmp / "scan.safetensors", metadata={"format": "tiny_onn.scan/1"})
             write_json(tmp / "scan.json", meta)
     distributed.barrier()

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from tiny_onn.artifacts import atomic_dir, write_json
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources.architecture import check_config_is_swiglu, swiglu_mlps
+from tiny_onn.sources.quantized import dense_weight
 
 SMOLLM2_ALIAS = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,6 +67,27 @@ class Source:
             "intermediate_size": cfg.intermediate_size,
             "vocab_size": cfg.vocab_size,
         }
+
+    def weight_sample(self) -> list[float]:
+        """A fixed sample of the source's FFN weights (the first rows of the first layer's gate and the last layer's
+        down projection): which model a scan was made on, beyond its shape. Compared by correlation
+        (`weights_agree`), so that the same model read in another dtype or dequantized still agrees."""
+        mlps = swiglu_mlps(self.model)
+        parts = [dense_weight(mlps[0].gate_proj)[:2, :64], dense_weight(mlps[-1].down_proj)[:2, :64]]
+        return [round(float(v), 6) for p in parts for v in p.detach().float().reshape(-1).cpu()]
+
+
+def weights_agree(a: list[float], b: list[float], min_correlation: float = 0.9) -> bool:
+    """Whether two `Source.weight_sample`s come from the same weights: a Pearson correlation of at least
+    `min_correlation` (another model's weights correlate near 0; the same weights in bf16 or 4 bits above 0.95)."""
+    if a == b:
+        return True
+    if len(a) != len(b) or len(a) < 2:
+        return False
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(x.norm() * y.norm())
+    return denom > 0 and float(x @ y) / denom >= min_correlation
 
 
 def resolve_device(device: str) -> torch.device:
@@ -135,7 +157,7 @@ def gguf_to_cached_folder(path: Path) -> Path:
         plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(quantized.state_dict(), assign=True)
     plain.tie_weights()
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "tiny_onn_source.json") as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "tiny_onn_source.json", {"gguf": str(path), "sha256_16": folder.name.rsplit("-", 1)[1]})

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from tiny_onn import distributed
-from tiny_onn.artifacts import atomic_dir, read_json, versions, write_json
+from tiny_onn.artifacts import atomic_dir, check_replaceable, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.errors import TinyOnnError
@@ -293,7 +293,7 @@ class Checkpoints:
     def save(self, model, optimizer, state: TrainState, meta: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the checkpoint of `state.step` (`extra`: more tensors to keep, e.g. EWC's anchor and Fisher)."""
         name = f"step-{state.step:06d}"
-        with atomic_dir(self.root / name) as tmp:
+        with atomic_dir(self.root / name, "optimizer.pt") as tmp:
             if extra:
                 save_file({k: v.contiguous() for k, v in extra.items()}, tmp / "extra.safetensors")
             save_model(model, str(tmp / "model.safetensors"))
@@ -364,9 +364,13 @@ def load_models(cfg: TrainConfig) -> tuple[Source, torch.nn.Module | None]:
     student = load_source(dataclasses.replace(src_args, load_in_4bit=False), dense_only=False)
     if not cfg.teacher:
         return student, None
-    teacher = load_source(dataclasses.replace(src_args, model=cfg.teacher)).model
-    if teacher.config.vocab_size != student.model.config.vocab_size:
-        raise TinyOnnError("the teacher's vocabulary differs from the student's: distillation needs the same tokenizer")
+    teacher_source = load_source(dataclasses.replace(src_args, model=cfg.teacher))
+    teacher = teacher_source.model
+    if (teacher.config.vocab_size != student.model.config.vocab_size
+            or teacher_source.tokenizer.get_vocab() != student.tokenizer.get_vocab()):
+        raise TinyOnnError(f"the teacher {cfg.teacher!r} tokenizes differently from the student {cfg.model!r} (another "
+                           "vocabulary): distillation compares them token by token, so it needs the student's own "
+                           "tokenizer; give the dense source the student was carved from")
     teacher.requires_grad_(False)
     return student, teacher
 
@@ -412,6 +416,7 @@ class Trainer:
         self.rank, self.world = distributed.init_from_env()
         cfg.device = distributed.local_device(cfg.device)
         self.out = Path(cfg.out)
+        check_train_out(cfg)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.source, self.teacher = load_models(cfg)
@@ -655,6 +660,7 @@ class Trainer:
         if latest is None:
             raise TinyOnnError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
         meta, counters = Checkpoints.load(latest, self.model, self.optimizer, self.fingerprint)
+        check_resume_matches(meta, self.cfg, latest)
         state = self.fresh_state()
         state.step, state.history, state.ppl_before = meta["step"], meta["history"], meta.get("ppl_before")
         if "phase" not in meta:  # a checkpoint from before the counters and PI were saved
@@ -707,7 +713,8 @@ class Trainer:
                 self.model.config.router_top_p = self.cfg.top_p
         if self.rank == 0:
             report = self.report()
-            with atomic_dir(self.out / "model") as tmp:
+            check_not_diverged(self.model, report, self.cfg)
+            with atomic_dir(self.out / "model", "config.json") as tmp:
                 self._save_model_folder(tmp, report)
             write_json(self.out / TRAIN_META, report)
         distributed.barrier()
@@ -753,6 +760,56 @@ class Trainer:
         carve_meta = read_carve_metadata(src)
         metadata = {**({CARVE_META: carve_meta} if carve_meta is not None else {}), TRAIN_META: report}
         save_model_folder(self.model, self.source.tokenizer, folder, provenance, metadata, card)
+
+
+def check_not_diverged(model: torch.nn.Module, report: dict, cfg: TrainConfig) -> None:
+    """One clear error instead of a trained model folder when training diverged: a weight is no longer finite, or the
+    held-out perplexity after training is (the training loss can stay finite while the weights blow up)."""
+    after = (report.get("perplexity") or {}).get("after") or {}
+    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken is None and math.isfinite(after.get("ppl", 0.0)):
+        return
+    what = f"weight {broken} is not finite" if broken else f"held-out perplexity after training is {after['ppl']}"
+    raise TinyOnnError(f"training diverged ({what}); no model was written. Lower --lr (it was {cfg.lr:g}) or "
+                       "--router-lr")
+
+
+# options a resumed run may change: where and how often it writes, on what device, and how far it goes
+RESUMABLE_CHANGES = ("steps", "resume", "out", "device", "checkpoint_every", "log_every")
+
+
+def check_resume_matches(meta: dict, cfg: TrainConfig, checkpoint: Path) -> None:
+    """One clear error when `--resume` would continue a checkpoint under other settings (the run's record would no
+    longer describe its history) or past its last step already (nothing left to train)."""
+    saved = meta.get("config")
+    if saved is not None:
+        now = config_to_dict(cfg)
+
+        def same(key: str) -> bool:
+            a, b = saved[key], now[key]
+            if key in ("model", "teacher") and a and b and Path(a).exists() and Path(b).exists():
+                return Path(a).resolve() == Path(b).resolve()  # the same folder, spelt another way
+            return a == b
+
+        changed = [k for k in now if k not in RESUMABLE_CHANGES and k in saved and not same(k)]
+        if changed:
+            shown = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+            raise TinyOnnError(f"--resume would continue checkpoint {checkpoint} with other settings ({shown}); give "
+                               "the run's own settings (its train options are in the checkpoint's state.json), or "
+                               "start a new run with another --out")
+    if meta["step"] >= cfg.steps:
+        raise TinyOnnError(f"--resume: checkpoint {checkpoint} is at step {meta['step']}, so --steps {cfg.steps} leaves "
+                           "nothing to train; give a larger --steps to continue the run")
+
+
+def check_train_out(cfg: TrainConfig) -> None:
+    """One clear error, before any work, when the run's `--out` cannot take its outputs: its `model` folder would
+    replace something that is not an earlier trained model, or the very model being trained."""
+    model_out = check_replaceable(Path(cfg.out) / "model", "config.json")
+    given = Path(cfg.model).expanduser()
+    if given.is_dir() and given.absolute().resolve() == model_out.resolve():
+        raise TinyOnnError(f"--out {cfg.out} would write the trained model over the model being trained ({cfg.model}); "
+                           "give another --out")
 
 
 def run(cfg: TrainConfig) -> Path:
