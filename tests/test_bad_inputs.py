@@ -159,6 +159,17 @@ def test_earlier_output_of_the_same_stage_is_replaced(world, tmp_path):
     assert (out / "scan.json").stat().st_mtime_ns != first
 
 
+def test_a_scan_made_with_a_relative_model_path_carves_from_another_folder(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(world["dense"].parent)
+    scan = tmp_path / "scan"
+    assert main(["scan", "--model", "dense", "--data", str(world["data"]), "--seq-len", "32", "--tokens", "64",
+                 "--fingerprint-tokens", "8", "--out", str(scan)]) == 0
+    monkeypatch.chdir(tmp_path)  # "dense" means nothing here: the scan's recorded absolute path does
+    assert main(["carve", "--scan", str(scan), "--experts", "2", "--top-k", "1", "--calib-tokens", "64",
+                 "--calib-steps", "2", "--eval-tokens", "0", "--no-plots", "--out", str(tmp_path / "moe")]) == 0
+    assert (tmp_path / "moe" / "config.json").is_file()
+
+
 def test_ctrl_c_mid_scan_leaves_nothing(world, tmp_path, monkeypatch, capsys):
     import tiny_onn.scan.scanner as scanner
 

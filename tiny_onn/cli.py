@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from tiny_onn import __version__
 from tiny_onn.config import add_config_args, config_from_args
@@ -164,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug
+    cfg = None
     try:
         _quiet_libraries()
         stage = STAGES[args.stage]()
@@ -178,7 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tiny-onn {args.stage}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tiny-onn {args.stage}: interrupted; no partial artifact was kept", file=sys.stderr)
+        note = "no partial artifact was kept"
+        checkpoints = Path(getattr(cfg, "out", "")) / "checkpoints" if args.stage == "train" and cfg is not None else None
+        if checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir()):
+            note = (f"no trained model was written; the checkpoints in {checkpoints} are kept: add --resume to the same "
+                    "command to continue")
+        print(f"tiny-onn {args.stage}: interrupted; {note}", file=sys.stderr)
         return 130
     finally:
         from tiny_onn import distributed

@@ -142,6 +142,7 @@ def test_common_record_layouts_become_chats(tmp_path, record, messages):
         ("", "holds no examples"),
         ('{"body": "hello"}\n', "not a chat or instruction record (keys found: body); expected 'messages'"),
         ('{"text": "  "}\n', "'text' must be a non-empty string"),
+        ('{"question": "2 + 2?", "answer": ["4", "four"]}\n', "'answer' must be text, got a list"),
         ('{"text": ["a", "b"]}\n', "'text' must be a non-empty string"),
         ('{"prompt": "hi", "completion": " "}\n', "'completion' is empty"),
         ('{"conversations": [{"from": "robot", "value": "hi"}]}\n', "needs 'from' (one of system, human"),

@@ -43,6 +43,18 @@ def test_bad_task_files(tmp_path):
         load_mc(write_jsonl(tmp_path / "one.jsonl", [{**MMLU, "choices": ["4"], "answer": 0}]))
     with pytest.raises(TinyOnnError, match="outside its 2 choices"):  # ARC's numeric keys are 1-based
         load_mc(write_jsonl(tmp_path / "arc.jsonl", [{**ARC, "choices": ["a", "b"], "answerKey": "0"}]))
+    # values of the wrong type are refused, not coerced ("ab" is not the choices a, b; 1.9 and true are not 1)
+    for record, message in [({**MMLU, "choices": "ab"}, "'choices' must be a list of strings"),
+                             ({**MMLU, "answer": 1.9}, "'answer' must be a whole number, got 1.9"),
+                             ({**MMLU, "answer": True}, "'answer' must be a whole number, got True"),
+                             ({**MMLU, "question": 7}, "'question' must be a non-empty string"),
+                             ({**HELLASWAG, "label": None}, "'label' must be a whole number"),
+                             ({**CEVAL, "answer": "E"}, "one of the option letters A, B, C, D"),
+                             ({"question": "q", "choices": {"text": ["a", "b"]}, "answerKey": "A"},
+                              "'choices.label' must be a list of strings")]:
+        with pytest.raises(TinyOnnError) as err:
+            load_mc(write_jsonl(tmp_path / "typed.jsonl", [record]))
+        assert message in str(err.value) and "typed.jsonl:1" in str(err.value)
 
 
 def test_mmlu_answer_may_be_a_letter_or_the_choice_text(tmp_path):

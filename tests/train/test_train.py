@@ -111,6 +111,7 @@ def test_resume_after_interrupt_is_bit_exact(tiny_moe, tmp_path, monkeypatch, ca
     monkeypatch.setattr(MaskedAdamW, "step", interrupted)
     assert main(_train_args(moe, data, tmp_path / "b", extra=_PHASES)) == 130
     monkeypatch.setattr(MaskedAdamW, "step", original)
+    assert "checkpoints in" in capsys.readouterr().err  # the interrupted run says what is kept and how to resume
     assert not (tmp_path / "b" / "model").exists()
     assert main(_train_args(moe, data, tmp_path / "b", extra=_PHASES)) == 2  # refuses to overwrite without --resume
     assert "--resume" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from tiny_onn.artifacts import atomic_dir, versions, write_json
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, swiglu_mlps
+from tiny_onn.sources.loading import absolute_model_path
 from tiny_onn.sources.quantized import dense_state_dict, dense_weight
 
 
@@ -57,7 +58,8 @@ def save_width_pruned(source: Source, scan: ScanResult, n_keep: int, folder: str
         model.save_pretrained(tmp)
         source.tokenizer.save_pretrained(tmp)
         write_json(tmp / "provenance.json", {
-            "source_model": source.spec, "source_origin": source.origin, "method": "width-pruned dense (importance a·s)",
+            "source_model": source.spec, "source_model_path": absolute_model_path(source.spec),
+            "source_origin": source.origin, "method": "width-pruned dense (importance a·s)",
             "neurons_per_layer": n_keep, "layers": [{"layer": i, "kept": k} for i, k in enumerate(kept)],
             "versions": versions()})
     return Path(folder)

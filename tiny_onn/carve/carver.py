@@ -44,7 +44,7 @@ from tiny_onn.model.configuration_tiny_onn import (
 from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
-from tiny_onn.sources.loading import weights_agree
+from tiny_onn.sources.loading import absolute_model_path, recorded_model, weights_agree
 
 CALIB_INPUTS = ("dense", "carved")
 log = logging.getLogger(__name__)
@@ -270,6 +270,11 @@ def plan_layer(scan: ScanResult, mlp, cfg: CarveConfig, gen: torch.Generator) ->
 def make_plan(scan: ScanResult, source: PreTrainedModel, cfg: CarveConfig) -> CarvePlan:
     gen = torch.Generator().manual_seed(cfg.seed)
     mlps = swiglu_mlps(source)
+    routed = round(cfg.keep * mlps[0].num_neurons) - round(cfg.shared * mlps[0].num_neurons)
+    if routed > 0 and routed % cfg.experts:
+        log.warning("%d routed neurons per layer do not split into %d experts of equal size: the %d weakest are "
+                    "dropped (so even --keep 1 with every expert selected is not the dense model); choose an expert "
+                    "count that divides %d to keep them all", routed, cfg.experts, routed % cfg.experts, routed)
     layers = [plan_layer(scan, m, cfg, gen) for m in tqdm(mlps, desc="carve", unit="layer", leave=False)]
     return CarvePlan(layers=layers, method=cfg.method)
 
@@ -314,6 +319,7 @@ def active_fraction(plan: CarvePlan, top_k: int, source_neurons: int) -> float:
 def export_folder(model: TinyOnnForCausalLM, source: Source, plan: CarvePlan, folder: Path, extra: dict) -> None:
     provenance = {
         "source_model": source.spec,
+        "source_model_path": absolute_model_path(source.spec),
         "source_origin": source.origin,
         "method": plan.method,
         "layers": [lp.to_json() for lp in plan.layers],
@@ -371,8 +377,13 @@ def run(cfg: CarveConfig) -> Path:
     scan = ScanResult.load(cfg.scan)
     scan_cfg = scan.meta.get("config", {})
     src_args = SourceArgs(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SourceArgs)})
-    src_args.model = cfg.model or scan.meta["model"]
-    source = load_source(src_args)
+    src_args.model = cfg.model or recorded_model(scan.meta, "model")
+    try:
+        source = load_source(src_args)
+    except TinyOnnError as e:
+        if cfg.model:
+            raise
+        raise TinyOnnError(f"{e} (the model named in {cfg.scan}/scan.json; pass --model to give its location)") from e
     check_scan_matches(scan, source)
     check_carvable(source.model.config)  # before the plan and the calibration, not after them
     data_args = DataArgs(data=cfg.data or scan_cfg.get("data", "default"), seq_len=cfg.seq_len,

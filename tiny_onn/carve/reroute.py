@@ -17,6 +17,7 @@ from tiny_onn.model import TinyOnnConfig, TinyOnnForCausalLM
 from tiny_onn.model.configuration_tiny_onn import ACTIVATION_SCORES
 from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.sources import SourceArgs, load_source
+from tiny_onn.sources.loading import recorded_model
 
 
 def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", router_input: str = "ffn",
@@ -32,7 +33,7 @@ def reroute(moe: str | Path, out: str | Path, router_score: str = "linear", rout
         raise TinyOnnError(f"{moe} is not a carved TinyOnn folder (no carve.json / provenance.json)")
     provenance = read_json(moe / "provenance.json", "provenance")
     carved = load_source(SourceArgs(model=str(moe), device=device, dtype="fp32"), dense_only=False)
-    dense = load_source(SourceArgs(model=provenance["source_model"], device=device, dtype="fp32"))
+    dense = load_source(SourceArgs(model=recorded_model(provenance, "source_model"), device=device, dtype="fp32"))
     changes = {"router_score": router_score, "router_input": router_input}
     if router_score in ACTIVATION_SCORES:  # one flat scorer over the neurons' activations: groups play no part
         changes["router_type"] = "flat"

@@ -214,7 +214,9 @@ def run(cfg: DistilDataConfig) -> Path:
     tok = teacher.tokenizer
     prompts = build_prompts(cfg)
     if not prompts:
-        raise TinyOnnError("the prompt sets are empty: nothing to generate")
+        raise TinyOnnError(f"the prompt sets ({cfg.prompts}) are empty: nothing to generate. The facts set uses only "
+                           f"the training split of {cfg.facts!r} (evaluation facts are never distilled), the open set "
+                           "drops topics that evaluation facts name, the mix set uses the data's first user turns")
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "teacher": cfg.model, "teacher_origin": teacher.origin,
             "tokenizer_digest": tokenizer_digest(tok), "settings": settings, "prompts": len(prompts),

@@ -182,6 +182,10 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
     prompt_key = next((k for k in _PROMPT_KEYS if k in record), None)
     answer_key = next((k for k in _ANSWER_KEYS if k in record), None)
     if prompt_key and answer_key:
+        for key in (prompt_key, answer_key, *(k for k in _CONTEXT_KEYS if record.get(k))):
+            value = record[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+                raise TinyOnnError(f"{where}: '{key}' must be text, got a {type(value).__name__} ({str(value)[:40]})")
         prompt = str(record[prompt_key])
         context = next((record[k] for k in _CONTEXT_KEYS if record.get(k)), None)
         if context:
@@ -239,14 +243,17 @@ def hub_examples(name: str) -> list[Example]:
     try:
         rows = datasets.load_dataset(name, split="train")
     except Exception as e:  # network, missing dataset, auth: all mean the same to the user
-        raise TinyOnnError(f"could not load dataset {name!r} from the hub (offline?): {e}") from e
+        raise TinyOnnError(f"data {name!r} is no local file or folder, and the hub could not give a dataset of that name "
+                           f"(offline?): {e}") from e
     return [_example_from_record(dict(r), f"{name} row {i}", name.split("/")[-1]) for i, r in enumerate(rows)]
 
 
 def load_examples(spec: str) -> list[Example]:
     """Examples for a data spec: 'default', a .jsonl path, a distillation corpus folder (`tiny-onn distil-data`), a hub
     dataset name, or several joined by commas."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    whole = Path(spec.strip()).expanduser()
+    # a file whose name holds a comma is that file, not a list
+    parts = [spec.strip()] if whole.is_file() else [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise TinyOnnError("empty data spec; use 'default', a .jsonl file, or a hub dataset name")
     examples: list[Example] = []
@@ -258,6 +265,10 @@ def load_examples(spec: str) -> list[Example]:
             from tiny_onn.data.distil import corpus_examples
 
             examples += corpus_examples(path)
+        elif path.is_dir():
+            raise TinyOnnError(f"data {part!r} is a folder without corpus.json; a data spec names a .jsonl file, a "
+                               "corpus folder written by tiny-onn distil-data, 'default' or a hub dataset (several "
+                               "joined by commas)")
         elif path.suffix == ".jsonl" or path.exists():
             examples += jsonl_examples(path)
         else:

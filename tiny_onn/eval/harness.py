@@ -31,6 +31,7 @@ from tiny_onn.eval.perplexity import perplexity
 from tiny_onn.eval.probe import factual_probe
 from tiny_onn.eval.tasks import load_mc, score_mc
 from tiny_onn.sources import SourceArgs, load_source
+from tiny_onn.sources.loading import recorded_model
 
 log = logging.getLogger(__name__)
 KNOWN_TASKS = ("ppl", "general", "facts", "probe", "humaneval", "speed", "curve")
@@ -219,7 +220,7 @@ def facts_source_of(spec: str, cfg: EvalConfig) -> str:
         return cfg.facts_source
     prov = Path(spec) / "provenance.json"
     if prov.is_file():
-        source = read_json(prov, "provenance").get("source_model")
+        source = recorded_model(read_json(prov, "provenance"), "source_model")
         if source:
             return source
     return spec

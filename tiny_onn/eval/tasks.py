@@ -25,12 +25,36 @@ class MCItem:
     gold: int
 
 
+def _texts(value: object, field: str) -> list[str]:
+    """A list of choice texts (numbers are written as text); anything else is refused, not coerced."""
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, str | int | float) for v in value):
+        raise ValueError(f"'{field}' must be a list of strings")
+    return [str(v) for v in value]
+
+
+def _question(r: dict) -> str:
+    if not isinstance(r["question"], str) or not r["question"].strip():
+        raise ValueError("'question' must be a non-empty string")
+    return r["question"].strip()
+
+
+def _index(value: object, field: str) -> int:
+    """A 0-based index given as an integer or its digits; a bool or a fraction is refused, not rounded."""
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, str) and value.strip().isdigit()):
+        raise ValueError(f"'{field}' must be a whole number, got {value!r}")
+    return int(value)
+
+
 def _arc(r: dict) -> MCItem:
     ch = r["choices"]
-    texts, labels = (ch["text"], ch["label"]) if isinstance(ch, dict) else (ch, list(LETTERS[: len(ch)]))
+    if isinstance(ch, dict):
+        texts, labels = _texts(ch.get("text"), "choices.text"), _texts(ch.get("label"), "choices.label")
+    else:
+        texts = _texts(ch, "choices")
+        labels = list(LETTERS[: len(texts)])
     key = str(r["answerKey"])
     gold = labels.index(key) if key in labels else int(key) - 1
-    return MCItem(f"Question: {r['question']}\nAnswer:", tuple(f" {t}" for t in texts), gold)
+    return MCItem(f"Question: {_question(r)}\nAnswer:", tuple(f" {t}" for t in texts), gold)
 
 
 def _answer_index(answer: object, choices: list) -> int:
@@ -44,23 +68,26 @@ def _answer_index(answer: object, choices: list) -> int:
             if len(matches) != 1:
                 raise ValueError(f"answer {answer!r} is neither an index, a letter nor exactly one of the choices")
             return matches[0]
-    return int(answer)
+    return _index(answer, "answer")
 
 
 def _mmlu(r: dict) -> MCItem:
+    _texts(r["choices"], "choices")
     opts = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
-    return MCItem(f"{r['question'].strip()}{opts}\nAnswer:", tuple(f" {LETTERS[i]}" for i in range(len(r["choices"]))),
+    return MCItem(f"{_question(r)}{opts}\nAnswer:", tuple(f" {LETTERS[i]}" for i in range(len(r["choices"]))),
                   _answer_index(r["answer"], r["choices"]))
 
 
 def _hellaswag(r: dict) -> MCItem:
-    return MCItem(r["ctx"], tuple(f" {e}" for e in r["endings"]), int(r["label"]))
+    return MCItem(str(r["ctx"]), tuple(f" {e}" for e in _texts(r["endings"], "endings")), _index(r["label"], "label"))
 
 
 def _ceval(r: dict) -> MCItem:
     letters = [c for c in "ABCD" if c in r]
+    if r["answer"] not in letters:
+        raise ValueError(f"'answer' must be one of the option letters {', '.join(letters)}, got {r['answer']!r}")
     opts = "".join(f"\n{c}. {r[c]}" for c in letters)
-    return MCItem(f"{r['question'].strip()}{opts}\n答案：", tuple(f" {c}" for c in letters), letters.index(r["answer"]))
+    return MCItem(f"{_question(r)}{opts}\n答案：", tuple(f" {c}" for c in letters), letters.index(r["answer"]))
 
 
 FORMATS = {
@@ -94,7 +121,9 @@ def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
             if not 0 <= item.gold < len(item.choices):
                 raise ValueError(f"the gold answer points outside its {len(item.choices)} choices")
             items.append(item)
-        except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+        except KeyError as e:
+            raise TinyOnnError(f"{where}: not a valid {fmt} item (no field {e})") from e
+        except (ValueError, IndexError, TypeError, AttributeError) as e:
             raise TinyOnnError(f"{where}: not a valid {fmt or 'multiple-choice'} item ({e})") from e
     if not items:
         raise TinyOnnError(f"task file {path} holds no items")

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from tiny_onn.artifacts import umask_mode
 from tiny_onn.errors import TinyOnnError
+from tiny_onn.sources.loading import model_folder_hint, recorded_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def read_moe_folder(path: str | Path) -> MoeFolder:
         raise TinyOnnError(f"model folder not found: {path} (give the folder written by `tiny-onn carve` or `train`)")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise TinyOnnError(f"{path} has no config.json: not a Hugging Face model folder")
+        raise TinyOnnError(f"{path} has no config.json: not a Hugging Face model folder{model_folder_hint(path)}")
     config = json.loads(cfg_file.read_text())
     if config.get("model_type") != "tiny_onn":
         raise TinyOnnError(
@@ -275,7 +276,7 @@ def source_gguf(provenance: dict) -> Path | None:
     """The GGUF file the MoE's dense source was read from, if any (the bundled SmolLM2 or a .gguf path)."""
     from tiny_onn.sources.loading import SMOLLM2_ALIAS, smollm2_gguf_path
 
-    spec = provenance.get("source_model", "")
+    spec = recorded_model(provenance, "source_model")
     if spec == SMOLLM2_ALIAS:
         return smollm2_gguf_path()
     if spec.endswith(".gguf") and Path(spec).expanduser().is_file():

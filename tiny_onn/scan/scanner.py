@@ -31,6 +31,7 @@ from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.scan.scores import delta_sc, s_p
 from tiny_onn.sources import SourceArgs, load_source, swiglu_mlps
+from tiny_onn.sources.loading import absolute_model_path
 
 log = logging.getLogger(__name__)
 POSITIONS = ("scored", "all")
@@ -271,6 +272,7 @@ def run(cfg: ScanConfig) -> Path:
         meta = {
             "format": "tiny_onn.scan/1",
             "model": cfg.model,
+            "model_path": absolute_model_path(cfg.model),
             "origin": source.origin,
             "architecture": source.architecture,
             "weight_sample": source.weight_sample(),

@@ -173,7 +173,8 @@ def _resolve(spec: str) -> tuple[str, str]:
         return str(gguf_to_cached_folder(path)), f"GGUF {path}"
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise TinyOnnError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+            raise TinyOnnError(f"{path} is a folder but has no config.json: not a Hugging Face model folder"
+                               f"{model_folder_hint(path)}")
         return str(path), f"folder {path}"
     if path.exists():
         raise TinyOnnError(f"{path} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
@@ -181,6 +182,33 @@ def _resolve(spec: str) -> tuple[str, str]:
     if looks_like_path:
         raise TinyOnnError(f"model not found: {spec!r} is not an existing file or folder, nor '{SMOLLM2_ALIAS}' or a hub id")
     return spec, f"hub {spec}"
+
+
+def absolute_model_path(spec: str) -> str | None:
+    """The absolute path of a model given as a local path (recorded beside the spec as given, so that an artifact
+    read from another working folder still finds its model); None for an alias or a hub name."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec and path.exists() else None
+
+
+def recorded_model(record: dict, key: str) -> str:
+    """The model an artifact's record names under `key`: as given, or, where that relative path does not resolve from
+    the working folder, the absolute path recorded beside it (`key` + "_path")."""
+    spec = record.get(key) or ""
+    absolute = record.get(f"{key}_path")
+    if spec and not Path(spec).expanduser().exists() and absolute and Path(absolute).exists():
+        return absolute
+    return spec
+
+
+def model_folder_hint(path: Path) -> str:
+    """Where the model is when `path` is a stage's output folder that holds one (train's `--out`: its `model`)."""
+    inner = Path(path) / "model"
+    if (inner / "config.json").is_file():
+        return f"; it is a training run's folder, whose trained model is {inner}"
+    if (Path(path) / "scan.json").is_file():
+        return "; it is a scan: carve it first (tiny-onn carve --scan ...) and give the carved folder"
+    return ""
 
 
 def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
