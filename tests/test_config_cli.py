@@ -97,6 +97,33 @@ def test_artifact_json_is_standard_json(tmp_path):
         "x": None, "y": [1.5, None, {"z": None}], "n": 3}
 
 
+def test_atomic_dir_replaces_only_its_own_earlier_output(tmp_path):
+    import pytest
+
+    import tiny_onn.artifacts as artifacts
+    from tiny_onn.errors import TinyOnnError
+
+    out = tmp_path / "out"
+    for value in ("first", "second"):  # new, then an earlier output of the same kind: replaced
+        with artifacts.atomic_dir(out, "scan.json") as tmp:
+            (tmp / "scan.json").write_text(value)
+    assert (out / "scan.json").read_text() == "second"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "eval.json").write_text("kept")
+    with pytest.raises(TinyOnnError, match=r"already holds other things \(eval.json\) and no scan.json"):
+        with artifacts.atomic_dir(other, "scan.json") as tmp:
+            (tmp / "scan.json").write_text("x")
+    assert (other / "eval.json").read_text() == "kept"
+    (tmp_path / "empty").mkdir()
+    assert artifacts.check_replaceable(tmp_path / "empty", "scan.json") == (tmp_path / "empty").absolute()
+    with pytest.raises(RuntimeError, match="lacks its marker"):  # a stage that forgets its marker is a bug
+        with artifacts.atomic_dir(tmp_path / "bug", "scan.json"):
+            pass
+    assert not (tmp_path / "bug").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_artifacts_get_the_umask_permissions(tmp_path, monkeypatch):
     """tempfile makes files 0600 and folders 0700 (safetensors too, for weights); a finished artifact is as readable as
     a plain file or folder under the umask."""
@@ -105,7 +132,7 @@ def test_artifacts_get_the_umask_permissions(tmp_path, monkeypatch):
     import tiny_onn.artifacts as artifacts
 
     monkeypatch.setattr(artifacts, "_UMASK", 0o022)
-    with artifacts.atomic_dir(tmp_path / "art") as tmp:
+    with artifacts.atomic_dir(tmp_path / "art", "sub/w.bin") as tmp:
         (tmp / "sub").mkdir(mode=0o700)
         (tmp / "sub" / "w.bin").write_bytes(b"x")
         os.chmod(tmp / "sub" / "w.bin", 0o600)
