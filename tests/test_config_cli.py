@@ -111,15 +111,15 @@ def test_atomic_dir_replaces_only_its_own_earlier_output(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "eval.json").write_text("kept")
-    with pytest.raises(TinyOnnError, match=r"already holds other things \(eval.json\) and no scan.json"):
-        with artifacts.atomic_dir(other, "scan.json") as tmp:
-            (tmp / "scan.json").write_text("x")
+    with (pytest.raises(TinyOnnError, match=r"already holds other things \(eval.json\) and no scan.json"),
+          artifacts.atomic_dir(other, "scan.json") as tmp):
+        (tmp / "scan.json").write_text("x")
     assert (other / "eval.json").read_text() == "kept"
     (tmp_path / "empty").mkdir()
     assert artifacts.check_replaceable(tmp_path / "empty", "scan.json") == (tmp_path / "empty").absolute()
-    with pytest.raises(RuntimeError, match="lacks its marker"):  # a stage that forgets its marker is a bug
-        with artifacts.atomic_dir(tmp_path / "bug", "scan.json"):
-            pass
+    # a stage that forgets its marker is a bug
+    with pytest.raises(RuntimeError, match="lacks its marker"), artifacts.atomic_dir(tmp_path / "bug", "scan.json"):
+        pass
     assert not (tmp_path / "bug").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
