@@ -7,6 +7,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def build_report(model, tokenizer, rec, cfg: InterpretConfig) -> tuple[dict, dic
     rate = selection_rate(rec)  # [L, E, C]
     weight = mean_routing_weight(rec)
     nmi = layer_nmi(rec)
-    decode = lambda t: tokenizer.decode([t])  # noqa: E731
+    decode = partial(token_text, tokenizer)
     decode_ids = tokenizer.decode
     layers, dash_layers, labels = [], [], []
     total = rec.tokens_per_category.sum().clamp_min(1)
@@ -141,6 +142,16 @@ def write_figures(report: dict, folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "nmi.png", dpi=110)
     plt.close(fig)
+
+
+def token_text(tokenizer, token: int) -> str:
+    """One token as text; a token that is only part of a character's bytes (it decodes to U+FFFD alone) is shown as
+    its raw vocabulary entry instead, so that distinct tokens never read the same."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text:
+        raw = tokenizer.convert_ids_to_tokens(token)
+        return f"<{raw}>" if raw else text
+    return text
 
 
 def run(cfg: InterpretConfig) -> Path:
