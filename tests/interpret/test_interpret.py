@@ -152,3 +152,21 @@ def test_dashboard_pages_sorts_and_filters_many_experts(tmp_path):
         assert page.locator("#which").inner_text().startswith("230")
         assert 230 in rows(page) and page.locator("#page").inner_text().startswith("3 /")
     assert not errors, errors
+
+
+def test_partial_byte_tokens_read_as_their_vocabulary_entries():
+    from tiny_onn.interpret.interpreter import token_text
+
+    class ByteTokenizer:  # two tokens that are each half of "é" (0xC3 0xA9) and one whole word
+        vocab = {0: b"\xc3", 1: b"\xa9", 2: b"cafe"}
+        names = {0: "Ã", 1: "©", 2: "cafe"}
+
+        def decode(self, ids):
+            return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+        def convert_ids_to_tokens(self, i):
+            return self.names[i]
+
+    tok = ByteTokenizer()
+    assert tok.decode([0, 1]) == "é"
+    assert [token_text(tok, t) for t in range(3)] == ["<Ã>", "<©>", "cafe"]
