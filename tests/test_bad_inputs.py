@@ -25,6 +25,8 @@ def world(tiny_moe, tmp_path_factory):
     (root / "unknown.yaml").write_text("scan:\n  tokenz: 3\n")
     (root / "badtype.yaml").write_text("scan:\n  tokens: many\n")
     (root / "section.yaml").write_text("Scan:\n  tokens: 3\n")  # a misspelt section
+    (root / "questions.yaml").write_text("alchemy:\n  questions: What is 12 + 7?\n")  # one string, not a list
+    (root / "export_section.yaml").write_text("export:\n  quant: q4_0\n")  # a section alchemy does not run
     other = root / "other_dense"  # the same shape as the MoE's source, other weights
     make_tiny_model("llama", _vocab(moe), seed=7).save_pretrained(other)
     shutil.copy(moe / "tokenizer.json", other / "tokenizer.json")
@@ -61,7 +63,11 @@ CASES = {
     "scan: bad positions": (["scan", "--positions", "sideways"], "positions must be one of"),
     "scan: invalid YAML": (["scan", "--config", "{root}/bad.yaml"], "is not valid YAML"),
     "scan: unknown option in YAML": (["scan", "--config", "{root}/unknown.yaml"], "unknown option(s)"),
-    "scan: misspelt YAML section": (["scan", "--config", "{root}/section.yaml"], "section 'Scan' is not a stage name"),
+    "alchemy: questions as one string": (["alchemy", "--config", "{root}/questions.yaml"],
+                                         "questions must be a list of non-empty strings"),
+    "alchemy: a section it does not run": (["alchemy", "--config", "{root}/export_section.yaml"],
+                                           "section 'export' is not read here"),
+    "scan: misspelt YAML section": (["scan", "--config", "{root}/section.yaml"], "section 'Scan' is not read here"),
     "scan: a MoE as source": (["scan", "--model", "{moe}"], "needs the dense source model"),
     "carve: missing scan": (["carve", "--scan", "{root}/noscan"], "scan folder not found"),
     "carve: corrupted scan": (["carve", "--scan", "{broken_scan}"], "corrupt or truncated"),

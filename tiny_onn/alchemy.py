@@ -47,6 +47,8 @@ def _stored_config(path: Path) -> dict | None:
 
 
 STAGE_RECORDS = "stages.json"
+# the sections a pipeline file may hold (the stage commands' other sections, e.g. export, are not run by alchemy)
+ALCHEMY_SECTIONS = ("alchemy", "scan", "distil", "carve", "train", "eval", "interpret")
 """In the run folder: for each stage, the configuration and the identity of the inputs it last ran with."""
 
 
@@ -93,7 +95,9 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     from tiny_onn.train import TrainConfig
 
     out = Path(acfg.out)
-    check_sections(acfg.config)
+    check_sections(acfg.config, sections=ALCHEMY_SECTIONS)
+    check_questions(acfg.questions, "--questions")
+    alchemy_section(acfg.config)
     raw = {k: load_yaml(acfg.config, k) if isinstance(load_yaml(acfg.config).get(k), dict) else {}
            for k in ("scan", "distil", "carve", "train", "eval", "interpret")}
     for section in raw.values():  # `{corpus}` in a data spec is this run's teacher-written corpus
@@ -187,7 +191,7 @@ def run(acfg: AlchemyConfig) -> Path:
     stage("eval", out / "eval" / "eval.json", harness.run, cfgs["eval"])
     stage("interpret", out / "report" / "interpret.json", interpret.run, cfgs["interpret"])
     table = summary_table(out, acfg)
-    questions = acfg.questions or (load_yaml(acfg.config).get("alchemy") or {}).get("questions") or []
+    questions = acfg.questions or alchemy_section(acfg.config).get("questions") or []
     if questions:
         final = out / ("moe" if acfg.skip_train else "train/model")
         table += "\n\n" + side_by_side([str(q) for q in questions], cfgs["scan"].model, str(final), cfgs["eval"].device)
@@ -222,6 +226,25 @@ def summary_table(out: Path, acfg: AlchemyConfig) -> str:
     return "\n".join(lines)
 
 
+def alchemy_section(path: str) -> dict:
+    """The pipeline file's `alchemy:` section, checked: only `questions`, a list of non-empty strings."""
+    section = load_yaml(path).get("alchemy") or {}
+    if not isinstance(section, dict):
+        raise TinyOnnError(f"config file {path}: the alchemy section must be a mapping (questions: [...])")
+    unknown = sorted(set(section) - {"questions"})
+    if unknown:
+        raise TinyOnnError(f"unknown option(s) in {path} [alchemy]: {', '.join(unknown)}; known: questions")
+    check_questions(section.get("questions") or [], f"{path} [alchemy] questions")
+    return section
+
+
+def check_questions(questions: object, where: str) -> None:
+    """Questions for the side-by-side table: a list of non-empty strings (a single string would be read letter by
+    letter)."""
+    if not isinstance(questions, list) or any(not isinstance(q, str) or not q.strip() for q in questions):
+        raise TinyOnnError(f"{where} must be a list of non-empty strings, e.g. [\"What is the capital of France?\"]")
+
+
 def side_by_side(questions: list[str], dense: str, moe: str, device: str = "auto", max_new_tokens: int = 40) -> str:
     """A markdown table of the dense source's and the MoE's greedy answers to the same questions."""
     from tiny_onn.data.encoding import prompt_ids
@@ -237,8 +260,8 @@ def side_by_side(questions: list[str], dense: str, moe: str, device: str = "auto
     labels = list(answers)
     lines = ["| question | " + " | ".join(labels) + " |", "|---|---|---|"]
     for i, q in enumerate(questions):
-        cells = [answers[label][i].replace("|", "\\|") for label in labels]
-        lines.append(f"| {q} | " + " | ".join(cells) + " |")
+        cells = [" ".join(text.split()).replace("|", "\\|") for text in (q, *(answers[label][i] for label in labels))]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -159,6 +159,21 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def interrupted_note(stage: str, cfg) -> str:
+    """What an interrupted command kept, and how to continue: the resumable stages keep their finished work."""
+    out = Path(getattr(cfg, "out", "") or ".") if cfg is not None else None
+    checkpoints = out / "checkpoints" if out is not None else None
+    if stage == "train" and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return (f"no trained model was written; the checkpoints in {checkpoints} are kept: add --resume to the same "
+                "command to continue")
+    if stage == "distil-data" and (out / "corpus.json").is_file():
+        return f"the unfinished corpus in {out} is kept: run the same command again to continue it"
+    if stage == "alchemy" and out is not None and out.is_dir() and any(out.iterdir()):
+        return (f"the finished stages (and any training checkpoints) in {out} are kept: run the same command again to "
+                "continue")
+    return "no partial artifact was kept"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tiny-onn` console script; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -180,12 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tiny-onn {args.stage}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        note = "no partial artifact was kept"
-        checkpoints = Path(getattr(cfg, "out", "")) / "checkpoints" if args.stage == "train" and cfg is not None else None
-        if checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir()):
-            note = (f"no trained model was written; the checkpoints in {checkpoints} are kept: add --resume to the same "
-                    "command to continue")
-        print(f"tiny-onn {args.stage}: interrupted; {note}", file=sys.stderr)
+        print(f"tiny-onn {args.stage}: interrupted; {interrupted_note(args.stage, cfg)}", file=sys.stderr)
         return 130
     finally:
         from tiny_onn import distributed

@@ -82,13 +82,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
 SECTIONS = ("alchemy", "scan", "distil", "distil-data", "carve", "train", "eval", "interpret", "export", "generate")
 
 
-def check_sections(path: str | Path, options: set[str] = frozenset()) -> None:
-    """One clear error for a mapping at the top of a YAML config that is neither a stage section nor one of the stage's
-    `options` (e.g. "Scan:" or "carv:"): its settings would otherwise be ignored without a word."""
-    unknown = [k for k, v in load_yaml(path).items() if isinstance(v, dict) and k not in SECTIONS and k not in options]
+def check_sections(path: str | Path, options: set[str] = frozenset(), sections: tuple[str, ...] = SECTIONS) -> None:
+    """One clear error for a mapping at the top of a YAML config that is neither one of `sections` nor one of the
+    stage's `options` (e.g. "Scan:" or "carv:"): its settings would otherwise be ignored without a word."""
+    unknown = [k for k, v in load_yaml(path).items() if isinstance(v, dict) and k not in sections and k not in options]
     if unknown:
-        raise TinyOnnError(f"config file {path}: section {unknown[0]!r} is not a stage name, so its settings would be "
-                           f"ignored; sections are {', '.join(SECTIONS)}")
+        raise TinyOnnError(f"config file {path}: section {unknown[0]!r} is not read here, so its settings would be "
+                           f"ignored; sections are {', '.join(sections)}")
 
 
 def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:

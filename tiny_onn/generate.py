@@ -46,6 +46,11 @@ def run(cfg: GenerateConfig) -> str:
         if cfg.top_k:
             if not 1 <= cfg.top_k <= conf.num_experts:
                 raise TinyOnnError(f"top_k must be between 1 and the model's {conf.num_experts} experts")
+            candidates = getattr(conf, "router_candidates", 0)
+            if candidates and cfg.top_k > candidates:
+                raise TinyOnnError(f"top_k {cfg.top_k} is above the {candidates} candidates this model's two-stage "
+                                   "router ranks per token, so the experts beyond them would never run; give at most "
+                                   f"{candidates}")
             source.model.set_routing(top_k=cfg.top_k)
         if cfg.top_p >= 0:
             source.model.set_routing(top_p=cfg.top_p)

@@ -144,6 +144,7 @@ def test_common_record_layouts_become_chats(tmp_path, record, messages):
         ('{"text": "  "}\n', "'text' must be a non-empty string"),
         ('{"question": "2 + 2?", "answer": ["4", "four"]}\n', "'answer' must be text, got a list"),
         ('{"text": ["a", "b"]}\n', "'text' must be a non-empty string"),
+        ('{"text": "a", "prompt": "b", "response": "c"}\n', "holds both plain 'text' and a chat or instruction"),
         ('{"prompt": "hi", "completion": " "}\n', "'completion' is empty"),
         ('{"conversations": [{"from": "robot", "value": "hi"}]}\n', "needs 'from' (one of system, human"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no non-empty assistant message"),

@@ -51,7 +51,13 @@ def test_bad_task_files(tmp_path):
                              ({**HELLASWAG, "label": None}, "'label' must be a whole number"),
                              ({**CEVAL, "answer": "E"}, "one of the option letters A, B, C, D"),
                              ({"question": "q", "choices": {"text": ["a", "b"]}, "answerKey": "A"},
-                              "'choices.label' must be a list of strings")]:
+                              "'choices.label' must be a list of strings"),
+                             ({"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "A"]}, "answerKey": "A"},
+                              "one distinct label per text"),
+                             ({**HELLASWAG, "ctx": None}, "'ctx' must be a non-empty string"),
+                             ({**CEVAL, "A": None}, "'A-D' must be a list of strings"),
+                             ({**MMLU, "choices": ["1", "2", "3"], "answer": "2"}, "both an index and the text"),
+                             ({**MMLU, "choices": [str(i) for i in range(11)], "answer": 0}, "at most 10")]:
         with pytest.raises(TinyOnnError) as err:
             load_mc(write_jsonl(tmp_path / "typed.jsonl", [record]))
         assert message in str(err.value) and "typed.jsonl:1" in str(err.value)

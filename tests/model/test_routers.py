@@ -206,7 +206,7 @@ def test_gate_router_config_is_validated():
 
 
 @pytest.mark.parametrize("candidates", [0, 12])  # one stage; two stages (the 12 candidates' up rows)
-def test_gate_router_save_load_and_cached_decoding(tmp_path, candidates):
+def test_gate_router_save_load_and_cached_decoding(tmp_path, candidates, tiny_tokenizer):
     torch.manual_seed(0)
     model = TinyOnnForCausalLM(_config(router_score="gate", router_type="flat", num_experts=32, num_experts_per_tok=8,
                                        moe_intermediate_size=1, router_rank=0, router_candidates=candidates,
@@ -227,6 +227,14 @@ def test_gate_router_save_load_and_cached_decoding(tmp_path, candidates):
     if candidates:
         torch.testing.assert_close(loaded.model.layers[1].mlp.router.down_norm,
                                    model.model.layers[1].mlp.router.down_norm)
+        # experts beyond the candidates never run: generate refuses a top-k above them
+        from tiny_onn.errors import TinyOnnError
+        from tiny_onn.generate import GenerateConfig
+        from tiny_onn.generate import run as generate
+
+        tiny_tokenizer.save_pretrained(tmp_path)
+        with pytest.raises(TinyOnnError, match="above the 12 candidates"):
+            generate(GenerateConfig(model=str(tmp_path), top_k=13, max_new_tokens=1, device="cpu"))
 
 
 @pytest.mark.parametrize("tokens", [1, 5])  # 1 token: candidates' up rows gathered; 5 × 2 candidates ≥ 4 experts: one GEMM

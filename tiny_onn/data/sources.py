@@ -175,6 +175,10 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
     if not isinstance(record, dict):
         raise TinyOnnError(f"{where}: expected a JSON object, got {type(record).__name__}")
     category = str(record.get("category", default_category))
+    chat_keys = [k for k in ("messages", "conversations", *_PROMPT_KEYS) if k in record]
+    if TEXT_ROLE in record and chat_keys:
+        raise TinyOnnError(f"{where}: holds both plain '{TEXT_ROLE}' and a chat or instruction ('{chat_keys[0]}'), so "
+                           "one of them would be ignored; give one per record")
     if "messages" in record:
         return _messages_example(record, "messages", where, category, "role", "content", {r: r for r in _ROLES})
     if "conversations" in record:

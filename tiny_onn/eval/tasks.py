@@ -49,6 +49,8 @@ def _arc(r: dict) -> MCItem:
     ch = r["choices"]
     if isinstance(ch, dict):
         texts, labels = _texts(ch.get("text"), "choices.text"), _texts(ch.get("label"), "choices.label")
+        if len(texts) != len(labels) or len(set(labels)) != len(labels):
+            raise ValueError("'choices.label' must give one distinct label per text of 'choices.text'")
     else:
         texts = _texts(ch, "choices")
         labels = list(LETTERS[: len(texts)])
@@ -63,27 +65,34 @@ def _answer_index(answer: object, choices: list) -> int:
         text = answer.strip()
         if len(text) == 1 and text.upper() in LETTERS:
             return LETTERS.index(text.upper())
+        matches = [i for i, c in enumerate(choices) if str(c).strip() == text]
         if not text.lstrip("-").isdigit():
-            matches = [i for i, c in enumerate(choices) if str(c).strip() == text]
             if len(matches) != 1:
                 raise ValueError(f"answer {answer!r} is neither an index, a letter nor exactly one of the choices")
             return matches[0]
+        if matches and matches != [int(text)]:
+            raise ValueError(f"answer {answer!r} is both an index and the text of choice {matches[0]}: give the index "
+                             "as a number or the letter")
     return _index(answer, "answer")
 
 
 def _mmlu(r: dict) -> MCItem:
-    _texts(r["choices"], "choices")
+    if len(_texts(r["choices"], "choices")) > len(LETTERS):
+        raise ValueError(f"{len(r['choices'])} choices; lettered formats take at most {len(LETTERS)}")
     opts = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(r["choices"]))
     return MCItem(f"{_question(r)}{opts}\nAnswer:", tuple(f" {LETTERS[i]}" for i in range(len(r["choices"]))),
                   _answer_index(r["answer"], r["choices"]))
 
 
 def _hellaswag(r: dict) -> MCItem:
-    return MCItem(str(r["ctx"]), tuple(f" {e}" for e in _texts(r["endings"], "endings")), _index(r["label"], "label"))
+    if not isinstance(r["ctx"], str) or not r["ctx"].strip():
+        raise ValueError("'ctx' must be a non-empty string")
+    return MCItem(r["ctx"], tuple(f" {e}" for e in _texts(r["endings"], "endings")), _index(r["label"], "label"))
 
 
 def _ceval(r: dict) -> MCItem:
     letters = [c for c in "ABCD" if c in r]
+    _texts([r[c] for c in letters], "A-D")
     if r["answer"] not in letters:
         raise ValueError(f"'answer' must be one of the option letters {', '.join(letters)}, got {r['answer']!r}")
     opts = "".join(f"\n{c}. {r[c]}" for c in letters)
