@@ -30,7 +30,7 @@ from tiny_onn.eval.humaneval import humaneval_pass_at_1
 from tiny_onn.eval.perplexity import perplexity
 from tiny_onn.eval.probe import factual_probe
 from tiny_onn.eval.tasks import load_mc, score_mc
-from tiny_onn.sources import SourceArgs, load_source
+from tiny_onn.sources import SMOLLM2_ALIAS, SourceArgs, load_source
 from tiny_onn.sources.loading import recorded_model
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,22 @@ def evaluation_facts(cfg: EvalConfig) -> list[Fact]:
     return facts[: cfg.facts_limit] if cfg.facts_limit else facts
 
 
+def check_facts_source(spec: str) -> None:
+    """One clear error, before any model is evaluated, for a `--facts-source` that cannot be the dense source: a local
+    path that does not exist (a name of the form org/model may still be on the hub) or a carved MoE folder."""
+    if not spec or spec == SMOLLM2_ALIAS:
+        return
+    path = Path(spec).expanduser()
+    config = path / "config.json"
+    if path.is_dir() and config.is_file() and read_json(config, "model config").get("model_type") == "tiny_onn":
+        raise TinyOnnError(f"--facts-source {spec} is a carved MoE; give the dense source whose known facts define "
+                           "retention (the model it was carved from)")
+    looks_local = spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+    if looks_local and not path.exists():
+        raise TinyOnnError(f"--facts-source {spec}: no such file or folder; give the dense source's folder, a .gguf "
+                           "or smollm2")
+
+
 def facts_source_of(spec: str, cfg: EvalConfig) -> str:
     """The dense source whose known facts define a model's retention."""
     if cfg.facts_source:
@@ -350,6 +366,7 @@ def run(cfg: EvalConfig) -> Path:
     check_replaceable(cfg.out, "eval.json")
     if "facts" in cfg.task_list:
         evaluation_facts(cfg)  # a fact file's errors before any model loads
+        check_facts_source(cfg.facts_source)
     rows = []
     for spec in cfg.model:
         log.info("evaluating %s", spec)
