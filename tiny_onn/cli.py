@@ -161,14 +161,16 @@ def _quiet_libraries() -> None:
 
 def interrupted_note(stage: str, cfg) -> str:
     """What an interrupted command kept, and how to continue: the resumable stages keep their finished work."""
-    out = Path(getattr(cfg, "out", "") or ".") if cfg is not None else None
-    checkpoints = out / "checkpoints" if out is not None else None
+    if not getattr(cfg, "out", ""):  # interrupted before the options were read, or a command without outputs
+        return "no partial artifact was kept"
+    out = Path(cfg.out)
+    checkpoints = out / "checkpoints"
     if stage == "train" and checkpoints.is_dir() and any(checkpoints.iterdir()):
         return (f"no trained model was written; the checkpoints in {checkpoints} are kept: add --resume to the same "
                 "command to continue")
     if stage == "distil-data" and (out / "corpus.json").is_file():
         return f"the unfinished corpus in {out} is kept: run the same command again to continue it"
-    if stage == "alchemy" and out is not None and out.is_dir() and any(out.iterdir()):
+    if stage == "alchemy" and out.is_dir() and any(out.iterdir()):
         return (f"the finished stages (and any training checkpoints) in {out} are kept: run the same command again to "
                 "continue")
     return "no partial artifact was kept"
