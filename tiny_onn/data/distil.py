@@ -204,9 +204,12 @@ def run(cfg: DistilDataConfig) -> Path:
     settings = _settings(cfg)
     if meta_path.is_file():
         meta = read_json(meta_path, "corpus metadata")
-        if meta.get("settings") != settings:
-            raise TinyOnnError(f"{out} holds a corpus made with other settings ({meta.get('settings')}); "
-                               "choose another --out or remove that folder")
+        saved = meta.get("settings") or {}
+        if saved != settings:
+            changed = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise TinyOnnError(f"{out} holds a corpus made with other settings ({shown}); give its own settings to "
+                               "continue it, or choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise TinyOnnError(f"{out} exists and is not a corpus folder; choose another --out")
     teacher = load_source(SourceArgs(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
