@@ -59,6 +59,20 @@ def test_alchemy_runs_reuses_and_resumes(pipeline, tmp_path, monkeypatch, capsys
     assert main(["alchemy", "--config", str(pipeline), "--out", str(a)]) == 0
     stages = json.loads((a / "alchemy.json").read_text())["stages"]
     assert set(stages.values()) == {"reused"}
+    # a rerun with other training settings that fails does not leave the earlier run's summary behind
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(pipeline.read_text().replace("steps: 6,", "steps: 5,"))
+
+    def failing(cfg):
+        from tiny_onn.errors import TinyOnnError
+
+        raise TinyOnnError("training failed")
+
+    monkeypatch.setattr("tiny_onn.train.run", failing)
+    assert main(["alchemy", "--config", str(changed), "--out", str(a)]) == 2
+    assert not (a / "summary.md").exists() and not (a / "alchemy.json").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
 
     # killed during training, then started again: continues from the last checkpoint, same final numbers
     calls = {"n": 0}

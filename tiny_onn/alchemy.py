@@ -134,6 +134,10 @@ def run(acfg: AlchemyConfig) -> Path:
 
     out = Path(acfg.out)
     cfgs = _stage_configs(acfg)
+    # the summary describes a finished run: it is written again at the end, and a run that stops before then (a stage
+    # failing after earlier ones reran) must not leave the previous run's summary beside changed artifacts
+    for stale in (out / "summary.md", out / "alchemy.json"):
+        stale.unlink(missing_ok=True)
     done: dict[str, str] = {}
     records_path = out / STAGE_RECORDS
     records = json.loads(records_path.read_text()) if records_path.is_file() else {}
@@ -269,5 +273,6 @@ def summary(acfg: AlchemyConfig, out: Path) -> str:
     """What the CLI prints: where things are, then the summary (ending with the side-by-side answers)."""
     stages = json.loads((Path(out) / "alchemy.json").read_text())["stages"]
     ran = ", ".join(f"{k} {v}" for k, v in stages.items())
-    return (f"stages: {ran}\nresults in {out}: summary.md, eval/, report/dashboard.html, moe/, train/model/\n\n"
+    trained = "" if acfg.skip_train else ", train/model/"
+    return (f"stages: {ran}\nresults in {out}: summary.md, eval/, report/dashboard.html, moe/{trained}\n\n"
             + (Path(out) / "summary.md").read_text())
