@@ -78,6 +78,8 @@ CASES = {
     "carve: top-k above experts": (["carve", "--scan", "{scan}", "--experts", "4", "--top-k", "6"], "top_k must be"),
     "carve: more experts than neurons": (["carve", "--scan", "{scan}", "--model", "{dense}", "--experts", "500"],
                                          "500 experts need at least 500"),
+    "carve: preset and a layout option": (["carve", "--scan", "{scan}", "--preset", "seed", "--experts", "4"],
+                                          "--preset seed sets experts = 100, but experts = 4 was also given"),
     "carve: no PCA components": (["carve", "--scan", "{scan}", "--pca-dims", "0"], "pca_dims positive"),
     "carve: keep out of range": (["carve", "--scan", "{scan}", "--keep", "1.2"], "keep must be in (0, 1]"),
     "train: a dense model": (["train", "--model", "{dense}", "--data", "{data}"], "only --policy full applies"),

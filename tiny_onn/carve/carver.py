@@ -146,7 +146,11 @@ class CarveConfig(SourceArgs):
         if self.preset:
             if self.preset not in PRESETS:
                 raise TinyOnnError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for k, v in PRESETS[self.preset].items():
+                if getattr(self, k) not in (defaults[k], v):  # set by the user to something the preset replaces
+                    raise TinyOnnError(f"--preset {self.preset} sets {k} = {v}, but {k} = {getattr(self, k)} was also "
+                                       f"given; drop one of them")
                 setattr(self, k, v)
         if self.method not in METHODS:
             raise TinyOnnError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
