@@ -47,9 +47,9 @@ def _stored_config(path: Path) -> dict | None:
 
 
 STAGE_RECORDS = "stages.json"
+"""In the run folder: for each stage, the configuration and the identity of the inputs it last ran with."""
 # the sections a pipeline file may hold (the stage commands' other sections, e.g. export, are not run by alchemy)
 ALCHEMY_SECTIONS = ("alchemy", "scan", "distil", "carve", "train", "eval", "interpret")
-"""In the run folder: for each stage, the configuration and the identity of the inputs it last ran with."""
 
 
 def input_identity(spec: str) -> str:
@@ -198,7 +198,7 @@ def run(acfg: AlchemyConfig) -> Path:
     questions = acfg.questions or alchemy_section(acfg.config).get("questions") or []
     if questions:
         final = out / ("moe" if acfg.skip_train else "train/model")
-        table += "\n\n" + side_by_side([str(q) for q in questions], cfgs["scan"].model, str(final), cfgs["eval"].device)
+        table += "\n\n" + side_by_side(questions, cfgs["scan"].model, str(final), cfgs["eval"].device)
     (out / "summary.md").write_text(table + "\n")
     write_json(out / "alchemy.json", {"stages": done, "config_file": acfg.config})
     return out

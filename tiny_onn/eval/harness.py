@@ -31,7 +31,7 @@ from tiny_onn.eval.perplexity import perplexity
 from tiny_onn.eval.probe import factual_probe
 from tiny_onn.eval.tasks import load_mc, score_mc
 from tiny_onn.sources import SMOLLM2_ALIAS, SourceArgs, load_source
-from tiny_onn.sources.loading import recorded_model
+from tiny_onn.sources.loading import looks_like_local_path, recorded_model
 
 log = logging.getLogger(__name__)
 KNOWN_TASKS = ("ppl", "general", "facts", "probe", "humaneval", "speed", "curve")
@@ -224,8 +224,7 @@ def check_facts_source(spec: str) -> None:
     if path.is_dir() and config.is_file() and read_json(config, "model config").get("model_type") == "tiny_onn":
         raise TinyOnnError(f"--facts-source {spec} is a carved MoE; give the dense source whose known facts define "
                            "retention (the model it was carved from)")
-    looks_local = spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") != 1
-    if looks_local and not path.exists():
+    if (spec.endswith(".gguf") or looks_like_local_path(spec)) and not path.exists():
         raise TinyOnnError(f"--facts-source {spec}: no such file or folder; give the dense source's folder, a .gguf "
                            "or smollm2")
 

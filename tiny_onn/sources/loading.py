@@ -164,6 +164,11 @@ def gguf_to_cached_folder(path: Path) -> Path:
     return folder
 
 
+def looks_like_local_path(spec: str) -> bool:
+    """Whether a model spec that names nothing on disk was meant as a local path (a hub id is `org/name`)."""
+    return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or spec.count("/") != 1
+
+
 def _resolve(spec: str) -> tuple[str, str]:
     """Return (what to pass to from_pretrained, a human description of the origin)."""
     if spec == SMOLLM2_ALIAS:
@@ -178,8 +183,7 @@ def _resolve(spec: str) -> tuple[str, str]:
         return str(path), f"folder {path}"
     if path.exists():
         raise TinyOnnError(f"{path} is a file but not a .gguf; give a .gguf file, a model folder or a hub id")
-    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] or spec.count("/") != 1
-    if looks_like_path:
+    if looks_like_local_path(spec):
         raise TinyOnnError(f"model not found: {spec!r} is not an existing file or folder, nor '{SMOLLM2_ALIAS}' or a hub id")
     return spec, f"hub {spec}"
 

@@ -807,7 +807,7 @@ def check_train_out(cfg: TrainConfig) -> None:
     replace something that is not an earlier trained model, or the very model being trained."""
     model_out = check_replaceable(Path(cfg.out) / "model", "config.json")
     given = Path(cfg.model).expanduser()
-    if given.is_dir() and given.absolute().resolve() == model_out.resolve():
+    if given.is_dir() and given.resolve() == model_out.resolve():
         raise TinyOnnError(f"--out {cfg.out} would write the trained model over the model being trained ({cfg.model}); "
                            "give another --out")
 
