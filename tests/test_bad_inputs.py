@@ -27,6 +27,7 @@ def world(tiny_moe, tmp_path_factory):
     (root / "section.yaml").write_text("Scan:\n  tokens: 3\n")  # a misspelt section
     (root / "questions.yaml").write_text("alchemy:\n  questions: What is 12 + 7?\n")  # one string, not a list
     (root / "export_section.yaml").write_text("export:\n  quant: q4_0\n")  # a section alchemy does not run
+    (root / "few_experts.yaml").write_text("carve:\n  experts: 2\n  top_k: 1\ntrain:\n  policy: smk2\n  max_k: 4\n")
     other = root / "other_dense"  # the same shape as the MoE's source, other weights
     make_tiny_model("llama", _vocab(moe), seed=7).save_pretrained(other)
     shutil.copy(moe / "tokenizer.json", other / "tokenizer.json")
@@ -65,6 +66,10 @@ CASES = {
     "scan: unknown option in YAML": (["scan", "--config", "{root}/unknown.yaml"], "unknown option(s)"),
     "alchemy: questions as one string": (["alchemy", "--config", "{root}/questions.yaml"],
                                          "questions must be a list of non-empty strings"),
+    "alchemy: smk2 updating more experts than the carve makes": (["alchemy", "--config", "{root}/few_experts.yaml"],
+                                                                "updates max_k = 4 experts per layer, but carve makes 2"),
+    "carve: exportable weighting with an output bias": (["carve", "--scan", "{scan}", "--expert-weighting", "probs",
+                                                         "--output-bias"], "drop one of them"),
     "alchemy: a section it does not run": (["alchemy", "--config", "{root}/export_section.yaml"],
                                            "section 'export' is not read here"),
     "scan: misspelt YAML section": (["scan", "--config", "{root}/section.yaml"], "section 'Scan' is not read here"),
@@ -84,7 +89,7 @@ CASES = {
     "carve: keep out of range": (["carve", "--scan", "{scan}", "--keep", "1.2"], "keep must be in (0, 1]"),
     "train: a dense model": (["train", "--model", "{dense}", "--data", "{data}"], "only --policy full applies"),
     "train: max-k above experts": (["train", "--model", "{moe}", "--data", "{data}", "--max-k", "99"],
-                                   "larger than the model's 4 experts"),
+                                   "larger than the model's 4 experts per layer: give --max-k 4"),
     "train: top-p above 1": (["train", "--model", "{moe}", "--data", "{data}", "--top-p", "1.5"], "top_p must be in"),
     "train: negative warm-up": (["train", "--model", "{moe}", "--data", "{data}", "--warmup-steps", "-2"],
                                 "warmup_steps must be non-negative"),

@@ -120,7 +120,20 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     final = str(out / "moe") if acfg.skip_train else str(out / "train" / "model")
     interp = make_config(InterpretConfig, {**raw["interpret"], "model": final, "out": str(out / "report")},
                          f"{acfg.config} [interpret]")
+    check_policy_fits_carve(train, carve, acfg.config, acfg.skip_train)
     return {"scan": scan, "distil": distil, "carve": carve, "train": train, "eval": ev, "interpret": interp}
+
+
+def check_policy_fits_carve(train, carve, where: str, skip_train: bool) -> None:
+    """Before any stage runs: smk/smk2 update k experts per layer, so the carve must make at least k (train would
+    otherwise find out only after the scan and the carve)."""
+    k = train.max_k if train.policy == "smk2" else train.min_k
+    if skip_train or train.policy == "full" or k <= carve.experts:
+        return
+    option = "max_k" if train.policy == "smk2" else "min_k"
+    raise TinyOnnError(f"{where}: train's policy {train.policy} updates {option} = {k} experts per layer, but carve "
+                       f"makes {carve.experts}: set carve's experts to at least {k}, or train's {option} to "
+                       f"{carve.experts} or less, or train's policy to full")
 
 
 def _config_json(cfg) -> dict:

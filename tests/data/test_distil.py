@@ -101,3 +101,22 @@ def test_resume_refuses_a_corpus_whose_prompts_changed(tiny_model_dir, tmp_path)
     (folder / "corpus.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     with pytest.raises(TinyOnnError, match="answers other prompts"):
         distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", max_prompts=8))
+
+
+def test_a_smaller_max_prompts_never_cuts_a_corpus(tiny_model_dir, tmp_path):
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", max_prompts=8))
+    before = (folder / "corpus.jsonl").read_bytes()
+    with pytest.raises(TinyOnnError, match="holds a corpus of 8 records, more than the 4"):
+        distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", max_prompts=4))
+    assert (folder / "corpus.jsonl").read_bytes() == before
+
+
+def test_the_same_teacher_by_another_path_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", max_prompts=4))
+    monkeypatch.chdir(tiny_model_dir.parent)
+    relative = _cfg(tiny_model_dir, tmp_path / "corpus", max_prompts=8)
+    relative.model = tiny_model_dir.name
+    distil_module.run(relative)
+    meta = json.loads((folder / "corpus.json").read_text())
+    assert meta["records"] == 8 and meta["complete"]
+    assert meta["settings"]["model"] == str(tiny_model_dir)  # as first given

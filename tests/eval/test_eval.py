@@ -225,3 +225,17 @@ def test_table_notes_models_that_tokenize_differently():
     assert "tokenize differently" not in markdown_table([row("a", "t1"), row("b", "t1")])
     note = markdown_table([row("a", "t1"), row("b", "t2"), row("c", "t1")]).splitlines()[-1]
     assert "tokenize differently (a, c; b)" in note
+
+
+def test_table_says_how_many_tokens_each_perplexity_scored():
+    from tiny_onn.eval.harness import markdown_table
+
+    def row(name, general_tokens):
+        return {"model": name, "kind": "dense", "params": {"total": 1e6, "active_per_token": 1e6},
+                "flops_per_token": 1e9, "perplexity": {"ppl": 10.0, "tokens": 4096},
+                "general": {"ppl": 20.0, "tokens": general_tokens}, "memory": {"weights_bytes": 2**20}}
+
+    same = markdown_table([row("a", 37), row("b", 37)]).splitlines()[-1]
+    assert same == "Perplexities scored on: mix held-out 4,096, general text 37 tokens."
+    differ = markdown_table([row("a", 37), row("b", 2048)]).splitlines()[-1]
+    assert "a: mix held-out 4,096, general text 37; b: mix held-out 4,096, general text 2,048" in differ

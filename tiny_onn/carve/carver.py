@@ -194,6 +194,9 @@ class CarveConfig(SourceArgs):
                                                  or self.router_input != "ffn"):
             raise TinyOnnError("expert_weighting probs is the llama.cpp-exportable layout: use it with --router flat, "
                                "--router-score linear, --router-input ffn and --top-p 0")
+        if self.expert_weighting == "probs" and self.output_bias:
+            raise TinyOnnError("expert_weighting probs is the llama.cpp-exportable layout, and --output-bias adds a bias "
+                               "llama.cpp's MoE FFNs do not have: drop one of them")
         if not 0.0 <= self.top_p <= 1.0:
             raise TinyOnnError(f"top_p must be in [0, 1], got {self.top_p}")
         max_k = self.max_k or self.experts

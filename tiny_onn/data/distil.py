@@ -29,6 +29,7 @@ from tiny_onn.artifacts import read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
+from tiny_onn.sources.loading import absolute_model_path
 
 FORMAT = "tiny_onn.corpus/1"
 PROMPT_SETS = ("facts", "open", "mix")
@@ -171,9 +172,21 @@ def build_prompts(cfg: DistilDataConfig) -> list[tuple[str, str]]:
 
 def _settings(cfg: DistilDataConfig) -> dict:
     """What determines the corpus' records (a resumed run must match it). `max_prompts` is not among them: a corpus can
-    be extended or cut later (its first N records equal those of a larger corpus when N is a multiple of batch_size)."""
+    be extended later (its first N records equal those of a larger corpus when N is a multiple of batch_size)."""
     keep = ("model", "prompts", "data", "facts", "max_new_tokens", "temperature", "batch_size", "seed")
     return {k: getattr(cfg, k) for k in keep}
+
+
+def _changed_settings(meta: dict, settings: dict) -> list[str]:
+    """The settings that differ from those a corpus was written with; the model compares by where it is on disk, so
+    the same folder given by a relative and an absolute path is the same teacher."""
+    saved = meta.get("settings") or {}
+    changed = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if "model" in changed:
+        saved_place = meta.get("model_path") or absolute_model_path(str(saved.get("model") or ""))
+        if saved_place and saved_place == absolute_model_path(str(settings.get("model") or "")):
+            changed.remove("model")
+    return changed
 
 
 def _complete_records(path: Path) -> list[dict]:
@@ -202,36 +215,39 @@ def run(cfg: DistilDataConfig) -> Path:
     out = Path(cfg.out)
     meta_path, data_path = out / "corpus.json", out / "corpus.jsonl"
     settings = _settings(cfg)
-    if meta_path.is_file():
-        meta = read_json(meta_path, "corpus metadata")
-        saved = meta.get("settings") or {}
-        if saved != settings:
-            changed = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    saved_meta = read_json(meta_path, "corpus metadata") if meta_path.is_file() else None
+    if saved_meta is not None:
+        saved = saved_meta.get("settings") or {}
+        if changed := _changed_settings(saved_meta, settings):
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise TinyOnnError(f"{out} holds a corpus made with other settings ({shown}); give its own settings to "
                                "continue it, or choose another --out")
+        settings = {**settings, "model": saved.get("model", settings["model"])}  # the same teacher, as first given
     elif out.exists() and any(out.iterdir()):
         raise TinyOnnError(f"{out} exists and is not a corpus folder; choose another --out")
-    teacher = load_source(SourceArgs(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                     load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code))
-    tok = teacher.tokenizer
     prompts = build_prompts(cfg)
     if not prompts:
         raise TinyOnnError(f"the prompt sets ({cfg.prompts}) are empty: nothing to generate. The facts set uses only "
                            f"the training split of {cfg.facts!r} (evaluation facts are never distilled), the open set "
                            "drops topics that evaluation facts name, the mix set uses the data's first user turns")
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "teacher": cfg.model, "teacher_origin": teacher.origin,
-            "tokenizer_digest": tokenizer_digest(tok), "settings": settings, "prompts": len(prompts),
-            "config": config_to_dict(cfg), "versions": versions(), "complete": False}
     records = _complete_records(data_path)
+    if (had := len(records)) > len(prompts):
+        raise TinyOnnError(f"{out} holds a corpus of {had} records, more than the {len(prompts)} these settings ask "
+                           f"for (--max-prompts {cfg.max_prompts}); its records are never cut: give --max-prompts "
+                           f"{had} or more to reuse or extend it, or choose another --out")
     written = [r["messages"][0]["content"] for r in records]
     if written != [p for _, p in prompts[: len(written)]]:
         raise TinyOnnError(f"the corpus in {out} answers other prompts than these settings give now (the training mix "
                            "or the facts changed since it was written); write a new corpus with another --out")
-    if len(records) >= len(prompts):
-        records = records[: len(prompts)]  # a smaller corpus is the first records of a larger one
-    else:
+    teacher = load_source(SourceArgs(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                     load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code))
+    tok = teacher.tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = (saved_meta or {}).get("model_path") or absolute_model_path(cfg.model)
+    meta = {"format": FORMAT, "teacher": cfg.model, "teacher_origin": teacher.origin, "model_path": model_path,
+            "tokenizer_digest": tokenizer_digest(tok), "settings": settings, "prompts": len(prompts),
+            "config": config_to_dict(cfg), "versions": versions(), "complete": False}
+    if len(records) < len(prompts):
         records = records[: len(records) - len(records) % cfg.batch_size]  # a partly written batch is generated again
     done = len(records)
     if done != len(_complete_records(data_path)):

@@ -179,6 +179,9 @@ def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
     if "general" in tasks:
         general = build_general_dataset(tok, cfg.general, cfg.seq_len, cfg.general_tokens)
         row["general"] = perplexity(model, general)
+        if row["general"]["tokens"] < cfg.general_tokens:
+            log.warning("general text %s holds %d scorable tokens, fewer than --general-tokens %d: its perplexity "
+                        "is noisier than usual", cfg.general, row["general"]["tokens"], cfg.general_tokens)
     if "facts" in tasks:
         row["facts"] = facts_row(spec, model, tok, cfg)
     if "probe" in tasks:
@@ -313,6 +316,7 @@ def markdown_table(rows: list[dict]) -> str:
             extra.append(f"| {r['model']} | HumanEval | pass@1 {r['humaneval']['pass@1']:.3f} | {r['humaneval']['n']} |")
     if extra:
         lines += ["", "| model | task | score | items |", "|---|---|---|---|", *extra]
+    lines += scored_tokens_note(rows)
     groups: dict[str, list[str]] = {}
     for r in rows:
         groups.setdefault(r.get("tokenizer", ""), []).append(r["model"])
@@ -321,6 +325,23 @@ def markdown_table(rows: list[dict]) -> str:
         lines += ["", f"Note: these models tokenize differently ({names}). Perplexities are per token of each model's "
                   "own tokenizer and chat template, so they compare only within a group."]
     return "\n".join(lines)
+
+
+def scored_tokens_note(rows: list[dict]) -> list[str]:
+    """How many tokens each perplexity was scored on (one line when every model's are the same), so that a
+    perplexity from a small text file reads as what it is."""
+    def counts(r: dict) -> str:
+        parts = [f"{label} {r[key]['tokens']:,}" for key, label in (("perplexity", "mix held-out"),
+                                                                     ("general", "general text"))
+                 if "tokens" in r.get(key, {})]
+        return ", ".join(parts)
+
+    per_model = {r["model"]: counts(r) for r in rows if counts(r)}
+    if not per_model:
+        return []
+    if len(set(per_model.values())) == 1:
+        return ["", f"Perplexities scored on: {next(iter(per_model.values()))} tokens."]
+    return ["", "Perplexities scored on (tokens): " + "; ".join(f"{m}: {c}" for m, c in per_model.items()) + "."]
 
 
 def _short_name(spec: str) -> str:

@@ -390,7 +390,9 @@ def check_model_fits_config(model, cfg: TrainConfig) -> None:
     E = model.config.num_experts
     k = cfg.max_k if cfg.policy == "smk2" else cfg.min_k
     if cfg.policy != "full" and k > E:
-        raise TinyOnnError(f"{'max_k' if cfg.policy == 'smk2' else 'min_k'} ({k}) is larger than the model's {E} experts")
+        option = "--max-k" if cfg.policy == "smk2" else "--min-k"
+        raise TinyOnnError(f"{option} {k} is larger than the model's {E} experts per layer: give {option} {E} or "
+                           f"less, or --policy full")
 
 
 def build_optimizer(model, cfg: TrainConfig) -> MaskedAdamW:
