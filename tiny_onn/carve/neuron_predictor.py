@@ -14,7 +14,6 @@ is exact and the selection is the neuron oracle's.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from transformers import PreTrainedModel
 from tiny_onn.data import PackedData
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import swiglu_mlps
+from tiny_onn.sources.architecture import patched_forwards
 
 
 @dataclass
@@ -164,13 +164,11 @@ def predicted_neurons(dense: PreTrainedModel, predictors: list[NeuronPredictor],
     if len(predictors) != len(mlps):
         raise TinyOnnError(f"{len(predictors)} neuron predictors for a model with {len(mlps)} SwiGLU FFNs: fit them "
                            "on this model (fit_neuron_predictors)")
+    forwards = []
     for mlp, predictor in zip(mlps, predictors, strict=True):
         width = mlp.gate_proj.weight.shape[0]
         keep = max(1, math.floor(fraction * width + 0.5))
         candidates = min(width, math.floor(candidate_factor * keep + 0.5)) if candidate_factor else 0
-        mlp.forward = types.MethodType(_predicted_forward(predictor, keep, candidates), mlp)
-    try:
+        forwards.append(_predicted_forward(predictor, keep, candidates))
+    with patched_forwards(mlps, forwards):
         yield dense
-    finally:
-        for mlp in mlps:
-            del mlp.forward

@@ -179,9 +179,10 @@ def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
     if "general" in tasks:
         general = build_general_dataset(tok, cfg.general, cfg.seq_len, cfg.general_tokens)
         row["general"] = perplexity(model, general)
-        if row["general"]["tokens"] < cfg.general_tokens:
-            log.warning("general text %s holds %d scorable tokens, fewer than --general-tokens %d: its perplexity "
-                        "is noisier than usual", cfg.general, row["general"]["tokens"], cfg.general_tokens)
+        if general.num_tokens < cfg.general_tokens:
+            log.warning("general text %s holds %d tokens, fewer than --general-tokens %d: its perplexity (%d tokens "
+                        "scored) is noisier than usual", cfg.general, general.num_tokens, cfg.general_tokens,
+                        row["general"]["tokens"])
     if "facts" in tasks:
         row["facts"] = facts_row(spec, model, tok, cfg)
     if "probe" in tasks:

@@ -15,7 +15,6 @@ neuron, so they measure quality, not speed.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -24,6 +23,7 @@ from transformers import PreTrainedModel
 
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import swiglu_mlps
+from tiny_onn.sources.architecture import patched_forwards
 
 
 def run_with_hooks(model: torch.nn.Module, batches: Iterable[dict], handles: list) -> None:
@@ -60,13 +60,8 @@ def oracle_expert_routing(moe: PreTrainedModel) -> Iterator[PreTrainedModel]:
     if moe.config.model_type != "tiny_onn":
         raise TinyOnnError(f"oracle expert routing needs a carved TinyOnn model, got a '{moe.config.model_type}' model")
     blocks = [layer.mlp for layer in moe.model.layers]
-    for block in blocks:
-        block.forward = types.MethodType(_oracle_block_forward, block)
-    try:
+    with patched_forwards(blocks, [_oracle_block_forward] * len(blocks)):
         yield moe
-    finally:
-        for block in blocks:
-            del block.forward  # back to the class's forward
 
 
 def _neuron_oracle_forward(keep: int):
@@ -91,14 +86,9 @@ def neuron_oracle(dense: PreTrainedModel, fraction: float | list[float]) -> Iter
     for f in fractions:
         if not 0.0 < f <= 1.0:
             raise TinyOnnError(f"the neuron oracle's fraction must be in (0, 1], got {f}")
-    for mlp, f in zip(mlps, fractions, strict=True):
-        keep = max(1, math.floor(f * mlp.gate_proj.weight.shape[0] + 0.5))
-        mlp.forward = types.MethodType(_neuron_oracle_forward(keep), mlp)
-    try:
+    keeps = [max(1, math.floor(f * mlp.gate_proj.weight.shape[0] + 0.5)) for mlp, f in zip(mlps, fractions, strict=True)]
+    with patched_forwards(mlps, [_neuron_oracle_forward(keep) for keep in keeps]):
         yield dense
-    finally:
-        for mlp in mlps:
-            del mlp.forward
 
 
 def _neuron_scores(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,13 +174,8 @@ def neuron_threshold_oracle(dense: PreTrainedModel, thresholds: list[float],
     if len(thresholds) != len(mlps):
         raise TinyOnnError(f"{len(thresholds)} neuron thresholds for a model with {len(mlps)} FFNs")
     counts = counts if counts is not None else KeptNeurons(len(mlps))
-    for i, (mlp, tau) in enumerate(zip(mlps, thresholds, strict=True)):
-        mlp.forward = types.MethodType(_threshold_oracle_forward(tau, i, counts), mlp)
-    try:
+    with patched_forwards(mlps, [_threshold_oracle_forward(tau, i, counts) for i, tau in enumerate(thresholds)]):
         yield dense
-    finally:
-        for mlp in mlps:
-            del mlp.forward
 
 
 @torch.no_grad()

@@ -527,6 +527,8 @@ class TinyOnnExperts(DecodeKernelModule):
 
     def _down_flat(self) -> torch.Tensor:
         E, D, inter = self.down_proj.shape
+        if inter == 1:  # one-neuron experts: [E, D] rows transposed, a view (no copy of the weights per call)
+            return self.down_proj.view(E, D).T
         return self.down_proj.permute(1, 0, 2).reshape(D, E * inter)  # [D, E·I], a copy
 
     def _up_rows(self) -> torch.Tensor:
@@ -973,15 +975,20 @@ class TinyOnnRouter(DecodeKernelModule):
             pre.up_NF = up_NMI.new_zeros(N, E, inter).scatter(1, cand_NMI, up_NMI).view(N, E * inter)
         return pre
 
-    def estimated_scores(self, x_ND: torch.Tensor, gate_NF: torch.Tensor | None = None) -> torch.Tensor:
+    def estimated_scores(self, x_ND: torch.Tensor, gate_NF: torch.Tensor | None = None,
+                         act_gate_NF: torch.Tensor | None = None) -> torch.Tensor:
         """The activation scorers' estimated expert scores [N, E] = Σ_j |ĥ_j|·|c_j| over each expert's neurons, in
-        float32 (`gate_NF`: a gate router's exact gate pre-activations, when already computed): a one-stage router's
-        scores, a two-stage router's first stage."""
-        if self.exact_gate:
-            g_NF = F.linear(x_ND.float(), self.gate_rows().float()) if gate_NF is None else gate_NF
+        float32 (`gate_NF`: a gate router's exact gate pre-activations, when already computed; `act_gate_NF`: their
+        activations act(gate_NF), when already computed): a one-stage router's scores, a two-stage router's first
+        stage."""
+        if act_gate_NF is not None:
+            h_NF = act_gate_NF
         else:
-            g_NF = F.linear(F.linear(x_ND, self.gate_in.float()), self.gate_out.float())
-        h_NF = self.act_fn(g_NF)
+            if self.exact_gate:
+                g_NF = F.linear(x_ND.float(), self.gate_rows().float()) if gate_NF is None else gate_NF
+            else:
+                g_NF = F.linear(F.linear(x_ND, self.gate_in.float()), self.gate_out.float())
+            h_NF = self.act_fn(g_NF)
         if hasattr(self, "up_in"):
             h_NF = h_NF * F.linear(F.linear(x_ND, self.up_in.float()), self.up_out.float())
         return self._per_expert(h_NF.abs() * self.neuron_scale.float().abs())
@@ -1202,17 +1209,19 @@ class TinyOnnSparseMoeBlock(nn.Module):
             g_NF, u_NF = router._decode_preactivations(x32)
         else:
             g_NF, u_NF = F.linear(x32, router.gate_rows().float()), F.linear(x32, router._expert_rows(1).float())
+        act_NF = router.act_fn(g_NF)  # one neuron per expert: F = E
         with torch.no_grad():
-            cand_NM = router.estimated_scores(x32, g_NF).topk(router.num_candidates, dim=-1, sorted=False).indices
-        h_NF = router.act_fn(g_NF) * u_NF  # every neuron's SwiGLU activation (one neuron per expert: F = E)
+            est_NE = router.estimated_scores(x32, g_NF, act_gate_NF=act_NF)
+            cand_NM = est_NE.topk(router.num_candidates, dim=-1, sorted=False).indices
         # the general path's log-scores, ranked over all experts as it ranks them: scores below 1e-12 tie there, and
         # ranking the candidates alone would break those ties otherwise (a different neuron of ~0 output, which can
-        # still flip a near-tie of a later layer); the same tensor gives the same selection, in the same order
-        exact_NE = h_NF.abs() * router.down_norm.float().abs()
-        outside_NE = torch.ones_like(exact_NE, dtype=torch.bool).scatter_(1, cand_NM, False)
-        logits_NE = exact_NE.clamp_min(1e-12).log().masked_fill(outside_NE, NON_CANDIDATE_LOGIT)
+        # still flip a near-tie of a later layer); the same tensor gives the same selection, in the same order. Only
+        # the candidates' activations are formed: the others' logits are the constant the general path gives them.
+        h_NM = act_NF.gather(1, cand_NM) * u_NF.gather(1, cand_NM)  # [N, M] the candidates' SwiGLU activations
+        exact_NM = h_NM.abs() * router.down_norm.float().abs()[cand_NM]
+        logits_NE = torch.full_like(g_NF, NON_CANDIDATE_LOGIT).scatter_(1, cand_NM, exact_NM.clamp_min(1e-12).log())
         idx_NK = logits_NE.topk(self.routing.top_k, dim=-1, sorted=False).indices
-        a_NK = h_NF.gather(1, idx_NK).to(x_ND.dtype)
+        a_NK = (act_NF.gather(1, idx_NK) * u_NF.gather(1, idx_NK)).to(x_ND.dtype)
         E = router.num_experts
         # the sums in the general path's order (the shared expert's output first, accumulated into by the GEMM), so
         # that both paths agree bit for bit: a last-bit difference can flip a near-tie of a later layer's top-k
@@ -1220,7 +1229,7 @@ class TinyOnnSparseMoeBlock(nn.Module):
         if N == 1:  # decode: a weighted sum of the selected down columns, read in place
             y_ND = F.embedding_bag(idx_NK, experts.down_proj.reshape(E, D), per_sample_weights=a_NK, mode="sum")
             return y_ND if shared_ND is None else shared_ND + y_ND
-        a_NF = torch.zeros_like(h_NF, dtype=x_ND.dtype).scatter_(1, idx_NK, a_NK)  # selected activations, 0 elsewhere
+        a_NF = torch.zeros_like(g_NF, dtype=x_ND.dtype).scatter_(1, idx_NK, a_NK)  # selected activations, 0 elsewhere
         if shared_ND is None:
             return F.linear(a_NF, experts._down_flat())
         return torch.addmm(shared_ND, a_NF, experts._down_flat().T)

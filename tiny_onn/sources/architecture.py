@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -63,3 +66,16 @@ def swiglu_mlps(model: PreTrainedModel) -> list[SwiGluMlp]:
             )
         found.append(SwiGluMlp(i, mlp, *parts))
     return found
+
+
+@contextmanager
+def patched_forwards(modules: list[nn.Module], forwards: list) -> Iterator[None]:
+    """Within the block, each module instance runs the given forward (a function of (self, ...)) in place of its
+    class's; restored on exit, also on error."""
+    for module, forward in zip(modules, forwards, strict=True):
+        module.forward = types.MethodType(forward, module)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward  # back to the class's forward
