@@ -28,6 +28,10 @@ def world(tiny_moe, tmp_path_factory):
     (root / "questions.yaml").write_text("alchemy:\n  questions: What is 12 + 7?\n")  # one string, not a list
     (root / "export_section.yaml").write_text("export:\n  quant: q4_0\n")  # a section alchemy does not run
     (root / "few_experts.yaml").write_text("carve:\n  experts: 2\n  top_k: 1\ntrain:\n  policy: smk2\n  max_k: 4\n")
+    (root / "list_model.yaml").write_text("scan:\n  model: [a, b]\n")  # a list for a plain string option
+    (root / "tiny.txt").write_text("Hello world, this is some text.\n")
+    (root / "arc_key.jsonl").write_text('{"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, '
+                                        '"answerKey": "C"}\n')
     other = root / "other_dense"  # the same shape as the MoE's source, other weights
     make_tiny_model("llama", _vocab(moe), seed=7).save_pretrained(other)
     shutil.copy(moe / "tokenizer.json", other / "tokenizer.json")
@@ -119,6 +123,21 @@ CASES = {
     "generate: empty prompt": (["generate", "--model", "{moe}", "--prompt", "  "], "the prompt is empty"),
     "generate: routing on a dense model": (["generate", "--model", "{dense}", "--top-k", "2"], "this model is dense"),
     "alchemy: missing pipeline file": (["alchemy", "--config", "{root}/none.yaml"], "config file not found"),
+    "generate: unknown device": (["generate", "--model", "{moe}", "--device", "gpu"],
+                                 "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    "eval: device in capitals": (["eval", "--model", "{moe}", "--device", "CPU"], "device must be auto, cpu, cuda"),
+    "carve: negative seed": (["carve", "--scan", "{scan}", "--seed", "-1"], "seed must be in [0, 4294967295]"),
+    "distil-data: seed too large": (["distil-data", "--model", "{dense}", "--seed", "100000000000000000000"],
+                                    "seed must be in [0, 4294967295]"),
+    "scan: a list for a string option in YAML": (["scan", "--config", "{root}/list_model.yaml"],
+                                                 "option 'model' in"),
+    "eval: general text too short": (["eval", "--model", "{moe}", "--tasks", "general", "--general", "{root}/tiny.txt",
+                                      "--general-tokens", "1"], "gave no token to score"),
+    "eval: MC task file is a folder": (["eval", "--model", "{moe}", "--tasks", "ppl,mc:{root}"], "is a folder"),
+    "eval: MC task without a file": (["eval", "--model", "{moe}", "--tasks", "mc:"], "no task file given"),
+    "eval: ARC answer key outside its labels": (["eval", "--model", "{moe}", "--tasks", "mc:{root}/arc_key.jsonl"],
+                                                "answerKey 'C' is not one of the labels A, B"),
+    "export: corrupt weights": (["export", "--model", "{broken_moe}"], "is corrupt or truncated"),
 }
 
 
@@ -205,3 +224,79 @@ def test_ctrl_c_mid_scan_leaves_nothing(world, tmp_path, monkeypatch, capsys):
                  "--out", str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_out_under_a_file_is_refused_before_any_work(world, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("precious")
+    under = str(a_file / "sub")
+    cases = [
+        ["scan", "--model", str(world["dense"]), "--data", str(world["data"]), "--out", under],
+        ["carve", "--scan", str(world["scan"]), "--out", under],
+        ["eval", "--model", str(world["moe"]), "--tasks", "ppl", "--out", under],
+        ["interpret", "--model", str(world["moe"]), "--data", str(world["data"]), "--out", under],
+        ["train", "--model", str(world["moe"]), "--data", str(world["data"]), "--out", under],
+        ["train", "--model", str(world["moe"]), "--data", str(world["data"]), "--out", str(a_file)],
+        ["distil-data", "--model", str(world["dense"]), "--out", under],
+        ["distil-data", "--model", str(world["dense"]), "--out", str(a_file)],
+        ["export", "--model", str(world["moe"]), "--out", under + ".gguf"],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert ("is a file, not a folder" in err or "is not a folder" in err) and len(err.splitlines()) == 1, err
+    assert a_file.read_text() == "precious"
+
+
+def test_train_never_replaces_a_folder_it_did_not_write(world, tmp_path, capsys):
+    """A training run's --out that holds a user's files, or whose `model` is a model that is not a trained one (here
+    the teacher itself), is refused before any work; both are left as they were."""
+    user = tmp_path / "proj"
+    user.mkdir()
+    (user / "notes.txt").write_text("precious")
+    base = ["train", "--model", str(world["moe"]), "--data", str(world["data"]), "--steps", "1", "--batch-size", "2",
+            "--seq-len", "32", "--eval-tokens", "0"]
+    assert main(base + ["--out", str(user)]) == 2
+    assert "already holds other things than a training run's outputs (notes.txt)" in capsys.readouterr().err
+    run = tmp_path / "run"
+    shutil.copytree(world["dense"], run / "model")
+    teacher_files = sorted(p.name for p in (run / "model").iterdir())
+    assert main(base + ["--teacher", str(run / "model"), "--kd", "0.5", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"output folder {run / 'model'} already holds other things" in err and "and no train.json" in err, err
+    assert sorted(p.name for p in (run / "model").iterdir()) == teacher_files
+    assert (user / "notes.txt").read_text() == "precious" and sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+
+
+def test_carve_plots_folder_overlapping_the_model_folder_is_refused(world, tmp_path, capsys):
+    for plots, out in ((tmp_path / "p1", tmp_path / "p1"), (tmp_path / "p2", tmp_path / "p2" / "moe")):
+        assert main(["carve", "--scan", str(world["scan"]), "--plots-out", str(plots), "--out", str(out)]) == 2
+        assert "overlap" in capsys.readouterr().err
+        assert not out.exists() and not plots.exists()
+
+
+def test_alchemy_out_holding_a_users_files_is_refused_and_left_alone(world, tmp_path, capsys):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "summary.md").write_text("# my notes")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(f"scan: {{model: {world['dense']}, data: {world['data']}, seq_len: 32}}\n")
+    assert main(["alchemy", "--config", str(config), "--out", str(out)]) == 2
+    assert "is not an earlier alchemy run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["summary.md"] and (out / "summary.md").read_text() == "# my notes"
+    earlier = tmp_path / "earlier"  # an earlier run's folder whose report/ holds a user's page
+    (earlier / "report").mkdir(parents=True)
+    (earlier / "stages.json").write_text("{}")
+    (earlier / "report" / "index.html").write_text("mine")
+    assert main(["alchemy", "--config", str(config), "--out", str(earlier)]) == 2
+    assert "report already holds other things" in capsys.readouterr().err
+    assert not (earlier / "scan").exists() and (earlier / "report" / "index.html").read_text() == "mine"
+
+
+def test_a_run_that_trained_no_step_writes_nothing(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(world["moe"]), "--data", str(world["data"]), "--steps", "2", "--batch-size",
+                 "1", "--seq-len", "2", "--eval-tokens", "0", "--policy", "full", "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no step trained: all 2 step(s) were skipped" in last and "Traceback" not in last
+    assert not out.exists()

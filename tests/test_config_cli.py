@@ -18,6 +18,30 @@ def test_yaml_section_then_flags_override(tmp_path):
     assert cfg.tokens == 123 and cfg.batch_size == 5 and cfg.model == "smollm2"
 
 
+def test_sections_are_never_read_as_options_and_may_be_empty(tmp_path):
+    """carve has a `scan` option: a `scan:` section in a pipeline file is not it; an empty section means defaults."""
+    from tiny_onn.carve import CarveConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("scan:\n  tokens: 64\n")
+    cfg = config_from_args(CarveConfig, build_parser().parse_args(["carve", "--config", str(cfg_file)]), "carve")
+    assert cfg.scan == CarveConfig().scan
+    cfg_file.write_text("scan:\ncarve:\n  experts: 8\n  top_k: 2\n")
+    cfg = config_from_args(ScanConfig, build_parser().parse_args(["scan", "--config", str(cfg_file)]), "scan")
+    assert cfg.tokens == ScanConfig().tokens
+
+
+def test_yaml_lists_join_only_for_comma_separated_options(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("scan:\n  data: [default, extra.jsonl]\n  categories: [chat, math]\n")
+    cfg = config_from_args(ScanConfig, build_parser().parse_args(["scan", "--config", str(cfg_file)]), "scan")
+    assert (cfg.data, cfg.categories) == ("default,extra.jsonl", "chat,math")
+    for option in ("out", "model"):
+        cfg_file.write_text(f"scan:\n  {option}: [a, b]\n")
+        with pytest.raises(TinyOnnError, match=f"option '{option}' .* must be a string, got \\['a', 'b'\\]"):
+            config_from_args(ScanConfig, build_parser().parse_args(["scan", "--config", str(cfg_file)]), "scan")
+
+
 def test_unknown_yaml_key(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("tokenz: 5\n")

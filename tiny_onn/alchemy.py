@@ -86,6 +86,17 @@ def stage_inputs(name: str, cfg) -> dict[str, str]:
     return ids
 
 
+# the options alchemy sets in each stage's section, whatever the section says, and what it sets them to
+ALCHEMY_SETS = {
+    "scan": {"out": "OUT/scan"},
+    "distil": {"out": "OUT/corpus"},
+    "carve": {"scan": "OUT/scan", "out": "OUT/moe", "plots_out": "OUT/carve"},
+    "train": {"model": "the carved OUT/moe", "out": "OUT/train"},
+    "eval": {"model": "the dense source, OUT/moe and OUT/train/model", "out": "OUT/eval"},
+    "interpret": {"model": "the final MoE", "out": "OUT/report"},
+}
+
+
 def _stage_configs(acfg: AlchemyConfig) -> dict:
     from tiny_onn.carve import CarveConfig
     from tiny_onn.data.distil import DistilDataConfig
@@ -100,6 +111,9 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     alchemy_section(acfg.config)
     raw = {k: load_yaml(acfg.config, k) if isinstance(load_yaml(acfg.config).get(k), dict) else {}
            for k in ("scan", "distil", "carve", "train", "eval", "interpret")}
+    for name, keys in ALCHEMY_SETS.items():  # kept in the file for the single-stage commands (`tiny-onn scan --config`)
+        for key in sorted(set(raw[name]) & set(keys)):
+            log.info("%s [%s] %s: alchemy uses %s instead", acfg.config, name, key, keys[key])
     for section in raw.values():  # `{corpus}` in a data spec is this run's teacher-written corpus
         if isinstance(section.get("data"), str):
             section["data"] = section["data"].replace("{corpus}", str(out / "corpus"))
@@ -136,6 +150,35 @@ def check_policy_fits_carve(train, carve, where: str, skip_train: bool) -> None:
                        f"{carve.experts} or less, or train's policy to full")
 
 
+def check_alchemy_out(out: Path, cfgs: dict, skip_train: bool) -> None:
+    """One clear error before any stage runs (and before anything in `out` is removed) when `out` is not new, empty
+    or an earlier alchemy run (marked by its stages.json), or when a stage's folder in it holds something that stage
+    would not replace (a user's `report/`, say)."""
+    from tiny_onn.artifacts import check_folder_can_be_made, check_replaceable
+    from tiny_onn.carve.carver import PLOTS_MARKER, plots_folder
+    from tiny_onn.model.export import CARVE_META
+    from tiny_onn.train.trainer import check_train_out
+
+    path = check_folder_can_be_made(out)
+    if path.exists() and not path.is_dir():
+        raise TinyOnnError(f"--out {out} exists and is not a folder; give another --out")
+    if path.is_dir() and any(path.iterdir()) and not (path / STAGE_RECORDS).is_file():
+        shown = ", ".join(sorted(e.name for e in path.iterdir())[:5])
+        raise TinyOnnError(f"--out {out} already holds other things ({shown}) and no {STAGE_RECORDS}, so it is not an "
+                           "earlier alchemy run, whose outputs alone would be replaced; give a new or empty folder")
+    check_replaceable(out / "scan", "scan.json")
+    check_replaceable(cfgs["carve"].out, CARVE_META)
+    if cfgs["carve"].plots:
+        check_replaceable(plots_folder(cfgs["carve"]), PLOTS_MARKER)
+    if not skip_train:
+        check_train_out(cfgs["train"])
+    check_replaceable(cfgs["eval"].out, "eval.json")
+    check_replaceable(cfgs["interpret"].out, "interpret.json")
+    corpus = out / "corpus"
+    if corpus.exists() and (not corpus.is_dir() or (any(corpus.iterdir()) and not (corpus / "corpus.json").is_file())):
+        raise TinyOnnError(f"{corpus} exists and is not a teacher-written corpus folder; give another --out")
+
+
 def _config_json(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
@@ -147,6 +190,7 @@ def run(acfg: AlchemyConfig) -> Path:
 
     out = Path(acfg.out)
     cfgs = _stage_configs(acfg)
+    check_alchemy_out(out, cfgs, acfg.skip_train)
     # the summary describes a finished run: it is written again at the end, and a run that stops before then (a stage
     # failing after earlier ones reran) must not leave the previous run's summary beside changed artifacts
     for stale in (out / "summary.md", out / "alchemy.json"):

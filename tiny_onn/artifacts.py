@@ -55,25 +55,39 @@ def umask_mode(path: str | os.PathLike) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
 
 
-def check_replaceable(final: str | os.PathLike, marker: str) -> Path:
+def check_folder_can_be_made(final: str | os.PathLike, option: str = "--out") -> Path:
+    """`final` as an absolute path, once no file stands where it or one of its parent folders would be made."""
+    path = Path(final).expanduser().absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TinyOnnError(f"{option} {final}: {parent} is a file, not a folder, so nothing can be written "
+                                   f"under it; give another {option}")
+            break
+    return path
+
+
+def check_replaceable(final: str | os.PathLike, marker: str, option: str = "--out") -> Path:
     """`final` as an absolute path, once it is safe to replace: it does not exist, or it is an empty folder, or an earlier
     output of the same kind (a folder holding `marker`, e.g. scan.json for a scan). Anything else — a file, a folder of
-    other things (an input model, a user's folder), the working folder or one above it — is one clear error, raised
-    before any work is done, so that an output path given by mistake never deletes what it points to."""
-    path = Path(final).expanduser().absolute()
+    other things (an input model, a user's folder), the working folder or one above it, a path under a file — is one
+    clear error, raised before any work is done, so that an output path given by mistake never deletes what it points
+    to. `option`: the command-line option that named `final`, for the message."""
+    path = check_folder_can_be_made(final, option)
     cwd = Path.cwd().absolute()
     if path == cwd or path in cwd.parents or path.parent == path:
         raise TinyOnnError(f"output folder {final}: is the working folder or one above it, which an output would replace; "
-                           "give a new folder, e.g. --out runs/mine")
+                           f"give a new folder, e.g. {option} runs/mine")
     if not path.exists() and not path.is_symlink():
         return path
     if not path.is_dir() or path.is_symlink():
-        raise TinyOnnError(f"output folder {final} exists and is not a folder; give another --out or remove it")
+        raise TinyOnnError(f"output folder {final} exists and is not a folder; give another {option} or remove it")
     entries = list(path.iterdir())
     if entries and not (path / marker).is_file():
         shown = ", ".join(sorted(e.name for e in entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise TinyOnnError(f"output folder {final} already holds other things ({shown}) and no {marker}, so it is not an "
-                           "earlier output of this step, which alone would be replaced; give another --out or remove it")
+                           f"earlier output of this step, which alone would be replaced; give another {option} or remove "
+                           "it")
     return path
 
 

@@ -92,7 +92,9 @@ def check_sections(path: str | Path, options: set[str] = frozenset(), sections: 
 
 
 def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
-    """Read a YAML config; with `section`, return that section if the file has one, else the top level."""
+    """Read a YAML config; with `section`, return that section if the file has one (an empty section: no options),
+    else the top level without other stages' sections (so that carve's `scan` option is never read from a `scan:`
+    section)."""
     path = Path(path)
     if not path.is_file():
         raise TinyOnnError(f"config file not found: {path}")
@@ -104,9 +106,11 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
         raise TinyOnnError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise TinyOnnError(f"config file {path} must hold a mapping of option names to values")
-    if section is not None and isinstance(data.get(section), dict):
-        return data[section]
-    return data
+    if section is None:
+        return data
+    if section in data and (data[section] is None or isinstance(data[section], dict)):
+        return data[section] or {}
+    return {k: v for k, v in data.items() if not (k in SECTIONS and (v is None or isinstance(v, dict)))}
 
 
 def _number(value: Any) -> float | None:
@@ -120,6 +124,10 @@ def _number(value: Any) -> float | None:
     except ValueError:
         return None
     return number if number is not None and math.isfinite(number) else None
+
+
+# string options that hold comma-separated lists, and so may be written as YAML lists too
+COMMA_LIST_OPTIONS = frozenset({"data", "tasks", "categories", "prompts", "replay_data", "ewc_data"})
 
 
 def coerce_option(name: str, value: Any, typ: Any, source: str) -> Any:
@@ -154,8 +162,9 @@ def coerce_option(name: str, value: Any, typ: Any, source: str) -> Any:
             raise wrong("a number")
         return float(number)
     if typ is str:
-        if isinstance(value, list) and value and all(isinstance(v, str | int | float) for v in value):
-            return ",".join(str(v) for v in value)  # the comma-separated options (data, tasks, ...) written as a list
+        if (name in COMMA_LIST_OPTIONS and isinstance(value, list) and value
+                and all(isinstance(v, str | int | float) for v in value)):
+            return ",".join(str(v) for v in value)  # a comma-separated option written as a YAML list
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise wrong("a string")
         return str(value)

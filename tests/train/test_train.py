@@ -250,3 +250,13 @@ def test_step_without_response_tokens_updates_nothing(tiny_moe, tmp_path):
     assert not rec.get("skipped") and rec["ce"] > 0 and rec["scored_tokens"] == int(
         scored_positions(trainer.data.labels[scored : scored + 1])[1].sum())
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters(), strict=True))
+
+
+def test_warm_up_longer_than_the_run_still_reaches_the_full_rate():
+    from tiny_onn.train.trainer import lr_lambda
+
+    # 10 warm-up steps asked for a 4-step run: the ramp is cut to the run's 4 steps, 1/4, 2/4, 3/4, 1
+    assert [lr_lambda(s, 10, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # a normal run: 2 warm-up steps, then the cosine from 1 down to 0.1 over the remaining 4
+    assert [lr_lambda(s, 2, 6) for s in range(2)] == [0.5, 1.0]
+    assert lr_lambda(2, 2, 6) == 1.0 and abs(lr_lambda(4, 2, 6) - (0.1 + 0.9 * 0.5)) < 1e-12

@@ -31,6 +31,7 @@ from tiny_onn.carve.select import METHODS, SHARED_SCORES, keep_scores, shared_sc
 from tiny_onn.carve.weighting import fit_expert_scales
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
+from tiny_onn.data.pipeline import check_seed
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model import TinyOnnForCausalLM
@@ -143,6 +144,7 @@ class CarveConfig(SourceArgs):
 
     def __post_init__(self) -> None:
         SourceArgs.__post_init__(self)
+        check_seed(self.seed)
         if self.preset:
             if self.preset not in PRESETS:
                 raise TinyOnnError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
@@ -378,9 +380,12 @@ def plots_folder(cfg: CarveConfig) -> Path:
 
 def run(cfg: CarveConfig) -> Path:
     """Carve `cfg.scan`'s model and write the MoE folder (and plots)."""
-    check_replaceable(cfg.out, CARVE_META)
+    model_out = check_replaceable(cfg.out, CARVE_META)
     if cfg.plots:
-        check_replaceable(plots_folder(cfg), PLOTS_MARKER)
+        plots_out = check_replaceable(plots_folder(cfg), PLOTS_MARKER, option="--plots-out")
+        if plots_out == model_out or plots_out in model_out.parents or model_out in plots_out.parents:
+            raise TinyOnnError(f"--plots-out {plots_folder(cfg)} and --out {cfg.out} overlap: the plots folder and the "
+                               "model folder would replace each other; give them separate folders (or --no-plots)")
     scan = ScanResult.load(cfg.scan)
     scan_cfg = scan.meta.get("config", {})
     src_args = SourceArgs(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SourceArgs)})

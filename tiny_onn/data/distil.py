@@ -25,8 +25,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from tiny_onn.artifacts import read_json, versions, write_json
+from tiny_onn.artifacts import check_folder_can_be_made, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
+from tiny_onn.data.pipeline import check_seed
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
 from tiny_onn.sources.loading import absolute_model_path
@@ -93,6 +94,7 @@ class DistilDataConfig(SourceArgs):
 
     def __post_init__(self) -> None:
         SourceArgs.__post_init__(self)
+        check_seed(self.seed)
         unknown = [s for s in self.prompt_sets if s not in PROMPT_SETS]
         if unknown or not self.prompt_sets:
             raise TinyOnnError(f"unknown prompt set(s) {unknown or self.prompts!r}; choose from {', '.join(PROMPT_SETS)}")
@@ -213,6 +215,9 @@ def run(cfg: DistilDataConfig) -> Path:
     from tiny_onn.generate import generate_batched
 
     out = Path(cfg.out)
+    check_folder_can_be_made(out)
+    if out.exists() and not out.is_dir():
+        raise TinyOnnError(f"--out {out} exists and is not a folder; give another --out")
     meta_path, data_path = out / "corpus.json", out / "corpus.jsonl"
     settings = _settings(cfg)
     saved_meta = read_json(meta_path, "corpus metadata") if meta_path.is_file() else None

@@ -36,6 +36,16 @@ class DataArgs:
             raise TinyOnnError(f"seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise TinyOnnError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        check_seed(self.seed)
+
+
+SEED_LIMIT = 2**32  # numpy and scikit-learn take seeds in [0, 2**32)
+
+
+def check_seed(seed: int) -> None:
+    """One clear error for a seed the random generators cannot take."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise TinyOnnError(f"seed must be in [0, {SEED_LIMIT - 1}], got {seed}")
 
 
 def cached_examples(spec: str) -> tuple[Example, ...]:

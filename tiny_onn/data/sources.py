@@ -212,6 +212,10 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
 def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
     """(`path:line`, parsed JSON) of each non-blank line of a local jsonl file; one clear error for a missing file
     (named `what`, e.g. "data file"), a line that is not UTF-8 or a line that is not JSON."""
+    if not str(path).strip() or path == Path("."):
+        raise TinyOnnError(f"no {what} given: name a jsonl file")
+    if path.is_dir():
+        raise TinyOnnError(f"{what} {path} is a folder; give a jsonl file")
     if not path.is_file():
         raise TinyOnnError(f"{what} not found: {path}")
     with path.open("rb") as f:

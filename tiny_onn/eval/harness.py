@@ -16,7 +16,7 @@ from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.data.distil import tokenizer_digest
 from tiny_onn.data.facts import Fact, load_facts
-from tiny_onn.data.general import build_general_dataset
+from tiny_onn.data.general import build_general_dataset, general_documents
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval.efficiency import (
     decode_tokens_per_second,
@@ -31,7 +31,7 @@ from tiny_onn.eval.perplexity import perplexity
 from tiny_onn.eval.probe import factual_probe
 from tiny_onn.eval.tasks import load_mc, score_mc
 from tiny_onn.sources import SMOLLM2_ALIAS, SourceArgs, load_source
-from tiny_onn.sources.loading import looks_like_local_path, recorded_model
+from tiny_onn.sources.loading import check_device, looks_like_local_path, recorded_model
 
 log = logging.getLogger(__name__)
 KNOWN_TASKS = ("ppl", "general", "facts", "probe", "humaneval", "speed", "curve")
@@ -91,6 +91,7 @@ class EvalConfig(DataArgs):
             self.model = [self.model]
         if not self.model:
             raise TinyOnnError("give at least one --model")
+        check_device(self.device)
         for name in ("eval_tokens", "general_tokens", "facts_max_new_tokens", "facts_batch", "speed_batch", "repeats"):
             if getattr(self, name) < 1:
                 raise TinyOnnError(f"{name} must be positive, got {getattr(self, name)}")
@@ -179,6 +180,10 @@ def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
     if "general" in tasks:
         general = build_general_dataset(tok, cfg.general, cfg.seq_len, cfg.general_tokens)
         row["general"] = perplexity(model, general)
+        if not row["general"]["tokens"]:
+            raise TinyOnnError(f"the general text {cfg.general!r} gave no token to score (its first "
+                               f"{general.num_tokens} token(s) predict none): give a longer text or a larger "
+                               "--general-tokens")
         if general.num_tokens < cfg.general_tokens:
             log.warning("general text %s holds %d tokens, fewer than --general-tokens %d: its perplexity (%d tokens "
                         "scored) is noisier than usual", cfg.general, general.num_tokens, cfg.general_tokens,
@@ -287,9 +292,10 @@ def _fmt(value, spec: str) -> str:
 
 
 _COLUMNS = (  # (header, value of a row or None, format)
-    ("total params", lambda r: r["params"]["total"] / 1e6, ".1f", "M"),
-    ("active params/token", lambda r: r["params"]["active_per_token"] / 1e6, ".1f", "M"),
-    ("GFLOPs/token", lambda r: r["flops_per_token"] / 1e9, ".3f", ""),
+    # four significant digits: 134.5M for SmolLM2, 0.04150M for a test-sized model (not 0.0M)
+    ("total params", lambda r: r["params"]["total"] / 1e6, ".4g", "M"),
+    ("active params/token", lambda r: r["params"]["active_per_token"] / 1e6, ".4g", "M"),
+    ("GFLOPs/token", lambda r: r["flops_per_token"] / 1e9, ".4g", ""),
     ("mix held-out ppl", lambda r: r.get("perplexity", {}).get("ppl"), ".2f", ""),
     ("general-text ppl", lambda r: r.get("general", {}).get("ppl"), ".2f", ""),
     ("fact acc", lambda r: r.get("facts", {}).get("accuracy"), ".3f", ""),
@@ -297,7 +303,7 @@ _COLUMNS = (  # (header, value of a row or None, format)
     ("probe acc", lambda r: r.get("probe", {}).get("accuracy"), ".2f", ""),
     ("prefill tok/s", lambda r: r.get("prefill_tokens_per_second"), ".0f", ""),
     ("decode tok/s", lambda r: r.get("decode_tokens_per_second"), ".1f", ""),
-    ("weights MB", lambda r: r["memory"]["weights_bytes"] / 2**20, ".0f", ""),
+    ("weights MB", lambda r: r["memory"]["weights_bytes"] / 2**20, ".4g", ""),
 )
 
 
@@ -388,6 +394,11 @@ def run(cfg: EvalConfig) -> Path:
     if "facts" in cfg.task_list:
         evaluation_facts(cfg)  # a fact file's errors before any model loads
         check_facts_source(cfg.facts_source)
+    if "general" in cfg.task_list:
+        general_documents(cfg.general)  # the same for the general text and the multiple-choice files
+    for task in cfg.task_list:
+        if task.startswith("mc:"):
+            load_mc(task[3:])
     rows = []
     for spec in cfg.model:
         log.info("evaluating %s", spec)

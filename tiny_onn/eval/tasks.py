@@ -54,8 +54,13 @@ def _arc(r: dict) -> MCItem:
     else:
         texts = _texts(ch, "choices")
         labels = list(LETTERS[: len(texts)])
-    key = str(r["answerKey"])
-    gold = labels.index(key) if key in labels else int(key) - 1
+    key = str(r["answerKey"]).strip()
+    if key in labels:
+        gold = labels.index(key)
+    elif key.isdigit():
+        gold = int(key) - 1  # a 1-based number, as some ARC items give it
+    else:
+        raise ValueError(f"answerKey {key!r} is not one of the labels {', '.join(labels)}")
     return MCItem(f"Question: {_question(r)}\nAnswer:", tuple(f" {t}" for t in texts), gold)
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from tiny_onn.artifacts import umask_mode
+from tiny_onn.artifacts import check_folder_can_be_made, read_json, umask_mode
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources.loading import model_folder_hint, recorded_model
 
@@ -72,7 +73,7 @@ def read_moe_folder(path: str | Path) -> MoeFolder:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise TinyOnnError(f"{path} has no config.json: not a Hugging Face model folder{model_folder_hint(path)}")
-    config = json.loads(cfg_file.read_text())
+    config = read_json(cfg_file, "model config")
     if config.get("model_type") != "tiny_onn":
         raise TinyOnnError(
             f"{path} is a dense '{config.get('model_type')}' model, not a carved TinyOnn MoE: export the folder written "
@@ -83,9 +84,12 @@ def read_moe_folder(path: str | Path) -> MoeFolder:
         raise TinyOnnError(f"{path} has no *.safetensors weights; re-run the stage that wrote it")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update({k: v.float() for k, v in load_file(f).items()})
+        try:
+            weights.update({k: v.float() for k, v in load_file(f).items()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise TinyOnnError(f"{f} is corrupt or truncated ({e}); re-run the stage that wrote it") from e
     prov_file = path / "provenance.json"
-    provenance = json.loads(prov_file.read_text()) if prov_file.is_file() else {}
+    provenance = read_json(prov_file, "provenance") if prov_file.is_file() else {}
     return MoeFolder(path, config, weights, provenance)
 
 
@@ -352,9 +356,9 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -
 def check_gguf_out(out: str | Path) -> None:
     """One clear error, before converting, when `out` exists and is not an earlier GGUF (a folder, or a file of
     something else, which the export would replace)."""
-    path = Path(out)
+    path = check_folder_can_be_made(out)
     if path.is_dir():
-        raise TinyOnnError(f"--out {out} is a folder; give the GGUF file to write, e.g. {path / 'model.gguf'}")
+        raise TinyOnnError(f"--out {out} is a folder; give the GGUF file to write, e.g. {Path(out) / 'model.gguf'}")
     if path.exists():
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":

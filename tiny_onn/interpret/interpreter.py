@@ -27,6 +27,7 @@ from tiny_onn.interpret.profiles import (
     token_log_odds,
 )
 from tiny_onn.sources import SourceArgs, load_source
+from tiny_onn.sources.loading import check_device
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class InterpretConfig(DataArgs):
 
     def __post_init__(self) -> None:
         DataArgs.__post_init__(self)
+        check_device(self.device)
         if self.tokens < 1:
             raise TinyOnnError(f"tokens must be positive, got {self.tokens}")
         if self.top_tokens < 1:

@@ -46,6 +46,19 @@ class SourceArgs:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise TinyOnnError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """One clear error for a --device that is not auto, cpu, cuda or cuda:N (before any model loads)."""
+    ok = device == "auto"
+    if not ok:
+        try:
+            ok = torch.device(device).type in ("cpu", "cuda") and device == device.strip().lower()
+        except (RuntimeError, TypeError):
+            ok = False
+    if not ok:
+        raise TinyOnnError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from tiny_onn import distributed
-from tiny_onn.artifacts import atomic_dir, check_replaceable, read_json, versions, write_json
+from tiny_onn.artifacts import atomic_dir, check_folder_can_be_made, check_replaceable, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.errors import TinyOnnError
@@ -246,6 +246,9 @@ def model_fingerprint(model) -> str:
 
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """The learning-rate factor at `step` of `total`: a linear warm-up over `warmup` steps (at most `total`, so that a
+    short run still reaches the full rate on its last warm-up step), then a cosine decay to 0.1."""
+    warmup = min(warmup, total)
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -418,6 +421,8 @@ class Trainer:
         self.rank, self.world = distributed.init_from_env()
         cfg.device = distributed.local_device(cfg.device)
         self.out = Path(cfg.out)
+        self.made_out = not self.out.exists()  # what a failed run may remove again
+        self.made_tb = not (self.out / "tb").exists()
         check_train_out(cfg)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -548,9 +553,11 @@ class Trainer:
             with self.accelerator.autocast():
                 loss, parts = self.micro_batch_loss(mb, scale=self.world / max(scored_global, 1), n_micro=len(micro))
             if not torch.isfinite(loss):
+                latest = self.checkpoints.latest()
+                kept = f"the last checkpoint ({latest}) holds the run before then" if latest else "no checkpoint was kept"
                 raise TinyOnnError(
-                    f"the loss became {loss.item()} at step {step}; stopped without saving. "
-                    f"Last good checkpoint: {self.checkpoints.latest() or 'none'} (lower --lr or --router-lr, then --resume)"
+                    f"the loss became {loss.item()} at step {step}; stopped without saving a model ({kept}). Start again "
+                    "with a lower --lr or --router-lr (--resume keeps a run's learning rates)"
                 )
             self.accelerator.backward(loss)
             _, scored = scored_positions(mb["labels"])
@@ -680,7 +687,21 @@ class Trainer:
 
     # ---- the loop and the end ------------------------------------------------------------------------------------
     def fit(self) -> Path:
-        """Train from the current step to cfg.steps, checkpointing as configured; then write the outputs."""
+        """Train from the current step to cfg.steps, checkpointing as configured; then write the outputs. A run that
+        fails with nothing to resume from (no checkpoint) leaves nothing behind: its TensorBoard log is removed."""
+        try:
+            return self._fit()
+        except TinyOnnError:
+            if self.rank == 0 and self.checkpoints.latest() is None:
+                if self.writer is not None:
+                    self.writer.close()
+                if self.made_tb:
+                    shutil.rmtree(self.out / "tb", ignore_errors=True)
+                if self.made_out and self.out.is_dir() and not any(self.out.iterdir()):
+                    self.out.rmdir()
+            raise
+
+    def _fit(self) -> Path:
         cfg = self.cfg
         bar = tqdm(range(self.state.step, cfg.steps), desc="train", disable=self.rank != 0, dynamic_ncols=True,
                    initial=self.state.step, total=cfg.steps)
@@ -715,8 +736,9 @@ class Trainer:
                 self.model.config.router_top_p = self.cfg.top_p
         if self.rank == 0:
             report = self.report()
+            check_some_step_trained(report, self.cfg)
             check_not_diverged(self.model, report, self.cfg)
-            with atomic_dir(self.out / "model", "config.json") as tmp:
+            with atomic_dir(self.out / "model", TRAIN_META) as tmp:
                 self._save_model_folder(tmp, report)
             write_json(self.out / TRAIN_META, report)
         distributed.barrier()
@@ -764,6 +786,16 @@ class Trainer:
         save_model_folder(self.model, self.source.tokenizer, folder, provenance, metadata, card)
 
 
+def check_some_step_trained(report: dict, cfg: TrainConfig) -> None:
+    """One clear error instead of a model folder identical to the input: every step was skipped, because no
+    micro-batch held a token to learn (a response token, or any token of a plain-text record)."""
+    if report["final"] is None:
+        raise TinyOnnError(f"no step trained: all {report['steps_skipped']} step(s) were skipped, because no batch held "
+                           f"a token to learn at --seq-len {cfg.seq_len} (responses start after the prompt, and a "
+                           "sequence shorter than the prompt scores nothing); no model was written. Raise --seq-len or "
+                           "--batch-size, or give data with more response tokens")
+
+
 def check_not_diverged(model: torch.nn.Module, report: dict, cfg: TrainConfig) -> None:
     """One clear error instead of a trained model folder when training diverged: a weight is no longer finite, or the
     held-out perplexity after training is (the training loss can stay finite while the weights blow up)."""
@@ -804,14 +836,36 @@ def check_resume_matches(meta: dict, cfg: TrainConfig, checkpoint: Path) -> None
                            "nothing to train; give a larger --steps to continue the run")
 
 
+# what a training run writes into its --out (and the temporary names its atomic writes use while they run)
+TRAIN_OUT_ENTRIES = ("checkpoints", "tb", "model", TRAIN_META)
+TRAIN_OUT_TEMPORARY = (".model.", f".{TRAIN_META}.")
+
+
 def check_train_out(cfg: TrainConfig) -> None:
-    """One clear error, before any work, when the run's `--out` cannot take its outputs: its `model` folder would
-    replace something that is not an earlier trained model, or the very model being trained."""
-    model_out = check_replaceable(Path(cfg.out) / "model", "config.json")
-    given = Path(cfg.model).expanduser()
-    if given.is_dir() and given.resolve() == model_out.resolve():
-        raise TinyOnnError(f"--out {cfg.out} would write the trained model over the model being trained ({cfg.model}); "
-                           "give another --out")
+    """One clear error, before any work, when the run's `--out` cannot take its outputs: it is a file or lies under
+    one, the working folder, or a folder of other things than a training run's; or its `model` folder would replace
+    something that is not an earlier trained model (marked by its train.json), such as the model being trained or the
+    teacher."""
+    out = check_folder_can_be_made(cfg.out)
+    cwd = Path.cwd().absolute()
+    if out == cwd or out in cwd.parents:
+        raise TinyOnnError(f"--out {cfg.out} is the working folder or one above it; give a new folder, e.g. "
+                           "--out runs/train")
+    if out.exists() and not out.is_dir():
+        raise TinyOnnError(f"--out {cfg.out} exists and is not a folder; give another --out")
+    if out.is_dir():
+        others = sorted(e.name for e in out.iterdir()
+                        if e.name not in TRAIN_OUT_ENTRIES and not e.name.startswith(TRAIN_OUT_TEMPORARY))
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise TinyOnnError(f"--out {cfg.out} already holds other things than a training run's outputs ({shown}); "
+                               "give a new or empty folder")
+    model_out = check_replaceable(out / "model", TRAIN_META)
+    for option, given in (("--model", cfg.model), ("--teacher", cfg.teacher)):
+        path = Path(given).expanduser() if given else None
+        if path is not None and path.is_dir() and path.resolve() == model_out.resolve():
+            raise TinyOnnError(f"--out {cfg.out} would write the trained model over the {option} model ({given}); "
+                               "give another --out")
 
 
 def run(cfg: TrainConfig) -> Path:
