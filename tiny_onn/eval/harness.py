@@ -395,7 +395,7 @@ def run(cfg: EvalConfig) -> Path:
         evaluation_facts(cfg)  # a fact file's errors before any model loads
         check_facts_source(cfg.facts_source)
     if "general" in cfg.task_list:
-        general_documents(cfg.general)  # the same for the general text and the multiple-choice files
+        general_documents(cfg.general)  # a general text's and the multiple-choice files' errors before any model, too
     for task in cfg.task_list:
         if task.startswith("mc:"):
             load_mc(task[3:])
