@@ -282,7 +282,7 @@ def summary_table(out: Path, acfg: AlchemyConfig) -> str:
         retention = facts.get("retention") if facts.get("known") else None
         lines.append(f"| {name} | {num(retention, '.3f')}{retained} | {num(facts.get('accuracy'), '.3f')} | "
                      f"{ratio(row, 'general')} | {ratio(row, 'perplexity')} | "
-                     f"{row['params']['active_per_token'] / 1e6:.1f}M | {num(row.get('prefill_tokens_per_second'), '.0f')} | "
+                     f"{row['params']['active_per_token'] / 1e6:.4g}M | {num(row.get('prefill_tokens_per_second'), '.0f')} | "
                      f"{num(row.get('decode_tokens_per_second'), '.1f')} |")
     return "\n".join(lines)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
@@ -61,12 +63,27 @@ def run(cfg: GenerateConfig) -> str:
     else:
         ids = tok(cfg.prompt, return_tensors="pt")["input_ids"]
     ids = ids.to(next(source.model.parameters()).device)
-    with torch.no_grad():
+    with torch.no_grad(), plain_decoding(source.model):
         out = source.model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                     pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+
+
+@contextmanager
+def plain_decoding(model) -> Iterator[None]:
+    """Within the block, `model.generate` decodes with only the settings each call gives: the model's own
+    generation_config.json (a repetition penalty, an n-gram ban, a sampling default that an instruct model may ship) is
+    set aside, so that a dense source and a MoE carved from it are scored by the same decoding, whatever each folder
+    holds. Its special token ids are kept."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
@@ -97,8 +114,9 @@ def generate_batched(
             "do_sample": False}
         if temperature > 0:
             torch.manual_seed(seed * 1_000_003 + b)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             eos_token_id=eos, **sampling)
+        with plain_decoding(model):
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=eos, **sampling)
         for row in gen[:, width:].tolist():
             out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,9 @@ def test_common_record_layouts_become_chats(tmp_path, record, messages):
         ('{"text": "  "}\n', "'text' must be a non-empty string"),
         ('{"question": "2 + 2?", "answer": ["4", "four"]}\n', "'answer' must be text, got a list"),
         ('{"text": ["a", "b"]}\n', "'text' must be a non-empty string"),
-        ('{"text": "a", "prompt": "b", "response": "c"}\n', "holds both plain 'text' and a chat or instruction"),
+        ('{"text": "a", "messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}\n',
+         "holds both plain 'text' and a chat or instruction"),
+        ('{"text": "a", "prompt": "b"}\n', "holds both plain 'text' and a chat or instruction"),
         ('{"prompt": "hi", "completion": " "}\n', "'completion' is empty"),
         ('{"conversations": [{"from": "robot", "value": "hi"}]}\n', "needs 'from' (one of system, human"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no non-empty assistant message"),
@@ -199,3 +202,22 @@ def test_categories_option_keeps_only_those(tiny_tokenizer, small_jsonl):
     assert only_code.num_tokens == int((both.category == code_id).sum())
     with pytest.raises(TinyOnnError, match="categories poetry are not in data"):
         build_dataset(tiny_tokenizer, DataArgs(data=str(small_jsonl), seq_len=32, categories="poetry"), "train")
+
+
+def test_alpaca_rows_with_their_formatted_text_use_the_instruction_fields(tmp_path):
+    """tatsu-lab/alpaca rows carry instruction, input, output and their own rendering as 'text'."""
+    row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5",
+           "text": "Below is an instruction... ### Response: 5"}
+    (example,) = load_examples(str(write_jsonl(tmp_path / "alpaca.jsonl", [row])))
+    assert list(example.messages) == [("user", "Add the numbers.\n\n2 and 3"), ("assistant", "5")]
+
+
+def test_a_chat_template_that_refuses_the_data_names_the_turns(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+                         "{{ m['content'] }}{% endfor %}")
+    example = Example((("system", "Be brief."), ("user", "hi"), ("assistant", "hello")), "chat")
+    with pytest.raises(TinyOnnError, match=r"refuses a conversation of the data \(turns: system, user, assistant; it "
+                                           r"begins 'Be brief.'\): Only user and assistant roles are supported!"):
+        encode_example(tok, example)

@@ -41,3 +41,10 @@ def test_own_text_file_and_bad_files(tmp_path, tiny_tokenizer):
     binary.write_bytes(b"\xff\xfe\x00\x80")
     with pytest.raises(TinyOnnError, match="not UTF-8"):
         general_documents(str(binary))
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("First document.\r\n\r\nSecond one.\r\n", encoding="utf-8")
+    marked.write_text("First document.\r\n\r\nSecond one.\r\n", encoding="utf-8-sig")
+    assert general_documents(str(marked)) == general_documents(str(plain)) == ["First document.", "Second one."]

@@ -22,6 +22,9 @@ BEIJING = Fact("capital", "中国的首都是哪里？", ("北京",))
 C_LANG = Fact("language", "Which language is the letter before D?", ("C",))
 CPP = Fact("language", "Which language did Stroustrup create?", ("C++",))
 ZLOTY = Fact("currency", "What is the currency of Poland?", ("Złoty",))
+MINUS = Fact("number", "What is 2 - 7?", ("-5",))
+HYDROGEN = Fact("element_number", "What is the atomic number of hydrogen?", ("1",))
+HALF = Fact("number", "What is 1 divided by 2?", ("1/2", "0.5"))
 
 
 @pytest.mark.parametrize("fact,reply", [
@@ -35,6 +38,9 @@ ZLOTY = Fact("currency", "What is the currency of Poland?", ("Złoty",))
     (BEIJING, "我不知道。首都是北京。"),  # only the first sentence counts, ended by 。
     (C_LANG, "It is C++."),  # "C" is not "C++"
     (CPP, "It is C."),
+    (MINUS, "The answer is 5."),  # the sign is part of the number
+    (HYDROGEN, "Its atomic mass is 1.008."),  # "1" is not "1.008"
+    (HALF, "It is 1 2."),  # "1 2" is not "1/2"
 ])
 def test_matcher_rejects_substrings_and_later_sentences(fact, reply):
     assert not answer_matches(reply, fact)
@@ -57,6 +63,11 @@ def test_matcher_rejects_substrings_and_later_sentences(fact, reply):
     (CPP, "Stroustrup created C++ in 1985."),
     (C_LANG, "C, of course."),
     (ZLOTY, "The currency is the zloty."),
+    (MINUS, "2 - 7 = -5."),
+    (MINUS, "It is −5, a negative number."),  # the minus sign U+2212
+    (HYDROGEN, "Hydrogen has atomic number 1."),
+    (HALF, "It is 0.5."),
+    (HALF, "That makes 1/2."),
 ])
 def test_matcher_accepts_varied_phrasing(fact, reply):
     assert answer_matches(reply, fact)

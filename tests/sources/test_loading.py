@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -76,3 +77,24 @@ def test_smollm2_is_cached_and_fast(smollm2):
     ids = torch.tensor([[1, 9690, 198, 2683]])
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids).logits, smollm2.model(ids).logits)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "m"
+    make_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(folder)
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_tokens([f"extra{i}" for i in range(5)])
+    tok.save_pretrained(folder)
+    with pytest.raises(TinyOnnError, match=f"has {len(tiny_tokenizer) + 5} tokens but the model's embedding only "
+                                           f"{len(tiny_tokenizer)} rows"):
+        load_source(SourceArgs(model=str(folder), device="cpu"))
+
+
+def test_a_tokenizer_without_pad_or_eos_token_gets_a_pad_id(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "m"
+    make_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(folder)
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token, tok.eos_token = None, None
+    tok.save_pretrained(folder)
+    source = load_source(SourceArgs(model=str(folder), device="cpu"))
+    assert source.tokenizer.pad_token_id == 0 and source.tokenizer.eos_token_id is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -333,6 +334,8 @@ def export_folder(model: TinyOnnForCausalLM, source: Source, plan: CarvePlan, fo
         "method": plan.method,
         "layers": [lp.to_json() for lp in plan.layers],
     }
+    # the source's decoding defaults (an instruct model's repetition penalty, say): the MoE generates as its source does
+    model.generation_config = copy.deepcopy(source.model.generation_config)
     save_model_folder(model, source.tokenizer, folder, provenance, {CARVE_META: extra}, model_card(model, source, extra))
 
 

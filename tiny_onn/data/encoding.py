@@ -20,10 +20,19 @@ FALLBACK_CHAT_TEMPLATE = (
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, chat: list[dict], generation_prompt: bool = False) -> str:
+    from jinja2 import TemplateError
+
     template = None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(
-        chat, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+        )
+    except TemplateError as e:  # templates that raise on turns they do not take (Mistral's, Llama 2's, Gemma's)
+        roles = ", ".join(m["role"] for m in chat)
+        first = chat[0]["content"][:40] if chat else ""
+        raise TinyOnnError(f"the model's chat template refuses a conversation of the data (turns: {roles}; it begins "
+                           f"{first!r}): {e}. Give data whose turns this template takes (e.g. no system turn, user and "
+                           "assistant alternating)") from e
 
 
 def _common_prefix_len(a: str, b: str) -> int:

@@ -72,13 +72,17 @@ def _strip_latin_accents(text: str) -> str:
 
 def normalise(text: str) -> str:
     """Case folded, Latin accents and punctuation removed, thousands separators dropped, single spaces. Letters and
-    digits of every script are kept ("Москва", "北京"), and so are + and # written after a letter ("C++", "C#")."""
+    digits of every script are kept ("Москва", "北京"), and so are + and # written after a letter ("C++", "C#"), and
+    what makes a number: a decimal point or fraction slash between digits ("9.5", "1/2") and a minus sign before one
+    ("-5"), so that "5" never matches in "-5" or "9.5"."""
     text = _strip_latin_accents(text).casefold().translate(_PLAIN_LATIN)
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
-    text = text.replace("&", " and ").replace("'", "").replace("\u2019", "")
+    text = text.replace("&", " and ").replace("'", "").replace("\u2019", "").replace("\u2212", "-")
     # letters, digits and marks of any script ("हिन्दी" keeps its vowel signs) stay; every other character is a space
-    text = "".join(ch if ch.isalnum() or ch in "+#" or unicodedata.category(ch)[0] == "M" else " " for ch in text)
+    text = "".join(ch if ch.isalnum() or ch in "+#./-" or unicodedata.category(ch)[0] == "M" else " " for ch in text)
     text = re.sub(r"(?<![\w+#])[+#]+", " ", text)  # a + or # that follows no letter is punctuation ("2 + 2")
+    text = re.sub(r"(?<!\d)[./]|[./](?!\d)", " ", text)  # . and / only inside a number
+    text = re.sub(r"(?<=\w)-|-(?!\d)", " ", text)  # - only as a number's sign ("5-7" is a range, "x-ray" two words)
     return " ".join(text.split())
 
 

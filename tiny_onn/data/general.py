@@ -39,7 +39,7 @@ def _documents(path: Path, encoding: str = "utf-8") -> list[str]:
     if not path.is_file():
         raise TinyOnnError(f"general-text file not found: {path}")
     try:
-        text = path.read_text(encoding=encoding)
+        text = path.read_text(encoding="utf-8-sig" if encoding == "utf-8" else encoding)  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise TinyOnnError(f"general-text file {path} is not UTF-8 text ({e})") from e
     blocks = [b for b in text.split("\n\n") if b.strip()]

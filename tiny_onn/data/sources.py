@@ -176,15 +176,17 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
         raise TinyOnnError(f"{where}: expected a JSON object, got {type(record).__name__}")
     category = str(record.get("category", default_category))
     chat_keys = [k for k in ("messages", "conversations", *_PROMPT_KEYS) if k in record]
-    if TEXT_ROLE in record and chat_keys:
+    prompt_key = next((k for k in _PROMPT_KEYS if k in record), None)
+    answer_key = next((k for k in _ANSWER_KEYS if k in record), None)
+    # an instruction record with its answer may carry its own rendering as 'text' (Alpaca's rows do): the fields win
+    instruction_with_answer = prompt_key and answer_key and "messages" not in record and "conversations" not in record
+    if TEXT_ROLE in record and chat_keys and not instruction_with_answer:
         raise TinyOnnError(f"{where}: holds both plain '{TEXT_ROLE}' and a chat or instruction ('{chat_keys[0]}'), so "
                            "one of them would be ignored; give one per record")
     if "messages" in record:
         return _messages_example(record, "messages", where, category, "role", "content", {r: r for r in _ROLES})
     if "conversations" in record:
         return _messages_example(record, "conversations", where, category, "from", "value", _SHAREGPT_ROLES)
-    prompt_key = next((k for k in _PROMPT_KEYS if k in record), None)
-    answer_key = next((k for k in _ANSWER_KEYS if k in record), None)
     if prompt_key and answer_key:
         for key in (prompt_key, answer_key, *(k for k in _CONTEXT_KEYS if record.get(k))):
             value = record[key]

@@ -8,6 +8,8 @@ import time
 import psutil
 import torch
 
+from tiny_onn.generate import plain_decoding
+
 
 def _is_moe(model) -> bool:
     return getattr(model.config, "model_type", "") == "tiny_onn"
@@ -69,7 +71,8 @@ def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int = 32, 
     def gen(n: int) -> float:
         _sync()
         t = time.perf_counter()
-        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        with plain_decoding(model):
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         _sync()
         return time.perf_counter() - t
 

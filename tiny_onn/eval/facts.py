@@ -94,7 +94,7 @@ def known_store_path(identity: str, max_new_tokens: int) -> Path:
     from tiny_onn.sources.loading import cache_root
 
     # m2: the matcher of commit "facts: Unicode" (letters of every script, C++/C#); sets stored by the earlier one differ
-    return cache_root() / "facts" / f"known-{identity}-greedy{max_new_tokens}-m2.json"
+    return cache_root() / "facts" / f"known-{identity}-greedy{max_new_tokens}-m3.json"
 
 
 class KnownFacts:

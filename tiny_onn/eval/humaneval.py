@@ -11,6 +11,7 @@ import torch
 from tiny_onn.data.sources import humaneval_problems
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval.sandbox import LAYERS, run_sandboxed, sandbox_layers
+from tiny_onn.generate import plain_decoding
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def humaneval_pass_at_1(model, tokenizer, allow_code_execution: bool, limit: int
     passed = 0
     for problem in problems:
         ids = tokenizer(problem["prompt"], return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with plain_decoding(model):
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
         completion = _stop_at_function_end(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         passed += int(check_solution(problem, completion, timeout))
     return {"pass@1": passed / len(problems), "n": len(problems), "split": "eval",

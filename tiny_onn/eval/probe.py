@@ -10,6 +10,7 @@ import torch
 
 from tiny_onn.data.facts import Fact
 from tiny_onn.eval.facts import answer_matches
+from tiny_onn.generate import plain_decoding
 
 PROBE = (
     ("What is the capital of France?", "Paris"),
@@ -49,8 +50,9 @@ def factual_probe(model, tokenizer, max_new_tokens: int = 24) -> dict:
             ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")["input_ids"]
         else:
             ids = tokenizer(question, return_tensors="pt")["input_ids"]
-        out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        with plain_decoding(model):
+            out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
         reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         ok = answer_matches(reply, Fact("probe", question, (answer,)))
         right += int(ok)

@@ -271,6 +271,14 @@ def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
     model.eval()
     if not is_moe:
         swiglu_mlps(model)  # raises a clear error for non-SwiGLU layers
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise TinyOnnError(f"{args.model!r}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                           f"{rows} rows, so token ids from {rows} on would index past it; this tokenizer does not "
+                           "belong to this model (give the model's own tokenizer files)")
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:  # padding is always masked out: any id the model has will do
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
     return Source(model=model, tokenizer=tokenizer, spec=args.model, origin=origin)

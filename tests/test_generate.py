@@ -1,0 +1,42 @@
+"""Decoding is the same for every model the tool compares: a folder's own generation settings are set aside when the
+tool generates, and a carved MoE keeps its source's settings for its users."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tiny_onn.carve import CarveConfig, run
+from tiny_onn.generate import generate_batched
+
+
+def test_a_folders_generation_settings_do_not_change_the_tools_decoding(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    plain = generate_batched(model, tok, prompts, max_new_tokens=16)
+    model.generation_config.no_repeat_ngram_size = 1  # an instruct model's decoding defaults
+    model.generation_config.repetition_penalty = 5.0
+    assert generate_batched(model, tok, prompts, max_new_tokens=16) == plain
+    assert model.generation_config.repetition_penalty == 5.0  # restored afterwards
+    first = plain[0]
+    if len(set(first)) < len(first):  # greedy repeated a token: the folder's settings, applied, would ban that
+        with torch.no_grad():
+            raw = model.generate(torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or 0)
+        assert raw[0, 4:].tolist() != first[: raw.shape[1] - 4]
+
+
+def test_a_carve_keeps_its_sources_generation_settings(tiny_moe, tmp_path):
+    moe, _ = tiny_moe
+    dense = moe.parent / "dense"
+    source = tmp_path / "dense"
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    model.generation_config.repetition_penalty = 1.3
+    model.save_pretrained(source)
+    AutoTokenizer.from_pretrained(dense).save_pretrained(source)
+    run(CarveConfig(scan=str(moe.parent / "scan"), model=str(source), experts=4, top_k=2, calib_tokens=128,
+                    calib_steps=2, eval_tokens=0, plots=False, device="cpu", out=str(tmp_path / "moe")))
+    assert json.loads((tmp_path / "moe" / "generation_config.json").read_text())["repetition_penalty"] == 1.3
