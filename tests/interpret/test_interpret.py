@@ -119,7 +119,8 @@ def many_experts_dashboard(experts: int) -> dict:
     selection reverses the index order), dominated by "code" when e is a multiple of 7, with token "tok<e>"."""
     rows = [{"dominant": "code" if e % 7 == 0 else "chat", "specificity": (e % 10) / 10, "selected": e / experts,
              "rate": [e / experts, 0.0], "xy": [float(e % 17), float(e // 17)], "tokens": [[f"tok{e}", 1.0, 3]],
-             "snippets": [{"prob": 0.5, "text": f"x [[tok{e}]] y"}]} for e in range(experts)]
+             "snippets": [{"prob": 0.5, "left": "x ", "token": f"tok{e}", "right": " y", "text": f"x [[tok{e}]] y"}]}
+            for e in range(experts)]
     return {"title": "many", "categories": ["code", "chat"], "layers": [{"nmi": 0.1, "experts": rows}],
             "labels": [[f"expert {e}" for e in range(experts)]]}
 
@@ -170,3 +171,24 @@ def test_partial_byte_tokens_read_as_their_vocabulary_entries():
     tok = ByteTokenizer()
     assert tok.decode([0, 1]) == "é"
     assert [token_text(tok, t) for t in range(3)] == ["<Ã>", "<©>", "cafe"]
+
+
+def test_dashboard_shows_category_names_and_snippets_as_text(tmp_path):
+    """Category names come from the user's data: markup in them is shown, never run; a snippet that itself holds
+    "[[" keeps its text, with only the token marked."""
+    data = many_experts_dashboard(3)
+    data["categories"] = ["<img src=x onerror=window.hacked=1>", "chat & <b>talk</b>"]
+    for row in data["layers"][0]["experts"]:
+        row["dominant"] = data["categories"][0]
+        row["snippets"] = [{"prob": 0.5, "left": "x[[0]] = ", "token": "tok", "right": " <i>", "text": "unused"}]
+    html = tmp_path / "dashboard.html"
+    html.write_text(render_dashboard(data, "test"), encoding="utf-8")
+    errors = []
+    with browser_page(html, errors) as page:
+        assert page.locator("#heat th").all_inner_texts()[1:] == data["categories"]
+        assert page.locator("#experts tbody tr td").nth(2).inner_text() == data["categories"][0]
+        page.locator("#experts tbody tr").first.click()
+        assert page.locator("#snips code").first.inner_text() == "x[[0]] = tok <i>"
+        assert page.locator("#snips code b").first.inner_text() == "tok"
+        assert page.evaluate("window.hacked") is None and page.locator("#heat img").count() == 0
+    assert not errors, errors

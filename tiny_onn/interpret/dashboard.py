@@ -75,7 +75,7 @@ function render() {
   const tb = $("experts").querySelector("tbody"); tb.innerHTML = "";
   shown.forEach(e => {
     const x = L.experts[e], tr = document.createElement("tr"); tr.className = "expert" + (e === current ? " sel" : ""); tr.dataset.expert = e;
-    tr.innerHTML = `<td>${e}</td><td><input class="label" value=""></td><td>${x.dominant}</td><td>${x.specificity.toFixed(2)}</td><td>${(100 * x.selected).toFixed(1)}%</td>`;
+    tr.innerHTML = `<td>${e}</td><td><input class="label" value=""></td><td>${esc(x.dominant)}</td><td>${x.specificity.toFixed(2)}</td><td>${(100 * x.selected).toFixed(1)}%</td>`;
     const inp = tr.querySelector("input"); inp.value = labels[layer][e];
     inp.addEventListener("input", ev => { labels[layer][e] = ev.target.value; });
     inp.addEventListener("click", ev => ev.stopPropagation());
@@ -83,7 +83,7 @@ function render() {
     tb.appendChild(tr);
   });
   const heat = $("heat"); let max = 0; L.experts.forEach(x => x.rate.forEach(v => { max = Math.max(max, v); }));
-  heat.innerHTML = "<tr><th>expert</th>" + D.categories.map(c => `<th>${c}</th>`).join("") + "</tr>" +
+  heat.innerHTML = "<tr><th>expert</th>" + D.categories.map(c => `<th>${esc(c)}</th>`).join("") + "</tr>" +
     shown.map(e => `<tr><td>${e}</td>` + L.experts[e].rate.map(v => `<td style="background:${color(v, max)}">${(100 * v).toFixed(0)}</td>`).join("") + "</tr>").join("");
   const svg = $("scatter"); svg.innerHTML = "";
   const xs = L.experts.map(x => x.xy[0]), ys = L.experts.map(x => x.xy[1]);
@@ -98,7 +98,7 @@ function render() {
     svg.appendChild(c);
   });
 }
-function esc(s) { return s.replace(/[&<>]/g, ch => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"}[ch])); }
+function esc(s) { return String(s).replace(/[&<>"']/g, ch => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[ch])); }
 function select(e) {
   current = e;
   if (!order().includes(e)) { filter = ""; $("filter").value = ""; }  // the filter hides it: clear the filter
@@ -108,7 +108,7 @@ function select(e) {
   $("which").textContent = e + " — " + labels[layer][e];
   $("tokens").innerHTML = "<h4>Top tokens (log-odds vs the layer's base rate)</h4><table><tr><th>token</th><th>log-odds</th><th>count</th></tr>" +
     x.tokens.map(t => `<tr><td><code>${esc(t[0])}</code></td><td>${t[1].toFixed(2)}</td><td>${t[2]}</td></tr>`).join("") + "</table>";
-  $("snips").innerHTML = "<h4>Where it fires hardest</h4>" + x.snippets.map(s => `<p><span class="small">p=${s.prob.toFixed(3)}</span> <code>${esc(s.text).replace("[[", "<b>").replace("]]", "</b>")}</code></p>`).join("");
+  $("snips").innerHTML = "<h4>Where it fires hardest</h4>" + x.snippets.map(s => `<p><span class="small">p=${s.prob.toFixed(3)}</span> <code>${esc(s.left)}<b>${esc(s.token)}</b>${esc(s.right)}</code></p>`).join("");
 }
 $("export").addEventListener("click", () => {
   const blob = new Blob([JSON.stringify({model: D.title, labels}, null, 2)], {type: "application/json"});

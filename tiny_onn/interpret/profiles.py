@@ -126,11 +126,14 @@ def layer_nmi(rec: RoutingRecord) -> list[float]:
 
 
 def snippets(rec: RoutingRecord, layer: int, expert: int, decode_ids, width: int = 8) -> list[dict]:
-    """Text around the tokens on which the expert's routing probability was highest (the token itself in [[ ]])."""
+    """Text around the tokens on which the expert's routing probability was highest: `left`, `token` and `right`, and
+    `text`, the three joined with the token in [[ ]] (for reading the JSON; the page marks the token from the parts,
+    so text that holds "[[" itself is not mistaken for the mark)."""
     out = []
     for prob, idx in rec.best[layer][expert]:
-        left = rec.token_ids[max(0, idx - width) : idx].tolist()
-        right = rec.token_ids[idx + 1 : idx + 1 + width // 2].tolist()
-        token = rec.token_ids[idx : idx + 1].tolist()
-        out.append({"prob": prob, "text": decode_ids(left) + "[[" + decode_ids(token) + "]]" + decode_ids(right)})
+        left = decode_ids(rec.token_ids[max(0, idx - width) : idx].tolist())
+        right = decode_ids(rec.token_ids[idx + 1 : idx + 1 + width // 2].tolist())
+        token = decode_ids(rec.token_ids[idx : idx + 1].tolist())
+        out.append({"prob": prob, "left": left, "token": token, "right": right,
+                    "text": left + "[[" + token + "]]" + right})
     return out
