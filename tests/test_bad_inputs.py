@@ -300,3 +300,18 @@ def test_a_run_that_trained_no_step_writes_nothing(world, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no step trained: all 2 step(s) were skipped" in last and "Traceback" not in last
     assert not out.exists()
+
+
+def test_a_moe_whose_source_moved_is_named_before_any_evaluation(world, tmp_path, capsys):
+    import json
+
+    moe = tmp_path / "moe"
+    shutil.copytree(world["moe"], moe)
+    record = json.loads((moe / "provenance.json").read_text())
+    record.update(source_model="models/gone", source_model_path=str(tmp_path / "models" / "gone"))
+    (moe / "provenance.json").write_text(json.dumps(record))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(moe), "--tasks", "ppl,facts", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was carved from models/gone" in err and "give the dense source with --facts-source" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()

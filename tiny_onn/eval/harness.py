@@ -238,6 +238,22 @@ def check_facts_source(spec: str) -> None:
                            "or smollm2")
 
 
+def check_recorded_sources(cfg: EvalConfig) -> None:
+    """One clear error, before any model is evaluated, when a MoE's retention would be measured against a source
+    recorded in its provenance.json that is no longer where it was carved from (a local folder or file since moved)."""
+    if cfg.facts_source:
+        return
+    for spec in cfg.model:
+        prov = Path(spec) / "provenance.json"
+        if not prov.is_file():
+            continue
+        record = read_json(prov, "provenance")
+        source, absolute = record.get("source_model") or "", record.get("source_model_path")
+        if absolute and not Path(recorded_model(record, "source_model")).expanduser().exists():
+            raise TinyOnnError(f"{spec} was carved from {source} ({absolute}), which is no longer there, so its "
+                               "dense-known facts cannot be computed; give the dense source with --facts-source")
+
+
 def facts_source_of(spec: str, cfg: EvalConfig) -> str:
     """The dense source whose known facts define a model's retention."""
     if cfg.facts_source:
@@ -394,6 +410,7 @@ def run(cfg: EvalConfig) -> Path:
     if "facts" in cfg.task_list:
         evaluation_facts(cfg)  # a fact file's errors before any model loads
         check_facts_source(cfg.facts_source)
+        check_recorded_sources(cfg)
     if "general" in cfg.task_list:
         general_documents(cfg.general)  # a general text's and the multiple-choice files' errors before any model, too
     for task in cfg.task_list:
