@@ -221,3 +221,18 @@ def test_a_chat_template_that_refuses_the_data_names_the_turns(tiny_tokenizer):
     with pytest.raises(TinyOnnError, match=r"refuses a conversation of the data \(turns: system, user, assistant; it "
                                            r"begins 'Be brief.'\): Only user and assistant roles are supported!"):
         encode_example(tok, example)
+
+
+def test_one_very_long_record_does_not_replace_the_token_budget(tmp_path, tiny_tokenizer):
+    long_answer = " ".join(f"word{i % 50}" for i in range(3000))
+    # its own category: categories are balanced by tokens, so it is encoded within the first two records
+    records = [{"messages": [{"role": "user", "content": "Write a lot."}, {"role": "assistant", "content": long_answer}],
+                "category": "long"}]
+    records += [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}."}],
+                 "category": "chat"} for i in range(40)]
+    path = write_jsonl(tmp_path / "long.jsonl", records)
+    budget = 200
+    data = build_dataset(tiny_tokenizer, DataArgs(data=str(path), seq_len=64, heldout_fraction=0.02), "train",
+                         max_tokens=budget)
+    assert "long" in data.category_names
+    assert budget <= data.num_tokens <= 2 * budget

@@ -101,7 +101,9 @@ def check_corpus_tokenizers(spec: str, tokenizer: PreTrainedTokenizerBase) -> No
 def build_dataset(
     tokenizer: PreTrainedTokenizerBase, args: DataArgs, split: str = "train", max_tokens: int | None = None
 ) -> PackedData:
-    """Encode and pack the `split` ('train' or 'heldout') of `args.data`, stopping once `max_tokens` tokens are encoded."""
+    """Encode and pack the `split` ('train' or 'heldout') of `args.data`, stopping once `max_tokens` tokens are encoded.
+    The last record is kept whole (so the count ends a little past the budget), unless it alone would take the count
+    past twice the budget: then it is cut at the budget (one very long record would otherwise replace the budget)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     check_corpus_tokenizers(args.data, tokenizer)
@@ -131,6 +133,8 @@ def build_dataset(
         ex = queues[cat][position[cat]]
         position[cat] += 1
         ids, labels = encode_example(tokenizer, ex)
+        if max_tokens is not None and total + len(ids) > 2 * max_tokens:
+            ids, labels = ids[: max_tokens - total], labels[: max_tokens - total]
         if all(lab == IGNORE_INDEX for lab in labels):
             continue
         encoded.append((ids, labels, names.index(cat)))
