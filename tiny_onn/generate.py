@@ -77,7 +77,10 @@ def plain_decoding(model) -> Iterator[None]:
     generation_config.json (a repetition penalty, an n-gram ban, a sampling default that an instruct model may ship) is
     set aside, so that a dense source and a MoE carved from it are scored by the same decoding, whatever each folder
     holds. Its special token ids are kept."""
-    saved = model.generation_config
+    saved = getattr(model, "generation_config", None)
+    if saved is None:  # not a transformers model (a stand-in): nothing to set aside
+        yield
+        return
     model.generation_config = GenerationConfig(
         bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id)
     try:

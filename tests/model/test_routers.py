@@ -210,7 +210,7 @@ def test_gate_router_save_load_and_cached_decoding(tmp_path, candidates, tiny_to
     torch.manual_seed(0)
     model = TinyOnnForCausalLM(_config(router_score="gate", router_type="flat", num_experts=32, num_experts_per_tok=8,
                                        moe_intermediate_size=1, router_rank=0, router_candidates=candidates,
-                                       shared_expert_intermediate_size=4)).eval()
+                                       shared_expert_intermediate_size=4, vocab_size=len(tiny_tokenizer))).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)

@@ -103,7 +103,8 @@ def build_dataset(
 ) -> PackedData:
     """Encode and pack the `split` ('train' or 'heldout') of `args.data`, stopping once `max_tokens` tokens are encoded.
     The last record is kept whole (so the count ends a little past the budget), unless it alone would take the count
-    past twice the budget: then it is cut at the budget (one very long record would otherwise replace the budget)."""
+    past twice the budget: then it is cut at the budget, where that leaves tokens to score (one very long record would
+    otherwise replace the budget)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     check_corpus_tokenizers(args.data, tokenizer)
@@ -133,8 +134,9 @@ def build_dataset(
         ex = queues[cat][position[cat]]
         position[cat] += 1
         ids, labels = encode_example(tokenizer, ex)
-        if max_tokens is not None and total + len(ids) > 2 * max_tokens:
-            ids, labels = ids[: max_tokens - total], labels[: max_tokens - total]
+        cut = max_tokens - total if max_tokens is not None and total + len(ids) > 2 * max_tokens else len(ids)
+        if any(lab != IGNORE_INDEX for lab in labels[:cut]):  # a cut that would leave nothing to score keeps it whole
+            ids, labels = ids[:cut], labels[:cut]
         if all(lab == IGNORE_INDEX for lab in labels):
             continue
         encoded.append((ids, labels, names.index(cat)))
