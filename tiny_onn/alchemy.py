@@ -86,14 +86,14 @@ def stage_inputs(name: str, cfg) -> dict[str, str]:
     return ids
 
 
-# the options alchemy sets in each stage's section, whatever the section says, and what it sets them to
+# the options alchemy sets in each stage's section, whatever the section says (to this run's folders and models)
 ALCHEMY_SETS = {
-    "scan": {"out": "OUT/scan"},
-    "distil": {"out": "OUT/corpus"},
-    "carve": {"scan": "OUT/scan", "out": "OUT/moe", "plots_out": "OUT/carve"},
-    "train": {"model": "the carved OUT/moe", "out": "OUT/train"},
-    "eval": {"model": "the dense source, OUT/moe and OUT/train/model", "out": "OUT/eval"},
-    "interpret": {"model": "the final MoE", "out": "OUT/report"},
+    "scan": ("out",),
+    "distil": ("out",),
+    "carve": ("scan", "out", "plots_out"),
+    "train": ("model", "out"),
+    "eval": ("model", "out"),
+    "interpret": ("model", "out"),
 }
 
 
@@ -111,9 +111,6 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     alchemy_section(acfg.config)
     raw = {k: load_yaml(acfg.config, k) if isinstance(load_yaml(acfg.config).get(k), dict) else {}
            for k in ("scan", "distil", "carve", "train", "eval", "interpret")}
-    for name, keys in ALCHEMY_SETS.items():  # kept in the file for the single-stage commands (`tiny-onn scan --config`)
-        for key in sorted(set(raw[name]) & set(keys)):
-            log.info("%s [%s] %s: alchemy uses %s instead", acfg.config, name, key, keys[key])
     for section in raw.values():  # `{corpus}` in a data spec is this run's teacher-written corpus
         if isinstance(section.get("data"), str):
             section["data"] = section["data"].replace("{corpus}", str(out / "corpus"))
@@ -135,7 +132,13 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     interp = make_config(InterpretConfig, {**raw["interpret"], "model": final, "out": str(out / "report")},
                          f"{acfg.config} [interpret]")
     check_policy_fits_carve(train, carve, acfg.config, acfg.skip_train)
-    return {"scan": scan, "distil": distil, "carve": carve, "train": train, "eval": ev, "interpret": interp}
+    cfgs = {"scan": scan, "distil": distil, "carve": carve, "train": train, "eval": ev, "interpret": interp}
+    for name, keys in ALCHEMY_SETS.items():  # kept in the file for the single-stage commands (`tiny-onn scan --config`)
+        for key in sorted(set(raw[name]) & set(keys)):
+            used = getattr(cfgs[name], key) if cfgs[name] is not None else None
+            if used is not None and Path(str(raw[name][key])).absolute() != Path(str(used)).absolute():
+                log.info("%s [%s] %s: alchemy uses %s instead", acfg.config, name, key, used)
+    return cfgs
 
 
 def check_policy_fits_carve(train, carve, where: str, skip_train: bool) -> None:
