@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from tiny_onn.data import IGNORE_INDEX
@@ -48,3 +50,22 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     plain.write_text("First document.\r\n\r\nSecond one.\r\n", encoding="utf-8")
     marked.write_text("First document.\r\n\r\nSecond one.\r\n", encoding="utf-8-sig")
     assert general_documents(str(marked)) == general_documents(str(plain)) == ["First document.", "Second one."]
+
+
+def test_a_tokenizer_that_adds_a_bos_token_gets_it_on_plain_text_unscored(tiny_tokenizer):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny_onn.data.encoding import encode_plain_text
+
+    backend = copy.deepcopy(tiny_tokenizer.backend_tokenizer)
+    bos = backend.token_to_id("<|im_start|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
+    ids, labels = encode_plain_text(tok, "The quick brown fox.")
+    body = tiny_tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]
+    assert ids == [bos, *body, tok.eos_token_id]
+    assert labels == [IGNORE_INDEX, *body, tok.eos_token_id]
+    plain_ids, plain_labels = encode_plain_text(tiny_tokenizer, "The quick brown fox.")  # adds no BOS: unchanged
+    assert plain_ids == plain_labels == [*body, tiny_tokenizer.eos_token_id]

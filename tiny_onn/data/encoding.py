@@ -79,19 +79,26 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tup
     return full, spans
 
 
-def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """A plain document's token ids, no chat template, followed by the end-of-sequence token (so that packed documents
-    are separated as in pretraining)."""
-    eos = tokenizer.eos_token_id
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
+    """A plain document's token ids and labels, no chat template: the special tokens the tokenizer itself adds to a
+    text (a beginning-of-sequence token for Llama-style tokenizers, none for SmolLM2's or Qwen's), then the document,
+    then the end-of-sequence token (so that packed documents are separated as in pretraining). Every token is a label
+    but a leading BOS, which nothing predicts."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    labels = list(ids)
+    if ids and bos is not None and ids[0] == bos and bos != eos:
+        labels[0] = IGNORE_INDEX
+    return ids, labels
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[list[int], list[int]]:
     """Token ids of the templated conversation and labels that keep only assistant tokens (others = IGNORE_INDEX);
     a plain document: its tokens, every one a label."""
     if example.is_plain_text:
-        ids = encode_plain_text(tokenizer, example.messages[0][1])
-        return ids, list(ids)
+        return encode_plain_text(tokenizer, example.messages[0][1])
     text, spans = assistant_spans(tokenizer, example.chat)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]

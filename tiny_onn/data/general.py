@@ -65,10 +65,10 @@ def build_general_dataset(
     packed into `seq_len` rows; the first `max_tokens` tokens in the corpus' fixed order."""
     encoded, total = [], 0
     for doc in general_documents(spec):
-        ids = encode_plain_text(tokenizer, doc)
+        ids, labels = encode_plain_text(tokenizer, doc)
         if max_tokens is not None:
-            ids = ids[: max_tokens - total]
-        encoded.append((ids, list(ids), 0))
+            ids, labels = ids[: max_tokens - total], labels[: max_tokens - total]
+        encoded.append((ids, labels, 0))
         total += len(ids)
         if max_tokens is not None and total >= max_tokens:
             break
