@@ -230,6 +230,10 @@ def run(acfg: AlchemyConfig) -> Path:
         dcfg = cfgs["distil"]
         if records.get("distil") and not same_inputs("distil", stage_inputs("distil", dcfg)) and (out / "corpus").exists():
             shutil.rmtree(out / "corpus")  # written from another teacher or mix: a resume would mix two corpora
+        corpus_meta = out / "corpus" / "corpus.json"
+        if dcfg.max_prompts and corpus_meta.is_file() and json.loads(corpus_meta.read_text()).get("records", 0) > dcfg.max_prompts:
+            log.info("distil: max_prompts is now %d, below this run's corpus; writing it again", dcfg.max_prompts)
+            shutil.rmtree(out / "corpus")  # distil-data never cuts a corpus; this one is the run's own
         stage("distil", out / "corpus" / "corpus.json", distil_data.run, dcfg)
     stage("scan", out / "scan" / "scan.json", scan.run, cfgs["scan"])
     stage("carve", carve_metadata_path(out / "moe"), carve.run, cfgs["carve"])

@@ -260,3 +260,16 @@ def test_warm_up_longer_than_the_run_still_reaches_the_full_rate():
     # a normal run: 2 warm-up steps, then the cosine from 1 down to 0.1 over the remaining 4
     assert [lr_lambda(s, 2, 6) for s in range(2)] == [0.5, 1.0]
     assert lr_lambda(2, 2, 6) == 1.0 and abs(lr_lambda(4, 2, 6) - (0.1 + 0.9 * 0.5)) < 1e-12
+
+
+def test_a_resumed_run_with_more_steps_keeps_its_warm_up(tiny_moe, tmp_path):
+    """The first run of 3 steps cuts its 10 warm-up steps to 3; resumed to 5 steps, it goes on from the full rate
+    (the cosine's start) instead of dropping back into a 5-step warm-up."""
+    moe, data = tiny_moe
+    out = tmp_path / "run"
+    assert main(_train_args(moe, data, out, steps=3, extra=["--warmup-steps", "10"])) == 0
+    assert main(_train_args(moe, data, out, steps=5, extra=["--warmup-steps", "10", "--resume"])) == 0
+    lrs = [h["lr"] for h in json.loads((out / "train.json").read_text())["history"]]
+    base = lrs[2]  # the full rate, reached on the first run's last step
+    assert lrs[:3] == pytest.approx([base / 3, 2 * base / 3, base])
+    assert lrs[3] == pytest.approx(base) and lrs[4] == pytest.approx(base * 0.55)  # cosine: 1 at the start, 0.55 midway

@@ -335,7 +335,8 @@ def export_folder(model: TinyOnnForCausalLM, source: Source, plan: CarvePlan, fo
         "layers": [lp.to_json() for lp in plan.layers],
     }
     # the source's decoding defaults (an instruct model's repetition penalty, say): the MoE generates as its source does
-    model.generation_config = copy.deepcopy(source.model.generation_config)
+    if (generation := getattr(source.model, "generation_config", None)) is not None:
+        model.generation_config = copy.deepcopy(generation)
     save_model_folder(model, source.tokenizer, folder, provenance, {CARVE_META: extra}, model_card(model, source, extra))
 
 

@@ -236,14 +236,15 @@ def run(cfg: DistilDataConfig) -> Path:
                            f"the training split of {cfg.facts!r} (evaluation facts are never distilled), the open set "
                            "drops topics that evaluation facts name, the mix set uses the data's first user turns")
     records = _complete_records(data_path)
-    if (had := len(records)) > len(prompts):
-        raise TinyOnnError(f"{out} holds a corpus of {had} records, more than the {len(prompts)} these settings ask "
-                           f"for (--max-prompts {cfg.max_prompts}); its records are never cut: give --max-prompts "
-                           f"{had} or more to reuse or extend it, or choose another --out")
     written = [r["messages"][0]["content"] for r in records]
-    if written != [p for _, p in prompts[: len(written)]]:
+    if written[: len(prompts)] != [p for _, p in prompts[: len(written)]]:
         raise TinyOnnError(f"the corpus in {out} answers other prompts than these settings give now (the training mix "
                            "or the facts changed since it was written); write a new corpus with another --out")
+    if (had := len(records)) > len(prompts):
+        raise TinyOnnError(f"{out} holds a corpus of {had} records, more than the {len(prompts)} prompts these "
+                           f"settings give (max_prompts {cfg.max_prompts}); its records are never cut: give max_prompts "
+                           f"{had} or more (--max-prompts, or a pipeline file's distil section) to reuse or extend it, "
+                           "or write the smaller corpus elsewhere")
     teacher = load_source(SourceArgs(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
                                      load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code))
     tok = teacher.tokenizer

@@ -102,8 +102,8 @@ def build_dataset(
     tokenizer: PreTrainedTokenizerBase, args: DataArgs, split: str = "train", max_tokens: int | None = None
 ) -> PackedData:
     """Encode and pack the `split` ('train' or 'heldout') of `args.data`, stopping once `max_tokens` tokens are encoded.
-    The last record is kept whole (so the count ends a little past the budget), unless it alone would take the count
-    past twice the budget: then it is cut at the budget, where that leaves tokens to score (one very long record would
+    The last record is kept whole (so the count ends a little past the budget), unless the count with it would pass
+    twice the budget: then it is cut at the budget, where that leaves tokens to score (one very long record would
     otherwise replace the budget)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")

@@ -271,7 +271,7 @@ def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
     model.eval()
     if not is_moe:
         swiglu_mlps(model)  # raises a clear error for non-SwiGLU layers
-    rows = model.get_input_embeddings().num_embeddings
+    rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise TinyOnnError(f"{args.model!r}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                            f"{rows} rows, so token ids from {rows} on would index past it; this tokenizer does not "

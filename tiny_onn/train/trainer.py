@@ -247,7 +247,8 @@ def model_fingerprint(model) -> str:
 
 def lr_lambda(step: int, warmup: int, total: int) -> float:
     """The learning-rate factor at `step` of `total`: a linear warm-up over `warmup` steps (at most `total`, so that a
-    short run still reaches the full rate on its last warm-up step), then a cosine decay to 0.1."""
+    short run still reaches the full rate on its last warm-up step), then a cosine decay to 0.1. A run fixes its
+    warm-up when it starts (`TrainState.warmup`), so a resumed run with a larger `total` keeps it."""
     warmup = min(warmup, total)
     if step < warmup:
         return (step + 1) / warmup
@@ -273,11 +274,14 @@ class TrainState:
     """[C] summed token share of each category over the steps."""
     ppl_before: dict | None = None
     """Held-out perplexity before training."""
+    warmup: int = 0
+    """Warm-up steps of the learning-rate schedule, fixed when the run starts (--warmup-steps, cut to the run's first
+    --steps), so that a run resumed with more --steps keeps its schedule."""
 
     def to_json(self) -> dict:
         """The JSON part (the tensors go to a safetensors file)."""
         return {"step": self.step, "phase": self.phase, "pi": self.pi, "history": self.history,
-                "ppl_before": self.ppl_before}
+                "ppl_before": self.ppl_before, "warmup": self.warmup}
 
 
 class Checkpoints:
@@ -486,7 +490,8 @@ class Trainer:
         E = self.model.config.num_experts if self.is_moe else 0
         C = len(self.data.category_names)
         return TrainState(step=0, phase=1 if self.cfg.phase1_steps > 0 else 2, pi=0.0, history=[],
-                          update_counts=torch.zeros(len(self.experts), E, C), category_mass=torch.zeros(C))
+                          update_counts=torch.zeros(len(self.experts), E, C), category_mass=torch.zeros(C),
+                          warmup=min(self.cfg.warmup_steps, self.cfg.steps))
 
     # ---- one training step ---------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -504,7 +509,7 @@ class Trainer:
         self.state.pi = performance_index(losses["ce"], losses["entropy"], grad_norm, cfg.pi_alpha, cfg.pi_gamma)
         lr_scale = pi_schedule(self.state.pi, 1, cfg.pi_lr_floor)[0] if cfg.pi_schedule else 1.0
         for group, base_lr in zip(opt.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base_lr * lr_lambda(step, cfg.warmup_steps, cfg.steps) * lr_scale
+            group["lr"] = base_lr * lr_lambda(step, self.state.warmup, cfg.steps) * lr_scale
         share = cat_tokens / cat_tokens.sum().clamp_min(1)  # [C] this step's token share per category
         updated = self.mask_experts(share)
         update_norm = opt.clip_grad_norm_(cfg.clip if cfg.clip > 0 else float("inf"))  # masks set: what updates
@@ -526,7 +531,7 @@ class Trainer:
         seq_len): nothing to learn from, so no update — no optimizer step, PI and phase as they were — instead of a
         CE of 0 that would read as a perfect prediction (PI ≈ 1, which can end phase 1 early). Its history record has
         the losses as None and `skipped` set."""
-        lr = self.base_lrs[0] * lr_lambda(step, self.cfg.warmup_steps, self.cfg.steps)
+        lr = self.base_lrs[0] * lr_lambda(step, self.state.warmup, self.cfg.steps)
         return {"step": step + 1, "phase": self.state.phase, "scored_tokens": 0, **dict.fromkeys(STEP_METRICS),
                 "pi": self.state.pi, "lr": lr, "skipped": "no response tokens in this step's sequences",
                 "step_seconds": time.perf_counter() - t0}
@@ -672,6 +677,8 @@ class Trainer:
         check_resume_matches(meta, self.cfg, latest)
         state = self.fresh_state()
         state.step, state.history, state.ppl_before = meta["step"], meta["history"], meta.get("ppl_before")
+        # a checkpoint from before the warm-up was saved ran the uncut --warmup-steps
+        state.warmup = meta.get("warmup", self.cfg.warmup_steps)
         if "phase" not in meta:  # a checkpoint from before the counters and PI were saved
             log.warning("checkpoint %s predates saved update counters and PI: update rates cover the resumed steps only",
                         latest)
@@ -688,10 +695,11 @@ class Trainer:
     # ---- the loop and the end ------------------------------------------------------------------------------------
     def fit(self) -> Path:
         """Train from the current step to cfg.steps, checkpointing as configured; then write the outputs. A run that
-        fails with nothing to resume from (no checkpoint) leaves nothing behind: its TensorBoard log is removed."""
+        stops (an error or an interrupt) with nothing to resume from (no checkpoint) leaves nothing behind: the
+        TensorBoard log it started is removed, and the --out folder it made, once empty."""
         try:
             return self._fit()
-        except TinyOnnError:
+        except BaseException:  # a tool error, a crash or an interrupt: what it leaves must be resumable or nothing
             if self.rank == 0 and self.checkpoints.latest() is None:
                 if self.writer is not None:
                     self.writer.close()
