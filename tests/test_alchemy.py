@@ -133,3 +133,13 @@ carve: {{experts: 4, top_k: 2, calib_tokens: 256, calib_steps: 2, eval_tokens: 0
 eval: {{data: {data}, tasks: "ppl", eval_tokens: 128, seq_len: 32, device: cpu}}
 interpret: {{data: {data}, tokens: 128, seq_len: 32, device: cpu}}
 """
+
+
+def test_an_empty_distil_section_and_corpus_in_a_yaml_list(tmp_path):
+    from tiny_onn.alchemy import AlchemyConfig, _stage_configs
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text('distil:\ntrain:\n  data: [default, "{corpus}"]\n')
+    cfgs = _stage_configs(AlchemyConfig(config=str(config), out=str(tmp_path / "run")))
+    assert cfgs["distil"] is not None and cfgs["distil"].out == str(tmp_path / "run" / "corpus")
+    assert cfgs["train"].data == f"default,{tmp_path / 'run' / 'corpus'}"

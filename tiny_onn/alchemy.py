@@ -112,11 +112,14 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     raw = {k: load_yaml(acfg.config, k) if isinstance(load_yaml(acfg.config).get(k), dict) else {}
            for k in ("scan", "distil", "carve", "train", "eval", "interpret")}
     for section in raw.values():  # `{corpus}` in a data spec is this run's teacher-written corpus
-        if isinstance(section.get("data"), str):
-            section["data"] = section["data"].replace("{corpus}", str(out / "corpus"))
+        data = section.get("data")
+        if isinstance(data, str):
+            section["data"] = data.replace("{corpus}", str(out / "corpus"))
+        elif isinstance(data, list):  # a comma-separated option written as a YAML list
+            section["data"] = [d.replace("{corpus}", str(out / "corpus")) if isinstance(d, str) else d for d in data]
     scan = make_config(ScanConfig, {**raw["scan"], "out": str(out / "scan")}, f"{acfg.config} [scan]")
     distil = None
-    if load_yaml(acfg.config).get("distil") is not None:
+    if "distil" in load_yaml(acfg.config):  # an empty `distil:` section: the corpus with distil-data's defaults
         distil = make_config(DistilDataConfig, {"model": scan.model, **raw["distil"], "out": str(out / "corpus")},
                              f"{acfg.config} [distil]")
     elif any("{corpus}" in str(sec.get("data", "")) or str(out / "corpus") in str(sec.get("data", ""))
