@@ -17,16 +17,15 @@ def test_a_folders_generation_settings_do_not_change_the_tools_decoding(tiny_mod
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [[5, 6, 7, 8], [9, 10]]
     plain = generate_batched(model, tok, prompts, max_new_tokens=16)
-    model.generation_config.no_repeat_ngram_size = 1  # an instruct model's decoding defaults
-    model.generation_config.repetition_penalty = 5.0
-    assert generate_batched(model, tok, prompts, max_new_tokens=16) == plain
-    assert model.generation_config.repetition_penalty == 5.0  # restored afterwards
-    first = plain[0]
-    if len(set(first)) < len(first):  # greedy repeated a token: the folder's settings, applied, would ban that
-        with torch.no_grad():
-            raw = model.generate(torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False,
-                                 pad_token_id=tok.pad_token_id or 0)
-        assert raw[0, 4:].tolist() != first[: raw.shape[1] - 4]
+    # a folder setting that certainly changes greedy decoding: the token greedy picks first is suppressed
+    model.generation_config.suppress_tokens = [plain[0][0]]
+    model.generation_config.repetition_penalty = 5.0  # and an instruct model's usual decoding default
+    with torch.no_grad():
+        raw = model.generate(torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False,
+                             pad_token_id=tok.pad_token_id or 0)
+    assert raw[0, len(prompts[0])].item() != plain[0][0]  # applied as transformers applies it, it changes the reply
+    assert generate_batched(model, tok, prompts, max_new_tokens=16) == plain  # set aside by the tool
+    assert model.generation_config.repetition_penalty == 5.0  # and restored afterwards
 
 
 def test_a_carve_keeps_its_sources_generation_settings(tiny_moe, tmp_path):

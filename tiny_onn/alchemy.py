@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiny_onn.artifacts import content_hash, write_json
+from tiny_onn.artifacts import content_hash, read_json, write_json
 from tiny_onn.config import check_sections, load_yaml, make_config
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.model.export import carve_metadata_path
@@ -147,7 +147,7 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
 def check_policy_fits_carve(train, carve, where: str, skip_train: bool) -> None:
     """Before any stage runs: smk/smk2 update k experts per layer, so the carve must make at least k (train would
     otherwise find out only after the scan and the carve)."""
-    k = train.max_k if train.policy == "smk2" else train.min_k
+    k = train.updated_experts
     if skip_train or train.policy == "full" or k <= carve.experts:
         return
     option = "max_k" if train.policy == "smk2" else "min_k"
@@ -160,14 +160,13 @@ def check_alchemy_out(out: Path, cfgs: dict, skip_train: bool) -> None:
     """One clear error before any stage runs (and before anything in `out` is removed) when `out` is not new, empty
     or an earlier alchemy run (marked by its stages.json), or when a stage's folder in it holds something that stage
     would not replace (a user's `report/`, say)."""
-    from tiny_onn.artifacts import check_folder_can_be_made, check_replaceable
+    from tiny_onn.artifacts import check_output_folder, check_replaceable
     from tiny_onn.carve.carver import PLOTS_MARKER, plots_folder
+    from tiny_onn.data.distil import check_corpus_out
     from tiny_onn.model.export import CARVE_META
     from tiny_onn.train.trainer import check_train_out
 
-    path = check_folder_can_be_made(out)
-    if path.exists() and not path.is_dir():
-        raise TinyOnnError(f"--out {out} exists and is not a folder; give another --out")
+    path = check_output_folder(out)
     if path.is_dir() and any(path.iterdir()) and not (path / STAGE_RECORDS).is_file():
         shown = ", ".join(sorted(e.name for e in path.iterdir())[:5])
         raise TinyOnnError(f"--out {out} already holds other things ({shown}) and no {STAGE_RECORDS}, so it is not an "
@@ -180,9 +179,7 @@ def check_alchemy_out(out: Path, cfgs: dict, skip_train: bool) -> None:
         check_train_out(cfgs["train"])
     check_replaceable(cfgs["eval"].out, "eval.json")
     check_replaceable(cfgs["interpret"].out, "interpret.json")
-    corpus = out / "corpus"
-    if corpus.exists() and (not corpus.is_dir() or (any(corpus.iterdir()) and not (corpus / "corpus.json").is_file())):
-        raise TinyOnnError(f"{corpus} exists and is not a teacher-written corpus folder; give another --out")
+    check_corpus_out(out / "corpus")
 
 
 def _config_json(cfg) -> dict:
@@ -234,7 +231,7 @@ def run(acfg: AlchemyConfig) -> Path:
         if records.get("distil") and not same_inputs("distil", stage_inputs("distil", dcfg)) and (out / "corpus").exists():
             shutil.rmtree(out / "corpus")  # written from another teacher or mix: a resume would mix two corpora
         corpus_meta = out / "corpus" / "corpus.json"
-        if dcfg.max_prompts and corpus_meta.is_file() and json.loads(corpus_meta.read_text()).get("records", 0) > dcfg.max_prompts:
+        if dcfg.max_prompts and corpus_meta.is_file() and read_json(corpus_meta, "corpus metadata").get("records", 0) > dcfg.max_prompts:
             log.info("distil: max_prompts is now %d, below this run's corpus; writing it again", dcfg.max_prompts)
             shutil.rmtree(out / "corpus")  # distil-data never cuts a corpus; this one is the run's own
         stage("distil", out / "corpus" / "corpus.json", distil_data.run, dcfg)

@@ -67,6 +67,14 @@ def check_folder_can_be_made(final: str | os.PathLike, option: str = "--out") ->
     return path
 
 
+def check_output_folder(final: str | os.PathLike, option: str = "--out") -> Path:
+    """`check_folder_can_be_made`, and `final` itself is no file: where a folder of outputs can go."""
+    path = check_folder_can_be_made(final, option)
+    if (path.exists() or path.is_symlink()) and (not path.is_dir() or path.is_symlink()):
+        raise TinyOnnError(f"output folder {final} exists and is not a folder; give another {option} or remove it")
+    return path
+
+
 def check_replaceable(final: str | os.PathLike, marker: str, option: str = "--out") -> Path:
     """`final` as an absolute path, once it is safe to replace: it does not exist, or it is an empty folder, or an earlier
     output of the same kind (a folder holding `marker`, e.g. scan.json for a scan). Anything else — a file, a folder of
@@ -78,10 +86,9 @@ def check_replaceable(final: str | os.PathLike, marker: str, option: str = "--ou
     if path == cwd or path in cwd.parents or path.parent == path:
         raise TinyOnnError(f"output folder {final}: is the working folder or one above it, which an output would replace; "
                            f"give a new folder, e.g. {option} runs/mine")
-    if not path.exists() and not path.is_symlink():
+    check_output_folder(final, option)
+    if not path.exists():
         return path
-    if not path.is_dir() or path.is_symlink():
-        raise TinyOnnError(f"output folder {final} exists and is not a folder; give another {option} or remove it")
     entries = list(path.iterdir())
     if entries and not (path / marker).is_file():
         shown = ", ".join(sorted(e.name for e in entries)[:5]) + (", ..." if len(entries) > 5 else "")

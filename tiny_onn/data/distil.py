@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from tiny_onn.artifacts import check_folder_can_be_made, read_json, versions, write_json
+from tiny_onn.artifacts import check_output_folder, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data.pipeline import check_seed
 from tiny_onn.errors import TinyOnnError
@@ -209,15 +209,21 @@ def _complete_records(path: Path) -> list[dict]:
     return records
 
 
+def check_corpus_out(out: Path) -> None:
+    """One clear error, before any work, when `out` cannot hold a corpus: it is a file or lies under one, or it is a
+    folder of other things (an unfinished or finished corpus, known by its corpus.json, is continued)."""
+    check_output_folder(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "corpus.json").is_file():
+        raise TinyOnnError(f"{out} exists and is not a corpus folder; choose another --out")
+
+
 def run(cfg: DistilDataConfig) -> Path:
     """Generate (or resume) the corpus in `cfg.out`."""
     from tiny_onn.data.encoding import prompt_ids
     from tiny_onn.generate import generate_batched
 
     out = Path(cfg.out)
-    check_folder_can_be_made(out)
-    if out.exists() and not out.is_dir():
-        raise TinyOnnError(f"--out {out} exists and is not a folder; give another --out")
+    check_corpus_out(out)
     meta_path, data_path = out / "corpus.json", out / "corpus.jsonl"
     settings = _settings(cfg)
     saved_meta = read_json(meta_path, "corpus metadata") if meta_path.is_file() else None
@@ -228,8 +234,6 @@ def run(cfg: DistilDataConfig) -> Path:
             raise TinyOnnError(f"{out} holds a corpus made with other settings ({shown}); give its own settings to "
                                "continue it, or choose another --out")
         settings = {**settings, "model": saved.get("model", settings["model"])}  # the same teacher, as first given
-    elif out.exists() and any(out.iterdir()):
-        raise TinyOnnError(f"{out} exists and is not a corpus folder; choose another --out")
     prompts = build_prompts(cfg)
     if not prompts:
         raise TinyOnnError(f"the prompt sets ({cfg.prompts}) are empty: nothing to generate. The facts set uses only "

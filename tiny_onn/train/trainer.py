@@ -26,7 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from tiny_onn import distributed
-from tiny_onn.artifacts import atomic_dir, check_folder_can_be_made, check_replaceable, read_json, versions, write_json
+from tiny_onn.artifacts import atomic_dir, check_output_folder, check_replaceable, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.errors import TinyOnnError
@@ -191,6 +191,11 @@ class TrainConfig(SourceArgs, DataArgs):
         if self.load_in_4bit and not self.teacher:
             raise TinyOnnError("--load-in-4bit loads the teacher in 4 bits (the trained model never is): it needs a --teacher")
         self._check_seed_mechanisms()
+
+    @property
+    def updated_experts(self) -> int:
+        """smk/smk2: the experts updated per layer and step (--min-k, --max-k)."""
+        return self.max_k if self.policy == "smk2" else self.min_k
 
     def _check_seed_mechanisms(self) -> None:
         """Router losses, the PI schedule and perpetual mode (replay, EWC)."""
@@ -395,7 +400,7 @@ def check_model_fits_config(model, cfg: TrainConfig) -> None:
             )
         return
     E = model.config.num_experts
-    k = cfg.max_k if cfg.policy == "smk2" else cfg.min_k
+    k = cfg.updated_experts
     if cfg.policy != "full" and k > E:
         option = "--max-k" if cfg.policy == "smk2" else "--min-k"
         raise TinyOnnError(f"{option} {k} is larger than the model's {E} experts per layer: give {option} {E} or "
@@ -443,7 +448,7 @@ class Trainer:
         self.experts = [layer.mlp.experts for layer in self.model.model.layers] if self.is_moe else []
         if self.is_moe:
             self.model.track_expert_stats(True)
-        self.k = cfg.max_k if cfg.policy == "smk2" else cfg.min_k
+        self.k = cfg.updated_experts
         self.optimizer = build_optimizer(self.model, cfg)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.fingerprint = model_fingerprint(self.model)
@@ -854,13 +859,11 @@ def check_train_out(cfg: TrainConfig) -> None:
     one, the working folder, or a folder of other things than a training run's; or its `model` folder would replace
     something that is not an earlier trained model (marked by its train.json), such as the model being trained or the
     teacher."""
-    out = check_folder_can_be_made(cfg.out)
+    out = check_output_folder(cfg.out)
     cwd = Path.cwd().absolute()
     if out == cwd or out in cwd.parents:
         raise TinyOnnError(f"--out {cfg.out} is the working folder or one above it; give a new folder, e.g. "
                            "--out runs/train")
-    if out.exists() and not out.is_dir():
-        raise TinyOnnError(f"--out {cfg.out} exists and is not a folder; give another --out")
     if out.is_dir():
         others = sorted(e.name for e in out.iterdir()
                         if e.name not in TRAIN_OUT_ENTRIES and not e.name.startswith(TRAIN_OUT_TEMPORARY))
