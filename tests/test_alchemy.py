@@ -143,3 +143,31 @@ def test_an_empty_distil_section_and_corpus_in_a_yaml_list(tmp_path):
     cfgs = _stage_configs(AlchemyConfig(config=str(config), out=str(tmp_path / "run")))
     assert cfgs["distil"] is not None and cfgs["distil"].out == str(tmp_path / "run" / "corpus")
     assert cfgs["train"].data == f"default,{tmp_path / 'run' / 'corpus'}"
+
+
+def test_a_failed_rerun_leaves_no_output_made_from_changed_inputs(tiny_moe, tmp_path, monkeypatch):
+    """The data changes, scan and carve run again, then eval fails: the earlier eval/ (of the earlier MoE) and report/
+    go, the new scan and MoE stay, and the next run makes only what is missing."""
+    lines = tiny_moe[1].read_text().splitlines(keepends=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(lines))
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(LIGHT_PIPELINE.format(dense=tiny_moe[0].parent / "dense", data=data))
+    run = tmp_path / "run"
+    argv = ["alchemy", "--config", str(cfg), "--out", str(run), "--skip-train"]
+    assert main(argv) == 0
+    data.write_text("".join(lines[: len(lines) // 2]))
+
+    def failing(cfg):
+        from tiny_onn.errors import TinyOnnError
+
+        raise TinyOnnError("eval failed")
+
+    monkeypatch.setattr("tiny_onn.eval.harness.run", failing)
+    assert main(argv) == 2
+    assert (run / "scan" / "scan.json").is_file() and (run / "moe" / "config.json").is_file()
+    assert not (run / "eval").exists() and not (run / "report").exists()
+    monkeypatch.undo()
+    assert main(argv) == 0
+    stages = json.loads((run / "alchemy.json").read_text())["stages"]
+    assert stages == {"scan": "reused", "carve": "reused", "eval": "ran", "interpret": "ran"}

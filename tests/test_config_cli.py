@@ -31,6 +31,21 @@ def test_sections_are_never_read_as_options_and_may_be_empty(tmp_path):
     assert cfg.tokens == ScanConfig().tokens
 
 
+def test_distil_data_reads_a_pipeline_files_distil_section(tmp_path):
+    """alchemy names distil-data's section `distil:`; `tiny-onn distil-data --config` of that file reads it too, and a
+    `distil-data:` section, where a file has one, wins."""
+    from tiny_onn.data.distil import DistilDataConfig
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("scan:\n  tokens: 64\ndistil:\n  max_prompts: 12\n  temperature: 0\n")
+    args = build_parser().parse_args(["distil-data", "--config", str(cfg_file)])
+    cfg = config_from_args(DistilDataConfig, args, "distil-data")
+    assert (cfg.max_prompts, cfg.temperature) == (12, 0)
+    cfg_file.write_text("distil:\n  max_prompts: 12\ndistil-data:\n  max_prompts: 7\n")
+    cfg = config_from_args(DistilDataConfig, args, "distil-data")
+    assert cfg.max_prompts == 7
+
+
 def test_yaml_lists_join_only_for_comma_separated_options(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("scan:\n  data: [default, extra.jsonl]\n  categories: [chat, math]\n")

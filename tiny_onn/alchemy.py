@@ -226,38 +226,74 @@ def run(acfg: AlchemyConfig) -> Path:
         record(name, cfg, inputs, complete=True)
         done[name] = "ran"
 
-    if cfgs["distil"] is not None:
-        dcfg = cfgs["distil"]
-        if records.get("distil") and not same_inputs("distil", stage_inputs("distil", dcfg)) and (out / "corpus").exists():
-            shutil.rmtree(out / "corpus")  # written from another teacher or mix: a resume would mix two corpora
-        corpus_meta = out / "corpus" / "corpus.json"
-        if dcfg.max_prompts and corpus_meta.is_file() and read_json(corpus_meta, "corpus metadata").get("records", 0) > dcfg.max_prompts:
-            log.info("distil: max_prompts is now %d, below this run's corpus; writing it again", dcfg.max_prompts)
-            shutil.rmtree(out / "corpus")  # distil-data never cuts a corpus; this one is the run's own
-        stage("distil", out / "corpus" / "corpus.json", distil_data.run, dcfg)
-    stage("scan", out / "scan" / "scan.json", scan.run, cfgs["scan"])
-    stage("carve", carve_metadata_path(out / "moe"), carve.run, cfgs["carve"])
-    if not acfg.skip_train:
-        tcfg = cfgs["train"]
-        ckpt = out / "train" / "checkpoints" / "latest.json"
-        if not _same(_stored_config(out / "train" / "train.json"), tcfg) and ckpt.is_file():
-            if not same_inputs("train", stage_inputs("train", tcfg)):
-                log.info("train: %s was trained from other inputs; starting over", out / "train")
-                shutil.rmtree(out / "train")
-            else:
-                state = json.loads(ckpt.read_text())
-                stored = _stored_config(out / "train" / "checkpoints" / state["folder"] / "state.json")
-                if _same({**(stored or {}), "resume": True}, dataclasses.replace(tcfg, resume=True)):
-                    log.info("train: continuing from checkpoint %s", state["folder"])
-                    tcfg = dataclasses.replace(tcfg, resume=True)
+    def remove_stale_outputs() -> None:
+        """After a failure, the outputs that no longer describe what is beside them go (each is made by the next
+        run): those of the stage that failed, which hold an earlier run's artifact (its atomic write kept it), and
+        those of later stages whose inputs changed (a carve that ran before the training failed leaves the earlier
+        eval/ describing a model that no longer exists). A training run's checkpoints stay, for the next run to
+        continue from."""
+        for name, folders in stage_folders().items():
+            if name in done or name not in records:
+                continue
+            try:
+                current = stage_inputs(name, cfgs[name])
+            except Exception:  # noqa: BLE001 — an input that cannot be read now is a changed one
+                current = None
+            unfinished = not records[name].get("complete") and name != "train"
+            if unfinished or current != records[name].get("inputs"):
+                for folder in folders:
+                    if folder.exists():
+                        log.info("%s: removing %s, made from inputs that have changed since", name, folder)
+                        shutil.rmtree(folder)
+                records.pop(name)
+                write_json(records_path, records)
+
+    def stage_folders() -> dict[str, list[Path]]:
+        from tiny_onn.carve.carver import plots_folder
+
+        carve_cfg = cfgs["carve"]
+        folders = {"scan": [out / "scan"],  # in pipeline order: a stage's removal changes its readers' inputs
+                   "carve": [Path(carve_cfg.out)] + ([plots_folder(carve_cfg)] if carve_cfg.plots else []),
+                   "train": [] if acfg.skip_train else [out / "train"],
+                   "eval": [Path(cfgs["eval"].out)], "interpret": [Path(cfgs["interpret"].out)]}
+        return folders
+
+    try:
+        if cfgs["distil"] is not None:
+            dcfg = cfgs["distil"]
+            if records.get("distil") and not same_inputs("distil", stage_inputs("distil", dcfg)) and (out / "corpus").exists():
+                shutil.rmtree(out / "corpus")  # written from another teacher or mix: a resume would mix two corpora
+            corpus_meta = out / "corpus" / "corpus.json"
+            if dcfg.max_prompts and corpus_meta.is_file() and read_json(corpus_meta, "corpus metadata").get("records", 0) > dcfg.max_prompts:
+                log.info("distil: max_prompts is now %d, below this run's corpus; writing it again", dcfg.max_prompts)
+                shutil.rmtree(out / "corpus")  # distil-data never cuts a corpus; this one is the run's own
+            stage("distil", out / "corpus" / "corpus.json", distil_data.run, dcfg)
+        stage("scan", out / "scan" / "scan.json", scan.run, cfgs["scan"])
+        stage("carve", carve_metadata_path(out / "moe"), carve.run, cfgs["carve"])
+        if not acfg.skip_train:
+            tcfg = cfgs["train"]
+            ckpt = out / "train" / "checkpoints" / "latest.json"
+            if not _same(_stored_config(out / "train" / "train.json"), tcfg) and ckpt.is_file():
+                if not same_inputs("train", stage_inputs("train", tcfg)):
+                    log.info("train: %s was trained from other inputs; starting over", out / "train")
+                    shutil.rmtree(out / "train")
                 else:
-                    raise TinyOnnError(f"{out / 'train'} holds checkpoints of another training configuration; "
-                                       "remove that folder or use another --out")
-        elif not same_inputs("train", stage_inputs("train", tcfg)) and (out / "train").exists():
-            shutil.rmtree(out / "train")  # finished on other inputs: its checkpoints must not be mistaken for ours
-        stage("train", out / "train" / "train.json", train.run, tcfg)
-    stage("eval", out / "eval" / "eval.json", harness.run, cfgs["eval"])
-    stage("interpret", out / "report" / "interpret.json", interpret.run, cfgs["interpret"])
+                    state = json.loads(ckpt.read_text())
+                    stored = _stored_config(out / "train" / "checkpoints" / state["folder"] / "state.json")
+                    if _same({**(stored or {}), "resume": True}, dataclasses.replace(tcfg, resume=True)):
+                        log.info("train: continuing from checkpoint %s", state["folder"])
+                        tcfg = dataclasses.replace(tcfg, resume=True)
+                    else:
+                        raise TinyOnnError(f"{out / 'train'} holds checkpoints of another training configuration; "
+                                           "remove that folder or use another --out")
+            elif not same_inputs("train", stage_inputs("train", tcfg)) and (out / "train").exists():
+                shutil.rmtree(out / "train")  # finished on other inputs: its checkpoints must not be mistaken for ours
+            stage("train", out / "train" / "train.json", train.run, tcfg)
+        stage("eval", out / "eval" / "eval.json", harness.run, cfgs["eval"])
+        stage("interpret", out / "report" / "interpret.json", interpret.run, cfgs["interpret"])
+    except BaseException:
+        remove_stale_outputs()
+        raise
     table = summary_table(out, acfg)
     questions = acfg.questions or alchemy_section(acfg.config).get("questions") or []
     if questions:

@@ -80,6 +80,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 # the sections a YAML file may hold: one per stage command (`distil` is alchemy's name for distil-data's section)
 SECTIONS = ("alchemy", "scan", "distil", "distil-data", "carve", "train", "eval", "interpret", "export", "generate")
+SECTION_ALIASES = {"distil-data": "distil"}  # a stage's section under the name a pipeline file gives it
 
 
 def check_sections(path: str | Path, options: set[str] = frozenset(), sections: tuple[str, ...] = SECTIONS) -> None:
@@ -108,6 +109,9 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
         raise TinyOnnError(f"config file {path} must hold a mapping of option names to values")
     if section is None:
         return data
+    alias = SECTION_ALIASES.get(section)
+    if section not in data and alias in data:  # `tiny-onn distil-data --config pipeline.yaml` reads its `distil:`
+        section = alias
     if section in data and (data[section] is None or isinstance(data[section], dict)):
         return data[section] or {}
     return {k: v for k, v in data.items() if not (k in SECTIONS and (v is None or isinstance(v, dict)))}

@@ -454,3 +454,15 @@ def test_output_bias_is_the_mean_of_what_the_block_leaves_out(tiny_model_dir, ti
         torch.testing.assert_close(again(ids).logits, moe(ids).logits)
     with pytest.raises(TinyOnnError, match="output bias"):
         target_architecture(moe.config.to_dict())
+
+
+def test_calibration_on_fewer_tokens_than_router_inputs_is_warned_about(caplog):
+    from tiny_onn.carve.carver import warn_if_calibration_is_small
+
+    with caplog.at_level("WARNING", logger="tiny_onn.carve.carver"):
+        warn_if_calibration_is_small(64, 576)
+    assert "64 tokens" in caplog.text and "--calib-tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tiny_onn.carve.carver"):
+        warn_if_calibration_is_small(576, 576)
+    assert caplog.text == ""

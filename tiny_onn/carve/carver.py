@@ -289,6 +289,15 @@ def make_plan(scan: ScanResult, source: PreTrainedModel, cfg: CarveConfig) -> Ca
     return CarvePlan(layers=layers, method=cfg.method)
 
 
+def warn_if_calibration_is_small(tokens: int, hidden_size: int) -> None:
+    """A router reads the hidden state: fitted on fewer tokens than it has inputs, its fit rests on the ridge
+    penalty alone, so the carve runs but routes poorly. Warn rather than refuse (a quick smoke test may want it)."""
+    if tokens < hidden_size:
+        log.warning("router calibration reads %d tokens, fewer than the model's hidden size %d (each router's inputs): "
+                    "the routers are barely fitted; give --calib-tokens of several times %d (default 16384)",
+                    tokens, hidden_size, hidden_size)
+
+
 def carve_model(scan: ScanResult, source: Source, cfg: CarveConfig, calib_data=None) -> tuple[TinyOnnForCausalLM, CarvePlan, list]:
     """Plan, assemble and calibrate a MoE in memory (the stage's core, reused by benchmarks)."""
     plan = make_plan(scan, source.model, cfg)
@@ -405,6 +414,7 @@ def run(cfg: CarveConfig) -> Path:
     data_args = DataArgs(data=cfg.data or scan_cfg.get("data", "default"), seq_len=cfg.seq_len,
                          heldout_fraction=scan_cfg.get("heldout_fraction", 0.1), seed=cfg.seed)
     calib = build_dataset(source.tokenizer, data_args, "train", max_tokens=cfg.calib_tokens)
+    warn_if_calibration_is_small(calib.num_tokens, source.model.config.hidden_size)
     model, plan, calib_report = carve_model(scan, source, cfg, calib)
     N = swiglu_mlps(source.model)[0].num_neurons
     extra = {
