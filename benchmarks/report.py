@@ -589,7 +589,7 @@ def knowledge_ceiling(d: dict) -> str:
                      "per layer",
                      }[r["kind"]]
         if r["kind"] in ("neuron oracle", "low-rank predictor", "exact-gate predictor", "two-stage exact-gate predictor"):
-            label = f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons per token"
+            label = f"dense, {100 * r['active_ffn_fraction']:g}% of FFN neurons per token"
         elif r["kind"] == "neuron oracle (allocated)":
             by_layer = r["fractions_by_layer"]
             label = (f"dense, {r['active_ffn_fraction']:.0%} of FFN neurons on average (per layer "
