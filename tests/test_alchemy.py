@@ -105,13 +105,7 @@ def test_a_changed_upstream_artifact_or_data_file_reruns_what_depends_on_it(tiny
     from tiny_onn.alchemy import AlchemyConfig, _stage_configs
     from tiny_onn.scan import run as scan
 
-    lines = tiny_moe[1].read_text().splitlines(keepends=True)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(lines))
-    cfg = tmp_path / "pipeline.yaml"
-    cfg.write_text(LIGHT_PIPELINE.format(dense=tiny_moe[0].parent / "dense", data=data))
-    run = tmp_path / "run"
-    argv = ["alchemy", "--config", str(cfg), "--out", str(run), "--skip-train"]
+    lines, data, cfg, run, argv = _light_run(tiny_moe, tmp_path)
 
     def stages() -> dict:
         assert main(argv) == 0
@@ -125,6 +119,18 @@ def test_a_changed_upstream_artifact_or_data_file_reruns_what_depends_on_it(tiny
     # its statistics are the same, so the carve writes the same model, and eval and interpret are still up to date
     scan(_stage_configs(AlchemyConfig(config=str(cfg), out=str(run), skip_train=True))["scan"])
     assert stages() == {"scan": "reused", "carve": "ran", "eval": "reused", "interpret": "reused"}
+
+
+def _light_run(tiny_moe, tmp_path):
+    """A scan → carve → eval → interpret pipeline on a copy of the tiny data: (its lines, the copy, the pipeline file,
+    the run folder, the alchemy command)."""
+    lines = tiny_moe[1].read_text().splitlines(keepends=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(lines))
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(LIGHT_PIPELINE.format(dense=tiny_moe[0].parent / "dense", data=data))
+    run = tmp_path / "run"
+    return lines, data, cfg, run, ["alchemy", "--config", str(cfg), "--out", str(run), "--skip-train"]
 
 
 LIGHT_PIPELINE = """
@@ -148,13 +154,7 @@ def test_an_empty_distil_section_and_corpus_in_a_yaml_list(tmp_path):
 def test_a_failed_rerun_leaves_no_output_made_from_changed_inputs(tiny_moe, tmp_path, monkeypatch):
     """The data changes, scan and carve run again, then eval fails: the earlier eval/ (of the earlier MoE) and report/
     go, the new scan and MoE stay, and the next run makes only what is missing."""
-    lines = tiny_moe[1].read_text().splitlines(keepends=True)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(lines))
-    cfg = tmp_path / "pipeline.yaml"
-    cfg.write_text(LIGHT_PIPELINE.format(dense=tiny_moe[0].parent / "dense", data=data))
-    run = tmp_path / "run"
-    argv = ["alchemy", "--config", str(cfg), "--out", str(run), "--skip-train"]
+    lines, data, cfg, run, argv = _light_run(tiny_moe, tmp_path)
     assert main(argv) == 0
     data.write_text("".join(lines[: len(lines) // 2]))
 
