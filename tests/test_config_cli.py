@@ -46,6 +46,40 @@ def test_distil_data_reads_a_pipeline_files_distil_section(tmp_path):
     assert cfg.max_prompts == 7
 
 
+def test_a_tilde_in_a_path_option_is_the_home_folder(tmp_path, monkeypatch):
+    """YAML and quoted flags reach the tool with `~` unexpanded: every path option reads it as the shell would, so each
+    stage writes (and reads) where its message says; other options keep their text."""
+    from tiny_onn.eval.harness import EvalConfig
+    from tiny_onn.generate import GenerateConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["eval", "--model", "~/moe", "smollm2", "--out", "~/ev", "--data", "default, ~/d.jsonl",
+                                      "--tasks", "ppl,mc:~/mc.jsonl"])
+    cfg = config_from_args(EvalConfig, args, "eval")
+    assert cfg.model == [str(tmp_path / "moe"), "smollm2"] and cfg.out == str(tmp_path / "ev")
+    assert cfg.data == f"default,{tmp_path / 'd.jsonl'}" and cfg.tasks == f"ppl,mc:{tmp_path / 'mc.jsonl'}"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("scan:\n  out: ~/scan\n")
+    assert config_from_args(ScanConfig, build_parser().parse_args(["scan", "--config", str(cfg_file)]),
+                            "scan").out == str(tmp_path / "scan")
+    cfg = config_from_args(GenerateConfig, build_parser().parse_args(["generate", "--prompt", "~/not a path"]), "generate")
+    assert cfg.prompt == "~/not a path"
+
+
+def test_top_level_options_beside_the_stages_section_are_refused_not_ignored(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    for text in ("device: cpu\nscan:\n  tokens: 64\n", "scan:\ntokens: 64\n"):
+        cfg_file.write_text(text)
+        with pytest.raises(TinyOnnError, match="at the top level beside a `scan:` section"):
+            config_from_args(ScanConfig, build_parser().parse_args(["scan", "--config", str(cfg_file)]), "scan")
+    cfg_file.write_text("device: cpu\ncarve:\n  experts: 8\n")  # no scan section: the top level is scan's
+    assert config_from_args(ScanConfig, build_parser().parse_args(["scan", "--config", str(cfg_file)]),
+                            "scan").device == "cpu"
+    cfg_file.write_text("device: cpu\nscan:\n  tokens: 64\n")
+    assert main(["alchemy", "--config", str(cfg_file), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
 def test_yaml_lists_join_only_for_comma_separated_options(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("scan:\n  data: [default, extra.jsonl]\n  categories: [chat, math]\n")

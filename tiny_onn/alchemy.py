@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiny_onn.artifacts import content_hash, read_json, write_json
-from tiny_onn.config import check_sections, load_yaml, make_config
+from tiny_onn.config import check_sections, load_yaml, make_config, top_level_options
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.model.export import carve_metadata_path
 
@@ -107,6 +107,11 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
 
     out = Path(acfg.out)
     check_sections(acfg.config, sections=ALCHEMY_SECTIONS)
+    loose = top_level_options(load_yaml(acfg.config))
+    if loose:
+        raise TinyOnnError(f"config file {acfg.config}: {', '.join(loose)} at the top level would be ignored: a pipeline "
+                           "file holds one section per stage (scan, distil, carve, train, eval, interpret); put each "
+                           "option in the section of the stage it is for")
     check_questions(acfg.questions, "--questions")
     alchemy_section(acfg.config)
     raw = {k: load_yaml(acfg.config, k) if isinstance(load_yaml(acfg.config).get(k), dict) else {}

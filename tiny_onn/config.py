@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 import textwrap
 import typing
 from pathlib import Path
@@ -112,9 +113,19 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
     alias = SECTION_ALIASES.get(section)
     if section not in data and alias in data:  # `tiny-onn distil-data --config pipeline.yaml` reads its `distil:`
         section = alias
+    loose = top_level_options(data)
     if section in data and (data[section] is None or isinstance(data[section], dict)):
+        if loose:
+            raise TinyOnnError(f"config file {path}: {', '.join(loose)} {'is' if len(loose) == 1 else 'are'} at the top "
+                               f"level beside a `{section}:` section, and only the section is read for {section}; "
+                               "move them into the section (top-level options are read only from a file without one)")
         return data[section] or {}
-    return {k: v for k, v in data.items() if not (k in SECTIONS and (v is None or isinstance(v, dict)))}
+    return {k: data[k] for k in loose}
+
+
+def top_level_options(data: dict) -> list[str]:
+    """The keys of a YAML config that are not stage sections (options given at the top level)."""
+    return [k for k, v in data.items() if not (k in SECTIONS and (v is None or isinstance(v, dict)))]
 
 
 def _number(value: Any) -> float | None:
@@ -183,7 +194,31 @@ def make_config(cls: type[C], values: dict[str, Any], source: str = "options") -
     if unknown:
         raise TinyOnnError(f"unknown option(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     types = _field_types(cls)
-    return cls(**{k: coerce_option(k, v, types[k], source) for k, v in values.items()})
+    return cls(**{k: expand_home(k, coerce_option(k, v, types[k], source)) for k, v in values.items()})
+
+
+# options that name files or folders (comma-separated lists of them for the data specs; `mc:FILE` parts of tasks)
+PATH_OPTIONS = frozenset({"model", "out", "data", "scan", "teacher", "facts", "facts_source", "general", "plots_out",
+                          "ewc_data", "replay_data", "tasks"})
+
+
+def _expand_part(part: str) -> str:
+    text = part.strip()
+    if text.startswith("mc:~"):
+        return "mc:" + os.path.expanduser(text[3:])
+    return os.path.expanduser(text) if text.startswith("~") else part
+
+
+def expand_home(name: str, value: Any) -> Any:
+    """`~` at the start of a path option (or of any part of a comma-separated one) is the user's home folder, as a
+    shell would read it: YAML files and quoted flags reach us unexpanded, and every stage must write where it says."""
+    if name not in PATH_OPTIONS:
+        return value
+    if isinstance(value, str):
+        return ",".join(_expand_part(p) for p in value.split(",")) if "~" in value else value
+    if isinstance(value, list):
+        return [expand_home(name, v) for v in value]
+    return value
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, section: str) -> C:
