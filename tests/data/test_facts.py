@@ -104,6 +104,9 @@ def test_fact_file_errors(tmp_path):
         ("string_answers", '{"question": "x?", "answers": "two"}', "'answers' a list of them"),
         ("list_answer", '{"question": "x?", "answer": ["a", "b"]}', "'answer' must be a string"),
         ("symbol_answer", '{"question": "x?", "answer": "?!"}', "answer '?!' has no letter or digit"),
+        ("nan_answer", '{"question": "x?", "answer": NaN}', "not a finite number"),
+        ("string_flag", '{"question": "x?", "answer": "Paris", "case_sensitive": "false"}',
+         "'case_sensitive' must be true or false"),
     ]:
         path = tmp_path / f"{name}.jsonl"
         path.write_text(record + "\n")
@@ -114,6 +117,10 @@ def test_fact_file_errors(tmp_path):
     good.write_text('{"question": "Who wrote Hamlet?", "answers": ["Shakespeare", "William Shakespeare"]}\n')
     (fact,) = facts_from_jsonl(good)
     assert fact.answers == ("Shakespeare", "William Shakespeare") and fact.kind == "good"
+    # numbers written as floats by tools (pandas writes an int column holding a NaN so) read as a person writes them
+    good.write_text('{"question": "Boiling point of water in C?", "answers": [100.0, 1e3, 2.5, 7]}\n')
+    (fact,) = facts_from_jsonl(good)
+    assert fact.answers == ("100", "1000", "2.5", "7")
 
 
 def test_fact_file_split_field(tmp_path):

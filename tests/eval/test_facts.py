@@ -113,6 +113,35 @@ def test_source_identity_follows_the_weights_not_the_path(tmp_path, tiny_model_d
     assert source_identity(str(copy)) != source_identity(str(tiny_model_dir))
 
 
+def test_source_identity_reads_weights_of_any_format_and_the_chat_template(tmp_path, tiny_model_dir):
+    """Two .bin-only models with one config are two sources (each gets its own dense-known set), and so is the same
+    model with another chat template (its answers differ)."""
+    import json as _json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tiny_onn.eval.facts import source_identity
+
+    ids = []
+    for i in range(2):
+        folder = tmp_path / f"bin{i}"
+        shutil.copytree(tiny_model_dir, folder)
+        state = load_file(folder / "model.safetensors")
+        (folder / "model.safetensors").unlink()
+        first = next(iter(state))
+        state[first] = state[first] + i
+        torch.save(state, folder / "pytorch_model.bin")
+        ids.append(source_identity(str(folder)))
+    assert ids[0] != ids[1]
+    config = tmp_path / "bin1" / "tokenizer_config.json"
+    settings = _json.loads(config.read_text())
+    settings["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config.write_text(_json.dumps(settings))
+    assert source_identity(str(tmp_path / "bin1")) != ids[1]
+
+
 def test_batched_answers_equal_one_by_one(tiny_moe, tiny_tokenizer):
     """Left padding must not change greedy replies, for a dense model and for a MoE (routing is per token)."""
     from tiny_onn.sources import SourceArgs, load_source

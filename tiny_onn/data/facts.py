@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -212,6 +213,14 @@ def builtin_facts() -> list[Fact]:
     return sorted(facts.values(), key=lambda f: (f.kind, f.uid))
 
 
+def answer_text(answer: str | int | float) -> str:
+    """An answer as the text a reply must hold: a JSON number written as a reader would (100.0 and 1e3, as tools that
+    write whole numbers as floats give them, are "100" and "1000"; 2.5 is "2.5")."""
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    return str(answer).strip()
+
+
 def facts_from_jsonl(path: Path) -> list[Fact]:
     """A user fact file: one `{"question": ..., "answer": ... | "answers": [...], "kind"?: ..., "split"?: "train" |
     "eval"}` per line (without "split", a fact's split follows its content hash, as for the built-in facts)."""
@@ -223,13 +232,18 @@ def facts_from_jsonl(path: Path) -> list[Fact]:
         if not isinstance(answers, list) or any(not isinstance(a, str | int | float) or isinstance(a, bool)
                                                 for a in answers):
             raise TinyOnnError(f"{where}: 'answer' must be a string (or number) and 'answers' a list of them")
-        answers = [str(a).strip() for a in answers if str(a).strip()]
+        if any(isinstance(a, float) and not math.isfinite(a) for a in answers):
+            raise TinyOnnError(f"{where}: an answer is {answers}, not a finite number; write it as a string")
+        answers = [answer_text(a) for a in answers if answer_text(a)]
         if not answers:
             raise TinyOnnError(f"{where}: no answer: give 'answer' (a string) or 'answers' (a list of strings)")
         unmatchable = [a for a in answers if not normalise(a)]
         if unmatchable:
             raise TinyOnnError(f"{where}: answer {unmatchable[0]!r} has no letter or digit, so no reply could match it; "
                                "write the answer in words or digits")
+        if not isinstance(record.get("case_sensitive", False), bool):
+            raise TinyOnnError(f"{where}: 'case_sensitive' must be true or false (a JSON boolean), got "
+                               f"{record['case_sensitive']!r}")
         split = record.get("split")
         if split is not None and split not in SPLITS:
             raise TinyOnnError(f"{where}: 'split' must be one of {', '.join(SPLITS)}, got {split!r}")

@@ -73,6 +73,11 @@ def answer_facts(model, tokenizer, facts: list[Fact], max_new_tokens: int = 32, 
 
 # --- dense-known sets ----------------------------------------------------------------------------------------------------
 
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt"})
+ANSWER_SHAPING_FILES = frozenset({"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt"})
+
+
 def source_identity(spec: str) -> str:
     """A digest naming a dense source by its weights: the same file or folder gives the same identity on any path."""
     from tiny_onn.sources.loading import _resolve
@@ -82,7 +87,11 @@ def source_identity(spec: str) -> str:
     if not folder.is_dir():
         return hashlib.sha1(f"hub:{target}".encode()).hexdigest()[:16]  # a hub id: its name is all we have
     h = hashlib.sha1()
-    for path in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    weights = [p for p in files if p.suffix in WEIGHT_SUFFIXES]
+    # the weights in any format, and what shapes the answers besides them (the config, the tokenizer, the chat
+    # template); a folder with no weight file we know is hashed whole
+    for path in (weights + [p for p in files if p.name in ANSWER_SHAPING_FILES]) if weights else files:
         if path.is_file():
             with path.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
