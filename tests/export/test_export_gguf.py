@@ -197,6 +197,23 @@ def test_export_writes_the_architecture_and_tensor_types(flat_probs_moe, tmp_pat
     assert int(shexp.shape[1]) == n_shared * config["moe_intermediate_size"]  # zero-padded to whole experts
 
 
+def test_export_replaces_only_its_own_earlier_gguf(flat_probs_moe, tmp_path):
+    """A second export to the same path replaces the first; a GGUF it did not write (a dense source, say) is kept."""
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--model", str(flat_probs_moe), "--quant", "f32", "--out", str(out)]) == 0
+    assert main(["export", "--model", str(flat_probs_moe), "--quant", "q8_0", "--out", str(out)]) == 0
+    foreign = tmp_path / "dense.gguf"
+    writer = gguf.GGUFWriter(str(foreign), "llama")
+    writer.add_name("My dense model")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = foreign.read_bytes()
+    assert main(["export", "--model", str(flat_probs_moe), "--out", str(foreign)]) == 2
+    assert foreign.read_bytes() == before
+
+
 def test_llama_cpp_matches_hf_logits_and_greedy(flat_probs_moe, tiny_tokenizer, tmp_path):
     llamacpp = need_llama_cpp()
     exact, f16 = tmp_path / "m-f32.gguf", tmp_path / "m-f16.gguf"

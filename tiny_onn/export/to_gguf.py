@@ -364,6 +364,22 @@ def check_gguf_out(out: str | Path) -> None:
             if f.read(4) != b"GGUF":
                 raise TinyOnnError(f"--out {out} exists and is not a GGUF file, which the export would replace; "
                                    "give another path or remove it")
+        if not written_by_export(path):
+            raise TinyOnnError(f"--out {out} is a GGUF that tiny-onn export did not write (a source model?), which the "
+                               "export would replace; give another path, or remove it first if it may go")
+
+
+EXPORT_NAME_PREFIX = "TinyOnn MoE"  # general.name of every GGUF this module writes
+
+
+def written_by_export(path: Path) -> bool:
+    """Whether the GGUF at `path` is an earlier export (its general.name), so that a new one may replace it."""
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.name")
+        name = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else ""
+    except Exception:  # noqa: BLE001 — a GGUF we cannot read is not one we know we wrote
+        return False
+    return name.startswith(EXPORT_NAME_PREFIX)
 
 
 def export_gguf(folder: str | Path, out: str | Path, quant: str = "f16") -> dict:
@@ -381,7 +397,7 @@ def export_gguf(folder: str | Path, out: str | Path, quant: str = "f16") -> dict
     tmp = Path(tmp_name)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        write_hparams(writer, moe.config, arch, quant, f"TinyOnn MoE ({moe.path.name})")
+        write_hparams(writer, moe.config, arch, quant, f"{EXPORT_NAME_PREFIX} ({moe.path.name})")
         if src is not None:
             copy_gguf_tokenizer(writer, src, moe.config["vocab_size"])
         else:
