@@ -31,7 +31,7 @@ from tiny_onn.eval.perplexity import perplexity
 from tiny_onn.eval.probe import factual_probe
 from tiny_onn.eval.tasks import load_mc, score_mc
 from tiny_onn.sources import SMOLLM2_ALIAS, SourceArgs, load_source
-from tiny_onn.sources.loading import check_device, looks_like_local_path, recorded_model
+from tiny_onn.sources.loading import check_device, check_model_spec, looks_like_local_path, recorded_model
 
 log = logging.getLogger(__name__)
 KNOWN_TASKS = ("ppl", "general", "facts", "probe", "humaneval", "speed", "curve")
@@ -407,9 +407,13 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 def run(cfg: EvalConfig) -> Path:
     check_replaceable(cfg.out, "eval.json")
+    for spec in cfg.model:  # every model's path before the first one's work
+        check_model_spec(spec)
     if "facts" in cfg.task_list:
         evaluation_facts(cfg)  # a fact file's errors before any model loads
         check_facts_source(cfg.facts_source)
+        if cfg.facts_source:
+            check_model_spec(cfg.facts_source, "--facts-source")
         check_recorded_sources(cfg)
     if "general" in cfg.task_list:
         general_documents(cfg.general)  # a general text's and the multiple-choice files' errors before any model, too

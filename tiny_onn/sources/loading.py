@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tiny_onn.artifacts import atomic_dir, write_json
@@ -199,6 +200,33 @@ def _resolve(spec: str) -> tuple[str, str]:
     if looks_like_local_path(spec):
         raise TinyOnnError(f"model not found: {spec!r} is not an existing file or folder, nor '{SMOLLM2_ALIAS}' or a hub id")
     return spec, f"hub {spec}"
+
+
+def check_model_spec(spec: str, option: str = "--model") -> None:
+    """The checks of loading that read no weights, for a stage that loads several models one after another (eval):
+    a missing path, a folder that is not a model (a scan, a training run), an unreadable config.json or safetensors
+    header are reported before the first model's work, not after it."""
+    if spec == SMOLLM2_ALIAS:
+        return
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise TinyOnnError(f"{option} {spec}: no such GGUF file")
+        return
+    _resolve(spec)  # existence, and a folder's config.json
+    if not path.is_dir():
+        return  # a hub id: only loading can tell
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyOnnError(f"{option} {spec}: its config.json is not valid JSON ({e}); the model folder is damaged") from e
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise TinyOnnError(f"{option} {spec}: {weights.name} is not a readable safetensors file "
+                               f"({' '.join(str(e).split())}); the model folder is damaged") from e
 
 
 def absolute_model_path(spec: str) -> str | None:
