@@ -39,3 +39,19 @@ def test_a_carve_keeps_its_sources_generation_settings(tiny_moe, tmp_path):
     run(CarveConfig(scan=str(moe.parent / "scan"), model=str(source), experts=4, top_k=2, calib_tokens=128,
                     calib_steps=2, eval_tokens=0, plots=False, device="cpu", out=str(tmp_path / "moe")))
     assert json.loads((tmp_path / "moe" / "generation_config.json").read_text())["repetition_penalty"] == 1.3
+
+
+def test_generate_answers_in_the_conversation_format_eval_scores(tiny_model_dir):
+    """`tiny-onn generate` shows the reply `eval --tasks facts` scores: the same chat rendering (the fallback template
+    for a tokenizer without one, as here) and the same greedy decoding."""
+    from tiny_onn.data.encoding import prompt_ids
+    from tiny_onn.generate import GenerateConfig
+    from tiny_onn.generate import run as generate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert not tok.chat_template  # the case the fallback covers
+    prompt = "Hello number 3, what is the capital of France?"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    (new,) = generate_batched(model, tok, [prompt_ids(tok, [{"role": "user", "content": prompt}])], max_new_tokens=8)
+    shown = generate(GenerateConfig(model=str(tiny_model_dir), prompt=prompt, max_new_tokens=8, device="cpu"))
+    assert shown == tok.decode(new, skip_special_tokens=True)

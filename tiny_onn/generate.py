@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from tiny_onn.data.encoding import prompt_ids
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
 
@@ -58,11 +59,8 @@ def run(cfg: GenerateConfig) -> str:
             source.model.set_routing(top_p=cfg.top_p)
     tok = source.tokenizer
     chat = [{"role": "user", "content": cfg.prompt}]
-    if tok.chat_template:
-        ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")["input_ids"]
-    else:
-        ids = tok(cfg.prompt, return_tensors="pt")["input_ids"]
-    ids = ids.to(next(source.model.parameters()).device)
+    # the conversation format train, eval and distil-data use (the fallback template for a tokenizer without one)
+    ids = torch.tensor([prompt_ids(tok, chat)], device=next(source.model.parameters()).device)
     with torch.no_grad(), plain_decoding(source.model):
         out = source.model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                     pad_token_id=tok.pad_token_id)
