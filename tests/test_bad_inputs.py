@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 
 import pytest
@@ -40,6 +41,9 @@ def world(tiny_moe, tmp_path_factory):
             shutil.copy(moe / name, other / name)
     (root / "latin1.jsonl").write_bytes('{"question": "Caf\xe9?", "answer": "oui"}\n'.encode("latin-1"))
     (root / "noconfig").mkdir()
+    (root / "data.jsonl.gz").write_bytes(gzip.compress(data.read_bytes()))
+    (root / "array.json").write_text('[\n  {"question": "x?", "answer": "y"}\n]\n')  # pretty-printed JSON, not jsonl
+    (root / "mc_list.jsonl").write_text('["Q?", "a", "b"]\n')
     broken_scan = root / "broken_scan"
     shutil.copytree(moe.parent / "scan", broken_scan)
     (broken_scan / "scan.safetensors").write_bytes(b"\x00" * 10)
@@ -111,6 +115,15 @@ CASES = {
                                               "is not a readable safetensors file"),
     "eval: a scan as facts source": (["eval", "--model", "{moe}", "--tasks", "facts", "--facts-source", "{scan}"],
                                      "no config.json"),
+    "scan: gzip-compressed data": (["scan", "--model", "{dense}", "--data", "{root}/data.jsonl.gz"],
+                                   "is gzip-compressed; decompress it first"),
+    "eval: a JSON array as fact file": (["eval", "--model", "{moe}", "--tasks", "facts", "--facts", "{root}/array.json"],
+                                        "looks like one JSON array spread over lines"),
+    "eval: general text is a folder": (["eval", "--model", "{moe}", "--tasks", "general", "--general", "{root}"],
+                                       "is a folder; give a plain-text file"),
+    "eval: MC line that is a list": (["eval", "--model", "{moe}", "--tasks", "mc:{root}/mc_list.jsonl"],
+                                     "must be one JSON object"),
+    "export: a GGUF as model": (["export", "--model", "{root}/corrupt.gguf"], "a GGUF needs no export"),
     "eval: unknown task": (["eval", "--model", "{moe}", "--tasks", "ppl,vibes"], "unknown task 'vibes'"),
     "eval: HumanEval without permission": (["eval", "--model", "{moe}", "--tasks", "humaneval"],
                                            "--allow-code-execution"),

@@ -197,11 +197,15 @@ def test_export_writes_the_architecture_and_tensor_types(flat_probs_moe, tmp_pat
     assert int(shexp.shape[1]) == n_shared * config["moe_intermediate_size"]  # zero-padded to whole experts
 
 
-def test_export_replaces_only_its_own_earlier_gguf(flat_probs_moe, tmp_path):
-    """A second export to the same path replaces the first; a GGUF it did not write (a dense source, say) is kept."""
+def test_export_replaces_only_its_own_earlier_gguf(flat_probs_moe, tmp_path, capsys):
+    """A second export to the same path replaces the first; a GGUF it did not write (a dense source, say) is kept.
+    An export given back to the tool as a model is named for what it is."""
     out = tmp_path / "m.gguf"
     assert main(["export", "--model", str(flat_probs_moe), "--quant", "f32", "--out", str(out)]) == 0
     assert main(["export", "--model", str(flat_probs_moe), "--quant", "q8_0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--device", "cpu"]) == 2
+    assert "exported by `tiny-onn export`, which runs in llama.cpp" in capsys.readouterr().err
     foreign = tmp_path / "dense.gguf"
     writer = gguf.GGUFWriter(str(foreign), "llama")
     writer.add_name("My dense model")

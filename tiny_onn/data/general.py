@@ -36,6 +36,9 @@ def bundled_news_files() -> list[Path]:
 
 
 def _documents(path: Path, encoding: str = "utf-8") -> list[str]:
+    if path.is_dir():
+        raise TinyOnnError(f"general-text file {path} is a folder; give a plain-text file (documents separated by a "
+                           "blank line), or 'news' for the bundled set")
     if not path.is_file():
         raise TinyOnnError(f"general-text file not found: {path}")
     try:

@@ -221,6 +221,9 @@ def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
     if not path.is_file():
         raise TinyOnnError(f"{what} not found: {path}")
     with path.open("rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise TinyOnnError(f"{what} {path} is gzip-compressed; decompress it first (gunzip -k {path})")
+        f.seek(0)
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading byte-order mark is allowed
@@ -232,6 +235,9 @@ def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
             try:
                 yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
+                if lineno == 1 and line.lstrip().startswith("["):
+                    raise TinyOnnError(f"{path} looks like one JSON array spread over lines; a {what} holds one JSON "
+                                       f"record per line (jsonl): write it so, e.g. jq -c '.[]' {path}") from e
                 raise TinyOnnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
 
 

@@ -127,6 +127,9 @@ def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
     path = Path(path)
     items, fmt = [], None
     for where, record in jsonl_records(path, "task file"):
+        if not isinstance(record, dict):
+            raise TinyOnnError(f"{where}: each line must be one JSON object (a multiple-choice item), got a "
+                               f"{type(record).__name__}")
         try:
             fmt = fmt or detect_format(record)
             item = FORMATS[fmt][1](record)

@@ -68,6 +68,9 @@ class MoeFolder:
 def read_moe_folder(path: str | Path) -> MoeFolder:
     """Read config.json, the safetensors weights and provenance.json; refuse anything that is not a TinyOnn MoE."""
     path = Path(path)
+    if path.is_file():
+        raise TinyOnnError(f"{path} is a file; export reads a MoE folder (written by `tiny-onn carve` or `train`)"
+                           + (" — a GGUF needs no export: run it in llama.cpp" if path.suffix == ".gguf" else ""))
     if not path.is_dir():
         raise TinyOnnError(f"model folder not found: {path} (give the folder written by `tiny-onn carve` or `train`)")
     cfg_file = path / "config.json"

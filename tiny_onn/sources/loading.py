@@ -155,6 +155,11 @@ def _check_gguf(path: Path) -> None:
 def gguf_to_cached_folder(path: Path) -> Path:
     """Dequantize a GGUF into a cached Hugging Face folder (safetensors + tokenizer) and return that folder."""
     _check_gguf(path)
+    from tiny_onn.export.to_gguf import written_by_export
+
+    if written_by_export(path):
+        raise TinyOnnError(f"{path} is a MoE exported by `tiny-onn export`, which runs in llama.cpp (see the README's "
+                           "'Run it in llama.cpp'); the tool itself reads the MoE folder it was exported from")
     folder = cache_root() / "sources" / f"{path.stem}-{_file_digest(path)}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
