@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 from tiny_onn.data.encoding import prompt_ids
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
+from tiny_onn.sources.loading import warn_if_beyond_positions
 
 
 @dataclass
@@ -61,6 +62,7 @@ def run(cfg: GenerateConfig) -> str:
     chat = [{"role": "user", "content": cfg.prompt}]
     # the conversation format train, eval and distil-data use (the fallback template for a tokenizer without one)
     ids = torch.tensor([prompt_ids(tok, chat)], device=next(source.model.parameters()).device)
+    warn_if_beyond_positions(conf, ids.shape[1] + cfg.max_new_tokens, "the prompt plus --max-new-tokens")
     with torch.no_grad(), plain_decoding(source.model):
         out = source.model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                     pad_token_id=tok.pad_token_id)

@@ -98,3 +98,16 @@ def test_a_tokenizer_without_pad_or_eos_token_gets_a_pad_id(tmp_path, tiny_token
     tok.save_pretrained(folder)
     source = load_source(SourceArgs(model=str(folder), device="cpu"))
     assert source.tokenizer.pad_token_id == 0 and source.tokenizer.eos_token_id is None
+
+
+def test_lengths_past_the_trained_positions_are_warned_about(caplog):
+    from types import SimpleNamespace
+
+    from tiny_onn.sources.loading import warn_if_beyond_positions
+
+    config = SimpleNamespace(max_position_embeddings=64)
+    with caplog.at_level("WARNING", logger="tiny_onn.sources.loading"):
+        warn_if_beyond_positions(config, 64, "--seq-len")
+        assert caplog.text == ""
+        warn_if_beyond_positions(config, 256, "--seq-len")
+    assert "--seq-len of 256 tokens is past this model's 64 trained positions" in caplog.text

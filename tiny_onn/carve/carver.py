@@ -46,7 +46,7 @@ from tiny_onn.model.configuration_tiny_onn import (
 from tiny_onn.model.export import CARVE_META, read_carve_metadata, save_model_folder
 from tiny_onn.scan import ScanResult
 from tiny_onn.sources import Source, SourceArgs, load_source, swiglu_mlps
-from tiny_onn.sources.loading import absolute_model_path, recorded_model, weights_agree
+from tiny_onn.sources.loading import absolute_model_path, recorded_model, warn_if_beyond_positions, weights_agree
 
 CALIB_INPUTS = ("dense", "carved")
 log = logging.getLogger(__name__)
@@ -410,6 +410,7 @@ def run(cfg: CarveConfig) -> Path:
             raise
         raise TinyOnnError(f"{e} (the model named in {cfg.scan}/scan.json; pass --model to give its location)") from e
     check_scan_matches(scan, source)
+    warn_if_beyond_positions(source.model.config, cfg.seq_len, "--seq-len")
     check_carvable(source.model.config)  # before the plan and the calibration, not after them
     data_args = DataArgs(data=cfg.data or scan_cfg.get("data", "default"), seq_len=cfg.seq_len,
                          heldout_fraction=scan_cfg.get("heldout_fraction", 0.1), seed=cfg.seed)

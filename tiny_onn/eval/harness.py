@@ -31,7 +31,13 @@ from tiny_onn.eval.perplexity import perplexity
 from tiny_onn.eval.probe import factual_probe
 from tiny_onn.eval.tasks import load_mc, score_mc
 from tiny_onn.sources import SMOLLM2_ALIAS, SourceArgs, load_source
-from tiny_onn.sources.loading import check_device, check_model_spec, looks_like_local_path, recorded_model
+from tiny_onn.sources.loading import (
+    check_device,
+    check_model_spec,
+    looks_like_local_path,
+    recorded_model,
+    warn_if_beyond_positions,
+)
 
 log = logging.getLogger(__name__)
 KNOWN_TASKS = ("ppl", "general", "facts", "probe", "humaneval", "speed", "curve")
@@ -160,6 +166,9 @@ def evaluate_model(spec: str, cfg: EvalConfig, within: Callable | None = None) -
 
 def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
     model, tok = src.model, src.tokenizer
+    warn_if_beyond_positions(model.config, cfg.seq_len, "--seq-len")
+    if "speed" in cfg.task_list:
+        warn_if_beyond_positions(model.config, cfg.speed_seq_len, "--speed-seq-len")
     is_moe = model.config.model_type == "tiny_onn"
     row: dict = {"model": spec, "origin": src.origin, "kind": "moe" if is_moe else "dense",
                  "tokenizer": tokenizer_digest(tok)}

@@ -27,7 +27,7 @@ from tiny_onn.interpret.profiles import (
     token_log_odds,
 )
 from tiny_onn.sources import SourceArgs, load_source
-from tiny_onn.sources.loading import check_device
+from tiny_onn.sources.loading import check_device, warn_if_beyond_positions
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def run(cfg: InterpretConfig) -> Path:
     source = load_source(SourceArgs(model=cfg.model, device=cfg.device), dense_only=False)
     if source.model.config.model_type != "tiny_onn":
         raise TinyOnnError(f"{cfg.model!r} is not a TinyOnn MoE; interpret needs a carved or trained MoE folder")
+    warn_if_beyond_positions(source.model.config, cfg.seq_len, "--seq-len")
     data = build_dataset(source.tokenizer, cfg, "heldout", max_tokens=cfg.tokens)
     rec = record_routing(source.model, data, max_tokens=cfg.tokens)
     report, dash = build_report(source.model, source.tokenizer, rec, cfg)

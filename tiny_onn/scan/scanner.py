@@ -31,7 +31,7 @@ from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.scan.scores import delta_sc, s_p
 from tiny_onn.sources import SourceArgs, load_source, swiglu_mlps
-from tiny_onn.sources.loading import absolute_model_path
+from tiny_onn.sources.loading import absolute_model_path, warn_if_beyond_positions
 
 log = logging.getLogger(__name__)
 POSITIONS = ("scored", "all")
@@ -238,6 +238,7 @@ def run(cfg: ScanConfig) -> Path:
     cfg.device = distributed.local_device(cfg.device)
     source = load_source(cfg)
     model = source.model
+    warn_if_beyond_positions(model.config, cfg.seq_len, "--seq-len")
     device = next(model.parameters()).device
     data = build_dataset(source.tokenizer, cfg, split="train", max_tokens=cfg.tokens)
     if data.num_tokens < cfg.tokens and rank == 0:

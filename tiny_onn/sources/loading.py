@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from tiny_onn.artifacts import atomic_dir, write_json
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources.architecture import check_config_is_swiglu, swiglu_mlps
 from tiny_onn.sources.quantized import dense_weight
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -232,6 +235,15 @@ def check_model_spec(spec: str, option: str = "--model") -> None:
         except (OSError, SafetensorError) as e:
             raise TinyOnnError(f"{option} {spec}: {weights.name} is not a readable safetensors file "
                                f"({' '.join(str(e).split())}); the model folder is damaged") from e
+
+
+def warn_if_beyond_positions(config, length: int, what: str) -> None:
+    """Positions past the model's `max_position_embeddings` were never trained: the stage runs (rope extrapolates), but
+    what it measures there is not the model's behaviour; say so once, naming the option that sets the length."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and length > limit:
+        log.warning("%s of %d tokens is past this model's %d trained positions (max_position_embeddings): what is "
+                    "measured beyond them is not the model's behaviour; use at most %d", what, length, limit, limit)
 
 
 def absolute_model_path(spec: str) -> str | None:

@@ -33,6 +33,7 @@ from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model.export import CARVE_META, TRAIN_META, read_carve_metadata, save_model_folder
 from tiny_onn.sources import Source, SourceArgs, load_source
+from tiny_onn.sources.loading import warn_if_beyond_positions
 from tiny_onn.train.ewc import EWC
 from tiny_onn.train.losses import (
     hidden_distill_sum,
@@ -374,6 +375,7 @@ def load_models(cfg: TrainConfig) -> tuple[Source, torch.nn.Module | None]:
     """The model to train (never quantized) and the frozen teacher (4-bit when `cfg.load_in_4bit`), or None."""
     src_args = SourceArgs(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SourceArgs)})
     student = load_source(dataclasses.replace(src_args, load_in_4bit=False), dense_only=False)
+    warn_if_beyond_positions(student.model.config, cfg.seq_len, "--seq-len")
     if not cfg.teacher:
         return student, None
     teacher_source = load_source(dataclasses.replace(src_args, model=cfg.teacher))
