@@ -124,6 +124,8 @@ CASES = {
     "eval: MC line that is a list": (["eval", "--model", "{moe}", "--tasks", "mc:{root}/mc_list.jsonl"],
                                      "must be one JSON object"),
     "export: a GGUF as model": (["export", "--model", "{root}/corrupt.gguf"], "a GGUF needs no export"),
+    "eval: a comma in a task file's name": (["eval", "--model", "{moe}", "--tasks", "mc:{root}/a,b.jsonl"],
+                                            "a task file's name cannot hold one"),
     "eval: unknown task": (["eval", "--model", "{moe}", "--tasks", "ppl,vibes"], "unknown task 'vibes'"),
     "eval: HumanEval without permission": (["eval", "--model", "{moe}", "--tasks", "humaneval"],
                                            "--allow-code-execution"),

@@ -57,7 +57,8 @@ def test_bad_task_files(tmp_path):
                              ({**HELLASWAG, "ctx": None}, "'ctx' must be a non-empty string"),
                              ({**CEVAL, "A": None}, "'A-D' must be a list of strings"),
                              ({**MMLU, "choices": ["1", "2", "3"], "answer": "2"}, "both an index and the text"),
-                             ({**MMLU, "choices": [str(i) for i in range(11)], "answer": 0}, "at most 10")]:
+                             ({**MMLU, "choices": [str(i) for i in range(11)], "answer": 0}, "at most 10"),
+                             ({**MMLU, "choices": [1.5, float("nan")], "answer": 0}, "not finite numbers")]:
         with pytest.raises(TinyOnnError) as err:
             load_mc(write_jsonl(tmp_path / "typed.jsonl", [record]))
         assert message in str(err.value) and "typed.jsonl:1" in str(err.value)
@@ -93,6 +94,16 @@ def test_acc_norm_differs_from_acc_when_lengths_differ(monkeypatch):
     result = score_mc(None, None, [item])
     assert result["acc"] == 0.0  # the short choice wins on the raw sum
     assert result["acc_norm"] == 1.0  # -2/2 < -3/9 per character: the long choice wins normalised
+
+
+def test_a_gold_text_listed_twice_is_right_whichever_copy_is_picked(monkeypatch):
+    """Identical choices score identically, and the first is taken: an item that lists its gold text twice (some
+    benchmark files do) must not be scored wrong because the gold index names the second copy."""
+    item = MCItem("Q:", (" Paris", " Rome", " Paris"), 2)
+    monkeypatch.setattr(tasks, "choice_logliks", lambda m, t, i: [-1.0, -3.0, -1.0])
+    assert score_mc(None, None, [item])["acc"] == 1.0
+    monkeypatch.setattr(tasks, "choice_logliks", lambda m, t, i: [-3.0, -1.0, -3.0])
+    assert score_mc(None, None, [item])["acc"] == 0.0
 
 
 def test_generated_code_cannot_read_files_outside_or_reach_the_network(tmp_path):

@@ -110,7 +110,9 @@ class EvalConfig(DataArgs):
             raise TinyOnnError(f"no task given (--tasks {self.tasks!r}); known: {', '.join(KNOWN_TASKS)}, mc:FILE.jsonl")
         for task in self.task_list:
             if task not in KNOWN_TASKS and not task.startswith("mc:"):
-                raise TinyOnnError(f"unknown task {task!r}; known: {', '.join(KNOWN_TASKS)}, mc:FILE.jsonl")
+                hint = ("; tasks are separated by commas, so a task file's name cannot hold one: rename the file"
+                        if "." in task or "/" in task else "")
+                raise TinyOnnError(f"unknown task {task!r}; known: {', '.join(KNOWN_TASKS)}, mc:FILE.jsonl{hint}")
         if "humaneval" in self.task_list and not self.allow_code_execution:
             raise TinyOnnError("HumanEval runs model-generated code: pass --allow-code-execution to allow it")
 

@@ -6,6 +6,7 @@ context; `acc` takes the highest sum, `acc_norm` the highest sum per character o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def _texts(value: object, field: str) -> list[str]:
     """A list of choice texts (numbers are written as text); anything else is refused, not coerced."""
     if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, str | int | float) for v in value):
         raise ValueError(f"'{field}' must be a list of strings")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+        raise ValueError(f"'{field}' holds {value}, not finite numbers; write choices as strings")
     return [str(v) for v in value]
 
 
@@ -170,12 +173,18 @@ def choice_logliks(model, tokenizer, item: MCItem) -> list[float]:
     return out
 
 
+def is_gold(item: MCItem, picked: int) -> bool:
+    """Whether the picked choice is the gold answer: by its text, so that an item listing the gold text twice (some
+    benchmark files do) scores a pick of either copy, which score the same, as right."""
+    return item.choices[picked].strip() == item.choices[item.gold].strip()
+
+
 def score_mc(model, tokenizer, items: list[MCItem]) -> dict:
     """acc and acc_norm over the items."""
     correct = correct_norm = 0
     for item in items:
         ll = choice_logliks(model, tokenizer, item)
         norm = [v / max(len(c), 1) for v, c in zip(ll, item.choices, strict=True)]
-        correct += int(max(range(len(ll)), key=ll.__getitem__) == item.gold)
-        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.gold)
+        correct += int(is_gold(item, max(range(len(ll)), key=ll.__getitem__)))
+        correct_norm += int(is_gold(item, max(range(len(norm)), key=norm.__getitem__)))
     return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items)}
