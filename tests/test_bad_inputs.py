@@ -119,6 +119,8 @@ CASES = {
                                    "is gzip-compressed; decompress it first"),
     "eval: a JSON array as fact file": (["eval", "--model", "{moe}", "--tasks", "facts", "--facts", "{root}/array.json"],
                                         "looks like one JSON array spread over lines"),
+    "eval: general text gzip-compressed": (["eval", "--model", "{moe}", "--tasks", "general", "--general",
+                                            "{root}/data.jsonl.gz"], "is gzip-compressed"),
     "eval: general text is a folder": (["eval", "--model", "{moe}", "--tasks", "general", "--general", "{root}"],
                                        "is a folder; give a plain-text file"),
     "eval: MC line that is a list": (["eval", "--model", "{moe}", "--tasks", "mc:{root}/mc_list.jsonl"],

@@ -111,3 +111,23 @@ def test_lengths_past_the_trained_positions_are_warned_about(caplog):
         assert caplog.text == ""
         warn_if_beyond_positions(config, 256, "--seq-len")
     assert "--seq-len of 256 tokens is past this model's 64 trained positions" in caplog.text
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tiny_moe, tmp_path):
+    """transformers reports a shape mismatch only in a log; the error names the tensors and both shapes."""
+    import json
+    import shutil
+
+    import pytest
+
+    from tiny_onn.errors import TinyOnnError
+    from tiny_onn.sources import SourceArgs, load_source
+
+    folder = tmp_path / "moe"
+    shutil.copytree(tiny_moe[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["moe_intermediate_size"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TinyOnnError, match=r"do not have the shapes its config.json gives \(model\.layers\.0\.") as err:
+        load_source(SourceArgs(model=str(folder), device="cpu"), dense_only=False)
+    assert "config [" in str(err.value) and "above report" not in str(err.value)

@@ -41,6 +41,9 @@ def _documents(path: Path, encoding: str = "utf-8") -> list[str]:
                            "blank line), or 'news' for the bundled set")
     if not path.is_file():
         raise TinyOnnError(f"general-text file not found: {path}")
+    with path.open("rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise TinyOnnError(f"general-text file {path} is gzip-compressed; decompress it first (gunzip -k {path})")
     try:
         text = path.read_text(encoding="utf-8-sig" if encoding == "utf-8" else encoding)  # a byte-order mark is not text
     except UnicodeDecodeError as e:

@@ -273,6 +273,22 @@ def model_folder_hint(path: Path) -> str:
     return ""
 
 
+def shape_mismatches(folder: str, config, shown: int = 3) -> str:
+    """The first tensors of a folder's safetensors whose shapes differ from what `config` builds ("name: file [a, b],
+    config [c, d]"), for the error transformers reports only in a log we do not show; "" when none is found."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    found = []
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 — safe_open has keys(), not iteration
+                shape = tuple(f.get_slice(key).get_shape())
+                if key in expected and expected[key] != shape:
+                    found.append(f"{key}: file {list(shape)}, config {list(expected[key])}")
+    more = f", and {len(found) - shown} more" if len(found) > shown else ""
+    return "; ".join(found[:shown]) + more
+
+
 def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
     """Load the model and tokenizer described by `args`, in eval mode, on the requested device and dtype.
 
@@ -310,6 +326,11 @@ def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
     except ImportError as e:  # e.g. bitsandbytes for --load-in-4bit
         raise TinyOnnError(f"loading {args.model!r} needs a package that is missing: {e}") from e
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        shapes = shape_mismatches(target, config) if "mismatched" in str(e) else ""
+        if shapes:
+            raise TinyOnnError(f"could not load model {args.model!r} from {origin}: its weights do not have the shapes "
+                               f"its config.json gives ({shapes}); was config.json edited, or the weights written for "
+                               "another layout?") from e
         raise TinyOnnError(f"could not load model {args.model!r} from {origin}: {' '.join(str(e).split())}") from e
     if not args.load_in_4bit:
         model.to(device)
