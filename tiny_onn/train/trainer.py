@@ -69,8 +69,8 @@ class TrainConfig(SourceArgs, DataArgs):
     Loss = ce_weight·CE + kd·T²·KL + α_lb·load balance + z_loss_coef·z."""
     kd: float = 0.0
     """Weight α_kd of the distillation loss α·T²·KL(teacher ‖ student)."""
-    kd_temperature: float = 2.0
-    """Distillation temperature T."""
+    kd_temperature: float = 1.0
+    """Distillation temperature T (1: the teacher's own distribution; T = 2 kept the same facts and lost general-text perplexity in benchmarks/knowledge_recovery.py)."""
     hidden_kd: float = 0.0
     """Weight of hidden-state distillation: per token, the mean over decoder layers of ‖h − h_teacher‖² / ‖h_teacher‖²
     (h a layer's output), on the positions KD scores and scaled like it (needs --teacher, of the same depth and width;
