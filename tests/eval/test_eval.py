@@ -64,6 +64,34 @@ def test_bad_task_files(tmp_path):
         assert message in str(err.value) and "typed.jsonl:1" in str(err.value)
 
 
+def test_more_benchmark_formats_become_the_items_their_papers_score(tmp_path):
+    """OpenBookQA, PIQA, Social IQa, COPA and BoolQ as their Hugging Face datasets write them: the context, the
+    choices and the gold answer, written out by hand."""
+    cases = {
+        "openbookqa": ({"question_stem": "The sun is", "choices": {"text": ["a star", "a moon"], "label": ["A", "B"]},
+                        "answerKey": "A"}, MCItem("Question: The sun is\nAnswer:", (" a star", " a moon"), 0)),
+        "piqa": ({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+                 MCItem("Question: Open a jar\nAnswer:", (" twist the lid", " eat the lid"), 0)),
+        "siqa": ({"context": "Tom fell.", "question": "How does Tom feel?", "answerA": "hurt", "answerB": "happy",
+                  "answerC": "bored", "label": "1"},
+                 MCItem("Tom fell.\nQuestion: How does Tom feel?\nAnswer:", (" hurt", " happy", " bored"), 0)),
+        "copa": ({"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
+                  "choice2": "He got a hole in his sock.", "question": "cause", "label": 0},
+                 MCItem("The man broke his toe because", (" he dropped a hammer on his foot.",
+                                                          " he got a hole in his sock."), 0)),
+        "boolq": ({"question": "is the sky blue", "passage": "The sky is blue.", "answer": True},
+                  MCItem("The sky is blue.\nQuestion: is the sky blue?\nAnswer:", (" no", " yes"), 1)),
+    }
+    for name, (record, expected) in cases.items():
+        fmt, items = load_mc(write_jsonl(tmp_path / f"{name}.jsonl", [record]))
+        assert (fmt, items) == (name, [expected])
+    for record, message in [({**cases["copa"][0], "question": "why"}, "'cause' or 'effect'"),
+                            ({**cases["boolq"][0], "answer": "yes"}, "'answer' must be true or false"),
+                            ({**cases["siqa"][0], "label": "0"}, "'label' is 1-based")]:
+        with pytest.raises(TinyOnnError, match=message):
+            load_mc(write_jsonl(tmp_path / "bad.jsonl", [record]))
+
+
 def test_mmlu_answer_may_be_a_letter_or_the_choice_text(tmp_path):
     records = [{**MMLU, "answer": "C"}, {**MMLU, "answer": " b "}, {**MMLU, "choices": ["red", "blue"], "answer": "blue"},
                {**MMLU, "answer": "2"}]

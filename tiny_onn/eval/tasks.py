@@ -1,4 +1,5 @@
-"""Multiple-choice tasks scored by log-likelihood, read from local jsonl in the ARC, MMLU, HellaSwag and C-Eval formats.
+"""Multiple-choice tasks scored by log-likelihood, read from local jsonl in the ARC, OpenBookQA, MMLU, HellaSwag,
+C-Eval, PIQA, Social IQa, COPA and BoolQ formats (as their Hugging Face datasets write them).
 
 Each item becomes (context, choices, gold). A choice's score is the summed log-probability of its tokens after the
 context; `acc` takes the highest sum, `acc_norm` the highest sum per character of the choice (lm-eval's length norm).
@@ -107,11 +108,56 @@ def _ceval(r: dict) -> MCItem:
     return MCItem(f"{_question(r)}{opts}\n答案：", tuple(f" {c}" for c in letters), letters.index(r["answer"]))
 
 
+def _text(r: dict, field: str) -> str:
+    if not isinstance(r[field], str) or not r[field].strip():
+        raise ValueError(f"'{field}' must be a non-empty string")
+    return r[field].strip()
+
+
+def _openbookqa(r: dict) -> MCItem:
+    return _arc({**r, "question": r["question_stem"]})
+
+
+def _piqa(r: dict) -> MCItem:
+    return MCItem(f"Question: {_text(r, 'goal')}\nAnswer:", (f" {_text(r, 'sol1')}", f" {_text(r, 'sol2')}"),
+                  _index(r["label"], "label"))
+
+
+def _siqa(r: dict) -> MCItem:
+    answers = tuple(f" {_text(r, f'answer{c}')}" for c in "ABC")
+    gold = _index(r["label"], "label") - 1  # 1-based, as the dataset gives it
+    if gold < 0:
+        raise ValueError(f"'label' is 1-based (1-3), got {r['label']!r}")
+    return MCItem(f"{_text(r, 'context')}\nQuestion: {_text(r, 'question')}\nAnswer:", answers, gold)
+
+
+def _copa(r: dict) -> MCItem:
+    relation = {"cause": "because", "effect": "therefore"}.get(r["question"])
+    if relation is None:
+        raise ValueError(f"'question' must be 'cause' or 'effect', got {r['question']!r}")
+    premise = _text(r, "premise").rstrip(".")
+    choices = tuple(" " + _text(r, c)[:1].lower() + _text(r, c)[1:] for c in ("choice1", "choice2"))
+    return MCItem(f"{premise} {relation}", choices, _index(r["label"], "label"))
+
+
+def _boolq(r: dict) -> MCItem:
+    if not isinstance(r["answer"], bool):
+        raise ValueError(f"'answer' must be true or false, got {r['answer']!r}")
+    question = _text(r, "question").rstrip("?")
+    return MCItem(f"{_text(r, 'passage')}\nQuestion: {question}?\nAnswer:", (" no", " yes"), int(r["answer"]))
+
+
+# the first format whose keys a record has is its format: the more specific key sets come first
 FORMATS = {
+    "openbookqa": (("question_stem", "choices", "answerKey"), _openbookqa),
     "arc": (("question", "choices", "answerKey"), _arc),
     "mmlu": (("question", "choices", "answer"), _mmlu),
     "hellaswag": (("ctx", "endings", "label"), _hellaswag),
     "ceval": (("question", "A", "B", "answer"), _ceval),
+    "piqa": (("goal", "sol1", "sol2", "label"), _piqa),
+    "siqa": (("context", "question", "answerA", "answerB", "answerC", "label"), _siqa),
+    "copa": (("premise", "choice1", "choice2", "question", "label"), _copa),
+    "boolq": (("passage", "question", "answer"), _boolq),
 }
 
 
@@ -121,7 +167,10 @@ def detect_format(record: dict) -> str:
             return name
     raise TinyOnnError(
         "unknown multiple-choice format (keys: " + ", ".join(sorted(record)) + "); expected ARC (question, choices, "
-        "answerKey), MMLU (question, choices, answer), HellaSwag (ctx, endings, label) or C-Eval (question, A-D, answer)"
+        "answerKey), OpenBookQA (question_stem, choices, answerKey), MMLU (question, choices, answer), HellaSwag (ctx, "
+        "endings, label), C-Eval (question, A-D, answer), PIQA (goal, sol1, sol2, label), Social IQa (context, "
+        "question, answerA-C, label), COPA (premise, choice1, choice2, question, label) or BoolQ (passage, question, "
+        "answer)"
     )
 
 
