@@ -81,13 +81,19 @@ def test_more_benchmark_formats_become_the_items_their_papers_score(tmp_path):
                                                           " he got a hole in his sock."), 0)),
         "boolq": ({"question": "is the sky blue", "passage": "The sky is blue.", "answer": True},
                   MCItem("The sky is blue.\nQuestion: is the sky blue?\nAnswer:", (" no", " yes"), 1)),
+        "winogrande": ({"sentence": "The cup fit in the bag because the _ was small.", "option1": "cup",
+                        "option2": "bag", "answer": "1"},
+                       MCItem("The cup fit in the bag because the cup", (" was small.", " was small."), 0,
+                              ("The cup fit in the bag because the cup", "The cup fit in the bag because the bag"))),
     }
     for name, (record, expected) in cases.items():
         fmt, items = load_mc(write_jsonl(tmp_path / f"{name}.jsonl", [record]))
         assert (fmt, items) == (name, [expected])
     for record, message in [({**cases["copa"][0], "question": "why"}, "'cause' or 'effect'"),
                             ({**cases["boolq"][0], "answer": "yes"}, "'answer' must be true or false"),
-                            ({**cases["siqa"][0], "label": "0"}, "'label' is 1-based")]:
+                            ({**cases["siqa"][0], "label": "0"}, "'label' is 1-based"),
+                            ({**cases["winogrande"][0], "sentence": "No blank."}, "one blank"),
+                            ({**cases["winogrande"][0], "answer": "3"}, "'answer' must be 1 or 2")]:
         with pytest.raises(TinyOnnError, match=message):
             load_mc(write_jsonl(tmp_path / "bad.jsonl", [record]))
 
@@ -114,6 +120,21 @@ def test_choice_logliks_match_a_hand_computation(tiny_tokenizer):
         assert value == pytest.approx(expected, abs=1e-4)
     result = score_mc(model, tiny_tokenizer, [item])
     assert result["acc"] == float(got[0] > got[1])
+
+
+def test_per_choice_contexts_score_the_shared_rest_by_hand(tiny_tokenizer):
+    """Winogrande's partial scoring: the same continuation after each option's own context."""
+    model = make_tiny_model("llama", len(tiny_tokenizer))
+    item = MCItem("Hello number 3", (" how are you", " how are you"), 1, ("Hello number 3", "Hello number 7"))
+    got = choice_logliks(model, tiny_tokenizer, item)
+    for context, value in zip(item.contexts, got, strict=True):
+        ctx = tiny_tokenizer(context, add_special_tokens=False)["input_ids"]
+        full = tiny_tokenizer(context + " how are you", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([full])).logits[0], -1)
+        assert value == pytest.approx(sum(float(logp[t - 1, full[t]]) for t in range(len(ctx), len(full))), abs=1e-4)
+    assert got[0] != got[1]
+    assert score_mc(model, tiny_tokenizer, [item])["acc"] == float(got[1] > got[0])
 
 
 def test_acc_norm_differs_from_acc_when_lengths_differ(monkeypatch):

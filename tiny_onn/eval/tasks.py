@@ -1,5 +1,5 @@
 """Multiple-choice tasks scored by log-likelihood, read from local jsonl in the ARC, OpenBookQA, MMLU, HellaSwag,
-C-Eval, PIQA, Social IQa, COPA and BoolQ formats (as their Hugging Face datasets write them).
+C-Eval, PIQA, Social IQa, COPA, BoolQ and Winogrande formats (as their Hugging Face datasets write them).
 
 Each item becomes (context, choices, gold). A choice's score is the summed log-probability of its tokens after the
 context; `acc` takes the highest sum, `acc_norm` the highest sum per character of the choice (lm-eval's length norm).
@@ -25,6 +25,10 @@ class MCItem:
     context: str
     choices: tuple[str, ...]
     gold: int
+    contexts: tuple[str, ...] | None = None  # one context per choice (Winogrande: the option fills the blank)
+
+    def context_of(self, i: int) -> str:
+        return self.contexts[i] if self.contexts is not None else self.context
 
 
 def _texts(value: object, field: str) -> list[str]:
@@ -147,6 +151,23 @@ def _boolq(r: dict) -> MCItem:
     return MCItem(f"{_text(r, 'passage')}\nQuestion: {question}?\nAnswer:", (" no", " yes"), int(r["answer"]))
 
 
+def _winogrande(r: dict) -> MCItem:
+    """Partial scoring, as the paper and lm-eval do: each option fills the blank, and the choice scored is the rest
+    of the sentence after it (the same text for both options)."""
+    sentence = _text(r, "sentence")
+    if sentence.count("_") != 1:
+        raise ValueError(f"'sentence' must hold one blank '_', got {sentence.count('_')}")
+    before, after = sentence.split("_")
+    if not after.strip():
+        raise ValueError("the blank '_' must be followed by the words the options are scored on")
+    answer = str(r["answer"]).strip()
+    if answer not in ("1", "2"):
+        raise ValueError(f"'answer' must be 1 or 2 (the option), got {r['answer']!r}")
+    contexts = tuple(before + _text(r, o) for o in ("option1", "option2"))
+    rest = " " + after.strip()
+    return MCItem(contexts[0], (rest, rest), int(answer) - 1, contexts)
+
+
 # the first format whose keys a record has is its format: the more specific key sets come first
 FORMATS = {
     "openbookqa": (("question_stem", "choices", "answerKey"), _openbookqa),
@@ -158,6 +179,7 @@ FORMATS = {
     "siqa": (("context", "question", "answerA", "answerB", "answerC", "label"), _siqa),
     "copa": (("premise", "choice1", "choice2", "question", "label"), _copa),
     "boolq": (("passage", "question", "answer"), _boolq),
+    "winogrande": (("sentence", "option1", "option2", "answer"), _winogrande),
 }
 
 
@@ -169,8 +191,8 @@ def detect_format(record: dict) -> str:
         "unknown multiple-choice format (keys: " + ", ".join(sorted(record)) + "); expected ARC (question, choices, "
         "answerKey), OpenBookQA (question_stem, choices, answerKey), MMLU (question, choices, answer), HellaSwag (ctx, "
         "endings, label), C-Eval (question, A-D, answer), PIQA (goal, sol1, sol2, label), Social IQa (context, "
-        "question, answerA-C, label), COPA (premise, choice1, choice2, question, label) or BoolQ (passage, question, "
-        "answer)"
+        "question, answerA-C, label), COPA (premise, choice1, choice2, question, label), BoolQ (passage, question, "
+        "answer) or Winogrande (sentence, option1, option2, answer)"
     )
 
 
@@ -203,11 +225,12 @@ def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
 def choice_logliks(model, tokenizer, item: MCItem) -> list[float]:
     """Summed log-probability of each choice's tokens after the context."""
     device = next(model.parameters()).device
-    ctx = tokenizer(item.context, add_special_tokens=False)["input_ids"]
     seqs, spans = [], []
-    for choice in item.choices:
-        full = tokenizer(item.context + choice, add_special_tokens=False)["input_ids"]
-        start = len(ctx) if full[: len(ctx)] == ctx else len(tokenizer(item.context.rstrip(), add_special_tokens=False)["input_ids"])
+    for i, choice in enumerate(item.choices):
+        context = item.context_of(i)
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        full = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
+        start = len(ctx) if full[: len(ctx)] == ctx else len(tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"])
         seqs.append(full)
         spans.append((max(start, 1), len(full)))
     width = max(len(s) for s in seqs)
@@ -225,7 +248,10 @@ def choice_logliks(model, tokenizer, item: MCItem) -> list[float]:
 def is_gold(item: MCItem, picked: int) -> bool:
     """Whether the picked choice is the gold answer: by its text, so that an item listing the gold text twice (some
     benchmark files do) scores a pick of either copy, which score the same, as right."""
-    return item.choices[picked].strip() == item.choices[item.gold].strip()
+    def text(i: int) -> tuple[str, str]:
+        return item.context_of(i).strip(), item.choices[i].strip()
+
+    return text(picked) == text(item.gold)
 
 
 def score_mc(model, tokenizer, items: list[MCItem]) -> dict:
