@@ -73,7 +73,7 @@ def _tiny_source(tmp_path, tiny_tokenizer, config) -> Path:
     return tmp_path / "dense"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral-window"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral-window", "qwen2-window-every-layer"])
 def test_other_supported_families_carve_losslessly_with_the_cache(tmp_path, tiny_tokenizer, tiny_scan, family):
     """Qwen2 (biased q/k/v) and Mistral with a sliding window shorter than the text: every expert active = dense, in
     full forwards and in cached greedy decoding past the window."""
@@ -84,12 +84,15 @@ def test_other_supported_families_carve_losslessly_with_the_cache(tmp_path, tiny
     common = {k: v for k, v in tiny_config("llama", len(tiny_tokenizer)).to_dict().items()
               if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "max_position_embeddings", "pad_token_id", "eos_token_id")}
-    config = Qwen2Config(**common) if family == "qwen2" else MistralConfig(sliding_window=6, **common)
+    config = {"qwen2": lambda: Qwen2Config(**common),
+              "mistral-window": lambda: MistralConfig(sliding_window=6, **common),
+              "qwen2-window-every-layer": lambda: Qwen2Config(use_sliding_window=True, sliding_window=6,
+                                                              max_window_layers=0, **common)}[family]()
     dense_dir = _tiny_source(tmp_path, tiny_tokenizer, config)
     scan = scan_tiny(dense_dir, tiny_scan[1], tmp_path / "scan")
     source, _, moe = _dense_and_moe(dense_dir, scan, experts=4, top_k=4)
-    assert moe.config.sliding_window == (6 if family != "qwen2" else None)
-    assert moe.config.attention_bias == (family == "qwen2")
+    assert moe.config.sliding_window == (None if family == "qwen2" else 6)
+    assert moe.config.attention_bias == family.startswith("qwen2")
     ids = torch.randint(3, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, source.model(ids).logits, atol=1e-4, rtol=1e-4)

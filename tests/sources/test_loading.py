@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import time
 
 import pytest
@@ -46,7 +47,7 @@ def test_corrupt_gguf(tmp_path):
 
 def test_non_swiglu_model_is_rejected(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(TinyOnnError, match="SwiGLU decoder: Llama"):
+    with pytest.raises(TinyOnnError, match="activation .gelu_new.\\); Tiny-ONN needs a SwiGLU decoder: decoder models whose MLP is gate_proj"):
         load_source(SourceArgs(model=str(tmp_path)))
 
 
@@ -131,3 +132,18 @@ def test_weights_that_do_not_fit_the_config_are_named(tiny_moe, tmp_path):
     with pytest.raises(TinyOnnError, match=r"do not have the shapes its config.json gives \(model\.layers\.0\.") as err:
         load_source(SourceArgs(model=str(folder), device="cpu"), dense_only=False)
     assert "config [" in str(err.value) and "above report" not in str(err.value)
+
+
+def test_sources_that_are_not_swiglu_or_already_moe_are_named_for_what_they_are():
+    """The refusal states the model's real activation, wherever its family keeps it, and names a MoE source a MoE."""
+    import pytest
+    from transformers import FalconConfig, Gemma2Config, LlamaConfig, MixtralConfig
+
+    from tiny_onn.errors import TinyOnnError
+    from tiny_onn.sources.architecture import check_config_is_swiglu
+
+    check_config_is_swiglu(LlamaConfig(), "llama")  # SiLU-gated: accepted
+    for config, shown in ((Gemma2Config(), "activation 'gelu_pytorch_tanh'"), (FalconConfig(), "activation 'gelu'"),
+                          (MixtralConfig(), "already a mixture of experts (8 experts)")):
+        with pytest.raises(TinyOnnError, match=re.escape(shown)):
+            check_config_is_swiglu(config, "m")

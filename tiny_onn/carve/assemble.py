@@ -35,7 +35,9 @@ def sliding_window(src: PretrainedConfig) -> int | None:
     layer_types = set(getattr(src, "layer_types", None) or ())
     if getattr(src, "use_sliding_window", None) is False or layer_types == {"full_attention"} or window is None:
         return None  # Qwen2/Qwen3 keep a sliding_window they do not use
-    if getattr(src, "use_sliding_window", False) or layer_types and layer_types != {"sliding_attention"}:
+    if layer_types == {"sliding_attention"}:
+        return int(window)  # one window in every layer (Qwen2/Qwen3 with max_window_layers 0, as Mistral)
+    if getattr(src, "use_sliding_window", False) or layer_types:
         raise TinyOnnError(f"the source ('{src.model_type}') uses sliding-window attention in some layers only; "
                            "TinyOnn supports full attention, or one window in every layer (Mistral)")
     return int(window)

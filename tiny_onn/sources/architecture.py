@@ -12,7 +12,12 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from tiny_onn.errors import TinyOnnError
 
-SUPPORTED_FAMILIES = "Llama, SmolLM, Mistral, Qwen2, Qwen3 (decoder models whose MLP is gate_proj/up_proj/down_proj with SiLU)"
+SUPPORTED_FAMILIES = ("decoder models whose MLP is gate_proj/up_proj/down_proj with SiLU (Llama, SmolLM, Mistral, Qwen2, "
+                      "Qwen3 and others read by scan and eval; carve builds MoEs from Llama, Mistral, Qwen2 and Qwen3)")
+# config fields that name a model's activation, in the order families use them
+_ACTIVATION_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activation")
+# config fields that give a model routed experts already
+_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 _SILU = ("silu", "swish")
 
 
@@ -33,9 +38,11 @@ class SwiGluMlp:
 
 def check_config_is_swiglu(config: PretrainedConfig, name: str) -> None:
     """Reject a model before its weights load when its config already shows it is not a SiLU-gated decoder."""
-    act = getattr(config, "hidden_act", None)
-    if act is None:
-        act = getattr(config, "activation_function", None)
+    experts = next((getattr(config, f) for f in _EXPERT_FIELDS if getattr(config, f, None)), None)
+    if experts:
+        raise TinyOnnError(f"{name} is a '{config.model_type}' model that is already a mixture of experts ({experts} "
+                           f"experts); Tiny-ONN carves dense models: {SUPPORTED_FAMILIES}")
+    act = next((getattr(config, f) for f in _ACTIVATION_FIELDS if getattr(config, f, None) is not None), None)
     if act not in _SILU or not hasattr(config, "intermediate_size"):
         raise TinyOnnError(
             f"{name} is a '{config.model_type}' model (activation {act!r}); Tiny-ONN needs a SwiGLU decoder: {SUPPORTED_FAMILIES}"
