@@ -120,3 +120,10 @@ def test_the_same_teacher_by_another_path_resumes(tiny_model_dir, tmp_path, monk
     meta = json.loads((folder / "corpus.json").read_text())
     assert meta["records"] == 8 and meta["complete"]
     assert meta["settings"]["model"] == str(tiny_model_dir)  # as first given
+
+
+def test_prompt_sets_are_read_as_a_set_of_names():
+    """Spacing and repeats do not make another corpus: the settings a corpus is resumed by are the same."""
+    from tiny_onn.data.distil import DistilDataConfig
+
+    assert DistilDataConfig(prompts=" facts , open,,facts").prompts == DistilDataConfig(prompts="facts,open").prompts

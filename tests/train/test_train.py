@@ -273,3 +273,29 @@ def test_a_resumed_run_with_more_steps_keeps_its_warm_up(tiny_moe, tmp_path):
     base = lrs[2]  # the full rate, reached on the first run's last step
     assert lrs[:3] == pytest.approx([base / 3, 2 * base / 3, base])
     assert lrs[3] == pytest.approx(base) and lrs[4] == pytest.approx(base * 0.55)  # cosine: 1 at the start, 0.55 midway
+
+
+def test_a_finished_run_keeps_a_checkpoint_of_its_last_step(tiny_moe, tmp_path):
+    """--steps 3 with --checkpoint-every 2 saves step 2 and step 3, so extending the run with --resume goes on from
+    step 3 instead of training step 3 again."""
+    moe, data = tiny_moe
+    out = tmp_path / "run"
+    assert main(_train_args(moe, data, out, steps=3, extra=["--checkpoint-every", "2"])) == 0
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 3
+    first = json.loads((out / "train.json").read_text())["history"]
+    assert main(_train_args(moe, data, out, steps=4, extra=["--checkpoint-every", "2", "--resume"])) == 0
+    history = json.loads((out / "train.json").read_text())["history"]
+    assert len(history) == 4 and history[:3] == first
+
+
+def test_resume_refuses_data_edited_in_place(tiny_moe, tmp_path, capsys):
+    moe, data = tiny_moe
+    copy = tmp_path / "data.jsonl"
+    lines = data.read_text().splitlines(keepends=True)
+    copy.write_text("".join(lines))
+    out = tmp_path / "run"
+    assert main(_train_args(moe, copy, out, steps=2, extra=["--checkpoint-every", "2"])) == 0
+    copy.write_text("".join(lines[: len(lines) // 2]))  # same path, other examples
+    capsys.readouterr()
+    assert main(_train_args(moe, copy, out, steps=4, extra=["--checkpoint-every", "2", "--resume"])) == 2
+    assert "a file edited in place?" in capsys.readouterr().err

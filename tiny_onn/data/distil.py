@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from tiny_onn.data.pipeline import check_seed
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
 from tiny_onn.sources.loading import absolute_model_path
+
+log = logging.getLogger(__name__)
 
 FORMAT = "tiny_onn.corpus/1"
 PROMPT_SETS = ("facts", "open", "mix")
@@ -98,6 +101,7 @@ class DistilDataConfig(SourceArgs):
         unknown = [s for s in self.prompt_sets if s not in PROMPT_SETS]
         if unknown or not self.prompt_sets:
             raise TinyOnnError(f"unknown prompt set(s) {unknown or self.prompts!r}; choose from {', '.join(PROMPT_SETS)}")
+        self.prompts = ",".join(self.prompt_sets)  # " facts , open" and "facts,facts,open" name the same corpus
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise TinyOnnError(f"{name} must be positive, got {getattr(self, name)}")
@@ -106,7 +110,7 @@ class DistilDataConfig(SourceArgs):
 
     @property
     def prompt_sets(self) -> list[str]:
-        return [s.strip() for s in self.prompts.split(",") if s.strip()]
+        return list(dict.fromkeys(s.strip() for s in self.prompts.split(",") if s.strip()))
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -164,6 +168,9 @@ def build_prompts(cfg: DistilDataConfig) -> list[tuple[str, str]]:
     queues = []
     for name in cfg.prompt_sets:
         items = makers[name]()
+        if not items and len(cfg.prompt_sets) > 1:
+            log.warning("prompt set %r is empty (%s), so the corpus holds only the others", name,
+                        "the fact file has no training-split facts" if name == "facts" else "nothing to ask")
         rng.shuffle(items)
         queues.append([(name, p) for p in items])
     order = [q[i] for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)]

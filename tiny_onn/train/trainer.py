@@ -29,6 +29,7 @@ from tiny_onn import distributed
 from tiny_onn.artifacts import atomic_dir, check_output_folder, check_replaceable, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
+from tiny_onn.data.pipeline import data_identity
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model.export import CARVE_META, TRAIN_META, read_carve_metadata, save_model_folder
@@ -158,7 +159,7 @@ class TrainConfig(SourceArgs, DataArgs):
     eval_tokens: int = 4096
     """Held-out tokens for perplexity before and after training (0 = skip)."""
     checkpoint_every: int = 50
-    """Save a resumable checkpoint every N steps (0 = only at the end)."""
+    """Save a resumable checkpoint every N steps, and at the last step, so a finished run can be extended with --resume --steps (0 = no checkpoints)."""
     resume: bool = False
     """Continue from the latest checkpoint in --out."""
     log_every: int = 1
@@ -671,7 +672,8 @@ class Trainer:
 
     # ---- checkpoint / resume -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        meta = {"model_fingerprint": self.fingerprint, "config": config_to_dict(self.cfg)}
+        meta = {"model_fingerprint": self.fingerprint, "config": config_to_dict(self.cfg),
+                "data_identity": data_identity(self.cfg.data)}
         extra = self.ewc.state_tensors() if self.ewc is not None else None
         return self.checkpoints.save(self.model, self.optimizer, self.state, meta, extra)
 
@@ -733,7 +735,8 @@ class Trainer:
                 for key in (*STEP_METRICS, "pi", "lr"):
                     if rec[key] is not None:  # a skipped step has no metrics
                         self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and self.rank == 0:
+            last = step + 1 == cfg.steps
+            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last) and self.rank == 0:
                 self.save_checkpoint()
             distributed.barrier()
         bar.close()
@@ -846,6 +849,10 @@ def check_resume_matches(meta: dict, cfg: TrainConfig, checkpoint: Path) -> None
             raise TinyOnnError(f"--resume would continue checkpoint {checkpoint} with other settings ({shown}); give "
                                "the run's own settings (its train options are in the checkpoint's state.json), or "
                                "start a new run with another --out")
+    if meta.get("data_identity") not in (None, data_identity(cfg.data)):
+        raise TinyOnnError(f"--resume: the examples of --data {cfg.data!r} are not those checkpoint {checkpoint} was "
+                           "trained on (a file edited in place?), so the run would continue from a position in other "
+                           "data; restore the data, or start a new run with another --out")
     if meta["step"] >= cfg.steps:
         raise TinyOnnError(f"--resume: checkpoint {checkpoint} is at step {meta['step']}, so --steps {cfg.steps} leaves "
                            "nothing to train; give a larger --steps to continue the run")
