@@ -735,7 +735,8 @@ class Trainer:
                 for key in (*STEP_METRICS, "pi", "lr"):
                     if rec[key] is not None:  # a skipped step has no metrics
                         self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
-            last = step + 1 == cfg.steps
+            # the last step too, once some step trained (a run that trained none fails and leaves nothing)
+            last = step + 1 == cfg.steps and any(not h.get("skipped") for h in self.state.history)
             if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last) and self.rank == 0:
                 self.save_checkpoint()
             distributed.barrier()
