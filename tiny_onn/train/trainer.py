@@ -185,8 +185,9 @@ class TrainConfig(SourceArgs, DataArgs):
             raise TinyOnnError("kd_temperature must be positive")
         if self.hidden_kd < 0 or (self.hidden_kd > 0 and not self.teacher):
             raise TinyOnnError(f"--hidden-kd needs a --teacher (and must be non-negative), got {self.hidden_kd}")
-        if self.lr <= 0 or self.router_lr <= 0:
-            raise TinyOnnError("learning rates must be positive")
+        for name in ("lr", "router_lr"):
+            if not getattr(self, name) > 0:  # also NaN
+                raise TinyOnnError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.ce_weight < 0 or (self.ce_weight == 0 and not self.kd):
             raise TinyOnnError(f"ce_weight must be non-negative, and 0 (pure distillation) needs --kd > 0; got "
                                f"ce_weight={self.ce_weight}, kd={self.kd}")
@@ -203,8 +204,9 @@ class TrainConfig(SourceArgs, DataArgs):
         """Router losses, the PI schedule and perpetual mode (replay, EWC)."""
         if self.perpetual:
             self.policy, self.min_k = "smk", 1
-        if self.router_distill < 0 or self.specificity < 0 or self.ewc < 0:
-            raise TinyOnnError("router_distill, specificity and ewc must be non-negative")
+        for name in ("router_distill", "specificity", "ewc"):
+            if not getattr(self, name) >= 0:  # also NaN
+                raise TinyOnnError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
         if self.router_distill and not self.teacher:
             raise TinyOnnError("--router-distill needs a --teacher (the dense source the MoE was carved from)")
         if not 0.0 <= self.pi_lr_floor <= 1.0:
