@@ -237,6 +237,7 @@ def run(acfg: AlchemyConfig) -> Path:
         those of later stages whose inputs changed (a carve that ran before the training failed leaves the earlier
         eval/ describing a model that no longer exists). A training run's checkpoints stay, for the next run to
         continue from."""
+        removed = False
         for name, folders in stage_folders().items():
             if name in done or name not in records:
                 continue
@@ -251,17 +252,18 @@ def run(acfg: AlchemyConfig) -> Path:
                         log.info("%s: removing %s, made from inputs that have changed since", name, folder)
                         shutil.rmtree(folder)
                 records.pop(name)
-                write_json(records_path, records)
+                removed = True
+        if removed:
+            write_json(records_path, records)
 
     def stage_folders() -> dict[str, list[Path]]:
         from tiny_onn.carve.carver import plots_folder
 
         carve_cfg = cfgs["carve"]
-        folders = {"scan": [out / "scan"],  # in pipeline order: a stage's removal changes its readers' inputs
-                   "carve": [Path(carve_cfg.out)] + ([plots_folder(carve_cfg)] if carve_cfg.plots else []),
-                   "train": [] if acfg.skip_train else [out / "train"],
-                   "eval": [Path(cfgs["eval"].out)], "interpret": [Path(cfgs["interpret"].out)]}
-        return folders
+        return {"scan": [out / "scan"],  # in pipeline order: a stage's removal changes its readers' inputs
+                "carve": [Path(carve_cfg.out)] + ([plots_folder(carve_cfg)] if carve_cfg.plots else []),
+                "train": [] if acfg.skip_train else [out / "train"],
+                "eval": [Path(cfgs["eval"].out)], "interpret": [Path(cfgs["interpret"].out)]}
 
     try:
         if cfgs["distil"] is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from tiny_onn.data.encoding import PackedData, encode_plain_text, pack_examples
+from tiny_onn.data.sources import check_not_gzip
 from tiny_onn.errors import TinyOnnError
 
 BUNDLED_NEWS = "news"
@@ -41,9 +42,7 @@ def _documents(path: Path, encoding: str = "utf-8") -> list[str]:
                            "blank line), or 'news' for the bundled set")
     if not path.is_file():
         raise TinyOnnError(f"general-text file not found: {path}")
-    with path.open("rb") as f:
-        if f.read(2) == b"\x1f\x8b":
-            raise TinyOnnError(f"general-text file {path} is gzip-compressed; decompress it first (gunzip -k {path})")
+    check_not_gzip(path, "general-text file")
     try:
         text = path.read_text(encoding="utf-8-sig" if encoding == "utf-8" else encoding)  # a byte-order mark is not text
     except UnicodeDecodeError as e:

@@ -211,6 +211,13 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
     )
 
 
+def check_not_gzip(path: Path, what: str) -> None:
+    """One clear error for a gzip-compressed file where text is read (it would read as 'not UTF-8')."""
+    with path.open("rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise TinyOnnError(f"{what} {path} is gzip-compressed; decompress it first (gunzip -k {path})")
+
+
 def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
     """(`path:line`, parsed JSON) of each non-blank line of a local jsonl file; one clear error for a missing file
     (named `what`, e.g. "data file"), a line that is not UTF-8 or a line that is not JSON."""
@@ -220,10 +227,8 @@ def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
         raise TinyOnnError(f"{what} {path} is a folder; give a jsonl file")
     if not path.is_file():
         raise TinyOnnError(f"{what} not found: {path}")
+    check_not_gzip(path, what)
     with path.open("rb") as f:
-        if f.read(2) == b"\x1f\x8b":
-            raise TinyOnnError(f"{what} {path} is gzip-compressed; decompress it first (gunzip -k {path})")
-        f.seek(0)
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading byte-order mark is allowed
