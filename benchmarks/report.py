@@ -181,6 +181,37 @@ def fused_breakdown(d: dict) -> str:
     return "\n".join(lines)
 
 
+def train_step_scaling(d: dict) -> str:
+    moes = list(d["layouts"])
+    lines = [f"SmolLM2-135M fp32, one training step (batch {'×'.join(map(str, d['runs'][0]['batch']))}, forward + "
+             "backward + AdamW over the FFN parameters, expert statistics tracked) of MoEs at 25 % of FFN neurons "
+             "active (and in one setting of the dense source too), the models of a setting run in turn round after "
+             "round; "
+             f"{d['processes']} fresh processes per setting, the settings alternating, {d['repeats']} rounds each, "
+             f"{d['threads']} threads (`{d['command']}`). Step seconds are each process's medians; the ratio is the "
+             "process's median E = 128 step ÷ its median E = 16 step, the range its rounds' ratios.", "",
+             "| setting | process | dense s | " + " | ".join(f"{n} s" for n in moes)
+             + " | E = 128 ÷ E = 16 | rounds' range | minor page faults per step, E = 16 → E = 128 | CPU s stolen |",
+             "|---|---|---|" + "---|" * len(moes) + "---|---|---|---|"]
+    key = "128x12, top-32 / 16x96, top-4"
+    for setting in d["e128_over_e16"]:
+        runs = [r for r in d["runs"] if r["setting"] == setting]
+        for i, run in enumerate(runs, 1):
+            med, r = run["step_seconds_median"], run["ratios"][key]
+            faults = run["minor_page_faults_per_step_median"]
+            stolen = "–" if run["stolen_cpu_seconds"] is None else f"{run['stolen_cpu_seconds']:.1f}"
+            dense = f"{med['dense']:.2f}" if "dense" in med else "–"
+            lines.append(f"| {setting} | {i} | {dense} | " + " | ".join(f"{med[n]:.2f}" if n in med else "–" for n in moes)
+                         + f" | **{r['ratio_of_medians']:.2f}** | {r['per_round_min']:.2f}–{r['per_round_max']:.2f} | "
+                         f"{faults[moes[0]]:,.0f} → {faults[moes[-1]]:,.0f} | {stolen} |")
+    lines.append("")
+    for setting, s in d["e128_over_e16"].items():
+        lines.append(f"- {setting}: E = 128 ÷ E = 16 median **{s['median']:.2f}**, {s['min']:.2f}–{s['max']:.2f} over "
+                     f"the processes; {s['processes_within_target']} of {len(s['per_process'])} within the target "
+                     f"{d['target_e128_over_e16']}.")
+    return "\n".join(lines)
+
+
 _PATH_NAMES = ("dense", "fused", "loop", "loop-dense-down", "sorted", "gather", "bag", "padded", "padded-dense-down")
 
 
@@ -650,7 +681,7 @@ RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed,
              "gguf_weighting": gguf_weighting, "gguf_speed": gguf_speed, "knowledge_recovery": knowledge_recovery,
              "seed_mechanisms": seed_mechanisms, "knowledge_ceiling": knowledge_ceiling,
              "layer_error": layer_error, "neuron_moe_speed": neuron_moe_speed,
-             "fused_breakdown": fused_breakdown}
+             "fused_breakdown": fused_breakdown, "train_step_scaling": train_step_scaling}
 
 
 def renderers() -> dict:

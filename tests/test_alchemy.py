@@ -171,3 +171,26 @@ def test_a_failed_rerun_leaves_no_output_made_from_changed_inputs(tiny_moe, tmp_
     assert main(argv) == 0
     stages = json.loads((run / "alchemy.json").read_text())["stages"]
     assert stages == {"scan": "reused", "carve": "reused", "eval": "ran", "interpret": "ran"}
+
+
+def test_skip_train_keeps_a_training_of_this_carve_and_removes_one_of_an_earlier_carve(tiny_moe, tmp_path, caplog):
+    """An earlier full run left train/: a --skip-train rerun keeps it while the MoE it was trained from is the one
+    beside it, and removes it (with its record) once the carve runs again; train's overrides are not logged."""
+    from tiny_onn.alchemy import AlchemyConfig, _stage_configs, stage_inputs
+
+    lines, data, cfg, run, argv = _light_run(tiny_moe, tmp_path)
+    cfg.write_text(cfg.read_text() + f"train: {{out: {tmp_path / 'elsewhere'}, steps: 1}}\n")  # alchemy overrides out
+    assert main(argv) == 0
+    train_cfg = _stage_configs(AlchemyConfig(config=str(cfg), out=str(run)))["train"]
+    (run / "train" / "model").mkdir(parents=True)  # what a full run on this carve left
+    records = json.loads((run / "stages.json").read_text())
+    records["train"] = {"config": {}, "inputs": stage_inputs("train", train_cfg), "complete": True}
+    (run / "stages.json").write_text(json.dumps(records))
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert (run / "train" / "model").is_dir() and "is kept" in caplog.text
+    assert "alchemy uses" not in caplog.text
+    data.write_text("".join(lines[: len(lines) // 2]))  # the scan and the carve run again
+    assert main(argv) == 0
+    assert not (run / "train").exists()
+    assert "train" not in json.loads((run / "stages.json").read_text())

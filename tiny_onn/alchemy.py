@@ -142,6 +142,8 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     check_policy_fits_carve(train, carve, acfg.config, acfg.skip_train)
     cfgs = {"scan": scan, "distil": distil, "carve": carve, "train": train, "eval": ev, "interpret": interp}
     for name, keys in ALCHEMY_SETS.items():  # kept in the file for the single-stage commands (`tiny-onn scan --config`)
+        if name == "train" and acfg.skip_train:
+            continue  # a stage that does not run overrides nothing
         for key in sorted(set(raw[name]) & set(keys)):
             used = getattr(cfgs[name], key) if cfgs[name] is not None else None
             if used is not None and Path(str(raw[name][key])).absolute() != Path(str(used)).absolute():
@@ -256,6 +258,20 @@ def run(acfg: AlchemyConfig) -> Path:
         if removed:
             write_json(records_path, records)
 
+    def drop_training_of_another_carve() -> None:
+        """A run that skips training keeps an earlier run's train/ only while it was trained from the MoE beside it:
+        once the carve ran again, that model describes a MoE that no longer exists."""
+        if "train" not in records or not (out / "train").exists():
+            return
+        carved_now = stage_inputs("train", cfgs["train"]).get("model")
+        if records["train"].get("inputs", {}).get("model") == carved_now:
+            log.info("train: skipped; %s, trained earlier from this MoE, is kept", out / "train")
+            return
+        log.info("train: skipped; removing %s, trained from an earlier carve", out / "train")
+        shutil.rmtree(out / "train")
+        records.pop("train")
+        write_json(records_path, records)
+
     def stage_folders() -> dict[str, list[Path]]:
         from tiny_onn.carve.carver import plots_folder
 
@@ -277,7 +293,9 @@ def run(acfg: AlchemyConfig) -> Path:
             stage("distil", out / "corpus" / "corpus.json", distil_data.run, dcfg)
         stage("scan", out / "scan" / "scan.json", scan.run, cfgs["scan"])
         stage("carve", carve_metadata_path(out / "moe"), carve.run, cfgs["carve"])
-        if not acfg.skip_train:
+        if acfg.skip_train:
+            drop_training_of_another_carve()
+        else:
             tcfg = cfgs["train"]
             ckpt = out / "train" / "checkpoints" / "latest.json"
             if not _same(_stored_config(out / "train" / "train.json"), tcfg) and ckpt.is_file():

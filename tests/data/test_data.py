@@ -204,6 +204,22 @@ def test_categories_option_keeps_only_those(tiny_tokenizer, small_jsonl):
         build_dataset(tiny_tokenizer, DataArgs(data=str(small_jsonl), seq_len=32, categories="poetry"), "train")
 
 
+def test_a_category_named_with_a_comma_is_selected_by_its_whole_name(tiny_tokenizer, tmp_path):
+    from tests.conftest import write_jsonl
+    from tiny_onn.data import DataArgs, build_dataset
+    from tiny_onn.errors import TinyOnnError
+
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}"}],
+                "category": "q,a" if i % 2 else "chat"} for i in range(40)]
+    data = str(write_jsonl(tmp_path / "d.jsonl", records))
+    picked = build_dataset(tiny_tokenizer, DataArgs(data=data, seq_len=32, categories="q,a"), "train")
+    assert picked.category_names == ["q,a"]
+    both = build_dataset(tiny_tokenizer, DataArgs(data=data, seq_len=32, categories="chat"), "train")
+    assert both.category_names == ["chat"]
+    with pytest.raises(TinyOnnError, match="selected by giving its whole name alone"):
+        build_dataset(tiny_tokenizer, DataArgs(data=data, seq_len=32, categories="chat,q,a"), "train")
+
+
 def test_alpaca_rows_with_their_formatted_text_use_the_instruction_fields(tmp_path):
     """tatsu-lab/alpaca rows carry instruction, input, output and their own rendering as 'text'."""
     row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5",

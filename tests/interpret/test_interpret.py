@@ -192,3 +192,30 @@ def test_dashboard_shows_category_names_and_snippets_as_text(tmp_path):
         assert page.locator("#snips code b").first.inner_text() == "tok"
         assert page.evaluate("window.hacked") is None and page.locator("#heat img").count() == 0
     assert not errors, errors
+
+
+def test_record_reads_exactly_the_token_budget():
+    """Batches of 4 rows of 16 tokens: a budget of 70 records the first batch (64 code tokens) and 6 tokens of the
+    second (chat), not the whole second batch."""
+    rec = record_routing(hand_routed_model(), hand_data(), batch_size=4, max_tokens=70)
+    assert rec.tokens_per_category.tolist() == [64.0, 6.0]
+    assert rec.token_ids.numel() == 70 and rec.top1.shape[1] == 70
+    assert torch.equal(rec.token_ids, hand_data().input_ids.reshape(-1)[:70])
+    assert rec.selected.sum() == 70  # one expert per token
+    full = record_routing(hand_routed_model(), hand_data(), batch_size=4)
+    assert full.token_ids.numel() == 128
+
+
+def test_one_category_has_no_nmi_and_the_cli_says_so(tiny_moe, tmp_path, caplog):
+    data = hand_data()
+    one = PackedData(data.input_ids[:4], data.labels[:4], data.attention_mask[:4], data.category[:4], ["code"])
+    assert layer_nmi(record_routing(hand_routed_model(), one)) == [None]
+    moe, data_file = tiny_moe
+    categories = {json.loads(line)["category"] for line in Path(data_file).read_text().splitlines() if line.strip()}
+    out = tmp_path / "report"
+    with caplog.at_level("WARNING"):
+        assert main(["interpret", "--model", str(moe), "--data", str(data_file), "--categories", sorted(categories)[0],
+                     "--seq-len", "32", "--tokens", "128", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "interpret.json").read_text())
+    assert report["nmi_per_layer"] == [None, None]
+    assert "needs two categories" in caplog.text

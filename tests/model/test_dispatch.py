@@ -209,3 +209,29 @@ def test_skipping_the_routing_outputs_keeps_the_function(routing):
             assert len(full.router_logits) == len(full.expert_selections) == 2
     with torch.enable_grad():  # a gradient wanted: the weight-1 straight-through path, outputs kept
         assert model.model(input_ids=ids, output_router_logits=False).router_logits is not None
+
+
+def test_fused_backward_leaves_zero_gradients_for_experts_no_pair_selected():
+    """ExpertGroupsFunction writes each busy expert's gradient in place; experts without pairs get exact zeros, and the
+    busy experts' gradients equal autograd's over the same per-expert computation."""
+    from tiny_onn.model.modeling_tiny_onn import ExpertGroupsFunction
+
+    torch.manual_seed(0)
+    E, inter, D, N = 5, 3, 4, 6
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    gate_up = torch.randn(E, 2 * inter, D, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(E, D, inter, dtype=torch.float64, requires_grad=True)
+    token_P = torch.tensor([0, 3, 1, 2, 5, 4, 0])  # sorted by expert: experts 1 and 3 have no pairs
+    expert_P = torch.tensor([0, 0, 2, 2, 2, 4, 4])
+    counts = torch.bincount(expert_P, minlength=E).tolist()
+    for _ in range(3):  # fresh buffers each call: garbage in an empty buffer would show up as non-zero gradients
+        y, _ = ExpertGroupsFunction.apply(x, gate_up, down, None, token_P, counts, torch.nn.functional.silu)
+        g = torch.autograd.grad(y.pow(2).sum(), (x, gate_up, down))
+        ref_y = torch.zeros_like(x).index_add(0, token_P, torch.stack([
+            down[e] @ (torch.nn.functional.silu(gate_up[e, :inter] @ x[t]) * (gate_up[e, inter:] @ x[t]))
+            for t, e in zip(token_P.tolist(), expert_P.tolist(), strict=True)]))
+        ref_g = torch.autograd.grad(ref_y.pow(2).sum(), (x, gate_up, down))
+        torch.testing.assert_close(y, ref_y)
+        for a, b in zip(g, ref_g, strict=True):
+            torch.testing.assert_close(a, b)
+        assert g[1][[1, 3]].abs().max() == 0 and g[2][[1, 3]].abs().max() == 0

@@ -147,3 +147,24 @@ def test_sources_that_are_not_swiglu_or_already_moe_are_named_for_what_they_are(
                           (MixtralConfig(), "already a mixture of experts (8 experts)")):
         with pytest.raises(TinyOnnError, match=re.escape(shown)):
             check_config_is_swiglu(config, "m")
+
+
+def test_a_model_whose_own_forward_fails_gets_one_clear_error(tiny_model_dir, monkeypatch):
+    """A checkpoint that loads but that its modeling code cannot run (as Helium with some head sizes) is named at load
+    time, with the model's own error, before any stage starts."""
+    from tiny_onn.sources import loading
+
+    real = loading.AutoModelForCausalLM.from_pretrained
+
+    def loads_but_cannot_run(*args, **kwargs):
+        model = real(*args, **kwargs)
+
+        def broken(*a, **k):
+            raise RuntimeError("shape '[1, 2, 4, 9]' is invalid for input of size 64")
+
+        model.forward = broken
+        return model
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", loads_but_cannot_run)
+    with pytest.raises(TinyOnnError, match=r"its own forward pass fails on two tokens \(RuntimeError: shape"):
+        load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))

@@ -226,7 +226,9 @@ def test_perpetual_run_with_replay_and_ewc_resumes_exactly(tiny_moe, tmp_path, m
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--router-distill", "1"], "--router-distill needs a --teacher"),
-    (["--replay-data", "default", "--replay-ratio", "0.1"], "must leave at least one new and one replayed"),
+    (["--replay-data", "default", "--replay-ratio", "0.1", "--batch-size", "4"],
+     "must leave at least one new and one replayed sequence per micro-batch; use a --replay-ratio from 0.25 to 0.75"),
+    (["--replay-data", "default", "--replay-ratio", "0.5", "--batch-size", "1"], "use --batch-size 2 or more"),
     (["--ewc", "1"], "--ewc needs earlier data"),
     (["--pi-lr-floor", "2"], "pi_lr_floor must be in [0, 1]"),
 ])

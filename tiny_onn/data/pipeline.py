@@ -29,7 +29,7 @@ class DataArgs:
     seed: int = 0
     """Seed for the training example order (and anything else random in the stage); the held-out set never depends on it."""
     categories: str = ""
-    """Use only these data categories (comma-separated, e.g. 'math'); empty = all."""
+    """Use only these data categories (comma-separated, e.g. 'math,code'; a category whose name holds a comma is given alone, by its whole name); empty = all."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -98,6 +98,14 @@ def check_corpus_tokenizers(spec: str, tokenizer: PreTrainedTokenizerBase) -> No
             check_corpus_tokenizer(path, tokenizer)
 
 
+def selected_categories(option: str, available) -> list[str]:
+    """The category names `--categories` asks for: comma-separated, or the whole option when it is itself the name of
+    an available category (a name that holds a comma)."""
+    if option.strip() in available:
+        return [option.strip()]
+    return [c.strip() for c in option.split(",") if c.strip()]
+
+
 def build_dataset(
     tokenizer: PreTrainedTokenizerBase, args: DataArgs, split: str = "train", max_tokens: int | None = None
 ) -> PackedData:
@@ -112,11 +120,14 @@ def build_dataset(
     # the held-out order is fixed so that runs with different seeds are scored on the same tokens
     queues = shuffled_by_category(train, args.seed) if split == "train" else shuffled_by_category(heldout, 0)
     if args.categories:
-        wanted = [c.strip() for c in args.categories.split(",") if c.strip()]
+        wanted = selected_categories(args.categories, queues)
         unknown = sorted(set(wanted) - set(queues))
         if unknown:
+            with_comma = [c for c in queues if "," in c]
+            hint = (f"; a category whose name holds a comma ({', '.join(map(repr, with_comma))}) is selected by giving "
+                    "its whole name alone" if with_comma else "")
             raise TinyOnnError(f"categories {', '.join(unknown)} are not in data {args.data!r} "
-                               f"(its {split} split has: {', '.join(queues)})")
+                               f"(its {split} split has: {', '.join(queues)}){hint}")
         queues = {c: q for c, q in queues.items() if c in wanted}
     if not queues:
         raise TinyOnnError(f"the {split} split of data {args.data!r} is empty (too few examples for heldout_fraction?)")

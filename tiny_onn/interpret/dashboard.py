@@ -64,7 +64,7 @@ $("layer").addEventListener("change", e => { layer = +e.target.value; current = 
 function color(v, max) { const t = max > 0 ? v / max : 0; return `rgba(220,60,40,${t.toFixed(3)})`; }
 function render() {
   const L = D.layers[layer];
-  $("nmi").textContent = L.nmi.toFixed(3);
+  $("nmi").textContent = L.nmi === null ? "not measured (one category)" : L.nmi.toFixed(3);
   const ids = order(), n = ids.length;
   page = Math.min(page, pages(n) - 1);
   const shown = ids.slice(page * PAGE, (page + 1) * PAGE);

@@ -138,7 +138,12 @@ def write_figures(report: dict, folder: Path) -> None:
     fig.savefig(folder / "heatmap.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.bar(range(nl), report["nmi_per_layer"])
+    nmi = report["nmi_per_layer"]
+    if any(v is None for v in nmi):
+        ax.text(0.5, 0.5, "NMI not measured: the tokens read come from one category", ha="center", va="center",
+                transform=ax.transAxes)
+    else:
+        ax.bar(range(nl), nmi)
     ax.set_xlabel("layer")
     ax.set_ylabel("NMI(top-1 expert, category)")
     fig.tight_layout()
@@ -164,6 +169,11 @@ def run(cfg: InterpretConfig) -> Path:
     warn_if_beyond_positions(source.model.config, cfg.seq_len, "--seq-len")
     data = build_dataset(source.tokenizer, cfg, "heldout", max_tokens=cfg.tokens)
     rec = record_routing(source.model, data, max_tokens=cfg.tokens)
+    seen = [name for name, n in zip(rec.categories, rec.tokens_per_category.tolist(), strict=True) if n > 0]
+    if len(seen) < 2:
+        log.warning("the %d tokens read come from %s only: NMI(expert, category) needs two categories or more, so it "
+                    "is not reported (null in interpret.json); choose data with several categories (--data, "
+                    "--categories) to measure it", int(rec.tokens_per_category.sum()), " and ".join(seen) or "no category")
     report, dash = build_report(source.model, source.tokenizer, rec, cfg)
     with atomic_dir(cfg.out, "interpret.json") as tmp:
         write_json(tmp / "interpret.json", report)
@@ -176,6 +186,9 @@ def run(cfg: InterpretConfig) -> Path:
 def summary(cfg: InterpretConfig, out: Path) -> str:
     report = json.loads((Path(out) / "interpret.json").read_text())
     nmi = report["nmi_per_layer"]
+    if any(v is None for v in nmi):
+        return (f"dashboard: {Path(out) / 'dashboard.html'}\nNMI(expert, category): not measured (the tokens read "
+                "come from one category)")
     return (f"dashboard: {Path(out) / 'dashboard.html'}\nNMI(expert, category) per layer: mean {np.mean(nmi):.3f}, "
             f"max {max(nmi):.3f} (layer {int(np.argmax(nmi))})")
 

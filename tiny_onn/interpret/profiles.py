@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
@@ -37,7 +38,8 @@ class RoutingRecord:
 @torch.no_grad()
 def record_routing(model, data: PackedData, batch_size: int = 4, max_tokens: int | None = None,
                    keep_best: int = 5) -> RoutingRecord:
-    """Run the MoE over `data` (non-padding tokens only) and record how it routes."""
+    """Run the MoE over `data` (non-padding tokens only) and record how it routes: the first `max_tokens` of them
+    (the model reads whole batches; tokens past the budget are left out of the record)."""
     device = next(model.parameters()).device
     c = model.config
     L, E, C = c.num_hidden_layers, c.num_experts, len(data.category_names)
@@ -50,6 +52,8 @@ def record_routing(model, data: PackedData, batch_size: int = 4, max_tokens: int
     seen = 0
     for batch in data.batches(batch_size):
         mask = batch["attention_mask"].reshape(-1).bool()
+        if max_tokens is not None:
+            mask &= mask.cumsum(0) <= max_tokens - seen  # only the budget's first tokens are recorded
         ids = batch["input_ids"].reshape(-1)[mask]
         cats = batch["category"].reshape(-1)[mask]
         out = model.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -119,9 +123,12 @@ def auto_label(rec: RoutingRecord, layer: int, expert: int, decode) -> dict:
             "category_share": share.tolist()}
 
 
-def layer_nmi(rec: RoutingRecord) -> list[float]:
-    """Normalised mutual information between each token's top-1 expert and its category, per layer."""
+def layer_nmi(rec: RoutingRecord) -> list[float | None]:
+    """Normalised mutual information between each token's top-1 expert and its category, per layer; None for every
+    layer when the tokens come from fewer than two categories (there is no category information to share)."""
     cats = rec.categories_of_tokens.numpy()
+    if len(np.unique(cats)) < 2:
+        return [None] * rec.top1.shape[0]
     return [float(normalized_mutual_info_score(cats, rec.top1[li].numpy())) for li in range(rec.top1.shape[0])]
 
 

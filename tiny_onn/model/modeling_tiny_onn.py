@@ -275,6 +275,18 @@ def _norms(a_XI: torch.Tensor, aG_XI: torch.Tensor) -> torch.Tensor:
     return (aG_XI * a_XI).sum(-1).clamp_min(0.0).sqrt()
 
 
+def _idle_experts(num_experts: int, spans: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+    """The experts no pair selected: their gradients are never written by `ExpertGroupsFunction.backward`."""
+    busy = torch.zeros(num_experts, dtype=torch.bool)
+    busy[[e for e, _, _ in spans]] = True
+    return (~busy).nonzero().squeeze(1).to(device)
+
+
+def _zeroed_at(grad_E: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """grad_E with the given experts' slices zeroed (in place)."""
+    return grad_E.index_fill_(0, experts, 0.0) if experts.numel() else grad_E
+
+
 class ExpertGroupsFunction(torch.autograd.Function):
     """The selected experts on their tokens, with forward and backward written out expert by expert.
 
@@ -318,7 +330,9 @@ class ExpertGroupsFunction(torch.autograd.Function):
         aw_PI = a_PI if weight_P is None else a_PI * weight_P[:, None].to(a_PI.dtype)
         da_PI = torch.empty_like(a_PI)
         # the down projections' gradients as [E, I, D] (aᵀ·dy is the fast orientation of that small GEMM)
-        g_down_EID = down.new_zeros(down.shape[0], inter, down.shape[1]) if need_down else None
+        # every expert with pairs writes its whole gradient below (out=), so only the idle experts' are zeroed
+        idle = _idle_experts(down.shape[0], ctx.spans, down.device)
+        g_down_EID = _zeroed_at(down.new_empty(down.shape[0], inter, down.shape[1]), idle) if need_down else None
         for e, start, end in ctx.spans:
             dy_nD = torch.index_select(dy_ND, 0, token_P[start:end], out=scratch[: end - start])
             torch.mm(dy_nD, down[e], out=da_PI[start:end])
@@ -330,7 +344,7 @@ class ExpertGroupsFunction(torch.autograd.Function):
         with torch.enable_grad():  # the activation's derivative, on all pairs at once
             h = h_P2I.detach().requires_grad_(True)
             (dh_P2I,) = torch.autograd.grad(ctx.act_fn(h[:, :inter]) * h[:, inter:], h, da_PI)
-        g_gate_up = torch.zeros_like(gate_up) if need_gate_up else None
+        g_gate_up = _zeroed_at(torch.empty_like(gate_up), idle) if need_gate_up else None
         dx_ND = torch.zeros_like(x_ND) if need_x else None
         for e, start, end in ctx.spans:
             tokens = token_P[start:end]

@@ -289,6 +289,22 @@ def shape_mismatches(folder: str, config, shown: int = 3) -> str:
     return "; ".join(found[:shown]) + more
 
 
+def check_forward_runs(model, name: str) -> None:
+    """The source's own forward pass on two tokens: a checkpoint that loads but that transformers cannot run (a
+    config.json whose sizes its modeling code mishandles) fails here with one clear error, before any stage's work."""
+    import transformers
+
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    except Exception as e:  # noqa: BLE001 — anything the model's own code raises is reported as the model's failure
+        raise TinyOnnError(f"{name} loads, but its own forward pass fails on two tokens ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:300]}): transformers {transformers.__version__} cannot run "
+                           "this checkpoint as its config.json describes it; check that config.json belongs to these "
+                           "weights (head_dim, hidden_size, attention heads) or try another transformers version") from e
+
+
 def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
     """Load the model and tokenizer described by `args`, in eval mode, on the requested device and dtype.
 
@@ -337,6 +353,7 @@ def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
     model.eval()
     if not is_moe:
         swiglu_mlps(model)  # raises a clear error for non-SwiGLU layers
+        check_forward_runs(model, repr(args.model))
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise TinyOnnError(f"{args.model!r}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "

@@ -218,9 +218,12 @@ class TrainConfig(SourceArgs, DataArgs):
                 raise TinyOnnError(f"replay needs 0 < replay_ratio < 1 and replay_size >= 1, got {self.replay_ratio} "
                                    f"and {self.replay_size}")
             if not 1 <= self.replayed_per_micro_batch < self.batch_size:
+                fix = ("use --batch-size 2 or more" if self.batch_size < 2 else
+                       f"use a --replay-ratio from {1 / self.batch_size:.3g} to {(self.batch_size - 1) / self.batch_size:.3g}"
+                       " (one to all but one of the batch's sequences), or a larger --batch-size")
                 raise TinyOnnError(f"replay_ratio {self.replay_ratio} of batch_size {self.batch_size} replays "
                                    f"{self.replayed_per_micro_batch} sequences: it must leave at least one new and one "
-                                   "replayed sequence per micro-batch")
+                                   f"replayed sequence per micro-batch; {fix}")
         if self.ewc and not (self.ewc_data or self.replay_data):
             raise TinyOnnError("--ewc needs earlier data for its Fisher estimate: --ewc-data or --replay-data")
         if self.ewc_samples < 1:
