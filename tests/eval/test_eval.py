@@ -299,3 +299,32 @@ def test_table_says_how_many_tokens_each_perplexity_scored():
     assert same == "Perplexities scored on: mix held-out 4,096, general text 37 tokens."
     differ = markdown_table([row("a", 37), row("b", 2048)]).splitlines()[-1]
     assert "a: mix held-out 4,096, general text 37; b: mix held-out 4,096, general text 2,048" in differ
+
+
+def test_eval_reads_each_multiple_choice_file_once_for_every_model(tiny_moe, tmp_path, monkeypatch):
+    """The file is read before the first model (its errors up front) and that reading scores every model: a file
+    rewritten while the first model is evaluated does not change the items the second one is scored on."""
+    from tiny_onn.eval import harness
+
+    moe, data = tiny_moe
+    arc = write_jsonl(tmp_path / "arc.jsonl", [ARC] * 3)
+    reads = []
+    real_load_mc, real_evaluate = harness.load_mc, harness._evaluate_loaded
+
+    def counting_load_mc(path):
+        reads.append(path)
+        return real_load_mc(path)
+
+    def evaluate_then_edit(spec, src, cfg, mc_items):
+        row = real_evaluate(spec, src, cfg, mc_items)
+        arc.write_text("")  # an empty task file would be an error if read again
+        return row
+
+    monkeypatch.setattr(harness, "load_mc", counting_load_mc)
+    monkeypatch.setattr(harness, "_evaluate_loaded", evaluate_then_edit)
+    argv = ["eval", "--model", str(moe), "--model", str(moe.parent / "dense"), "--data", str(data), "--seq-len", "32",
+            "--tasks", f"mc:{arc}", "--device", "cpu", "--out", str(tmp_path / "eval")]
+    assert main(argv) == 0
+    assert len(reads) == 1
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
+    assert [r["mc"][str(arc)]["n"] for r in rows] == [3, 3]

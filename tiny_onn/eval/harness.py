@@ -157,16 +157,18 @@ def _mean_experts_per_token(model, held) -> float:
     return float(torch.stack([s[mask].float().sum(-1).mean() for s in out.expert_selections]).mean())
 
 
-def evaluate_model(spec: str, cfg: EvalConfig, within: Callable | None = None) -> dict:
+def evaluate_model(spec: str, cfg: EvalConfig, within: Callable | None = None,
+                   mc_items: dict[str, tuple[str, list]] | None = None) -> dict:
     """Evaluate one model on `cfg`'s tasks. `within(model)`: a context manager every task runs inside (e.g. an oracle
-    router from `tiny_onn.eval.oracle`)."""
+    router from `tiny_onn.eval.oracle`); `mc_items`: the multiple-choice files already read, by task path (the others
+    are read here)."""
     src = load_source(SourceArgs(model=spec, device=cfg.device, dtype=cfg.dtype,
                                  trust_remote_code=cfg.trust_remote_code), dense_only=False)
     with within(src.model) if within is not None else nullcontext():
-        return _evaluate_loaded(spec, src, cfg)
+        return _evaluate_loaded(spec, src, cfg, mc_items or {})
 
 
-def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
+def _evaluate_loaded(spec: str, src, cfg: EvalConfig, mc_items: dict[str, tuple[str, list]]) -> dict:
     model, tok = src.model, src.tokenizer
     warn_if_beyond_positions(model.config, cfg.seq_len, "--seq-len")
     if "speed" in cfg.task_list:
@@ -205,7 +207,7 @@ def _evaluate_loaded(spec: str, src, cfg: EvalConfig) -> dict:
         row["probe"] = factual_probe(model, tok)
     for task in tasks:
         if task.startswith("mc:"):
-            fmt, items = load_mc(task[3:])
+            fmt, items = mc_items[task[3:]] if task[3:] in mc_items else load_mc(task[3:])
             row.setdefault("mc", {})[task[3:]] = {"format": fmt, **score_mc(model, tok, items)}
     if "humaneval" in tasks:
         row["humaneval"] = humaneval_pass_at_1(model, tok, cfg.allow_code_execution, cfg.humaneval_limit)
@@ -428,13 +430,12 @@ def run(cfg: EvalConfig) -> Path:
         check_recorded_sources(cfg)
     if "general" in cfg.task_list:
         general_documents(cfg.general)  # a general text's and the multiple-choice files' errors before any model, too
-    for task in cfg.task_list:
-        if task.startswith("mc:"):
-            load_mc(task[3:])
+    # read once, before any model: every model is scored on the same items, even if a file changes during the run
+    mc_items = {task[3:]: load_mc(task[3:]) for task in cfg.task_list if task.startswith("mc:")}
     rows = []
     for spec in cfg.model:
         log.info("evaluating %s", spec)
-        rows.append(evaluate_model(spec, cfg))
+        rows.append(evaluate_model(spec, cfg, mc_items=mc_items))
     report = {"format": "tiny_onn.eval/1", "models": rows, "config": config_to_dict(cfg), "versions": versions()}
     with atomic_dir(cfg.out, "eval.json") as tmp:
         write_json(tmp / "eval.json", report)
