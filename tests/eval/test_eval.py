@@ -328,3 +328,37 @@ def test_eval_reads_each_multiple_choice_file_once_for_every_model(tiny_moe, tmp
     assert len(reads) == 1
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
     assert [r["mc"][str(arc)]["n"] for r in rows] == [3, 3]
+
+
+def test_an_empty_multiple_choice_answer_is_refused(tmp_path):
+    """An empty choice has no token to score: its log-likelihood 0 would beat every real choice."""
+    bad = write_jsonl(tmp_path / "mc.jsonl", [{**ARC, "choices": {"text": ["", "Paris"], "label": ["A", "B"]}}])
+    with pytest.raises(TinyOnnError, match=r"mc.jsonl:1: .*choice 1 is empty"):
+        load_mc(bad)
+
+
+def test_eval_warns_about_what_it_cannot_measure_as_asked(tiny_moe, tmp_path, caplog):
+    """A curve without any MoE, a model given twice, multiple-choice items past the trained positions and a
+    repeated fact question each get a warning; an empty model name one clear error."""
+    moe, data = tiny_moe
+    dense = moe.parent / "dense"
+    long_item = {**ARC, "question": "word " * 400}  # past the tiny models' 256 positions
+    arc = write_jsonl(tmp_path / "arc.jsonl", [long_item])
+    facts = write_jsonl(tmp_path / "facts.jsonl", [{"question": "Q?", "answer": "x", "split": "eval"}] * 2)
+    argv = ["eval", "--model", str(dense), "--model", str(dense), "--data", str(data), "--seq-len", "32",
+            "--tasks", f"curve,facts,mc:{arc}", "--facts", str(facts), "--speed-seq-len", "16", "--repeats", "1",
+            "--device", "cpu", "--out", str(tmp_path / "eval")]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    assert "none of the models evaluated is a MoE" in caplog.text
+    assert "is given more than once" in caplog.text
+    assert "the longest item of mc:" in caplog.text and "past this model's 256 trained positions" in caplog.text
+    assert "repeats 1 question(s) word for word" in caplog.text
+    rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
+    assert rows[0]["facts"]["n"] == 1  # the repeated question scored once
+    other = write_jsonl(tmp_path / "facts2.jsonl", [{"question": "Q?", "answer": "x"}, {"question": "Q?", "answer": "y"}])
+    with pytest.raises(TinyOnnError, match=r"facts2.jsonl:2: the same question as .*facts2.jsonl:1"):
+        from tiny_onn.data.facts import load_facts
+
+        load_facts(str(other))
+    assert main(["eval", "--model", "", "--out", str(tmp_path / "e2")]) == 2

@@ -219,3 +219,9 @@ def test_one_category_has_no_nmi_and_the_cli_says_so(tiny_moe, tmp_path, caplog)
     report = json.loads((out / "interpret.json").read_text())
     assert report["nmi_per_layer"] == [None, None]
     assert "needs two categories" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # more tokens asked than the held-out split holds: all recorded, and said
+        assert main(["interpret", "--model", str(moe), "--data", str(data_file), "--seq-len", "32", "--tokens",
+                     "1000000", "--device", "cpu", "--out", str(tmp_path / "all")]) == 0
+    recorded = json.loads((tmp_path / "all" / "interpret.json").read_text())["tokens"]
+    assert recorded < 1000000 and f"holds {recorded} tokens, fewer than --tokens 1000000" in caplog.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import unicodedata
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from tiny_onn.data.sources import jsonl_records
 from tiny_onn.errors import TinyOnnError
+
+log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
 SPLITS = ("train", "eval")
@@ -224,7 +227,7 @@ def answer_text(answer: str | int | float) -> str:
 def facts_from_jsonl(path: Path) -> list[Fact]:
     """A user fact file: one `{"question": ..., "answer": ... | "answers": [...], "kind"?: ..., "split"?: "train" |
     "eval"}` per line (without "split", a fact's split follows its content hash, as for the built-in facts)."""
-    facts = []
+    facts, first_line, repeats = [], {}, 0
     for where, record in jsonl_records(path, "fact file"):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip():
             raise TinyOnnError(f"{where}: each line needs a non-empty string 'question'")
@@ -247,10 +250,22 @@ def facts_from_jsonl(path: Path) -> list[Fact]:
         split = record.get("split")
         if split is not None and split not in SPLITS:
             raise TinyOnnError(f"{where}: 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
-        facts.append(Fact(str(record.get("kind", path.stem)), record["question"].strip(), tuple(answers),
-                          bool(record.get("case_sensitive", False)), split))
+        fact = Fact(str(record.get("kind", path.stem)), record["question"].strip(), tuple(answers),
+                    bool(record.get("case_sensitive", False)), split)
+        if fact.uid in first_line:  # one question, one score: a repeat would count twice in accuracy and retention
+            earlier_where, earlier = first_line[fact.uid]
+            if earlier != fact:
+                raise TinyOnnError(f"{where}: the same question as {earlier_where} ({fact.kind}: {fact.question!r}) "
+                                   "with other answers or settings; a question is scored once: give all its accepted "
+                                   "answers on one line ('answers': [...])")
+            repeats += 1
+            continue
+        first_line[fact.uid] = (where, fact)
+        facts.append(fact)
     if not facts:
         raise TinyOnnError(f"fact file {path} holds no facts (it is empty)")
+    if repeats:
+        log.warning("fact file %s repeats %d question(s) word for word; each is scored once", path, repeats)
     return facts
 
 

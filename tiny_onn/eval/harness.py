@@ -29,7 +29,7 @@ from tiny_onn.eval.facts import KnownFacts, answer_facts, facts_scores, source_i
 from tiny_onn.eval.humaneval import humaneval_pass_at_1
 from tiny_onn.eval.perplexity import perplexity
 from tiny_onn.eval.probe import factual_probe
-from tiny_onn.eval.tasks import load_mc, score_mc
+from tiny_onn.eval.tasks import load_mc, longest_mc_sequence, score_mc
 from tiny_onn.sources import SMOLLM2_ALIAS, SourceArgs, load_source
 from tiny_onn.sources.loading import (
     check_device,
@@ -208,6 +208,7 @@ def _evaluate_loaded(spec: str, src, cfg: EvalConfig, mc_items: dict[str, tuple[
     for task in tasks:
         if task.startswith("mc:"):
             fmt, items = mc_items[task[3:]] if task[3:] in mc_items else load_mc(task[3:])
+            warn_if_beyond_positions(model.config, longest_mc_sequence(tok, items), f"the longest item of {task}")
             row.setdefault("mc", {})[task[3:]] = {"format": fmt, **score_mc(model, tok, items)}
     if "humaneval" in tasks:
         row["humaneval"] = humaneval_pass_at_1(model, tok, cfg.allow_code_execution, cfg.humaneval_limit)
@@ -422,6 +423,10 @@ def run(cfg: EvalConfig) -> Path:
     check_replaceable(cfg.out, "eval.json")
     for spec in cfg.model:  # every model's path before the first one's work
         check_model_spec(spec)
+    repeated = sorted({spec for spec in cfg.model if cfg.model.count(spec) > 1})
+    if repeated:
+        log.warning("--model %s is given more than once: each copy is evaluated again and gets a row of its own",
+                    ", ".join(repeated))
     if "facts" in cfg.task_list:
         evaluation_facts(cfg)  # a fact file's errors before any model loads
         check_facts_source(cfg.facts_source)
@@ -436,6 +441,9 @@ def run(cfg: EvalConfig) -> Path:
     for spec in cfg.model:
         log.info("evaluating %s", spec)
         rows.append(evaluate_model(spec, cfg, mc_items=mc_items))
+    if "curve" in cfg.task_list and not any(r.get("kind") == "moe" for r in rows):
+        log.warning("--tasks curve sweeps a MoE's top-k and top-p; none of the models evaluated is a MoE, so there is "
+                    "no curve (give a carved or trained MoE folder among the models)")
     report = {"format": "tiny_onn.eval/1", "models": rows, "config": config_to_dict(cfg), "versions": versions()}
     with atomic_dir(cfg.out, "eval.json") as tmp:
         write_json(tmp / "eval.json", report)

@@ -209,6 +209,9 @@ def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
             item = FORMATS[fmt][1](record)
             if len(item.choices) < 2:
                 raise ValueError(f"{len(item.choices)} choice(s); an item needs at least 2")
+            empty = [i + 1 for i, c in enumerate(item.choices) if not c.strip()]
+            if empty:  # no tokens: a log-likelihood of 0 that beats every real choice
+                raise ValueError(f"choice {', '.join(map(str, empty))} is empty; every choice needs text to score")
             if not 0 <= item.gold < len(item.choices):
                 raise ValueError(f"the gold answer points outside its {len(item.choices)} choices")
             items.append(item)
@@ -252,6 +255,12 @@ def is_gold(item: MCItem, picked: int) -> bool:
         return item.context_of(i).strip(), item.choices[i].strip()
 
     return text(picked) == text(item.gold)
+
+
+def longest_mc_sequence(tokenizer, items: list[MCItem]) -> int:
+    """Tokens in the longest context + choice of the items (what one scoring forward reads)."""
+    return max(len(tokenizer(item.context_of(i) + c, add_special_tokens=False)["input_ids"])
+               for item in items for i, c in enumerate(item.choices))
 
 
 def score_mc(model, tokenizer, items: list[MCItem]) -> dict:

@@ -169,6 +169,10 @@ def run(cfg: InterpretConfig) -> Path:
     warn_if_beyond_positions(source.model.config, cfg.seq_len, "--seq-len")
     data = build_dataset(source.tokenizer, cfg, "heldout", max_tokens=cfg.tokens)
     rec = record_routing(source.model, data, max_tokens=cfg.tokens)
+    recorded = int(rec.tokens_per_category.sum())
+    if recorded < cfg.tokens:
+        log.warning("the held-out split of --data holds %d tokens, fewer than --tokens %d: all of them are recorded; "
+                    "give more data (or a larger heldout_fraction) for the full budget", recorded, cfg.tokens)
     seen = [name for name, n in zip(rec.categories, rec.tokens_per_category.tolist(), strict=True) if n > 0]
     if len(seen) < 2:
         log.warning("the %d tokens read come from %s only: NMI(expert, category) needs two categories or more, so it "

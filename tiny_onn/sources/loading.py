@@ -193,6 +193,8 @@ def looks_like_local_path(spec: str) -> bool:
 
 def _resolve(spec: str) -> tuple[str, str]:
     """Return (what to pass to from_pretrained, a human description of the origin)."""
+    if not spec.strip():
+        raise TinyOnnError("the model is an empty name: give 'smollm2', a .gguf file, a model folder or a hub id")
     if spec == SMOLLM2_ALIAS:
         return str(gguf_to_cached_folder(smollm2_gguf_path())), f"bundled GGUF {_SMOLLM2_FILE}"
     path = Path(spec).expanduser()
