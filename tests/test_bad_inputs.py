@@ -130,6 +130,9 @@ CASES = {
     "eval: MC line that is a list": (["eval", "--model", "{moe}", "--tasks", "mc:{root}/mc_list.jsonl"],
                                      "must be one JSON object"),
     "export: a GGUF as model": (["export", "--model", "{root}/corrupt.gguf"], "a GGUF needs no export"),
+    "export: --out names a folder": (["export", "--model", "{moe}", "--out", "{root}/moe.gguf/"],
+                                     "ends with a path separator"),
+    "eval: an empty model name": (["eval", "--model", ""], "the model is an empty name"),
     "eval: a comma in a task file's name": (["eval", "--model", "{moe}", "--tasks", "mc:{root}/a,b.jsonl"],
                                             "a task file's name cannot hold one"),
     "eval: unknown task": (["eval", "--model", "{moe}", "--tasks", "ppl,vibes"], "unknown task 'vibes'"),
@@ -171,7 +174,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, world, tmp_path, capsys):
     argv, message = CASES[case]
-    argv = [a.format(**world) for a in argv] + ([] if argv[0] == "generate" else ["--out", str(tmp_path / "out")])
+    own_out = argv[0] == "generate" or "--out" in argv  # generate writes nothing; a case may be about --out itself
+    argv = [a.format(**world) for a in argv] + ([] if own_out else ["--out", str(tmp_path / "out")])
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err, err

@@ -29,6 +29,11 @@ class ExportConfig:
             raise TinyOnnError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.quant not in QUANTS:
             raise TinyOnnError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.out.endswith(("/", "\\")):
+            stem = self.out.rstrip("/\\")
+            example = stem if stem.endswith(".gguf") else f"{stem or '.'}/moe-{self.quant}.gguf"
+            raise TinyOnnError(f"--out {self.out} ends with a path separator, so it names a folder; the export is one "
+                               f"file: give its path (e.g. {example})")
 
     @property
     def out_path(self) -> Path:
