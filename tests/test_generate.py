@@ -55,3 +55,42 @@ def test_generate_answers_in_the_conversation_format_eval_scores(tiny_model_dir)
     (new,) = generate_batched(model, tok, [prompt_ids(tok, [{"role": "user", "content": prompt}])], max_new_tokens=8)
     shown = generate(GenerateConfig(model=str(tiny_model_dir), prompt=prompt, max_new_tokens=8, device="cpu"))
     assert shown == tok.decode(new, skip_special_tokens=True)
+
+
+def test_top_k_alone_routes_a_top_p_moe_by_that_top_k(tiny_moe, tmp_path, monkeypatch, caplog):
+    """A MoE carved with top-p: `generate --top-k 1` routes every token to one expert (top-p no longer decides), as
+    the same model saved with top-p 0 and top-k 1 does; the switch is logged."""
+    import shutil
+
+    from tiny_onn.generate import GenerateConfig
+    from tiny_onn.generate import run as generate
+
+    moe, _ = tiny_moe
+    top_p = tmp_path / "top_p"
+    shutil.copytree(moe, top_p)
+    config = json.loads((top_p / "config.json").read_text())
+    (top_p / "config.json").write_text(json.dumps({**config, "router_top_p": 1.0}))
+    fixed = tmp_path / "fixed"
+    shutil.copytree(moe, fixed)
+    (fixed / "config.json").write_text(json.dumps({**config, "router_top_p": 0.0, "num_experts_per_tok": 1}))
+    ask = dict(prompt="Hello number 3", device="cpu", max_new_tokens=8)
+    with caplog.at_level("INFO"):
+        reply = generate(GenerateConfig(model=str(top_p), top_k=1, **ask))
+    assert "routes by top-p 1" in caplog.text
+    assert reply == generate(GenerateConfig(model=str(fixed), **ask))
+    assert reply != generate(GenerateConfig(model=str(top_p), **ask))  # top-p 1: every expert
+
+
+def test_generation_never_picks_output_rows_past_the_tokenizer(tiny_tokenizer):
+    """Embeddings padded past the tokenizer (as Qwen's): those rows, made the most likely here, are never generated,
+    greedy or sampled, so the corpus' ids and text agree."""
+    from tests.conftest import make_tiny_model
+
+    n = len(tiny_tokenizer)
+    model = make_tiny_model("llama", n + 50)
+    with torch.no_grad():
+        model.lm_head.weight[n:] *= 50  # the padding rows would win every step
+    prompts = [tiny_tokenizer("hello there", add_special_tokens=False)["input_ids"]] * 2
+    for temperature in (0.0, 1.0):
+        rows = generate_batched(model, tiny_tokenizer, prompts, max_new_tokens=6, temperature=temperature)
+        assert all(0 <= t < n for row in rows for t in row) and all(rows)

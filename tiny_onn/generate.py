@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from tiny_onn.data.encoding import prompt_ids
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
 from tiny_onn.sources.loading import warn_if_beyond_positions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +58,11 @@ def run(cfg: GenerateConfig) -> str:
                 raise TinyOnnError(f"top_k {cfg.top_k} is above the {candidates} candidates this model's two-stage "
                                    "router ranks per token, so the experts beyond them would never run; give at most "
                                    f"{candidates}")
-            source.model.set_routing(top_k=cfg.top_k)
+            model_top_p = source.model.moe_blocks()[0].routing.top_p
+            if cfg.top_p < 0 and model_top_p > 0:  # top-p decides whenever it is set: --top-k alone means fixed top-k
+                log.info("this MoE routes by top-p %g; --top-k %d alone routes by a fixed top-k (add --top-p to keep "
+                         "top-p)", model_top_p, cfg.top_k)
+            source.model.set_routing(top_k=cfg.top_k, **({"top_p": 0.0} if cfg.top_p < 0 else {}))
         if cfg.top_p >= 0:
             source.model.set_routing(top_p=cfg.top_p)
     tok = source.tokenizer
@@ -65,7 +72,7 @@ def run(cfg: GenerateConfig) -> str:
     warn_if_beyond_positions(conf, ids.shape[1] + cfg.max_new_tokens, "the prompt plus --max-new-tokens")
     with torch.no_grad(), plain_decoding(source.model):
         out = source.model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.pad_token_id)
+                                    pad_token_id=tok.pad_token_id, suppress_tokens=rows_without_token(source.model, tok))
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -90,6 +97,13 @@ def plain_decoding(model) -> Iterator[None]:
 
 
 @torch.no_grad()
+def rows_without_token(model, tokenizer) -> list[int] | None:
+    """Output rows past the tokenizer's vocabulary (embeddings padded to a round size, as Qwen's are): ids no text can
+    hold, so generation must never pick them (None when there are none)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    return list(range(len(tokenizer), rows)) or None
+
+
 def generate_batched(
     model,
     tokenizer,
@@ -119,7 +133,7 @@ def generate_batched(
             torch.manual_seed(seed * 1_000_003 + b)
         with plain_decoding(model):
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=eos, **sampling)
+                                 eos_token_id=eos, suppress_tokens=rows_without_token(model, tokenizer), **sampling)
         for row in gen[:, width:].tolist():
             out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out

@@ -469,3 +469,23 @@ def test_calibration_on_fewer_tokens_than_router_inputs_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="tiny_onn.carve.carver"):
         warn_if_calibration_is_small(576, 576)
     assert caplog.text == ""
+
+
+def test_carve_plots_layers_with_a_handful_of_routed_neurons(tiny_model_dir, tiny_scan, tmp_path):
+    """One expert of 3 routed neurons per layer (keep 5 % of 64): the neuron map falls back from UMAP (whose spectral
+    start needs more points) instead of failing after the model is written."""
+    scan_dir, _ = tiny_scan
+    argv = ["carve", "--scan", str(scan_dir), "--model", str(tiny_model_dir), "--keep", "0.05", "--experts", "1",
+            "--top-k", "1", "--calib-tokens", "128", "--calib-steps", "2", "--eval-tokens", "0", "--seq-len", "32",
+            "--device", "cpu", "--out", str(tmp_path / "moe")]
+    assert main(argv) == 0
+    assert (tmp_path / "carve" / "neurons_umap.png").is_file()
+
+
+def test_the_2d_neuron_map_has_a_layout_for_any_count():
+    from tiny_onn.carve.plots import _embed_2d
+
+    rng = np.random.default_rng(0)
+    for n, how in [(0, "index"), (1, "index"), (3, "index"), (5, "t-SNE"), (20, "UMAP")]:
+        xy, used = _embed_2d(rng.normal(size=(n, 6)), seed=0)
+        assert xy.shape == (n, 2) and used == how

@@ -191,6 +191,16 @@ def test_train_bad_inputs(tiny_moe, tmp_path, capsys, monkeypatch):
     (teacher / "tokenizer.json").write_text(json.dumps(tok))
     assert main(_train_args(moe, data, tmp_path / "kd", steps=1, extra=["--teacher", str(teacher), "--kd", "1"])) == 2
     assert "tokenizes differently from the student" in capsys.readouterr().err
+    # the same tokenizer with embeddings padded to another size: the sizes are named, not the tokenizer
+    from tests.conftest import make_tiny_model
+
+    padded = tmp_path / "padded"
+    config = json.loads((moe.parent / "dense" / "config.json").read_text())
+    make_tiny_model("qwen3" if config["model_type"] == "qwen3" else "llama", config["vocab_size"] + 64).save_pretrained(padded)
+    for name in (moe.parent / "dense").glob("*token*"):
+        shutil.copy(name, padded / name.name)
+    assert main(_train_args(moe, data, tmp_path / "kd2", steps=1, extra=["--teacher", str(padded), "--kd", "1"])) == 2
+    assert f"{config['vocab_size'] + 64} output rows" in capsys.readouterr().err
 
 
 def test_training_phases_route_without_changing_the_saved_config(tiny_moe, tmp_path):

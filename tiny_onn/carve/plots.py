@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import matplotlib
@@ -18,15 +19,22 @@ from tiny_onn.sources import swiglu_mlps  # noqa: E402
 
 
 def _embed_2d(features: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
-    try:
-        import umap
+    """2-D coordinates of the neurons: UMAP when there are enough of them, t-SNE for a few, their index below that
+    (UMAP's spectral start needs more points than dimensions; layers of a handful of routed neurons exist)."""
+    n = features.shape[0]
+    if n >= 8:
+        # UMAP fails on degenerate inputs (too few distinct points): fall through to t-SNE then
+        with contextlib.suppress(ImportError, ValueError, TypeError):
+            import umap
 
-        n_neighbors = max(2, min(15, features.shape[0] - 1))
-        return umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(features), "UMAP"
-    except ImportError:  # umap-learn is a dependency; t-SNE keeps the plot if it is missing
+            n_neighbors = max(2, min(15, n - 1))
+            return umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(features), "UMAP"
+    if n >= 4:
         from sklearn.manifold import TSNE
 
-        return TSNE(random_state=seed, perplexity=min(30, features.shape[0] - 1)).fit_transform(features), "t-SNE"
+        return TSNE(random_state=seed, perplexity=max(1.0, min(30.0, (n - 1) / 3)),
+                    init="random").fit_transform(features), "t-SNE"
+    return np.stack([np.arange(n), np.zeros(n)], axis=1).astype(float), "index"
 
 
 def write_carve_plots(scan: ScanResult, source: PreTrainedModel, plan: CarvePlan, cfg, folder: Path) -> list[Path]:

@@ -386,8 +386,13 @@ def load_models(cfg: TrainConfig) -> tuple[Source, torch.nn.Module | None]:
         return student, None
     teacher_source = load_source(dataclasses.replace(src_args, model=cfg.teacher))
     teacher = teacher_source.model
-    if (teacher.config.vocab_size != student.model.config.vocab_size
-            or teacher_source.tokenizer.get_vocab() != student.tokenizer.get_vocab()):
+    same_tokenizer = teacher_source.tokenizer.get_vocab() == student.tokenizer.get_vocab()
+    if same_tokenizer and teacher.config.vocab_size != student.model.config.vocab_size:
+        raise TinyOnnError(f"the teacher {cfg.teacher!r} has {teacher.config.vocab_size} output rows and the student "
+                           f"{cfg.model!r} {student.model.config.vocab_size}, with the same tokenizer (embeddings "
+                           "padded to another size): distillation compares the two distributions row by row, so it "
+                           "needs the same size; give the dense source the student was carved from")
+    if not same_tokenizer:
         raise TinyOnnError(f"the teacher {cfg.teacher!r} tokenizes differently from the student {cfg.model!r} (another "
                            "vocabulary): distillation compares them token by token, so it needs the student's own "
                            "tokenizer; give the dense source the student was carved from")
