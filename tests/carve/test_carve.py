@@ -489,3 +489,13 @@ def test_the_2d_neuron_map_has_a_layout_for_any_count():
     for n, how in [(0, "index"), (1, "index"), (3, "index"), (5, "t-SNE"), (20, "UMAP")]:
         xy, used = _embed_2d(rng.normal(size=(n, 6)), seed=0)
         assert xy.shape == (n, 2) and used == how
+
+
+def test_too_few_routed_neurons_get_the_error_alone(tiny_model_dir, tiny_scan, tmp_path, capsys, caplog):
+    """keep 5 % of 64 neurons leaves 3 for 4 experts: one error, no warning before it about neurons being dropped."""
+    argv = ["carve", "--scan", str(tiny_scan[0]), "--model", str(tiny_model_dir), "--no-plots", "--keep", "0.05",
+            "--experts", "4", "--top-k", "1", "--out", str(tmp_path / "moe")]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 2
+    assert "4 experts need at least 4 routed neurons" in capsys.readouterr().err
+    assert "weakest are dropped" not in caplog.text

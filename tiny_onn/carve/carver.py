@@ -281,10 +281,12 @@ def make_plan(scan: ScanResult, source: PreTrainedModel, cfg: CarveConfig) -> Ca
     gen = torch.Generator().manual_seed(cfg.seed)
     mlps = swiglu_mlps(source)
     routed = round(cfg.keep * mlps[0].num_neurons) - round(cfg.shared * mlps[0].num_neurons)
-    if routed > 0 and routed % cfg.experts:
+    if routed >= cfg.experts and routed % cfg.experts:  # fewer than one per expert: plan_layer's error says so
         log.warning("%d routed neurons per layer do not split into %d experts of equal size: the %d weakest are "
-                    "dropped (so even --keep 1 with every expert selected is not the dense model); choose an expert "
-                    "count that divides %d to keep them all", routed, cfg.experts, routed % cfg.experts, routed)
+                    "dropped%s; choose an expert count that divides %d to keep them all", routed, cfg.experts,
+                    routed % cfg.experts,
+                    " (so even with every expert selected the MoE is not the dense model)" if cfg.keep >= 1 else "",
+                    routed)
     layers = [plan_layer(scan, m, cfg, gen) for m in tqdm(mlps, desc="carve", unit="layer", leave=False)]
     return CarvePlan(layers=layers, method=cfg.method)
 
