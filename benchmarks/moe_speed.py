@@ -206,9 +206,16 @@ class Inputs:
         y.backward(torch.ones_like(y))
 
 
-def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: int) -> dict:
+def carve_layout(layout: dict, scan, source, calib):
+    """(model, plan, carve config) of one layout: random experts (the compute shapes of any carve), routers calibrated
+    on 4,096 tokens (Adam, as the committed results were measured)."""
     cfg = CarveConfig(method="random", calib_tokens=4096, calib_steps=100, calib_refine="adam", **layout)
     moe, plan, _ = carve_model(scan, source, cfg, calib)
+    return moe, plan, cfg
+
+
+def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: int) -> dict:
+    moe, plan, cfg = carve_layout(layout, scan, source, calib)
     log(f"{name}: carved")
     dense = inp.dense
     moe.eval()

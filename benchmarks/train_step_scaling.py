@@ -37,9 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import smollm2_scan, write_result  # noqa: E402
-from moe_speed import LAYOUTS, train_params, training_step  # noqa: E402
+from moe_speed import LAYOUTS, carve_layout, train_params, training_step  # noqa: E402
 
-from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
 from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
@@ -58,8 +57,7 @@ SETTINGS = {
 def carved_for_training(name: str, scan, source, calib):
     """One layout of moe_speed.py carved (random experts, routers calibrated on 4,096 tokens), in training mode with
     expert statistics tracked, as `tiny-onn train` runs it."""
-    cfg = CarveConfig(method="random", calib_tokens=4096, calib_steps=100, calib_refine="adam", **LAYOUTS[name])
-    moe, _, _ = carve_model(scan, source, cfg, calib)
+    moe, _, _ = carve_layout(LAYOUTS[name], scan, source, calib)
     moe.train()
     for layer in moe.model.layers:
         layer.mlp.experts.track_stats = True

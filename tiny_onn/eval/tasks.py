@@ -224,10 +224,8 @@ def load_mc(path: str | Path) -> tuple[str, list[MCItem]]:
     return fmt, items
 
 
-@torch.no_grad()
-def choice_logliks(model, tokenizer, item: MCItem) -> list[float]:
-    """Summed log-probability of each choice's tokens after the context."""
-    device = next(model.parameters()).device
+def choice_sequences(tokenizer, item: MCItem) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Each choice's scored sequence (its context, then the choice) and the span [start, end) of the choice's tokens."""
     seqs, spans = [], []
     for i, choice in enumerate(item.choices):
         context = item.context_of(i)
@@ -236,6 +234,14 @@ def choice_logliks(model, tokenizer, item: MCItem) -> list[float]:
         start = len(ctx) if full[: len(ctx)] == ctx else len(tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"])
         seqs.append(full)
         spans.append((max(start, 1), len(full)))
+    return seqs, spans
+
+
+@torch.no_grad()
+def choice_logliks(model, tokenizer, item: MCItem) -> list[float]:
+    """Summed log-probability of each choice's tokens after the context."""
+    device = next(model.parameters()).device
+    seqs, spans = choice_sequences(tokenizer, item)
     width = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id or 0
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
@@ -258,9 +264,8 @@ def is_gold(item: MCItem, picked: int) -> bool:
 
 
 def longest_mc_sequence(tokenizer, items: list[MCItem]) -> int:
-    """Tokens in the longest context + choice of the items (what one scoring forward reads)."""
-    return max(len(tokenizer(item.context_of(i) + c, add_special_tokens=False)["input_ids"])
-               for item in items for i, c in enumerate(item.choices))
+    """Tokens in the longest scored sequence of the items (context + choice: what one scoring forward reads)."""
+    return max(len(seq) for item in items for seq in choice_sequences(tokenizer, item)[0])
 
 
 def score_mc(model, tokenizer, items: list[MCItem]) -> dict:
