@@ -34,7 +34,9 @@ distillation, `--hidden-kd 1`: each decoder layer's output pulled toward the tea
 10), `kd-both-attn` (kd-both with the attention layers and norms trained too, `--train-attention`, at the same
 learning rate), `kd-facts` (KL on the teacher-written corpus plus the teacher's greedy answers to every
 training-split fact question, `--facts-corpus`, without the mix: the fact answers are then a third of the tokens,
-where kd-both gives the corpus' sampled ones a sixth). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
+where kd-both gives the corpus' sampled ones a sixth), `kd-both-anneal` (kd-both with gradual sparsification,
+`--top-k-start`: the first step runs twice the MoE's top-k (at most its experts or two-stage candidates), the top-k
+falls linearly to the MoE's own over the first half of the steps, the second half runs at it). Every row: fact accuracy and retention (facts the dense source answers correctly), general-text (news)
 perplexity ÷ dense, mix held-out perplexity ÷ dense, per category, active parameters, training tokens.
 The forgetting test starts from a trained run, learns one category only (plain CE) under each update policy, and
 reports what the other categories, the general text and the facts lose.
@@ -81,10 +83,11 @@ RECIPES = {  # data, teacher KD weight, CE weight
     "kd-both-hidden10": ("default,{corpus}", 1.0, 0.0),
     "kd-both-attn": ("default,{corpus}", 1.0, 0.0),
     "kd-facts": ("{facts_corpus},{corpus}", 1.0, 0.0),
+    "kd-both-anneal": ("default,{corpus}", 1.0, 0.0),
 }
 # recipes' further TrainConfig settings: hidden-state distillation, attention (and norms) trained beside the FFNs
 RECIPE_OPTIONS = {"kd-both-hidden": {"hidden_kd": 1.0}, "kd-both-hidden10": {"hidden_kd": 10.0},
-                  "kd-both-attn": {"train_attention": True}}
+                  "kd-both-attn": {"train_attention": True}, "kd-both-anneal": {"top_k_start_factor": 2.0}}
 FORGET_POLICIES = {"full": ("full", 4), "smk": ("smk", 4), "smk2": ("smk2", 4), "smk-min1": ("smk", 1)}
 SOURCE = "smollm2"
 NEURONS = 1536  # SmolLM2's FFN width
@@ -229,12 +232,24 @@ def ensure_start_model(name: str, root: Path, corpus: str) -> Path:
 
 
 def train_config(args, start: Path, out: Path, data: str, kd: float, ce: float, policy: str, k: int, seed: int,
-                 categories: str = "", hidden_kd: float = 0.0, train_attention: bool = False) -> TrainConfig:
+                 categories: str = "", hidden_kd: float = 0.0, train_attention: bool = False,
+                 top_k_start_factor: float = 0.0) -> TrainConfig:
     return TrainConfig(model=str(start), data=data, categories=categories, teacher=SOURCE if kd else "", kd=kd,
                        hidden_kd=hidden_kd, train_attention=train_attention,
+                       top_k_start=annealing_start(start, top_k_start_factor), top_k_anneal=0.5,
                        ce_weight=ce, kd_temperature=args.kd_temperature, policy=policy, max_k=k, min_k=k,
                        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=seed,
                        eval_tokens=0, checkpoint_every=CHECKPOINT_EVERY, device="cpu", out=str(out))
+
+
+def annealing_start(start: Path, factor: float) -> int:
+    """kd-both-anneal's first top-k: `factor` × the MoE's own, at most its experts or its two-stage candidates (0: no
+    annealing)."""
+    if not factor:
+        return 0
+    config = json.loads((start / "config.json").read_text())
+    most = config.get("router_candidates") or config["num_experts"]
+    return min(round(factor * config["num_experts_per_tok"]), most)
 
 
 def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dict) -> dict:
@@ -252,7 +267,8 @@ def train_and_evaluate(cfg: TrainConfig, out: Path, ecfg: EvalConfig, dense: dic
             "step_seconds_median": report.get("step_seconds_median"), "train_losses": loss_ends(report["history"]),
             "model_folder": str(out / "model"),
             "config": {k: getattr(cfg, k) for k in ("data", "categories", "kd", "hidden_kd", "train_attention",
-                                                     "ce_weight", "policy", "max_k", "min_k", "steps", "lr", "seed")}}
+                                                     "ce_weight", "policy", "max_k", "min_k", "steps", "lr", "seed",
+                                                     "top_k_start", "top_k_anneal")}}
 
 
 def loss_ends(history: list[dict], steps: int = 10) -> dict:

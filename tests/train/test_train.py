@@ -309,3 +309,30 @@ def test_resume_refuses_data_edited_in_place(tiny_moe, tmp_path, capsys):
     capsys.readouterr()
     assert main(_train_args(moe, copy, out, steps=4, extra=["--checkpoint-every", "2", "--resume"])) == 2
     assert "a file edited in place?" in capsys.readouterr().err
+
+
+def test_annealed_top_k_falls_linearly_to_the_models_own():
+    from tiny_onn.train.trainer import annealed_top_k
+
+    # 10 steps, from 8 to 2 over half of them: steps 0..4 step down by 6/5 per step, then 2 to the end
+    assert [annealed_top_k(s, 10, 8, 2, 0.5) for s in range(10)] == [8, 7, 6, 4, 3, 2, 2, 2, 2, 2]
+    # annealing over all steps still trains the last step at the model's own top-k
+    assert annealed_top_k(9, 10, 8, 2, 1.0) == 2 and annealed_top_k(8, 10, 8, 2, 1.0) == 3
+    assert annealed_top_k(0, 1, 8, 2, 1.0) == 2  # a one-step run has nothing to anneal over
+
+
+def test_top_k_start_anneals_the_routing_not_the_saved_config(tiny_moe, tmp_path, capsys):
+    moe, data = tiny_moe
+    args = ["--top-k-start", "4", "--top-k-anneal", "0.5", "--policy", "full"]
+    assert main(_train_args(moe, data, tmp_path / "a", steps=6, extra=args)) == 0
+    history = json.loads((tmp_path / "a" / "train.json").read_text())["history"]
+    assert [h["top_k"] for h in history] == [4, 3, 3, 2, 2, 2]  # the tiny MoE routes top-2 of 4 experts
+    assert json.loads((tmp_path / "a" / "model" / "config.json").read_text())["num_experts_per_tok"] == 2
+    for bad, says in ((["--top-k-start", "5"], "between the model's top-k (2) and its 4 experts"),
+                      (["--top-k-start", "1"], "in 2..4"),
+                      (["--top-k-start", "3", "--top-p", "0.5"], "give one"),
+                      (["--top-k-start", "3", "--top-k-anneal", "0"], "--top-k-anneal in (0, 1]")):
+        out = tmp_path / f"bad{bad[1]}"
+        assert main(_train_args(moe, data, out, steps=2, extra=[*bad, "--policy", "full"])) == 2
+        assert says in capsys.readouterr().err
+        assert not out.exists()

@@ -92,6 +92,12 @@ class TrainConfig(SourceArgs, DataArgs):
     """Also switch to phase 2 as soon as PI reaches this value (0 = only by step)."""
     top_p: float = 0.0
     """Phase 2 dynamic routing threshold (0 = keep the model's fixed top-k)."""
+    top_k_start: int = 0
+    """Gradual sparsification: start with this many experts per token and lower the top-k linearly to the model's own
+    over the first --top-k-anneal share of the steps (0 = train at the model's top-k throughout). The saved model keeps
+    its own top-k."""
+    top_k_anneal: float = 0.5
+    """--top-k-start: the share of the steps over which the top-k falls to the model's (the rest run at it)."""
     steps: int = 200
     """Optimizer steps."""
     batch_size: int = 4
@@ -213,6 +219,11 @@ class TrainConfig(SourceArgs, DataArgs):
             raise TinyOnnError(f"pi_lr_floor must be in [0, 1], got {self.pi_lr_floor}")
         if not 0.0 <= self.top_p <= 1.0:
             raise TinyOnnError(f"top_p must be in [0, 1] (0 = fixed top-k), got {self.top_p}")
+        if self.top_k_start < 0 or not 0.0 < self.top_k_anneal <= 1.0:
+            raise TinyOnnError(f"--top-k-start must be non-negative (0 = off) and --top-k-anneal in (0, 1], got "
+                               f"{self.top_k_start} and {self.top_k_anneal}")
+        if self.top_k_start and self.top_p:
+            raise TinyOnnError("--top-k-start anneals a fixed top-k; --top-p routes by a threshold instead: give one")
         if self.replay_data:
             if not 0.0 < self.replay_ratio < 1.0 or self.replay_size < 1:
                 raise TinyOnnError(f"replay needs 0 < replay_ratio < 1 and replay_size >= 1, got {self.replay_ratio} "
@@ -403,8 +414,9 @@ def load_models(cfg: TrainConfig) -> tuple[Source, torch.nn.Module | None]:
 def check_model_fits_config(model, cfg: TrainConfig) -> None:
     """Expert options need a MoE; a policy's k must not exceed the experts."""
     if model.config.model_type != "tiny_onn":
-        moe_options = [name for name in ("phase1_steps", "phase2_pi", "top_p", "adaptive_k", "z_loss_coef",
-                                         "router_distill", "specificity", "perpetual") if getattr(cfg, name)]
+        moe_options = [name for name in ("phase1_steps", "phase2_pi", "top_p", "top_k_start", "adaptive_k",
+                                         "z_loss_coef", "router_distill", "specificity", "perpetual")
+                       if getattr(cfg, name)]
         if cfg.policy != "full" or moe_options:
             raise TinyOnnError(
                 f"{cfg.model!r} is a dense model: it has no experts, so only --policy full applies"
@@ -413,11 +425,34 @@ def check_model_fits_config(model, cfg: TrainConfig) -> None:
             )
         return
     E = model.config.num_experts
+    check_top_k_start(model.config, cfg.top_k_start)
     k = cfg.updated_experts
     if cfg.policy != "full" and k > E:
         option = "--max-k" if cfg.policy == "smk2" else "--min-k"
         raise TinyOnnError(f"{option} {k} is larger than the model's {E} experts per layer: give {option} {E} or "
                            f"less, or --policy full")
+
+
+def check_top_k_start(config, top_k_start: int) -> None:
+    """--top-k-start must lie between the model's top-k and what its routers can select: every expert, or for a
+    two-stage router its candidates (beyond them the selection would take arbitrary non-candidates)."""
+    if not top_k_start:
+        return
+    k, E = config.num_experts_per_tok, config.num_experts
+    candidates = getattr(config, "router_candidates", 0)
+    most, what = (candidates, f"its two-stage routers' {candidates} candidates") if candidates else (E, f"its {E} experts")
+    if not k <= top_k_start <= most:
+        raise TinyOnnError(f"--top-k-start {top_k_start} must lie between the model's top-k ({k}) and {what} per "
+                           f"token; give a value in {k}..{most}, or 0 to train at top-{k} throughout")
+
+
+def annealed_top_k(step: int, steps: int, start: int, end: int, anneal: float) -> int:
+    """The top-k of step `step` (0-based) of `steps`: `start` at step 0, falling linearly to `end`, reached at step
+    round(anneal · steps) (at the latest the last step) and kept from there on."""
+    span = min(round(anneal * steps), steps - 1)
+    if step >= span:
+        return end
+    return round(start + (end - start) * step / span)
 
 
 def build_optimizer(model, cfg: TrainConfig) -> MaskedAdamW:
@@ -542,7 +577,8 @@ class Trainer:
                 "hidden_kd": losses["hidden_kd"],
                 "pi": self.state.pi, "grad_norm": grad_norm, "update_grad_norm": update_norm,
                 "lr": opt.param_groups[0]["lr"], "lr_scale": lr_scale, "tokens_per_second": tokens / dt,
-                "experts_updated_mean": sum(updated) / max(len(updated), 1), "step_seconds": dt}
+                "experts_updated_mean": sum(updated) / max(len(updated), 1), "step_seconds": dt,
+                **({"top_k": self.model.moe_blocks()[0].routing.top_k} if self.is_moe else {})}
 
     def skipped_step(self, step: int, t0: float) -> dict:
         """A step whose sequences hold no response token (packed rows that fall inside long prompts, at a short
@@ -563,6 +599,10 @@ class Trainer:
             self.model.set_routing(mode="dense_mixture" if state.phase == 1 else "sparse")
             if state.phase == 2 and cfg.top_p:
                 self.model.set_routing(top_p=cfg.top_p)
+            if cfg.top_k_start:
+                k = annealed_top_k(step, cfg.steps, cfg.top_k_start, self.model.config.num_experts_per_tok,
+                                   cfg.top_k_anneal)
+                self.model.set_routing(top_k=k)
 
     def forward_backward(self, micro: list[dict], scored_global: int, step: int) -> tuple[dict, torch.Tensor]:
         """Accumulate the gradients of the step's micro-batches; return the losses as global means and the [C] count of
