@@ -301,33 +301,40 @@ def test_table_says_how_many_tokens_each_perplexity_scored():
     assert "a: mix held-out 4,096, general text 37; b: mix held-out 4,096, general text 2,048" in differ
 
 
-def test_eval_reads_each_multiple_choice_file_once_for_every_model(tiny_moe, tmp_path, monkeypatch):
-    """The file is read before the first model (its errors up front) and that reading scores every model: a file
-    rewritten while the first model is evaluated does not change the items the second one is scored on."""
+def test_eval_reads_its_task_files_once_for_every_model(tiny_moe, tmp_path, monkeypatch):
+    """The multiple-choice file and the general text are read before the first model (their errors up front) and that
+    reading scores every model: files rewritten while the first model is evaluated change nothing for the second."""
     from tiny_onn.eval import harness
 
     moe, data = tiny_moe
     arc = write_jsonl(tmp_path / "arc.jsonl", [ARC] * 3)
+    text = tmp_path / "general.txt"
+    text.write_text("The river runs past the old mill and the bakery.\n\nIn spring the hills turn green again.\n")
     reads = []
-    real_load_mc, real_evaluate = harness.load_mc, harness._evaluate_loaded
+    real_load_mc, real_documents, real_evaluate = harness.load_mc, harness.general_documents, harness._evaluate_loaded
 
-    def counting_load_mc(path):
-        reads.append(path)
-        return real_load_mc(path)
+    def counting(real):
+        def read(path):
+            reads.append(path)
+            return real(path)
+        return read
 
-    def evaluate_then_edit(spec, src, cfg, mc_items):
-        row = real_evaluate(spec, src, cfg, mc_items)
+    def evaluate_then_edit(spec, src, cfg, files):
+        row = real_evaluate(spec, src, cfg, files)
         arc.write_text("")  # an empty task file would be an error if read again
+        text.write_text("")  # and so would an empty general text
         return row
 
-    monkeypatch.setattr(harness, "load_mc", counting_load_mc)
+    monkeypatch.setattr(harness, "load_mc", counting(real_load_mc))
+    monkeypatch.setattr(harness, "general_documents", counting(real_documents))
     monkeypatch.setattr(harness, "_evaluate_loaded", evaluate_then_edit)
     argv = ["eval", "--model", str(moe), "--model", str(moe.parent / "dense"), "--data", str(data), "--seq-len", "32",
-            "--tasks", f"mc:{arc}", "--device", "cpu", "--out", str(tmp_path / "eval")]
+            "--tasks", f"mc:{arc},general", "--general", str(text), "--device", "cpu", "--out", str(tmp_path / "eval")]
     assert main(argv) == 0
-    assert len(reads) == 1
+    assert sorted(map(str, reads)) == sorted([str(arc), str(text)])
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"]
     assert [r["mc"][str(arc)]["n"] for r in rows] == [3, 3]
+    assert rows[0]["general"]["tokens"] == rows[1]["general"]["tokens"] > 0
 
 
 def test_an_empty_multiple_choice_answer_is_refused(tmp_path):

@@ -64,12 +64,14 @@ def general_documents(spec: str = BUNDLED_NEWS) -> list[str]:
 
 
 def build_general_dataset(
-    tokenizer: PreTrainedTokenizerBase, spec: str = BUNDLED_NEWS, seq_len: int = 256, max_tokens: int | None = None
+    tokenizer: PreTrainedTokenizerBase, spec: str = BUNDLED_NEWS, seq_len: int = 256, max_tokens: int | None = None,
+    documents: list[str] | None = None,
 ) -> PackedData:
     """Documents as plain text (no chat template), each followed by the end-of-sequence token, every token scored,
-    packed into `seq_len` rows; the first `max_tokens` tokens in the corpus' fixed order."""
+    packed into `seq_len` rows; the first `max_tokens` tokens in the corpus' fixed order. `documents`: the set's
+    documents already read by `general_documents(spec)` (None: read here)."""
     encoded, total = [], 0
-    for doc in general_documents(spec):
+    for doc in general_documents(spec) if documents is None else documents:
         ids, labels = encode_plain_text(tokenizer, doc)
         if max_tokens is not None:
             ids, labels = ids[: max_tokens - total], labels[: max_tokens - total]

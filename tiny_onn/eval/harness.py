@@ -157,18 +157,33 @@ def _mean_experts_per_token(model, held) -> float:
     return float(torch.stack([s[mask].float().sum(-1).mean() for s in out.expert_selections]).mean())
 
 
-def evaluate_model(spec: str, cfg: EvalConfig, within: Callable | None = None,
-                   mc_items: dict[str, tuple[str, list]] | None = None) -> dict:
+@dataclass(frozen=True)
+class TaskFiles:
+    """What the tasks read from files, read once before the first model so that every model is scored on the same
+    items and text even if a file changes during the run: the multiple-choice items by task path, and the general
+    text's documents (None: the general task is not run)."""
+
+    mc_items: dict[str, tuple[str, list]] = field(default_factory=dict)
+    general_docs: list[str] | None = None
+
+
+def read_task_files(cfg: EvalConfig) -> TaskFiles:
+    """Read `cfg`'s multiple-choice files and general text (each file's errors come here, before any model)."""
+    return TaskFiles(mc_items={task[3:]: load_mc(task[3:]) for task in cfg.task_list if task.startswith("mc:")},
+                     general_docs=general_documents(cfg.general) if "general" in cfg.task_list else None)
+
+
+def evaluate_model(spec: str, cfg: EvalConfig, within: Callable | None = None, files: TaskFiles | None = None) -> dict:
     """Evaluate one model on `cfg`'s tasks. `within(model)`: a context manager every task runs inside (e.g. an oracle
-    router from `tiny_onn.eval.oracle`); `mc_items`: the multiple-choice files already read, by task path (the others
-    are read here)."""
+    router from `tiny_onn.eval.oracle`); `files`: the task files already read (None: read here)."""
+    files = read_task_files(cfg) if files is None else files
     src = load_source(SourceArgs(model=spec, device=cfg.device, dtype=cfg.dtype,
                                  trust_remote_code=cfg.trust_remote_code), dense_only=False)
     with within(src.model) if within is not None else nullcontext():
-        return _evaluate_loaded(spec, src, cfg, mc_items or {})
+        return _evaluate_loaded(spec, src, cfg, files)
 
 
-def _evaluate_loaded(spec: str, src, cfg: EvalConfig, mc_items: dict[str, tuple[str, list]]) -> dict:
+def _evaluate_loaded(spec: str, src, cfg: EvalConfig, files: TaskFiles) -> dict:
     model, tok = src.model, src.tokenizer
     warn_if_beyond_positions(model.config, cfg.seq_len, "--seq-len")
     if "speed" in cfg.task_list:
@@ -191,7 +206,7 @@ def _evaluate_loaded(spec: str, src, cfg: EvalConfig, mc_items: dict[str, tuple[
     if "ppl" in tasks:
         row["perplexity"] = perplexity(model, held)
     if "general" in tasks:
-        general = build_general_dataset(tok, cfg.general, cfg.seq_len, cfg.general_tokens)
+        general = build_general_dataset(tok, cfg.general, cfg.seq_len, cfg.general_tokens, files.general_docs)
         row["general"] = perplexity(model, general)
         if not row["general"]["tokens"]:
             raise TinyOnnError(f"the general text {cfg.general!r} gave no token to score (its first "
@@ -207,7 +222,7 @@ def _evaluate_loaded(spec: str, src, cfg: EvalConfig, mc_items: dict[str, tuple[
         row["probe"] = factual_probe(model, tok)
     for task in tasks:
         if task.startswith("mc:"):
-            fmt, items = mc_items[task[3:]] if task[3:] in mc_items else load_mc(task[3:])
+            fmt, items = files.mc_items[task[3:]]
             warn_if_beyond_positions(model.config, longest_mc_sequence(tok, items), f"the longest item of {task}")
             row.setdefault("mc", {})[task[3:]] = {"format": fmt, **score_mc(model, tok, items)}
     if "humaneval" in tasks:
@@ -433,14 +448,11 @@ def run(cfg: EvalConfig) -> Path:
         if cfg.facts_source:
             check_model_spec(cfg.facts_source, "--facts-source")
         check_recorded_sources(cfg)
-    if "general" in cfg.task_list:
-        general_documents(cfg.general)  # a general text's and the multiple-choice files' errors before any model, too
-    # read once, before any model: every model is scored on the same items, even if a file changes during the run
-    mc_items = {task[3:]: load_mc(task[3:]) for task in cfg.task_list if task.startswith("mc:")}
+    files = read_task_files(cfg)  # once, before any model: their errors up front, the same items for every model
     rows = []
     for spec in cfg.model:
         log.info("evaluating %s", spec)
-        rows.append(evaluate_model(spec, cfg, mc_items=mc_items))
+        rows.append(evaluate_model(spec, cfg, files=files))
     if "curve" in cfg.task_list and not any(r.get("kind") == "moe" for r in rows):
         log.warning("--tasks curve sweeps a MoE's top-k and top-p; none of the models evaluated is a MoE, so there is "
                     "no curve (give a carved or trained MoE folder among the models)")
