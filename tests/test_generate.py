@@ -78,7 +78,12 @@ def test_top_k_alone_routes_a_top_p_moe_by_that_top_k(tiny_moe, tmp_path, monkey
         reply = generate(GenerateConfig(model=str(top_p), top_k=1, **ask))
     assert "routes by top-p 1" in caplog.text
     assert reply == generate(GenerateConfig(model=str(fixed), **ask))
-    assert reply != generate(GenerateConfig(model=str(top_p), **ask))  # top-p 1: every expert
+    by_top_p = generate(GenerateConfig(model=str(top_p), **ask))
+    assert reply != by_top_p  # top-p 1: every expert
+    caplog.clear()
+    with caplog.at_level("INFO"):  # both given: top-p decides, and generate says so
+        assert generate(GenerateConfig(model=str(top_p), top_k=1, top_p=1.0, **ask)) == by_top_p
+    assert "--top-k 1 changes nothing" in caplog.text
 
 
 def test_generation_never_picks_output_rows_past_the_tokenizer(tiny_tokenizer):

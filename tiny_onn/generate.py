@@ -62,6 +62,9 @@ def run(cfg: GenerateConfig) -> str:
             if cfg.top_p < 0 and model_top_p > 0:  # top-p decides whenever it is set: --top-k alone means fixed top-k
                 log.info("this MoE routes by top-p %g; --top-k %d alone routes by a fixed top-k (add --top-p to keep "
                          "top-p)", model_top_p, cfg.top_k)
+            if cfg.top_p > 0:
+                log.warning("--top-p %g decides how many experts each token runs, so --top-k %d changes nothing; give "
+                            "--top-p 0 to route by a fixed top-k", cfg.top_p, cfg.top_k)
             source.model.set_routing(top_k=cfg.top_k, **({"top_p": 0.0} if cfg.top_p < 0 else {}))
         if cfg.top_p >= 0:
             source.model.set_routing(top_p=cfg.top_p)
