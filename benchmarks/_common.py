@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -67,6 +69,20 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def machine_result_name(benchmark: str) -> Callable[[str], str]:
+    """An argparse type for a benchmark's `--result`: `benchmark` itself, or `benchmark-<machine>` for a run on another
+    machine, which gets a file of its own (benchmarks/report.py renders each into its own README markers)."""
+
+    def name(value: str) -> str:
+        if not re.fullmatch(rf"{re.escape(benchmark)}(-[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*)?", value):
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not {benchmark} or {benchmark}-<machine> (letters, digits, '.', '_', '-'); pick e.g. "
+                f"{benchmark}-my-cpu")
+        return value
+
+    return name
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -1,6 +1,6 @@
 """Where the `fused` training path's time goes as experts get finer: its phases on SmolLM2's layer-15 FFN, E = 16, 64, 128.
 
-    python benchmarks/fused_breakdown.py [--repeats 7] [--tokens 1024]
+    python benchmarks/fused_breakdown.py [--repeats 7] [--tokens 1024] [--result fused_breakdown-<machine>]
 
 The training step of moe_speed.py costs more at E = 128 than at E = 16 with the same active neurons (its target:
 within 1.3×). This splits one FFN block's forward and backward on the `fused` path (`ExpertGroupsFunction`) into its
@@ -12,7 +12,8 @@ tokens (a training step's 4×256 by default); routing: each token's top-k expert
 (the dense FFN's own activations, so the load imbalance is a real one). Times are medians of interleaved repeats; a
 phase alone runs on inputs prepared beforehand, so the phases need not sum to the whole. The whole path and the dense
 FFN (forward + backward on the same tokens) are timed beside them.
-Writes benchmarks/results/fused_breakdown.json.
+Writes benchmarks/results/fused_breakdown.json (`--result fused_breakdown-<machine>`: a file of its own for another
+machine).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, median, write_result  # noqa: E402
+from _common import interleaved, machine_result_name, median, write_result  # noqa: E402
 from moe_paths import LAYER, ffn_inputs  # noqa: E402
 
 from tiny_onn.carve.assemble import expert_weights  # noqa: E402
@@ -173,6 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--result", default="fused_breakdown", type=machine_result_name("fused_breakdown"),
+                        help="name of the result file under benchmarks/results/ (without .json): a run on another "
+                             "machine gets its own file, e.g. fused_breakdown-amd-epyc")
     args = parser.parse_args()
     torch.manual_seed(0)
     source = load_source(SourceArgs(model="smollm2", device="cpu"))
@@ -197,7 +201,7 @@ def main() -> None:
         r = rows[name]
         print(f"{name}: fused {ms['fused forward + backward']:.1f} ms (dense FFN {ms['dense FFN forward + backward']:.1f}),"
               f" row moves {r['moves_ms']:.1f}, GEMMs {r['gemms_ms']:.1f}", flush=True)
-    write_result("fused_breakdown", {
+    write_result(args.result, {
         "model": "smollm2 (SmolLM2-135M-Instruct, fp32)", "layer": LAYER, "tokens": args.tokens,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "phases": PHASES,
         "row_moves": list(MOVES), "gemms": list(GEMMS), "layouts": rows,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import smollm2_scan, write_result  # noqa: E402
+from _common import machine_result_name, smollm2_scan, write_result  # noqa: E402
 
 from tiny_onn.carve import CarveConfig, carve_model  # noqa: E402
 from tiny_onn.carve.carver import active_fraction  # noqa: E402
@@ -327,12 +326,7 @@ def measure(name: str, layout: dict, inp: Inputs, scan, source, calib, repeats: 
     }
 
 
-def result_name(name: str) -> str:
-    """A result file name the report renders as a moe_speed table: moe_speed or moe_speed-<machine>."""
-    if not re.fullmatch(r"moe_speed(-[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*)?", name):
-        raise argparse.ArgumentTypeError(f"{name!r} is not moe_speed or moe_speed-<machine> (letters, digits, '.', '_', "
-                                         "'-'); pick e.g. moe_speed-my-cpu")
-    return name
+result_name = machine_result_name("moe_speed")
 
 
 def main() -> None:

@@ -684,11 +684,15 @@ RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed,
              "fused_breakdown": fused_breakdown, "train_step_scaling": train_step_scaling}
 
 
+# benchmarks whose runs on other machines get files of their own (`--result <name>-<machine>`)
+PER_MACHINE = ("moe_speed", "fused_breakdown")
+
+
 def renderers() -> dict:
-    """Every result file's table renderer: RENDERERS, plus each other machine's moe_speed run
-    (`moe_speed.py --result moe_speed-<machine>`), rendered like moe_speed into its own README markers."""
-    machines = sorted(p.stem for p in RESULTS.glob("moe_speed-*.json"))
-    return {**RENDERERS, **{name: moe_speed for name in machines}}
+    """Every result file's table renderer: RENDERERS, plus each other machine's run of a PER_MACHINE benchmark
+    (e.g. `moe_speed.py --result moe_speed-<machine>`), rendered like its benchmark into its own README markers."""
+    machines = {p.stem: RENDERERS[base] for base in PER_MACHINE for p in sorted(RESULTS.glob(f"{base}-*.json"))}
+    return {**RENDERERS, **machines}
 
 
 def main() -> None:

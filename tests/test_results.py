@@ -40,13 +40,18 @@ def test_readme_result_sections_are_rendered_from_the_result_files():
     assert rendered >= 8
 
 
-def test_moe_speed_runs_of_other_machines_get_files_of_their_own():
-    name = _benchmark("moe_speed").result_name
-    assert name("moe_speed") == "moe_speed"
-    assert name("moe_speed-intel-xeon-amx") == "moe_speed-intel-xeon-amx"
-    for bad in ("moe_paths", "moe_speed-", "moe_speed-../x", "moe_speed x", "other-moe_speed"):
-        with pytest.raises(argparse.ArgumentTypeError, match="moe_speed-<machine>"):
+@pytest.mark.parametrize("benchmark", ["moe_speed", "fused_breakdown"])
+def test_speed_runs_of_other_machines_get_files_of_their_own(benchmark):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import machine_result_name
+
+    name = machine_result_name(benchmark)
+    assert name(benchmark) == benchmark
+    assert name(f"{benchmark}-intel-xeon-amx") == f"{benchmark}-intel-xeon-amx"
+    for bad in ("moe_paths", f"{benchmark}-", f"{benchmark}-../x", f"{benchmark} x", f"other-{benchmark}"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"{benchmark}-<machine>"):
             name(bad)
+    assert _benchmark("moe_speed").result_name("moe_speed-x") == "moe_speed-x"  # the script's own --result type
 
 
 def test_training_protocols_keep_their_models_in_their_own_folders():
