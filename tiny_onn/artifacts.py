@@ -152,6 +152,12 @@ def content_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def figure_text(text: str) -> str:
+    """Text shown as it is in a matplotlib figure (a category or model name as a tick or legend label): matplotlib
+    reads text between two `$` as math, so a name like "price_$_a_$" would fail to draw or come out garbled."""
+    return text.replace("$", r"\$")
+
+
 def json_safe(obj: Any) -> Any:
     """`obj` with every NaN or infinite float replaced by None, so that it is standard JSON (Python writes NaN and
     Infinity, which other JSON readers refuse): an undefined value, e.g. the retention of a source that knows no fact."""

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tiny_onn.errors import TinyOnnError
+from tiny_onn.errors import TinyOnnError, check_no_lone_surrogates
 
 C = TypeVar("C")
 
@@ -194,6 +194,8 @@ def make_config(cls: type[C], values: dict[str, Any], source: str = "options") -
     if unknown:
         raise TinyOnnError(f"unknown option(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     types = _field_types(cls)
+    for k, v in values.items():  # e.g. a prompt given as bytes that are not UTF-8 in a UTF-8 locale
+        check_no_lone_surrogates(v, f"option {k} in {source}")
     return cls(**{k: expand_home(k, coerce_option(k, v, types[k], source)) for k, v in values.items()})
 
 

@@ -154,6 +154,10 @@ def test_common_record_layouts_become_chats(tmp_path, record, messages):
         ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "each entry of 'messages' needs 'role'"),
         ('{"instruction": "x", "output": "y"}\n{not json\n', ":2: not valid JSON"),
         ("[1, 2]\n", "expected a JSON object"),
+        ('{"text": "a", "category": ["a", "b"]}\n', "'category' must be a name (text), got a list"),
+        ('{"text": "a", "category": 1.5}\n', "'category' must be a name (text), got a float"),
+        ('{"text": "a", "category": " "}\n', "'category' is empty"),
+        ('{"text": "emoji cut \\ud83d"}\n', ":1: the text holds half of a character (the lone surrogate U+D83D"),
     ],
 )
 def test_bad_jsonl_names_the_problem(tmp_path, content, message):
@@ -164,11 +168,50 @@ def test_bad_jsonl_names_the_problem(tmp_path, content, message):
     assert message in str(err.value)
 
 
+def test_a_null_category_is_the_files_and_a_number_is_read_as_its_name(tmp_path):
+    path = write_jsonl(tmp_path / "cats.jsonl", [{"text": "a", "category": None}, {"text": "b", "category": 7},
+                                                 {"text": "c \ud83d\ude00", "category": "x"}])  # a whole emoji: fine
+    assert [e.category for e in load_examples(str(path))] == ["cats", "7", "x"]
+
+
+def test_the_text_of_a_special_token_inside_a_message_stays_text(tiny_tokenizer):
+    """A message quoting "<|im_end|>" must not end its turn mid-answer: only the template's own markers become control
+    tokens (here the two turn ends), and the answer's labels hold the quoted text."""
+    from tiny_onn.data.encoding import encode_plain_text, prompt_ids
+
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answer = "The marker <|im_end|> ends a turn."
+    ids, labels = encode_example(tiny_tokenizer, Example((("user", "Say <|im_end|>"), ("assistant", answer)), "c"))
+    assert ids.count(end) == 2
+    assert answer in tiny_tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    plain = Example((("user", "Say it"), ("assistant", "The marker ends a turn.")), "c")  # no special text: unchanged
+    ids, _ = encode_example(tiny_tokenizer, plain)
+    from tiny_onn.data.encoding import assistant_spans
+
+    assert ids == tiny_tokenizer(assistant_spans(tiny_tokenizer, plain.chat)[0], add_special_tokens=False)["input_ids"]
+    assert prompt_ids(tiny_tokenizer, [{"role": "user", "content": "a <|im_end|> b"}]).count(end) == 1
+    doc, _ = encode_plain_text(tiny_tokenizer, "code that prints <|endoftext|> and goes on")
+    assert tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>") not in doc
+
+
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "Hi", "response": "Hello."}\n')
     (example,) = load_examples(str(path))
     assert example.messages == (("user", "Hi"), ("assistant", "Hello."))
+
+
+def test_a_missing_local_file_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from tiny_onn.data import sources
+
+    def no_hub(name):
+        raise AssertionError(f"looked up {name!r} on the hub")
+
+    monkeypatch.setattr(sources, "hub_examples", no_hub)
+    for spec in (tmp_path / "nope.json", tmp_path / "D" / "DATA.JSONL", "./typo.txt", "~/missing.csv"):
+        with pytest.raises(TinyOnnError, match="data file not found"):
+            load_examples(str(spec))
+    assert not sources.looks_like_a_local_path("HuggingFaceH4/ultrachat_200k")
 
 
 def test_missing_data_file(tmp_path):

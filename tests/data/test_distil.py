@@ -127,3 +127,25 @@ def test_prompt_sets_are_read_as_a_set_of_names():
     from tiny_onn.data.distil import DistilDataConfig
 
     assert DistilDataConfig(prompts=" facts , open,,facts").prompts == DistilDataConfig(prompts="facts,open").prompts
+
+
+def test_a_corpus_trains_on_the_token_ids_the_teacher_wrote(tiny_model_dir, tmp_path, tiny_tokenizer):
+    """Training examples from a corpus are its stored ids (the response's the labels), not its decoded text tokenized
+    again: a reply cut at --max-new-tokens keeps no end-of-turn label the teacher never wrote."""
+    from tiny_onn.data.distil import corpus_examples
+    from tiny_onn.data.encoding import IGNORE_INDEX, encode_example
+
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "c", max_new_tokens=4))
+    records = [r for r in _records(folder) if r["response_ids"]]
+    examples = corpus_examples(folder)
+    assert len(examples) == len(records)
+    cut = 0
+    for record, example in zip(records, examples, strict=True):
+        ids, labels = encode_example(tiny_tokenizer, example)
+        prompt, response = record["prompt_ids"], record["response_ids"]
+        assert ids == prompt + response
+        assert labels == [IGNORE_INDEX] * len(prompt) + response
+        if not record["finished"]:
+            cut += 1
+            assert labels[-1] != tiny_tokenizer.eos_token_id
+    assert cut  # four new tokens cut some replies

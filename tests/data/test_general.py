@@ -33,6 +33,9 @@ def test_own_text_file_and_bad_files(tmp_path, tiny_tokenizer):
     own = tmp_path / "prose.txt"
     own.write_text("The first story is short.\n\nThe second story is shorter.\n")
     assert general_documents(str(own)) == ["The first story is short.", "The second story is shorter."]
+    spaced = tmp_path / "spaced.txt"  # the separating line holds spaces: still one blank line between two documents
+    spaced.write_text("One story\ngoes on here.\n   \nAnother story\nends.\n")
+    assert general_documents(str(spaced)) == ["One story goes on here.", "Another story ends."]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(TinyOnnError, match="holds no text"):

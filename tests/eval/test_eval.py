@@ -30,6 +30,20 @@ def test_formats_are_detected_and_parsed(tmp_path, record, fmt, gold, n):
     assert items[0].gold == gold and len(items[0].choices) == n
 
 
+def test_a_one_letter_answer_that_is_also_a_choice_text_is_not_guessed(tmp_path):
+    """MMLU-style "answer": "C" among the choices D, C, K, A is the letter of "K" and the text of "C": refused, never
+    silently read as either; where no choice has that letter (the answer "I" among 3 choices) the text decides."""
+    scurvy = {"question": "Which vitamin prevents scurvy?", "choices": ["D", "C", "K", "A"], "answer": "C"}
+    with pytest.raises(TinyOnnError, match="both the letter of choice 2 and the text of choice 1"):
+        load_mc(write_jsonl(tmp_path / "a.jsonl", [scurvy]))
+    _, (item,) = load_mc(write_jsonl(tmp_path / "b.jsonl", [{**MMLU, "choices": ["You", "I", "He"], "answer": "I"}]))
+    assert item.gold == 1
+    _, (item,) = load_mc(write_jsonl(tmp_path / "c.jsonl", [{**scurvy, "answer": "B"}]))  # a letter, no such text
+    assert item.gold == 1
+    _, (item,) = load_mc(write_jsonl(tmp_path / "d.jsonl", [{**scurvy, "choices": ["A", "B"], "answer": "B"}]))
+    assert item.gold == 1  # letter and text agree
+
+
 def test_bad_task_files(tmp_path):
     with pytest.raises(TinyOnnError, match="unknown multiple-choice format"):
         load_mc(write_jsonl(tmp_path / "x.jsonl", [{"foo": 1}]))

@@ -225,3 +225,15 @@ def test_one_category_has_no_nmi_and_the_cli_says_so(tiny_moe, tmp_path, caplog)
                      "1000000", "--device", "cpu", "--out", str(tmp_path / "all")]) == 0
     recorded = json.loads((tmp_path / "all" / "interpret.json").read_text())["tokens"]
     assert recorded < 1000000 and f"holds {recorded} tokens, fewer than --tokens 1000000" in caplog.text
+
+
+def test_category_names_with_dollar_signs_draw_as_text(tmp_path):
+    """matplotlib reads text between two `$` as math: a category "price_$_a_$" failed to draw (after all the work)."""
+    from tiny_onn.artifacts import figure_text
+    from tiny_onn.interpret.interpreter import write_figures
+
+    cats = ["price_$_a_$", r"$\frac{a$", "plain"]
+    layer = {"experts": [{"selection_rate": [0.1, 0.2, 0.7]}, {"selection_rate": [0.5, 0.4, 0.1]}]}
+    write_figures({"categories": cats, "layers": [layer, layer], "nmi_per_layer": [0.1, 0.2]}, tmp_path)
+    assert (tmp_path / "heatmap.png").stat().st_size > 0 and (tmp_path / "nmi.png").stat().st_size > 0
+    assert figure_text("a $5-$10 b") == r"a \$5-\$10 b"

@@ -313,7 +313,8 @@ def is_corpus_folder(path: Path) -> bool:
 
 
 def corpus_examples(folder: Path):
-    """The corpus' chats as training examples (category distil-<prompt set>)."""
+    """The corpus' chats as training examples (category distil-<prompt set>), each with its exact prompt and response
+    token ids: the response's tokens are the labels (an unfinished reply ends where the teacher was cut off)."""
     from tiny_onn.data.sources import Example
 
     meta = read_json(folder / "corpus.json", "corpus metadata")
@@ -323,8 +324,11 @@ def corpus_examples(folder: Path):
         raise TinyOnnError(f"the corpus in {folder} is unfinished ({meta.get('records', 0)} of {meta.get('prompts')} "
                            f"prompts); finish it with `tiny-onn distil-data --out {folder}` and the same settings")
     records = _complete_records(folder / "corpus.jsonl")
-    return [Example(tuple((m["role"], m["content"]) for m in r["messages"]), r["category"])
-            for r in records if r["messages"][-1]["content"]]
+    # the exact tokens the teacher read and wrote: decoding and re-tokenizing them would split words otherwise, turn a
+    # character cut at --max-new-tokens into U+FFFD, and label an end of turn the teacher never wrote after a cut reply
+    return [Example(tuple((m["role"], m["content"]) for m in r["messages"]), r["category"],
+                    (tuple(r["prompt_ids"]), tuple(r["response_ids"])))
+            for r in records if r["messages"][-1]["content"] and r["response_ids"]]
 
 
 def check_corpus_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:

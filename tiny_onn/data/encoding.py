@@ -79,12 +79,62 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tup
     return full, spans
 
 
+def special_token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The text forms of the tokenizer's special tokens (e.g. "<|im_end|>"), which it reads out of a text as single
+    control tokens."""
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+
+
+def holds_special_token_text(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
+    return any(special in text for special in special_token_texts(tokenizer))
+
+
+def _content_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str) -> list[tuple[int, int]]:
+    """Character spans of the messages' contents inside their rendering `full`, for the messages whose content the
+    template writes verbatim and which hold the text of a special token."""
+    spans = []
+    for i, m in enumerate(chat):
+        if not holds_special_token_text(tokenizer, m["content"]):
+            continue
+        end = _common_prefix_len(_render(tokenizer, _with_marker(chat, i)), full)
+        start = end - len(m["content"])
+        if start >= 0 and full[start:end] == m["content"]:
+            spans.append((start, end))
+    return sorted(spans)
+
+
+def tokenize_rendered(
+    tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of a conversation's rendering `full`. The template's own markers become their
+    control tokens; the text of a special token inside a message (a chat quoting "<|im_end|>", code that prints
+    "<|endoftext|>") stays text, as the data wrote it, instead of ending a turn or a document mid-message."""
+    spans = _content_spans(tokenizer, chat, full) if any(holds_special_token_text(tokenizer, m["content"])
+                                                         for m in chat) else []
+    pieces, pos = [], 0
+    for start, end in spans:
+        pieces += [(pos, start, False), (start, end, True)]
+        pos = end
+    pieces.append((pos, len(full), False))
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for start, end, literal in pieces:
+        if end <= start:
+            continue
+        enc = tokenizer(full[start:end], add_special_tokens=False, return_offsets_mapping=True,
+                        split_special_tokens=literal)
+        ids += enc["input_ids"]
+        offsets += [(a + start, b + start) for a, b in enc["offset_mapping"]]
+    return ids, offsets
+
+
 def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
     """A plain document's token ids and labels, no chat template: the special tokens the tokenizer itself adds to a
     text (a beginning-of-sequence token for Llama-style tokenizers, none for SmolLM2's or Qwen's), then the document,
     then the end-of-sequence token (so that packed documents are separated as in pretraining). Every token is a label
-    but a leading BOS, which nothing predicts."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    but a leading BOS, which nothing predicts. The text of a special token inside the document stays text."""
+    literal = holds_special_token_text(tokenizer, text)
+    ids = list(tokenizer(text, add_special_tokens=True, split_special_tokens=literal)["input_ids"])
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
@@ -96,12 +146,14 @@ def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[li
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[list[int], list[int]]:
     """Token ids of the templated conversation and labels that keep only assistant tokens (others = IGNORE_INDEX);
-    a plain document: its tokens, every one a label."""
+    a plain document: its tokens, every one a label; an example with its `token_ids`: those, the response labelled."""
+    if example.token_ids is not None:  # the exact tokens, e.g. a teacher's sampled reply: no re-tokenization
+        prompt, response = example.token_ids
+        return [*prompt, *response], [IGNORE_INDEX] * len(prompt) + list(response)
     if example.is_plain_text:
         return encode_plain_text(tokenizer, example.messages[0][1])
     text, spans = assistant_spans(tokenizer, example.chat)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids, offsets = tokenize_rendered(tokenizer, example.chat, text)
     labels = [
         tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
         for tok, (start, _end) in zip(ids, offsets, strict=True)
@@ -165,4 +217,4 @@ def pack_examples(
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> list[int]:
     """Token ids of a conversation rendered with the chat template and the assistant's generation prompt (the input a
     chat model answers)."""
-    return tokenizer(_render(tokenizer, chat, generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return tokenize_rendered(tokenizer, chat, _render(tokenizer, chat, generation_prompt=True))[0]

@@ -10,6 +10,7 @@ documents separated by blank lines). No training data source reads these files.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -47,7 +48,7 @@ def _documents(path: Path, encoding: str = "utf-8") -> list[str]:
         text = path.read_text(encoding="utf-8-sig" if encoding == "utf-8" else encoding)  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise TinyOnnError(f"general-text file {path} is not UTF-8 text ({e})") from e
-    blocks = [b for b in text.split("\n\n") if b.strip()]
+    blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]  # a separating line may hold spaces
     parts = blocks if len(blocks) > 1 else text.splitlines()
     return [" ".join(p.split()) for p in parts if p.strip()]
 

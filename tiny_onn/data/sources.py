@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiny_onn.errors import TinyOnnError
+from tiny_onn.errors import TinyOnnError, check_no_lone_surrogates
 
 DEFAULT_MIX = "default"
 _ROLES = ("system", "user", "assistant")
@@ -27,6 +27,9 @@ class Example:
 
     messages: tuple[tuple[str, str], ...]  # (role, content) pairs, hashable so examples can be deduplicated
     category: str
+    token_ids: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    """(prompt ids, response ids) where the exact tokens are known (a teacher-written corpus): encoded as they are, the
+    response's tokens the labels, instead of re-tokenizing the text (the messages then only describe them)."""
 
     @property
     def is_plain_text(self) -> bool:
@@ -171,10 +174,22 @@ def _messages_example(record: dict, field: str, where: str, category: str, role_
     return Example(tuple(pairs), category)
 
 
+def _category(value: object, where: str, default: str) -> str:
+    """A record's category: its name (text, or a whole number read as text), `default` when missing or null."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise TinyOnnError(f"{where}: 'category' must be a name (text), got a {type(value).__name__} "
+                           f"({str(value)[:40]}); give one name per record, or leave it out for the file's name")
+    if not str(value).strip():
+        raise TinyOnnError(f"{where}: 'category' is empty; give a name, or leave it out for the file's name")
+    return str(value)
+
+
 def _example_from_record(record: object, where: str, default_category: str) -> Example:
     if not isinstance(record, dict):
         raise TinyOnnError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    category = str(record.get("category", default_category))
+    category = _category(record.get("category"), where, default_category)
     chat_keys = [k for k in ("messages", "conversations", *_PROMPT_KEYS) if k in record]
     prompt_key = next((k for k in _PROMPT_KEYS if k in record), None)
     answer_key = next((k for k in _ANSWER_KEYS if k in record), None)
@@ -238,12 +253,15 @@ def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{lineno}", json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 if lineno == 1 and line.lstrip().startswith("["):
                     raise TinyOnnError(f"{path} looks like one JSON array spread over lines; a {what} holds one JSON "
                                        f"record per line (jsonl): write it so, e.g. jq -c '.[]' {path}") from e
                 raise TinyOnnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if "\\u" in line:  # only a \uXXXX escape can make a lone surrogate, which no text encoding takes
+                check_no_lone_surrogates(record, f"{path}:{lineno}")
+            yield f"{path}:{lineno}", record
 
 
 def jsonl_examples(path: Path) -> list[Example]:
@@ -269,6 +287,17 @@ def hub_examples(name: str) -> list[Example]:
     return [_example_from_record(dict(r), f"{name} row {i}", name.split("/")[-1]) for i, r in enumerate(rows)]
 
 
+# file endings no hub dataset name has: a data spec ending so names a local file
+LOCAL_FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet", ".gz", ".zip")
+
+
+def looks_like_a_local_path(part: str) -> bool:
+    """Whether a data spec part names a local file rather than a hub dataset ("owner/name"): it starts like a path
+    (/, ./, ../, ~) or ends in a file type."""
+    text = part.strip()
+    return text.startswith(("/", "./", "../", "~")) or text.lower().endswith(LOCAL_FILE_SUFFIXES)
+
+
 def load_examples(spec: str) -> list[Example]:
     """Examples for a data spec: 'default', a .jsonl path, a distillation corpus folder (`tiny-onn distil-data`), a hub
     dataset name, or several joined by commas."""
@@ -290,8 +319,11 @@ def load_examples(spec: str) -> list[Example]:
             raise TinyOnnError(f"data {part!r} is a folder without corpus.json; a data spec names a .jsonl file, a "
                                "corpus folder written by tiny-onn distil-data, 'default' or a hub dataset (several "
                                "joined by commas)")
-        elif path.suffix == ".jsonl" or path.exists():
+        elif path.suffix.lower() == ".jsonl" or path.exists():
             examples += jsonl_examples(path)
+        elif looks_like_a_local_path(part):  # not a hub name: say so now, not after the hub's retries
+            raise TinyOnnError(f"data file not found: {path} (a data spec names a .jsonl file, a corpus folder, "
+                               "'default' or a hub dataset)")
         else:
             examples += hub_examples(part)
     return examples

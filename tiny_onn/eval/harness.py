@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_onn.artifacts import atomic_dir, check_replaceable, read_json, versions, write_json
+from tiny_onn.artifacts import atomic_dir, check_replaceable, figure_text, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.data.distil import tokenizer_digest
@@ -428,7 +428,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     a2.set_xlabel("active fraction of source FFN neurons")
     a2.set_ylabel("prefill tokens/s")
     handles, labels = a1.get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+    fig.legend(handles, [figure_text(label) for label in labels], fontsize=7, loc="lower center", ncol=2, frameon=False)
     fig.tight_layout(rect=(0, 0.045 * ((len(labels) + 1) // 2) + 0.03, 1, 1))  # room for the legend below
     fig.savefig(path, dpi=110)
     plt.close(fig)

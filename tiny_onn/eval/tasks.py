@@ -76,9 +76,16 @@ def _answer_index(answer: object, choices: list) -> int:
     """A gold answer given as an index (0-based), as a letter ("B") or as the text of one of the choices."""
     if isinstance(answer, str):
         text = answer.strip()
-        if len(text) == 1 and text.upper() in LETTERS:
-            return LETTERS.index(text.upper())
         matches = [i for i, c in enumerate(choices) if str(c).strip() == text]
+        if len(text) == 1 and text.upper() in LETTERS:
+            letter = LETTERS.index(text.upper())
+            if not matches or matches == [letter]:
+                return letter
+            if letter >= len(choices) and len(matches) == 1:  # no such letter here: the answer is that choice's text
+                return matches[0]
+            raise ValueError(f"answer {answer!r} is both the letter of choice {letter} and the text of choice "
+                             f"{matches[0]}: give the index as a number, or the letter of the choice meant with "
+                             "choices that are not single letters")
         if not text.lstrip("-").isdigit():
             if len(matches) != 1:
                 raise ValueError(f"answer {answer!r} is neither an index, a letter nor exactly one of the choices")

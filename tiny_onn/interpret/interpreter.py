@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiny_onn.artifacts import atomic_dir, check_replaceable, versions, write_json
+from tiny_onn.artifacts import atomic_dir, check_replaceable, figure_text, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, build_dataset
 from tiny_onn.errors import TinyOnnError
@@ -130,7 +130,7 @@ def write_figures(report: dict, folder: Path) -> None:
     for ax, li in zip(axes[0], picks, strict=True):
         m = np.array([x["selection_rate"] for x in report["layers"][li]["experts"]])  # [E, C]
         im = ax.imshow(m, aspect="auto", cmap="Reds")
-        ax.set_xticks(range(len(cats)), cats)
+        ax.set_xticks(range(len(cats)), [figure_text(c) for c in cats])
         ax.set_ylabel("expert")
         ax.set_title(f"layer {li}: selection rate")
         fig.colorbar(im, ax=ax, fraction=0.05)
