@@ -214,6 +214,13 @@ def test_a_missing_local_file_is_not_looked_up_on_the_hub(tmp_path, monkeypatch)
     assert not sources.looks_like_a_local_path("HuggingFaceH4/ultrachat_200k")
 
 
+def test_a_file_named_twice_in_a_data_spec_is_warned_of(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "Hi", "response": "Hello."}])
+    with caplog.at_level("WARNING"):
+        assert len(load_examples(f"{path},{path}")) == 2
+    assert "more than once" in caplog.text
+
+
 def test_missing_data_file(tmp_path):
     with pytest.raises(TinyOnnError, match="data file not found"):
         load_examples(str(tmp_path / "nope.jsonl"))

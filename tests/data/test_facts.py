@@ -121,6 +121,18 @@ def test_fact_file_errors(tmp_path):
     good.write_text('{"question": "Boiling point of water in C?", "answers": [100.0, 1e3, 2.5, 7]}\n')
     (fact,) = facts_from_jsonl(good)
     assert fact.answers == ("100", "1000", "2.5", "7")
+    good.write_text('{"question": "Capital of France?", "answer": "Paris", "answers": ["Lyon"]}\n')  # both: all
+    (fact,) = facts_from_jsonl(good)
+    assert fact.answers == ("Paris", "Lyon")
+
+
+def test_a_user_fact_that_holds_its_answer_is_kept_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "echo.jsonl"
+    path.write_text('{"question": "Is Paris the capital of France?", "answer": "Paris"}\n'
+                    '{"question": "What is the capital of Mali?", "answer": "Bamako"}\n')
+    with caplog.at_level("WARNING"):
+        assert len(facts_from_jsonl(path)) == 2
+    assert "1 question(s) hold their own answer" in caplog.text
 
 
 def test_fact_file_split_field(tmp_path):

@@ -25,6 +25,7 @@ ZLOTY = Fact("currency", "What is the currency of Poland?", ("Złoty",))
 MINUS = Fact("number", "What is 2 - 7?", ("-5",))
 HYDROGEN = Fact("element_number", "What is the atomic number of hydrogen?", ("1",))
 HALF = Fact("number", "What is 1 divided by 2?", ("1/2", "0.5"))
+SEOUL = Fact("capital", "한국의 수도는 어디입니까?", ("서울",))
 
 
 @pytest.mark.parametrize("fact,reply", [
@@ -41,6 +42,8 @@ HALF = Fact("number", "What is 1 divided by 2?", ("1/2", "0.5"))
     (MINUS, "The answer is 5."),  # the sign is part of the number
     (HYDROGEN, "Its atomic mass is 1.008."),  # "1" is not "1.008"
     (HALF, "It is 1 2."),  # "1 2" is not "1/2"
+    (SEOUL, "수도서울입니다."),  # a Hangul answer must start a word
+    (SEOUL, "부산입니다."),
 ])
 def test_matcher_rejects_substrings_and_later_sentences(fact, reply):
     assert not answer_matches(reply, fact)
@@ -68,6 +71,7 @@ def test_matcher_rejects_substrings_and_later_sentences(fact, reply):
     (HYDROGEN, "Hydrogen has atomic number 1."),
     (HALF, "It is 0.5."),
     (HALF, "That makes 1/2."),
+    (SEOUL, "대한민국의 수도는 서울입니다."),  # Korean attaches particles to the word
 ])
 def test_matcher_accepts_varied_phrasing(fact, reply):
     assert answer_matches(reply, fact)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -178,3 +179,16 @@ def test_scan_real_smollm2(smollm2_scan):
         rel = (code - chat).abs() / (code + chat).clamp_min(1e-8)
         differs += int((rel > 0.5).sum())
     assert differs > 0, "code and chat tokens should drive some neurons very differently"
+
+
+def test_data_with_a_category_per_record_gets_a_warning(tiny_moe, tmp_path, caplog):
+    """A per-record id given as 'category' multiplies the scan's statistics by the number of records: warned, with
+    the memory it takes."""
+    from tests.conftest import scan_tiny, write_jsonl
+
+    moe, _ = tiny_moe
+    records = [{"prompt": f"Say {i}", "completion": f"{i}", "category": f"id-{i}"} for i in range(100)]
+    data = write_jsonl(tmp_path / "ids.jsonl", records)
+    with caplog.at_level("WARNING"):
+        scan_tiny(moe.parent / "dense", data, tmp_path / "scan")
+    assert re.search(r"has (6[5-9]|[7-9][0-9]|100) categories", caplog.text) and "GiB for this model" in caplog.text

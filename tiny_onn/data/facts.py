@@ -59,6 +59,9 @@ class Fact:
 # handled by the accent stripping)
 _PLAIN_LATIN = str.maketrans({"ł": "l", "ø": "o", "đ": "d", "ð": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"})
 # scripts written without spaces between words: an answer in them is matched as a substring of the reply
+# Korean writes spaces between words but attaches particles to them ("서울입니다": Seoul + "is"): a Hangul answer must
+# start a word, and may be followed by more Hangul
+HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
 NO_SPACE_SCRIPTS = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
                               r"\uf900-\ufaff]")
 
@@ -226,12 +229,15 @@ def answer_text(answer: str | int | float) -> str:
 
 def facts_from_jsonl(path: Path) -> list[Fact]:
     """A user fact file: one `{"question": ..., "answer": ... | "answers": [...], "kind"?: ..., "split"?: "train" |
-    "eval"}` per line (without "split", a fact's split follows its content hash, as for the built-in facts)."""
+    "eval"}` per line (both "answer" and "answers": all of them accepted; without "split", a fact's split follows its
+    content hash, as for the built-in facts)."""
     facts, first_line, repeats = [], {}, 0
     for where, record in jsonl_records(path, "fact file"):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip():
             raise TinyOnnError(f"{where}: each line needs a non-empty string 'question'")
-        answers = record.get("answers", [record["answer"]] if "answer" in record else [])
+        answers = record.get("answers", [])
+        if isinstance(answers, list) and "answer" in record:  # both given: every answer they name is accepted
+            answers = [record["answer"], *answers]
         if not isinstance(answers, list) or any(not isinstance(a, str | int | float) or isinstance(a, bool)
                                                 for a in answers):
             raise TinyOnnError(f"{where}: 'answer' must be a string (or number) and 'answers' a list of them")
@@ -264,6 +270,11 @@ def facts_from_jsonl(path: Path) -> list[Fact]:
         facts.append(fact)
     if not facts:
         raise TinyOnnError(f"fact file {path} holds no facts (it is empty)")
+    given_away = [f for f in facts if _answer_in_question(f)]
+    if given_away:  # the built-in facts leave these out: a model that echoes the question would score them
+        log.warning("fact file %s: %d question(s) hold their own answer (e.g. %r, answer %r), so a reply that repeats "
+                    "the question counts as correct; reword them or leave them out", path, len(given_away),
+                    given_away[0].question, given_away[0].answers[0])
     if repeats:
         log.warning("fact file %s repeats %d question(s) word for word; each is scored once", path, repeats)
     return facts

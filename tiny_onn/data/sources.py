@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tiny_onn.errors import TinyOnnError, check_no_lone_surrogates
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MIX = "default"
 _ROLES = ("system", "user", "assistant")
@@ -306,6 +309,10 @@ def load_examples(spec: str) -> list[Example]:
     parts = [spec.strip()] if whole.is_file() else [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise TinyOnnError("empty data spec; use 'default', a .jsonl file, or a hub dataset name")
+    repeated = sorted({p for p in parts if parts.count(p) > 1})
+    if repeated:
+        log.warning("data spec %r names %s more than once: its examples are read once per mention", spec,
+                    ", ".join(repeated))
     examples: list[Example] = []
     for part in parts:
         path = Path(part).expanduser()

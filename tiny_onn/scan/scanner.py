@@ -231,6 +231,19 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
+# more categories than this: the per-category statistics dominate the scan's memory and time, which the user hears of
+MANY_CATEGORIES = 64
+
+
+def warn_many_categories(data: str, categories: int, neurons: int) -> None:
+    """A warning for data with many categories (a per-record id or URL given as 'category'): the scan keeps three
+    float64 sums per neuron for every category and multiplies each batch by a [categories, tokens] matrix."""
+    gib = 3 * (1 + categories) * neurons * 8 / 2**30
+    log.warning("data %r has %d categories: the scan keeps every neuron's statistics per category (%.2f GiB for this "
+                "model) and its time grows with their number; if 'category' holds an id per record, give records a "
+                "coarser category (or select some with --categories)", data, categories, gib)
+
+
 def run(cfg: ScanConfig) -> Path:
     """Scan `cfg.model` on `cfg.data` and write `scan.safetensors` + `scan.json` to `cfg.out`."""
     check_replaceable(cfg.out, "scan.json")
@@ -244,6 +257,8 @@ def run(cfg: ScanConfig) -> Path:
     if data.num_tokens < cfg.tokens and rank == 0:
         log.warning("data %r has only %d tokens in its training split; scanning those", cfg.data, data.num_tokens)
     num_cat = len(data.category_names)
+    if num_cat > MANY_CATEGORIES and rank == 0:
+        warn_many_categories(cfg.data, num_cat, sum(m.num_neurons for m in swiglu_mlps(model)))
     scanner = NeuronScanner(model, num_cat)
     fp_batch, fp_index = fingerprint_batch(data, cfg.fingerprint_tokens)
     fingerprints = scanner.collect_fingerprints(_to_device(fp_batch, device), fp_index.to(device))
