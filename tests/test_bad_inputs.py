@@ -30,6 +30,9 @@ def world(tiny_moe, tmp_path_factory):
     (root / "export_section.yaml").write_text("export:\n  quant: q4_0\n")  # a section alchemy does not run
     (root / "few_experts.yaml").write_text("carve:\n  experts: 2\n  top_k: 1\ntrain:\n  policy: smk2\n  max_k: 4\n")
     (root / "list_model.yaml").write_text("scan:\n  model: [a, b]\n")  # a list for a plain string option
+    (root / "number_key.yaml").write_text("scan:\n  tokens: 3\n  1: 2\n")  # YAML reads 1 (and on, yes) as no name
+    (root / "alchemy_resume.yaml").write_text("train:\n  resume: true\n")
+    (root / "alchemy_top_k_start.yaml").write_text("carve:\n  experts: 4\n  top_k: 2\ntrain:\n  top_k_start: 10\n")
     (root / "tiny.txt").write_text("Hello world, this is some text.\n")
     (root / "arc_key.jsonl").write_text('{"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, '
                                         '"answerKey": "C"}\n')
@@ -72,6 +75,12 @@ CASES = {
     "scan: bad positions": (["scan", "--positions", "sideways"], "positions must be one of"),
     "scan: invalid YAML": (["scan", "--config", "{root}/bad.yaml"], "is not valid YAML"),
     "scan: unknown option in YAML": (["scan", "--config", "{root}/unknown.yaml"], "unknown option(s)"),
+    "scan: a number as an option name in YAML": (["scan", "--config", "{root}/number_key.yaml"],
+                                                 "1 (int) is not an option name"),
+    "alchemy: train's own resume": (["alchemy", "--config", "{root}/alchemy_resume.yaml"],
+                                    "alchemy resumes its stages itself"),
+    "alchemy: top_k_start beyond the carve's experts": (["alchemy", "--config", "{root}/alchemy_top_k_start.yaml"],
+                                                        "top_k_start 10 must lie between carve's top_k (2)"),
     "alchemy: questions as one string": (["alchemy", "--config", "{root}/questions.yaml"],
                                          "questions must be a list of non-empty strings"),
     "alchemy: smk2 updating more experts than the carve makes": (["alchemy", "--config", "{root}/few_experts.yaml"],

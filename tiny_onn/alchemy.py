@@ -139,7 +139,7 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     final = str(out / "moe") if acfg.skip_train else str(out / "train" / "model")
     interp = make_config(InterpretConfig, {**raw["interpret"], "model": final, "out": str(out / "report")},
                          f"{acfg.config} [interpret]")
-    check_policy_fits_carve(train, carve, acfg.config, acfg.skip_train)
+    check_train_fits_carve(train, carve, acfg.config, acfg.skip_train)
     cfgs = {"scan": scan, "distil": distil, "carve": carve, "train": train, "eval": ev, "interpret": interp}
     for name, keys in ALCHEMY_SETS.items():  # kept in the file for the single-stage commands (`tiny-onn scan --config`)
         if name == "train" and acfg.skip_train:
@@ -151,16 +151,28 @@ def _stage_configs(acfg: AlchemyConfig) -> dict:
     return cfgs
 
 
-def check_policy_fits_carve(train, carve, where: str, skip_train: bool) -> None:
-    """Before any stage runs: smk/smk2 update k experts per layer, so the carve must make at least k (train would
-    otherwise find out only after the scan and the carve)."""
-    k = train.updated_experts
-    if skip_train or train.policy == "full" or k <= carve.experts:
+def check_train_fits_carve(train, carve, where: str, skip_train: bool) -> None:
+    """Before any stage runs, what train would find out only after the scan and the carve: smk/smk2 update k experts
+    per layer, so the carve must make at least k; --top-k-start must lie between the carve's top-k and its experts (or
+    two-stage candidates) and needs a fixed top-k; and alchemy resumes its stages itself, so train's own resume stays
+    off."""
+    if skip_train:
         return
-    option = "max_k" if train.policy == "smk2" else "min_k"
-    raise TinyOnnError(f"{where}: train's policy {train.policy} updates {option} = {k} experts per layer, but carve "
-                       f"makes {carve.experts}: set carve's experts to at least {k}, or train's {option} to "
-                       f"{carve.experts} or less, or train's policy to full")
+    if train.resume:
+        raise TinyOnnError(f"{where}: train's resume is set, but alchemy resumes its stages itself (run the same "
+                           "command again to continue an interrupted pipeline): drop it from the train section")
+    k = train.updated_experts
+    if train.policy != "full" and k > carve.experts:
+        option = "max_k" if train.policy == "smk2" else "min_k"
+        raise TinyOnnError(f"{where}: train's policy {train.policy} updates {option} = {k} experts per layer, but "
+                           f"carve makes {carve.experts}: set carve's experts to at least {k}, or train's {option} to "
+                           f"{carve.experts} or less, or train's policy to full")
+    if train.top_k_start:
+        most = carve.candidates or carve.experts
+        if carve.top_p or not carve.top_k <= train.top_k_start <= most:
+            raise TinyOnnError(f"{where}: train's top_k_start {train.top_k_start} must lie between carve's top_k "
+                               f"({carve.top_k}) and {'its candidates' if carve.candidates else 'its experts'} "
+                               f"({most}), with a fixed top-k (carve's top_p 0; it is {carve.top_p:g})")
 
 
 def check_alchemy_out(out: Path, cfgs: dict, skip_train: bool) -> None:

@@ -108,6 +108,7 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
         raise TinyOnnError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise TinyOnnError(f"config file {path} must hold a mapping of option names to values")
+    check_option_names(data, path)
     if section is None:
         return data
     alias = SECTION_ALIASES.get(section)
@@ -121,6 +122,15 @@ def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
                                "move them into the section (top-level options are read only from a file without one)")
         return data[section] or {}
     return {k: data[k] for k in loose}
+
+
+def check_option_names(data: dict, path: Path) -> None:
+    """Option and section names must be text: YAML reads `1:` as a number and `on:`, `yes:` as booleans."""
+    for mapping in [data, *(v for v in data.values() if isinstance(v, dict))]:
+        bad = next((k for k in mapping if not isinstance(k, str)), None)
+        if bad is not None:
+            raise TinyOnnError(f"config file {path}: {bad!r} ({type(bad).__name__}) is not an option name; names are "
+                               "text (YAML reads on/off/yes/no and numbers as other values: quote the name if it is one)")
 
 
 def top_level_options(data: dict) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -312,27 +313,53 @@ def test_resume_refuses_data_edited_in_place(tiny_moe, tmp_path, capsys):
 
 
 def test_annealed_top_k_falls_linearly_to_the_models_own():
-    from tiny_onn.train.trainer import annealed_top_k
+    from tiny_onn.train.trainer import anneal_span, annealed_top_k
 
     # 10 steps, from 8 to 2 over half of them: steps 0..4 step down by 6/5 per step, then 2 to the end
-    assert [annealed_top_k(s, 10, 8, 2, 0.5) for s in range(10)] == [8, 7, 6, 4, 3, 2, 2, 2, 2, 2]
+    assert anneal_span(10, 0.5) == 5
+    assert [annealed_top_k(s, 5, 8, 2) for s in range(10)] == [8, 7, 6, 4, 3, 2, 2, 2, 2, 2]
     # annealing over all steps still trains the last step at the model's own top-k
-    assert annealed_top_k(9, 10, 8, 2, 1.0) == 2 and annealed_top_k(8, 10, 8, 2, 1.0) == 3
-    assert annealed_top_k(0, 1, 8, 2, 1.0) == 2  # a one-step run has nothing to anneal over
+    assert anneal_span(10, 1.0) == 9 and annealed_top_k(9, 9, 8, 2) == 2 and annealed_top_k(8, 9, 8, 2) == 3
+    assert anneal_span(1, 1.0) == 0 and annealed_top_k(0, 0, 8, 2) == 2  # one step: nothing to anneal over
 
 
-def test_top_k_start_anneals_the_routing_not_the_saved_config(tiny_moe, tmp_path, capsys):
+def test_top_k_start_anneals_the_routing_not_the_saved_config(tiny_moe, tmp_path, capsys, caplog):
     moe, data = tiny_moe
-    args = ["--top-k-start", "4", "--top-k-anneal", "0.5", "--policy", "full"]
+    args = ["--top-k-start", "4", "--top-k-anneal", "1.0", "--policy", "full"]
     assert main(_train_args(moe, data, tmp_path / "a", steps=6, extra=args)) == 0
     history = json.loads((tmp_path / "a" / "train.json").read_text())["history"]
-    assert [h["top_k"] for h in history] == [4, 3, 3, 2, 2, 2]  # the tiny MoE routes top-2 of 4 experts
+    assert [h["top_k"] for h in history] == [4, 4, 3, 3, 2, 2]  # the tiny MoE routes top-2 of 4 experts
     assert json.loads((tmp_path / "a" / "model" / "config.json").read_text())["num_experts_per_tok"] == 2
+    # extended with --resume --steps, the schedule stays the one the run started with: no denser steps again
+    assert main([*_train_args(moe, data, tmp_path / "a", steps=9, extra=args), "--resume"]) == 0
+    history = json.loads((tmp_path / "a" / "train.json").read_text())["history"]
+    assert [h["top_k"] for h in history] == [4, 4, 3, 3, 2, 2, 2, 2, 2]
     for bad, says in ((["--top-k-start", "5"], "between the model's top-k (2) and its 4 experts"),
                       (["--top-k-start", "1"], "in 2..4"),
                       (["--top-k-start", "3", "--top-p", "0.5"], "give one"),
+                      (["--top-k-start", "3", "--phase1-steps", "2"], "--phase1-steps runs every expert first"),
                       (["--top-k-start", "3", "--top-k-anneal", "0"], "--top-k-anneal in (0, 1]")):
-        out = tmp_path / f"bad{bad[1]}"
+        out = tmp_path / f"bad{bad[1]}{len(bad)}"
         assert main(_train_args(moe, data, out, steps=2, extra=[*bad, "--policy", "full"])) == 2
         assert says in capsys.readouterr().err
         assert not out.exists()
+    top_p = tmp_path / "top_p_moe"  # a MoE carved with top-p: its threshold decides, a top-k anneal would not
+    shutil.copytree(moe, top_p)
+    config = json.loads((top_p / "config.json").read_text())
+    (top_p / "config.json").write_text(json.dumps({**config, "router_top_p": 0.6}))
+    assert main(_train_args(top_p, data, tmp_path / "p", steps=2, extra=["--top-k-start", "3", "--policy", "full"])) == 2
+    assert "routes by top-p 0.6" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):  # a schedule shorter than one step, and a teacher nothing reads
+        assert main(_train_args(moe, data, tmp_path / "s", steps=1, extra=[
+            "--top-k-start", "3", "--policy", "full", "--teacher", str(moe.parent / "dense")])) == 0
+    assert "less than one step" in caplog.text and "loaded but unused" in caplog.text
+
+
+def test_resume_takes_the_same_data_file_spelt_another_way(tiny_moe, tmp_path, monkeypatch):
+    moe, data = tiny_moe
+    monkeypatch.chdir(data.parent)
+    args = _train_args(moe, data.name, tmp_path / "r", steps=3)
+    assert main(args) == 0
+    args = _train_args(moe, f"./{data.name}", tmp_path / "r", steps=6)
+    assert main([*args, "--resume"]) == 0
+    assert len(json.loads((tmp_path / "r" / "train.json").read_text())["history"]) == 6

@@ -224,6 +224,16 @@ class TrainConfig(SourceArgs, DataArgs):
                                f"{self.top_k_start} and {self.top_k_anneal}")
         if self.top_k_start and self.top_p:
             raise TinyOnnError("--top-k-start anneals a fixed top-k; --top-p routes by a threshold instead: give one")
+        if self.top_k_start and self.phase1_steps:
+            raise TinyOnnError("--top-k-start anneals the sparse routing from the first step; --phase1-steps runs every "
+                               "expert first, so the anneal would pass unseen: give one")
+        if self.top_k_start and anneal_span(self.steps, self.top_k_anneal) == 0:
+            log.warning("--top-k-start %d: --top-k-anneal %g of %d step(s) is less than one step, so every step trains "
+                        "at the model's own top-k; give a larger --top-k-anneal or more --steps to anneal",
+                        self.top_k_start, self.top_k_anneal, self.steps)
+        if self.teacher and not (self.kd or self.hidden_kd or self.router_distill):
+            log.warning("--teacher %s is loaded but unused: it serves --kd, --hidden-kd and --router-distill, all 0 "
+                        "here (e.g. --kd 1 distils from it)", self.teacher)
         if self.replay_data:
             if not 0.0 < self.replay_ratio < 1.0 or self.replay_size < 1:
                 raise TinyOnnError(f"replay needs 0 < replay_ratio < 1 and replay_size >= 1, got {self.replay_ratio} "
@@ -301,10 +311,14 @@ class TrainState:
     """Warm-up steps of the learning-rate schedule, fixed when the run starts (--warmup-steps, cut to the run's first
     --steps), so that a run resumed with more --steps keeps its schedule."""
 
+    anneal_steps: int = 0
+    """--top-k-start: the step at which the top-k reaches the model's own (`anneal_span`), fixed when the run starts,
+    so that a run resumed with more --steps does not route densely again."""
+
     def to_json(self) -> dict:
         """The JSON part (the tensors go to a safetensors file)."""
         return {"step": self.step, "phase": self.phase, "pi": self.pi, "history": self.history,
-                "ppl_before": self.ppl_before, "warmup": self.warmup}
+                "ppl_before": self.ppl_before, "warmup": self.warmup, "anneal_steps": self.anneal_steps}
 
 
 class Checkpoints:
@@ -438,6 +452,10 @@ def check_top_k_start(config, top_k_start: int) -> None:
     two-stage router its candidates (beyond them the selection would take arbitrary non-candidates)."""
     if not top_k_start:
         return
+    if getattr(config, "router_top_p", 0.0) > 0:
+        raise TinyOnnError(f"--top-k-start anneals a fixed top-k, but this MoE routes by top-p {config.router_top_p} "
+                           "(carved with --top-p), which decides how many experts run: drop --top-k-start, or carve "
+                           "with a fixed --top-k")
     k, E = config.num_experts_per_tok, config.num_experts
     candidates = getattr(config, "router_candidates", 0)
     most, what = (candidates, f"its two-stage routers' {candidates} candidates") if candidates else (E, f"its {E} experts")
@@ -446,10 +464,15 @@ def check_top_k_start(config, top_k_start: int) -> None:
                            f"token; give a value in {k}..{most}, or 0 to train at top-{k} throughout")
 
 
-def annealed_top_k(step: int, steps: int, start: int, end: int, anneal: float) -> int:
-    """The top-k of step `step` (0-based) of `steps`: `start` at step 0, falling linearly to `end`, reached at step
-    round(anneal · steps) (at the latest the last step) and kept from there on."""
-    span = min(round(anneal * steps), steps - 1)
+def anneal_span(steps: int, anneal: float) -> int:
+    """The step at which --top-k-start's top-k reaches the model's own: round(anneal · steps), at the latest the last
+    step (0: no step anneals)."""
+    return max(min(round(anneal * steps), steps - 1), 0)
+
+
+def annealed_top_k(step: int, span: int, start: int, end: int) -> int:
+    """The top-k of step `step` (0-based): `start` at step 0, falling linearly to `end`, reached at step `span`
+    (`anneal_span`) and kept from there on."""
     if step >= span:
         return end
     return round(start + (end - start) * step / span)
@@ -544,7 +567,8 @@ class Trainer:
         C = len(self.data.category_names)
         return TrainState(step=0, phase=1 if self.cfg.phase1_steps > 0 else 2, pi=0.0, history=[],
                           update_counts=torch.zeros(len(self.experts), E, C), category_mass=torch.zeros(C),
-                          warmup=min(self.cfg.warmup_steps, self.cfg.steps))
+                          warmup=min(self.cfg.warmup_steps, self.cfg.steps),
+                          anneal_steps=anneal_span(self.cfg.steps, self.cfg.top_k_anneal) if self.cfg.top_k_start else 0)
 
     # ---- one training step ---------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -600,8 +624,7 @@ class Trainer:
             if state.phase == 2 and cfg.top_p:
                 self.model.set_routing(top_p=cfg.top_p)
             if cfg.top_k_start:
-                k = annealed_top_k(step, cfg.steps, cfg.top_k_start, self.model.config.num_experts_per_tok,
-                                   cfg.top_k_anneal)
+                k = annealed_top_k(step, state.anneal_steps, cfg.top_k_start, self.model.config.num_experts_per_tok)
                 self.model.set_routing(top_k=k)
 
     def forward_backward(self, micro: list[dict], scored_global: int, step: int) -> tuple[dict, torch.Tensor]:
@@ -738,6 +761,7 @@ class Trainer:
         state.step, state.history, state.ppl_before = meta["step"], meta["history"], meta.get("ppl_before")
         # a checkpoint from before the warm-up was saved ran the uncut --warmup-steps
         state.warmup = meta.get("warmup", self.cfg.warmup_steps)
+        state.anneal_steps = meta.get("anneal_steps", state.anneal_steps)
         if "phase" not in meta:  # a checkpoint from before the counters and PI were saved
             log.warning("checkpoint %s predates saved update counters and PI: update rates cover the resumed steps only",
                         latest)
@@ -782,8 +806,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['ce']:.3f}", PI=f"{rec['pi']:.3f}", lr=f"{rec['lr']:.1e}",
                                 tok_s=f"{rec['tokens_per_second']:.0f}")
             if self.writer is not None and (step + 1) % cfg.log_every == 0:
-                for key in (*STEP_METRICS, "pi", "lr"):
-                    if rec[key] is not None:  # a skipped step has no metrics
+                for key in (*STEP_METRICS, "pi", "lr", *(["top_k"] if cfg.top_k_start else [])):
+                    if rec.get(key) is not None:  # a skipped step has no metrics
                         self.writer.add_scalar(f"train/{key}", rec[key], step + 1)
             # the last step too, once some step trained (a run that trained none fails and leaves nothing)
             last = step + 1 == cfg.steps and any(not h.get("skipped") for h in self.state.history)
@@ -888,10 +912,18 @@ def check_resume_matches(meta: dict, cfg: TrainConfig, checkpoint: Path) -> None
     if saved is not None:
         now = config_to_dict(cfg)
 
+        def same_path(a: str, b: str) -> bool:  # the same file or folder, spelt another way
+            a, b = a.strip(), b.strip()
+            return a == b or (bool(a) and bool(b) and Path(a).exists() and Path(b).exists()
+                              and Path(a).resolve() == Path(b).resolve())
+
         def same(key: str) -> bool:
             a, b = saved[key], now[key]
-            if key in ("model", "teacher") and a and b and Path(a).exists() and Path(b).exists():
-                return Path(a).resolve() == Path(b).resolve()  # the same folder, spelt another way
+            if key in ("model", "teacher") and a and b:
+                return same_path(a, b)
+            if key in ("data", "replay_data", "ewc_data") and isinstance(a, str) and isinstance(b, str):
+                parts_a, parts_b = a.split(","), b.split(",")
+                return len(parts_a) == len(parts_b) and all(map(same_path, parts_a, parts_b))
             return a == b
 
         changed = [k for k in now if k not in RESUMABLE_CHANGES and k in saved and not same(k)]
