@@ -104,11 +104,12 @@ def _content_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: s
 
 
 def tokenize_rendered(
-    tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str
+    tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str, offsets: bool = True
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets of a conversation's rendering `full`. The template's own markers become their
-    control tokens; the text of a special token inside a message (a chat quoting "<|im_end|>", code that prints
-    "<|endoftext|>") stays text, as the data wrote it, instead of ending a turn or a document mid-message."""
+    """Token ids and (`offsets`; else an empty list) character offsets of a conversation's rendering `full`. The
+    template's own markers become their control tokens; the text of a special token inside a message (a chat quoting
+    "<|im_end|>", code that prints "<|endoftext|>") stays text, as the data wrote it, instead of ending a turn or a
+    document mid-message."""
     spans = _content_spans(tokenizer, chat, full) if any(holds_special_token_text(tokenizer, m["content"])
                                                          for m in chat) else []
     pieces, pos = [], 0
@@ -117,15 +118,16 @@ def tokenize_rendered(
         pos = end
     pieces.append((pos, len(full), False))
     ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
+    spans_out: list[tuple[int, int]] = []
     for start, end, literal in pieces:
         if end <= start:
             continue
-        enc = tokenizer(full[start:end], add_special_tokens=False, return_offsets_mapping=True,
+        enc = tokenizer(full[start:end], add_special_tokens=False, return_offsets_mapping=offsets,
                         split_special_tokens=literal)
         ids += enc["input_ids"]
-        offsets += [(a + start, b + start) for a, b in enc["offset_mapping"]]
-    return ids, offsets
+        if offsets:
+            spans_out += [(a + start, b + start) for a, b in enc["offset_mapping"]]
+    return ids, spans_out
 
 
 def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
@@ -217,4 +219,4 @@ def pack_examples(
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> list[int]:
     """Token ids of a conversation rendered with the chat template and the assistant's generation prompt (the input a
     chat model answers)."""
-    return tokenize_rendered(tokenizer, chat, _render(tokenizer, chat, generation_prompt=True))[0]
+    return tokenize_rendered(tokenizer, chat, _render(tokenizer, chat, generation_prompt=True), offsets=False)[0]
