@@ -143,9 +143,24 @@ def test_a_corpus_trains_on_the_token_ids_the_teacher_wrote(tiny_model_dir, tmp_
     for record, example in zip(records, examples, strict=True):
         ids, labels = encode_example(tiny_tokenizer, example)
         prompt, response = record["prompt_ids"], record["response_ids"]
+        if record["finished"]:  # the template's end of turn after the end-of-turn token generation stopped at
+            response = response + tiny_tokenizer("\n", add_special_tokens=False)["input_ids"]
+        else:
+            cut += 1
         assert ids == prompt + response
         assert labels == [IGNORE_INDEX] * len(prompt) + response
-        if not record["finished"]:
-            cut += 1
-            assert labels[-1] != tiny_tokenizer.eos_token_id
     assert cut  # four new tokens cut some replies
+
+
+def test_a_finished_reply_ends_its_turn_as_the_template_does(tiny_tokenizer):
+    from tiny_onn.data.encoding import IGNORE_INDEX, encode_example, end_of_turn_ids
+    from tiny_onn.data.sources import Example
+
+    end, newline = (tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("<|im_end|>", "\n"))
+    assert end_of_turn_ids(tiny_tokenizer) == end + newline  # the fallback template's "<|im_end|>\n"
+    chat = (("user", "hi"), ("assistant", "yo"))
+    finished = Example(chat, "c", ((5, 6), (7, *end)))
+    assert encode_example(tiny_tokenizer, finished) == ([5, 6, 7, *end, *newline],
+                                                        [IGNORE_INDEX, IGNORE_INDEX, 7, *end, *newline])
+    cut = Example(chat, "c", ((5, 6), (7, 8)))  # stopped by --max-new-tokens: no end of turn to learn
+    assert encode_example(tiny_tokenizer, cut) == ([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8])

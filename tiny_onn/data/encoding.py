@@ -130,6 +130,18 @@ def tokenize_rendered(
     return ids, spans_out
 
 
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens the chat template writes after an assistant reply's text (SmolLM2's "<|im_end|>\n": the end-of-turn
+    token generation stops at, then what follows it), computed once per tokenizer."""
+    cached = getattr(tokenizer, "_tiny_onn_end_of_turn", None)
+    if cached is None:
+        rendered = _render(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}])
+        tail = rendered[rendered.index(_MARK) + len(_MARK):] if _MARK in rendered else ""
+        cached = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+        tokenizer._tiny_onn_end_of_turn = cached
+    return cached
+
+
 def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
     """A plain document's token ids and labels, no chat template: the special tokens the tokenizer itself adds to a
     text (a beginning-of-sequence token for Llama-style tokenizers, none for SmolLM2's or Qwen's), then the document,
@@ -151,6 +163,9 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example) -> tupl
     a plain document: its tokens, every one a label; an example with its `token_ids`: those, the response labelled."""
     if example.token_ids is not None:  # the exact tokens, e.g. a teacher's sampled reply: no re-tokenization
         prompt, response = example.token_ids
+        end = end_of_turn_ids(tokenizer)
+        if end and response and response[-1] == end[0]:  # a finished reply ends its turn as the template ends one
+            response = (*response, *end[1:])
         return [*prompt, *response], [IGNORE_INDEX] * len(prompt) + list(response)
     if example.is_plain_text:
         return encode_plain_text(tokenizer, example.messages[0][1])
