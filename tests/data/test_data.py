@@ -194,6 +194,20 @@ def test_the_text_of_a_special_token_inside_a_message_stays_text(tiny_tokenizer)
     assert tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>") not in doc
 
 
+def test_special_token_text_stays_text_where_the_template_trims_the_message(tiny_tokenizer):
+    """A template that trims each message (as Llama 3's does) does not write the content verbatim: the quoted
+    "<|im_end|>" is still found, and still text."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + "
+                         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                         "{% endif %}")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    chat = (("user", "  print('<|im_end|>')\n"), ("assistant", " It prints <|im_end|>, literally.\n\n"))
+    ids, labels = encode_example(tok, Example(chat, "c"))
+    assert ids.count(end) == 2  # the two turn ends only
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "It prints <|im_end|>, literally.<|im_end|>\n"
+
+
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "Hi", "response": "Hello."}\n')

@@ -121,7 +121,8 @@ def test_fact_file_errors(tmp_path):
     good.write_text('{"question": "Boiling point of water in C?", "answers": [100.0, 1e3, 2.5, 7]}\n')
     (fact,) = facts_from_jsonl(good)
     assert fact.answers == ("100", "1000", "2.5", "7")
-    good.write_text('{"question": "Capital of France?", "answer": "Paris", "answers": ["Lyon"]}\n')  # both: all
+    good.write_text('{"question": "Capital of France?", "answer": "Paris", "answers": ["Lyon", "Paris"]}\n'
+                    '{"question": "Capital of France?", "answer": "Paris", "answers": ["Lyon"]}\n')  # both: all, once
     (fact,) = facts_from_jsonl(good)
     assert fact.answers == ("Paris", "Lyon")
 
@@ -129,10 +130,12 @@ def test_fact_file_errors(tmp_path):
 def test_a_user_fact_that_holds_its_answer_is_kept_with_a_warning(tmp_path, caplog):
     path = tmp_path / "echo.jsonl"
     path.write_text('{"question": "Is Paris the capital of France?", "answer": "Paris"}\n'
+                    '{"question": "北京是哪个国家的首都？", "answer": "北京"}\n'  # matched as the scorer matches them
+                    '{"question": "서울특별시는 어느 나라의 수도입니까?", "answer": "서울"}\n'  # not a word start: fine
                     '{"question": "What is the capital of Mali?", "answer": "Bamako"}\n')
     with caplog.at_level("WARNING"):
-        assert len(facts_from_jsonl(path)) == 2
-    assert "1 question(s) hold their own answer" in caplog.text
+        assert len(facts_from_jsonl(path)) == 4
+    assert "2 question(s) hold their own answer" in caplog.text
 
 
 def test_fact_file_split_field(tmp_path):

@@ -26,6 +26,7 @@ MINUS = Fact("number", "What is 2 - 7?", ("-5",))
 HYDROGEN = Fact("element_number", "What is the atomic number of hydrogen?", ("1",))
 HALF = Fact("number", "What is 1 divided by 2?", ("1/2", "0.5"))
 SEOUL = Fact("capital", "한국의 수도는 어디입니까?", ("서울",))
+INDIA = Fact("country", "타지마할은 어느 나라에 있습니까?", ("인도",))
 
 
 @pytest.mark.parametrize("fact,reply", [
@@ -44,6 +45,7 @@ SEOUL = Fact("capital", "한국의 수도는 어디입니까?", ("서울",))
     (HALF, "It is 1 2."),  # "1 2" is not "1/2"
     (SEOUL, "수도서울입니다."),  # a Hangul answer must start a word
     (SEOUL, "부산입니다."),
+    (INDIA, "인도네시아입니다."),  # Indonesia is not India: only particles may follow the answer
 ])
 def test_matcher_rejects_substrings_and_later_sentences(fact, reply):
     assert not answer_matches(reply, fact)
@@ -72,6 +74,8 @@ def test_matcher_rejects_substrings_and_later_sentences(fact, reply):
     (HALF, "It is 0.5."),
     (HALF, "That makes 1/2."),
     (SEOUL, "대한민국의 수도는 서울입니다."),  # Korean attaches particles to the word
+    (INDIA, "인도에 있습니다."),
+    (INDIA, "인도"),
 ])
 def test_matcher_accepts_varied_phrasing(fact, reply):
     assert answer_matches(reply, fact)

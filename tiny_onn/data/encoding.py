@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from tiny_onn.data.sources import Example
 from tiny_onn.errors import TinyOnnError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # used only when a tokenizer has no chat template of its own (e.g. tiny test tokenizers)
@@ -89,31 +93,72 @@ def holds_special_token_text(tokenizer: PreTrainedTokenizerBase, text: str) -> b
     return any(special in text for special in special_token_texts(tokenizer))
 
 
-def _content_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str) -> list[tuple[int, int]]:
-    """Character spans of the messages' contents inside their rendering `full`, for the messages whose content the
-    template writes verbatim and which hold the text of a special token."""
-    spans = []
-    for i, m in enumerate(chat):
-        if not holds_special_token_text(tokenizer, m["content"]):
-            continue
-        end = _common_prefix_len(_render(tokenizer, _with_marker(chat, i)), full)
-        start = end - len(m["content"])
-        if start >= 0 and full[start:end] == m["content"]:
-            spans.append((start, end))
-    return sorted(spans)
+# a private-use placeholder for the n-th special-token text inside a message, while the chat is rendered: no template
+# trims, strips or rewrites it, so its position in the rendering says where that text lands
+_PLACEHOLDER = re.compile("\ue002(\\d+)\ue003")
+
+
+def _literal_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str,
+                   generation_prompt: bool) -> list[tuple[int, int]]:
+    """Character spans, in the rendering `full` of `chat`, of the special-token texts the messages hold (found
+    however the template rewrites the content around them: trims it, adds to it, drops earlier reasoning). Empty
+    when the template changes those texts themselves, so that they cannot be told from its own markers."""
+    specials = sorted(special_token_texts(tokenizer), key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, specials)))
+    texts: list[str] = []
+
+    def mark(match: re.Match) -> str:
+        texts.append(match.group(0))
+        return f"\ue002{len(texts) - 1}\ue003"
+
+    marked = [{**m, "content": pattern.sub(mark, m["content"])} for m in chat]
+    rendered = _render(tokenizer, marked, generation_prompt=generation_prompt)
+    spans, parts, length, pos = [], [], 0, 0
+    for match in _PLACEHOLDER.finditer(rendered):
+        before = rendered[pos:match.start()]
+        text = texts[int(match.group(1))]
+        parts += [before, text]
+        spans.append((length + len(before), length + len(before) + len(text)))
+        length += len(before) + len(text)
+        pos = match.end()
+    parts.append(rendered[pos:])
+    if "".join(parts) != full:
+        log.warning("the chat template rewrites the special-token text of a message (%r), so it is read as control "
+                    "tokens", texts[0] if texts else "")
+        return []
+    return spans
+
+
+def _encode_piece(tokenizer: PreTrainedTokenizerBase, text: str, first: bool, literal: bool, offsets: bool):
+    """One piece of a rendering: its ids and offsets. A piece after the first is encoded behind a newline that is then
+    dropped, so that tokenizers which mark the start of a text (SentencePiece's "▁" before the first word) read it
+    as the continuation it is; where the newline's ids do not come first, the piece is encoded alone."""
+    kwargs = dict(add_special_tokens=False, return_offsets_mapping=offsets, split_special_tokens=literal)
+    if not first:
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        enc = tokenizer("\n" + text, **kwargs)
+        if newline and enc["input_ids"][: len(newline)] == newline:
+            ids = enc["input_ids"][len(newline):]
+            spans = [(a - 1, b - 1) for a, b in enc["offset_mapping"][len(newline):]] if offsets else []
+            return ids, spans
+    enc = tokenizer(text, **kwargs)
+    return enc["input_ids"], list(enc["offset_mapping"]) if offsets else []
 
 
 def tokenize_rendered(
-    tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str, offsets: bool = True
+    tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str, offsets: bool = True,
+    generation_prompt: bool = False,
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and (`offsets`; else an empty list) character offsets of a conversation's rendering `full`. The
-    template's own markers become their control tokens; the text of a special token inside a message (a chat quoting
-    "<|im_end|>", code that prints "<|endoftext|>") stays text, as the data wrote it, instead of ending a turn or a
-    document mid-message."""
-    spans = _content_spans(tokenizer, chat, full) if any(holds_special_token_text(tokenizer, m["content"])
-                                                         for m in chat) else []
+    """Token ids and (`offsets`; else an empty list) character offsets of a conversation's rendering `full`
+    (`generation_prompt`: whether `full` ends with the assistant's generation prompt). The template's own markers
+    become their control tokens; the text of a special token inside a message (a chat quoting "<|im_end|>", code that
+    prints "<|endoftext|>") stays text, as the data wrote it, instead of ending a turn or a document mid-message. A
+    conversation without such text is one call of the tokenizer, as before."""
+    if not any(holds_special_token_text(tokenizer, m["content"]) for m in chat):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=offsets)
+        return enc["input_ids"], list(enc["offset_mapping"]) if offsets else []
     pieces, pos = [], 0
-    for start, end in spans:
+    for start, end in _literal_spans(tokenizer, chat, full, generation_prompt):
         pieces += [(pos, start, False), (start, end, True)]
         pos = end
     pieces.append((pos, len(full), False))
@@ -122,11 +167,9 @@ def tokenize_rendered(
     for start, end, literal in pieces:
         if end <= start:
             continue
-        enc = tokenizer(full[start:end], add_special_tokens=False, return_offsets_mapping=offsets,
-                        split_special_tokens=literal)
-        ids += enc["input_ids"]
-        if offsets:
-            spans_out += [(a + start, b + start) for a, b in enc["offset_mapping"]]
+        piece_ids, piece_spans = _encode_piece(tokenizer, full[start:end], not ids, literal, offsets)
+        ids += piece_ids
+        spans_out += [(a + start, b + start) for a, b in piece_spans]
     return ids, spans_out
 
 
@@ -234,4 +277,5 @@ def pack_examples(
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> list[int]:
     """Token ids of a conversation rendered with the chat template and the assistant's generation prompt (the input a
     chat model answers)."""
-    return tokenize_rendered(tokenizer, chat, _render(tokenizer, chat, generation_prompt=True), offsets=False)[0]
+    full = _render(tokenizer, chat, generation_prompt=True)
+    return tokenize_rendered(tokenizer, chat, full, offsets=False, generation_prompt=True)[0]

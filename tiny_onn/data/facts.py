@@ -60,8 +60,26 @@ class Fact:
 _PLAIN_LATIN = str.maketrans({"ł": "l", "ø": "o", "đ": "d", "ð": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"})
 # scripts written without spaces between words: an answer in them is matched as a substring of the reply
 # Korean writes spaces between words but attaches particles to them ("서울입니다": Seoul + "is"): a Hangul answer must
-# start a word, and may be followed by more Hangul
+# start a word and end it, or be followed by one of these particles or copula endings, then the word's end (so that
+# "인도" (India) is not read in "인도네시아" (Indonesia))
 HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
+KOREAN_PARTICLES = ("은", "는", "이", "가", "을", "를", "의", "에", "에서", "으로", "로", "와", "과", "도", "만", "입니다",
+                    "이다", "이에요", "예요", "야", "이야", "이며", "이고", "이지만")
+
+
+def holds_answer(text: str, answer: str) -> bool:
+    """Whether the normalised `text` holds the normalised `answer` as a whole word or phrase: within the text for
+    scripts written without spaces (Chinese, Japanese, Thai...), at a word's start with at most a particle after it
+    for Korean, else between word boundaries."""
+    hay = f" {text} "
+    if not answer:
+        return False
+    if NO_SPACE_SCRIPTS.search(answer):  # no spaces between words to mark a whole word ("首都是北京")
+        return answer in hay
+    if HANGUL.search(answer):
+        particles = "|".join(sorted(map(re.escape, KOREAN_PARTICLES), key=len, reverse=True))
+        return re.search(rf" {re.escape(answer)}(?:{particles})? ", hay) is not None
+    return f" {answer} " in hay
 NO_SPACE_SCRIPTS = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
                               r"\uf900-\ufaff]")
 
@@ -209,8 +227,8 @@ def element_facts() -> list[Fact]:
 # --- loading -----------------------------------------------------------------------------------------------------------
 
 def _answer_in_question(fact: Fact) -> bool:
-    q = f" {normalise(fact.question)} "
-    return any(f" {normalise(a)} " in q for a in fact.answers)
+    question = normalise(fact.question)
+    return any(holds_answer(question, normalise(a)) for a in fact.answers)
 
 
 def builtin_facts() -> list[Fact]:
@@ -243,7 +261,7 @@ def facts_from_jsonl(path: Path) -> list[Fact]:
             raise TinyOnnError(f"{where}: 'answer' must be a string (or number) and 'answers' a list of them")
         if any(isinstance(a, float) and not math.isfinite(a) for a in answers):
             raise TinyOnnError(f"{where}: an answer is {answers}, not a finite number; write it as a string")
-        answers = [answer_text(a) for a in answers if answer_text(a)]
+        answers = list(dict.fromkeys(answer_text(a) for a in answers if answer_text(a)))  # each accepted answer once
         if not answers:
             raise TinyOnnError(f"{where}: no answer: give 'answer' (a string) or 'answers' (a list of strings)")
         unmatchable = [a for a in answers if not normalise(a)]

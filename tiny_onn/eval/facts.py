@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tiny_onn.artifacts import read_json, write_json
 from tiny_onn.data.encoding import prompt_ids
-from tiny_onn.data.facts import HANGUL, NO_SPACE_SCRIPTS, Fact, normalise
+from tiny_onn.data.facts import Fact, holds_answer, normalise
 from tiny_onn.generate import generate_batched
 
 # a sentence ends at . ! or ? followed by a space or the end, unless the period closes an initial ("D.C.", "J. K.") or
@@ -39,19 +39,8 @@ def answer_matches(reply: str, fact: Fact) -> bool:
     sentence = first_sentence(reply)
     if fact.case_sensitive:
         return any(re.search(rf"(?<![\w+#]){re.escape(a)}(?![\w+#])", sentence) for a in fact.answers)
-    hay = f" {normalise(sentence)} "
-    for answer in map(normalise, fact.answers):
-        if not answer:
-            continue
-        if NO_SPACE_SCRIPTS.search(answer):  # no spaces between words to mark a whole word ("首都是北京")
-            if answer in hay:
-                return True
-        elif HANGUL.search(answer):  # a word's start, particles may follow ("서울입니다")
-            if f" {answer}" in hay:
-                return True
-        elif f" {answer} " in hay:
-            return True
-    return False
+    hay = normalise(sentence)
+    return any(holds_answer(hay, normalise(answer)) for answer in fact.answers)
 
 
 def fact_key(fact: Fact) -> str:

@@ -206,6 +206,17 @@ class TrainConfig(SourceArgs, DataArgs):
         """smk/smk2: the experts updated per layer and step (--min-k, --max-k)."""
         return self.max_k if self.policy == "smk2" else self.min_k
 
+    def warn_of_unused_options(self) -> None:
+        """Warnings for options that would do nothing (once per run, from the Trainer: a config is built again by
+        `dataclasses.replace`, e.g. when alchemy resumes)."""
+        if self.top_k_start and anneal_span(self.steps, self.top_k_anneal) == 0:
+            log.warning("--top-k-start %d: --top-k-anneal %g of %d step(s) is less than one step, so every step trains "
+                        "at the model's own top-k; give a larger --top-k-anneal or more --steps to anneal",
+                        self.top_k_start, self.top_k_anneal, self.steps)
+        if self.teacher and not (self.kd or self.hidden_kd or self.router_distill):
+            log.warning("--teacher %s is loaded but unused: it serves --kd, --hidden-kd and --router-distill, all 0 "
+                        "here (e.g. --kd 1 distils from it)", self.teacher)
+
     def _check_seed_mechanisms(self) -> None:
         """Router losses, the PI schedule and perpetual mode (replay, EWC)."""
         if self.perpetual:
@@ -227,13 +238,6 @@ class TrainConfig(SourceArgs, DataArgs):
         if self.top_k_start and self.phase1_steps:
             raise TinyOnnError("--top-k-start anneals the sparse routing from the first step; --phase1-steps runs every "
                                "expert first, so the anneal would pass unseen: give one")
-        if self.top_k_start and anneal_span(self.steps, self.top_k_anneal) == 0:
-            log.warning("--top-k-start %d: --top-k-anneal %g of %d step(s) is less than one step, so every step trains "
-                        "at the model's own top-k; give a larger --top-k-anneal or more --steps to anneal",
-                        self.top_k_start, self.top_k_anneal, self.steps)
-        if self.teacher and not (self.kd or self.hidden_kd or self.router_distill):
-            log.warning("--teacher %s is loaded but unused: it serves --kd, --hidden-kd and --router-distill, all 0 "
-                        "here (e.g. --kd 1 distils from it)", self.teacher)
         if self.replay_data:
             if not 0.0 < self.replay_ratio < 1.0 or self.replay_size < 1:
                 raise TinyOnnError(f"replay needs 0 < replay_ratio < 1 and replay_size >= 1, got {self.replay_ratio} "
@@ -499,6 +503,8 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world = distributed.init_from_env()
+        if self.rank == 0:
+            cfg.warn_of_unused_options()
         cfg.device = distributed.local_device(cfg.device)
         self.out = Path(cfg.out)
         self.made_out = not self.out.exists()  # what a failed run may remove again
