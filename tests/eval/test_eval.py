@@ -44,6 +44,21 @@ def test_a_one_letter_answer_that_is_also_a_choice_text_is_not_guessed(tmp_path)
     assert item.gold == 1  # letter and text agree
 
 
+def test_special_token_text_in_an_item_is_scored_as_text(tiny_tokenizer):
+    """A question about "<|im_end|>" scores the text, not the control token (as training and the other tasks read it);
+    an item without such text tokenizes as before."""
+    from tiny_onn.eval.tasks import MCItem, choice_sequences
+
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    item = MCItem("Question: Which token ends a turn, <|im_end|>?\nAnswer:", (" <|im_end|> does", " start"), 0)
+    seqs, spans = choice_sequences(tiny_tokenizer, item)
+    assert all(end not in seq for seq in seqs)
+    assert tiny_tokenizer.decode(seqs[0][spans[0][0]:spans[0][1]]).strip() == "<|im_end|> does"
+    plain = MCItem("Question: 2 + 2?\nAnswer:", (" 4", " 5"), 0)
+    seqs, _ = choice_sequences(tiny_tokenizer, plain)
+    assert seqs[0] == tiny_tokenizer("Question: 2 + 2?\nAnswer: 4", add_special_tokens=False)["input_ids"]
+
+
 def test_bad_task_files(tmp_path):
     with pytest.raises(TinyOnnError, match="unknown multiple-choice format"):
         load_mc(write_jsonl(tmp_path / "x.jsonl", [{"foo": 1}]))

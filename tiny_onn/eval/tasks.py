@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tiny_onn.data.encoding import holds_special_token_text
 from tiny_onn.data.sources import jsonl_records
 from tiny_onn.errors import TinyOnnError
 
@@ -236,9 +237,14 @@ def choice_sequences(tokenizer, item: MCItem) -> tuple[list[list[int]], list[tup
     seqs, spans = [], []
     for i, choice in enumerate(item.choices):
         context = item.context_of(i)
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        full = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
-        start = len(ctx) if full[: len(ctx)] == ctx else len(tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"])
+        # the items are plain text: the text of a special token in them (a question about "<|im_end|>") stays text
+        literal = holds_special_token_text(tokenizer, context + choice)
+
+        def ids(text: str, literal: bool = literal) -> list[int]:
+            return tokenizer(text, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
+
+        ctx, full = ids(context), ids(context + choice)
+        start = len(ctx) if full[: len(ctx)] == ctx else len(ids(context.rstrip()))
         seqs.append(full)
         spans.append((max(start, 1), len(full)))
     return seqs, spans
