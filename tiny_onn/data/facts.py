@@ -59,12 +59,16 @@ class Fact:
 # handled by the accent stripping)
 _PLAIN_LATIN = str.maketrans({"ł": "l", "ø": "o", "đ": "d", "ð": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"})
 # scripts written without spaces between words: an answer in them is matched as a substring of the reply
+NO_SPACE_SCRIPTS = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+                              r"\uf900-\ufaff]")
+
 # Korean writes spaces between words but attaches particles to them ("서울입니다": Seoul + "is"): a Hangul answer must
 # start a word and end it, or be followed by one of these particles or copula endings, then the word's end (so that
 # "인도" (India) is not read in "인도네시아" (Indonesia))
 HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
 KOREAN_PARTICLES = ("은", "는", "이", "가", "을", "를", "의", "에", "에서", "으로", "로", "와", "과", "도", "만", "입니다",
                     "이다", "이에요", "예요", "야", "이야", "이며", "이고", "이지만")
+_PARTICLE = "|".join(sorted(map(re.escape, KOREAN_PARTICLES), key=len, reverse=True))  # longest first
 
 
 def holds_answer(text: str, answer: str) -> bool:
@@ -77,11 +81,8 @@ def holds_answer(text: str, answer: str) -> bool:
     if NO_SPACE_SCRIPTS.search(answer):  # no spaces between words to mark a whole word ("首都是北京")
         return answer in hay
     if HANGUL.search(answer):
-        particles = "|".join(sorted(map(re.escape, KOREAN_PARTICLES), key=len, reverse=True))
-        return re.search(rf" {re.escape(answer)}(?:{particles})? ", hay) is not None
+        return re.search(rf" {re.escape(answer)}(?:{_PARTICLE})? ", hay) is not None
     return f" {answer} " in hay
-NO_SPACE_SCRIPTS = re.compile(r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
-                              r"\uf900-\ufaff]")
 
 
 def _strip_latin_accents(text: str) -> str:

@@ -85,8 +85,7 @@ def _answer_index(answer: object, choices: list) -> int:
             if letter >= len(choices) and len(matches) == 1:  # no such letter here: the answer is that choice's text
                 return matches[0]
             raise ValueError(f"answer {answer!r} is both the letter of choice {letter} and the text of choice "
-                             f"{matches[0]}: give the index as a number, or the letter of the choice meant with "
-                             "choices that are not single letters")
+                             f"{matches[0]}: give the answer as the choice's index (a number) instead")
         if not text.lstrip("-").isdigit():
             if len(matches) != 1:
                 raise ValueError(f"answer {answer!r} is neither an index, a letter nor exactly one of the choices")
