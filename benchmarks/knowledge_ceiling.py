@@ -7,6 +7,7 @@ perplexity of SmolLM2 under oracles, beside the carved models' own routers.
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --gate-ranks 0 64 --predictor-fractions 0.25 0.5 --append
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --threshold-scopes layer global --append
     python benchmarks/knowledge_ceiling.py --models --trained --fractions --allocated-fractions 0.25 --append
+    python benchmarks/knowledge_ceiling.py --models --trained --fractions --taylor-fractions 0.25 0.5 --append
 
 Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its protocol's facts and tokens):
 - neuron oracle at f (0.25, 0.5): the dense source with every FFN keeping, per token, its f·F neurons of largest
@@ -27,6 +28,9 @@ Rows (all scored exactly as benchmarks/knowledge_recovery.py scores, on its prot
 - neuron oracle with allocated fractions at f (`--allocated-fractions`): the neuron oracle with per-FFN fractions that
   average f, each FFN's chosen so that the next neuron anywhere would remove about the same share of its FFN's output
   (`allocate_neuron_fractions`, fitted on `--predictor-data`).
+- neuron oracle by Taylor importance at f (`--taylor-fractions`): the neuron oracle with each neuron's ‖d_j‖ replaced
+  by the scan's mean |∂L/∂h_j| (`benchmarks/_common.smollm2_scan`, the default mix), so each token keeps the neurons
+  of largest first-order estimate |h_j|·|∂L/∂h_j| of what dropping them changes in the loss.
 - a trained run of knowledge_recovery (`--trained MODEL:RECIPE:POLICY:SEED`), router and expert oracle: whether training
   left the router behind its experts.
 Router rows already scored by knowledge_recovery (same protocol) are copied from its result file, not re-run.
@@ -42,7 +46,7 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, smollm2_scan, write_result  # noqa: E402
 from knowledge_recovery import SOURCE, ensure_start_model, evaluate, protocol_name, ratios  # noqa: E402
 
 from tiny_onn.carve.neuron_predictor import fit_neuron_predictors, predicted_neurons  # noqa: E402
@@ -57,6 +61,7 @@ from tiny_onn.eval.oracle import (  # noqa: E402
     neuron_threshold_oracle,
     oracle_expert_routing,
 )
+from tiny_onn.scan import ScanResult  # noqa: E402
 from tiny_onn.sources import SourceArgs, load_source  # noqa: E402
 
 EVAL_KEYS = ("seq_len", "eval_tokens", "general_tokens", "facts_limit")
@@ -81,6 +86,8 @@ def main() -> None:
     p.add_argument("--allocated-fractions", type=float, nargs="*", default=[],
                    help="neuron oracles at these average fractions with per-FFN fractions from "
                         "allocate_neuron_fractions (equal relative gain of the next neuron, fitted on --predictor-data)")
+    p.add_argument("--taylor-fractions", type=float, nargs="*", default=[],
+                   help="neuron oracles ranking by |h_j| times the scan's mean |dL/dh_j| instead of the down norm")
     p.add_argument("--threshold-scopes", nargs="*", choices=("layer", "global"), default=[],
                    help="neuron threshold oracles to score at every --predictor-fractions value: per token the neurons "
                         "whose |h_j|·‖d_j‖ reach a threshold fitted on --predictor-data (per FFN, or one for all FFNs)")
@@ -117,6 +124,14 @@ def main() -> None:
     for f in args.fractions:
         record(f"neuron oracle {f:g}", evaluate(SOURCE, ecfg, within=partial(neuron_oracle, fraction=f)),
                kind="neuron oracle", active_ffn_fraction=f)
+    if args.taylor_fractions:
+        scan = ScanResult.load(smollm2_scan())
+        grads = [scan.stat(layer, "grad").float() for layer in range(scan.num_layers)]
+        for f in args.taylor_fractions:
+            within = partial(neuron_oracle, fraction=f, neuron_weights=grads)
+            record(f"neuron oracle taylor {f:g}", evaluate(SOURCE, ecfg, within=within),
+                   kind="neuron oracle (Taylor importance)", active_ffn_fraction=f, scan_tokens=scan.meta["tokens_fed"],
+                   scan_data=scan.meta.get("config", {}).get("data", "default"))
     if args.predictor_ranks or args.gate_ranks or args.gate_candidates or args.threshold_scopes or args.allocated_fractions:
         source = load_source(SourceArgs(model=SOURCE))
         fit_data = build_dataset(source.tokenizer, DataArgs(data=args.predictor_data, seq_len=proto["seq_len"]), "train",

@@ -618,8 +618,12 @@ def knowledge_ceiling(d: dict) -> str:
                      "neuron threshold oracle (global)": "each token's neurons whose \\|h\\|·‖d‖ reaches one threshold "
                      "for all FFNs (fitted on `" + str(r.get("predictor_data")) + "`): the count varies per token and "
                      "per layer",
+                     "neuron oracle (Taylor importance)": "each token's top neurons by \\|h\\| times the scan's mean "
+                     "\\|∂L/∂h\\| (first-order Taylor importance; scan of "
+                     f"{r.get('scan_tokens', 0):,} tokens of `{r.get('scan_data')}`)",
                      }[r["kind"]]
-        if r["kind"] in ("neuron oracle", "low-rank predictor", "exact-gate predictor", "two-stage exact-gate predictor"):
+        if r["kind"] in ("neuron oracle", "neuron oracle (Taylor importance)", "low-rank predictor",
+                         "exact-gate predictor", "two-stage exact-gate predictor"):
             label = f"dense, {100 * r['active_ffn_fraction']:g}% of FFN neurons per token"
         elif r["kind"] == "neuron oracle (allocated)":
             by_layer = r["fractions_by_layer"]

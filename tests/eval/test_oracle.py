@@ -72,6 +72,30 @@ def test_neuron_oracle_keeps_each_tokens_top_neurons():
         torch.testing.assert_close(mlp(x), full)  # restored
 
 
+def test_neuron_oracle_with_given_weights_ranks_by_them():
+    dense = make_tiny_model("llama", 64).double().eval()
+    mlps = [layer.mlp for layer in dense.model.layers]
+    x = torch.randn(4, dense.config.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    F = mlps[0].gate_proj.weight.shape[0]
+    weights = [torch.rand(F, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(len(mlps))]
+    mlp, w = mlps[0], weights[0]
+    with torch.no_grad(), neuron_oracle(dense, 0.5, neuron_weights=weights):
+        got = mlp(x)
+    h = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    keep = F // 2
+    want = []
+    for n in range(4):
+        order = sorted(range(F), key=lambda j: -(abs(h[n, j]) * w[j]))  # the given weight, not the down norm
+        want.append(sum(h[n, j] * mlp.down_proj.weight[:, j] for j in order[:keep]))
+    torch.testing.assert_close(got, torch.stack(want))
+    with pytest.raises(TinyOnnError, match="neuron-weight vectors"), neuron_oracle(dense, 0.5, neuron_weights=weights[:1]):
+        pass
+    bad = [w.clone() for w in weights]
+    bad[1][0] = float("nan")
+    with pytest.raises(TinyOnnError, match="FFN 1 must be"), neuron_oracle(dense, 0.5, neuron_weights=bad):
+        pass
+
+
 def test_oracles_refuse_wrong_inputs():
     dense = make_tiny_model("llama", 64)
     with pytest.raises(TinyOnnError, match="carved TinyOnn model"), oracle_expert_routing(dense):

@@ -64,10 +64,11 @@ def oracle_expert_routing(moe: PreTrainedModel) -> Iterator[PreTrainedModel]:
         yield moe
 
 
-def _neuron_oracle_forward(keep: int):
+def _neuron_oracle_forward(keep: int, weight_F: torch.Tensor | None = None):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # [..., F]
-        score = h.abs() * self.down_proj.weight.norm(dim=0)  # |h_j|·‖d_j‖
+        w_F = self.down_proj.weight.norm(dim=0) if weight_F is None else weight_F.to(h.dtype)
+        score = h.abs() * w_F  # |h_j|·‖d_j‖, or |h_j|·w_j with the given weights
         idx = score.topk(keep, dim=-1).indices
         mask = torch.zeros_like(h).scatter_(-1, idx, 1.0)
         return self.down_proj(h * mask)
@@ -76,18 +77,29 @@ def _neuron_oracle_forward(keep: int):
 
 
 @contextmanager
-def neuron_oracle(dense: PreTrainedModel, fraction: float | list[float]) -> Iterator[PreTrainedModel]:
+def neuron_oracle(dense: PreTrainedModel, fraction: float | list[float],
+                  neuron_weights: list[torch.Tensor] | None = None) -> Iterator[PreTrainedModel]:
     """Within the block, every SwiGLU FFN of `dense` keeps per token only its round(fraction·F) neurons with the
-    largest |h_j|·‖d_j‖ (`fraction`: one for every FFN, or one per FFN, e.g. from `allocate_neuron_fractions`)."""
+    largest |h_j|·‖d_j‖ (`fraction`: one for every FFN, or one per FFN, e.g. from `allocate_neuron_fractions`).
+    `neuron_weights` (one non-negative [F] vector per FFN) replaces ‖d_j‖ in that score, e.g. a scan's mean |∂L/∂h_j|
+    for first-order Taylor importance |h_j|·|∂L/∂h_j|."""
     mlps = [m.module for m in swiglu_mlps(dense)]
     fractions = [fraction] * len(mlps) if isinstance(fraction, float | int) else list(fraction)
     if len(fractions) != len(mlps):
         raise TinyOnnError(f"{len(fractions)} neuron-oracle fractions for a model with {len(mlps)} FFNs")
+    weights = [None] * len(mlps) if neuron_weights is None else list(neuron_weights)
+    if len(weights) != len(mlps):
+        raise TinyOnnError(f"{len(weights)} neuron-weight vectors for a model with {len(mlps)} FFNs")
+    for i, (mlp, w) in enumerate(zip(mlps, weights, strict=True)):
+        if w is not None and (w.shape != (mlp.gate_proj.weight.shape[0],) or not bool(torch.isfinite(w).all())
+                              or bool((w < 0).any())):
+            raise TinyOnnError(f"the neuron weights of FFN {i} must be {mlp.gate_proj.weight.shape[0]} finite, "
+                               f"non-negative numbers, got shape {tuple(w.shape)}")
     for f in fractions:
         if not 0.0 < f <= 1.0:
             raise TinyOnnError(f"the neuron oracle's fraction must be in (0, 1], got {f}")
     keeps = [max(1, math.floor(f * mlp.gate_proj.weight.shape[0] + 0.5)) for mlp, f in zip(mlps, fractions, strict=True)]
-    with patched_forwards(mlps, [_neuron_oracle_forward(keep) for keep in keeps]):
+    with patched_forwards(mlps, [_neuron_oracle_forward(k, w) for k, w in zip(keeps, weights, strict=True)]):
         yield dense
 
 
