@@ -154,6 +154,8 @@ def test_common_record_layouts_become_chats(tmp_path, record, messages):
         ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "each entry of 'messages' needs 'role'"),
         ('{"instruction": "x", "output": "y"}\n{not json\n', ":2: not valid JSON"),
         ("[1, 2]\n", "expected a JSON object"),
+        ('[{"text": "a"}, {"text": "b"}]\n', ":1 is a JSON array of records; a data file holds one JSON record per "
+                                            "line (jsonl): write it so, e.g. jq -c '.[]'"),
         ('{"text": "a", "category": ["a", "b"]}\n', "'category' must be a name (text), got a list"),
         ('{"text": "a", "category": 1.5}\n', "'category' must be a name (text), got a float"),
         ('{"text": "a", "category": " "}\n', "'category' is empty"),
@@ -266,6 +268,10 @@ def test_categories_option_keeps_only_those(tiny_tokenizer, small_jsonl):
     assert only_code.num_tokens == int((both.category == code_id).sum())
     with pytest.raises(TinyOnnError, match="categories poetry are not in data"):
         build_dataset(tiny_tokenizer, DataArgs(data=str(small_jsonl), seq_len=32, categories="poetry"), "train")
+    # an empty split is named as that, not as categories missing from the data
+    with pytest.raises(TinyOnnError, match="the train split of data .* is empty"):
+        build_dataset(tiny_tokenizer, DataArgs(data=str(small_jsonl), seq_len=32, categories="code",
+                                               heldout_fraction=0.999), "train")
 
 
 def test_a_category_named_with_a_comma_is_selected_by_its_whole_name(tiny_tokenizer, tmp_path):

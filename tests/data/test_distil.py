@@ -73,6 +73,46 @@ def test_corpus_is_deterministic_and_resumes_without_duplicates(tiny_model_dir, 
     assert [r["index"] for r in resumed] == list(range(10))
 
 
+def test_resume_drops_a_last_line_cut_inside_a_character(tiny_model_dir, tmp_path):
+    """An interruption can cut the last record inside a multi-byte UTF-8 character (records keep non-ASCII text as
+    it is): that line is dropped and its batch written again, as for a cut at an ASCII byte."""
+    whole = distil_module.run(_cfg(tiny_model_dir, tmp_path / "whole"))
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "cut"))
+    lines = (folder / "corpus.jsonl").read_bytes().splitlines(keepends=True)
+    (folder / "corpus.jsonl").write_bytes(b"".join(lines[:4]) + '{"index": 4, "set": "open", "x": "ن'.encode()[:-1])
+    meta = json.loads((folder / "corpus.json").read_text())
+    (folder / "corpus.json").write_text(json.dumps({**meta, "complete": False, "records": 4}))
+    distil_module.run(_cfg(tiny_model_dir, tmp_path / "cut"))
+    assert _records(folder) == _records(whole)
+
+
+def test_a_damaged_corpus_is_refused_as_data_and_never_rewritten(tiny_model_dir, tmp_path):
+    """Reading a finished corpus as data (scan, train, eval) never writes to it: a damaged line is an error naming
+    it, not the end of the data."""
+    from tiny_onn.data.distil import corpus_examples
+
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus"))
+    lines = (folder / "corpus.jsonl").read_bytes().splitlines(keepends=True)
+    for name, damaged, message in [
+        ("middle", b"".join(lines[:2]) + lines[2][:30] + b"\n" + b"".join(lines[3:]), "line 3 of 10 is not a corpus record"),
+        ("cut last", b"".join(lines[:-1]) + lines[-1][:30], "holds 9 whole ones and a cut last line"),
+        ("lost lines", b"".join(lines[:6]), "gives 10 records, corpus.jsonl holds 6"),
+    ]:
+        (folder / "corpus.jsonl").write_bytes(damaged)
+        with pytest.raises(TinyOnnError, match=message):
+            corpus_examples(folder)
+        assert (folder / "corpus.jsonl").read_bytes() == damaged, name
+
+
+def test_the_same_data_by_another_path_resumes(tiny_model_dir, tmp_path, small_jsonl, monkeypatch):
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", prompts="mix", data=str(small_jsonl),
+                                    max_prompts=4))
+    monkeypatch.chdir(small_jsonl.parent)
+    distil_module.run(_cfg(tiny_model_dir, tmp_path / "corpus", prompts="mix", data=f"./{small_jsonl.name}",
+                           max_prompts=8))
+    assert json.loads((folder / "corpus.json").read_text())["records"] == 8
+
+
 def test_other_settings_tokenizer_mismatch_and_unfinished_corpus(tiny_model_dir, tmp_path, tiny_tokenizer):
     from transformers import AutoTokenizer
 
@@ -164,3 +204,14 @@ def test_a_finished_reply_ends_its_turn_as_the_template_does(tiny_tokenizer):
                                                         [IGNORE_INDEX, IGNORE_INDEX, 7, *end, *newline])
     cut = Example(chat, "c", ((5, 6), (7, 8)))  # stopped by --max-new-tokens: no end of turn to learn
     assert encode_example(tiny_tokenizer, cut) == ([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8])
+
+
+def test_replies_longer_than_the_teachers_positions_are_warned_of(tiny_model_dir, tmp_path, caplog):
+    limit = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    with caplog.at_level("WARNING"):
+        distil_module.run(_cfg(tiny_model_dir, tmp_path / "long", max_prompts=4, max_new_tokens=limit))
+    assert "the longest prompt plus --max-new-tokens" in caplog.text and f"{limit} trained positions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        distil_module.run(_cfg(tiny_model_dir, tmp_path / "short", max_prompts=4))
+    assert "trained positions" not in caplog.text

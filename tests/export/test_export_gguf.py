@@ -404,3 +404,17 @@ def test_smollm2_moe_in_llama_cpp(smollm2, smollm2_scan, tmp_path):
     # the tie guard must leave most of the work checked (3 chat prompts of ~40 tokens, 3 x 16 greedy tokens)
     # the tie guard must leave most of the work checked (3 chat prompts of ~38 tokens, 3 x 16 greedy tokens)
     assert checked_positions >= 90 and checked_tokens >= 36, (checked_positions, checked_tokens)
+
+
+def test_every_reason_a_model_cannot_be_exported_is_named_at_once():
+    """A refusal lists the source's own limits beside the carve options, so re-carving as told is never refused again."""
+    from tiny_onn.errors import TinyOnnError
+    from tiny_onn.export.to_gguf import target_architecture
+
+    config = {"router_type": "hierarchical", "expert_weighting": "probs", "num_attention_heads": 4, "head_dim": 32,
+              "hidden_size": 64}
+    with pytest.raises(TinyOnnError, match=r"--router flat; .*4 x 32 != 64: a limit of the source") as err:
+        target_architecture(config)
+    assert len(str(err.value).splitlines()) == 1
+    assert target_architecture({**config, "router_type": "flat", "use_qk_norm": True}) == "dots1"  # Qwen3: any head_dim
+    assert target_architecture({**config, "router_type": "flat", "head_dim": 16}) == "deepseek"

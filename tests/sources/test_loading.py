@@ -157,14 +157,58 @@ def test_a_model_whose_own_forward_fails_gets_one_clear_error(tiny_model_dir, mo
     real = loading.AutoModelForCausalLM.from_pretrained
 
     def loads_but_cannot_run(*args, **kwargs):
-        model = real(*args, **kwargs)
+        model, info = real(*args, **kwargs)
 
         def broken(*a, **k):
             raise RuntimeError("shape '[1, 2, 4, 9]' is invalid for input of size 64")
 
         model.forward = broken
-        return model
+        return model, info
 
     monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", loads_but_cannot_run)
     with pytest.raises(TinyOnnError, match=r"its own forward pass fails on two tokens \(RuntimeError: shape"):
         load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_weights_missing_tensors_or_holding_more_layers_are_refused(tiny_model_dir, tiny_moe, tmp_path):
+    """transformers leaves tensors absent from the file randomly initialised (and drops layers past the config's
+    count) with a log line only: a model folder like that is refused by name, dense source or carved MoE."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def damaged(source, name: str, edit) -> str:
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        edit(folder)
+        return str(folder)
+
+    def drop(key_part: str):
+        def edit(folder):
+            weights = load_file(folder / "model.safetensors")
+            gone = [k for k in weights if key_part in k]
+            assert gone
+            save_file({k: v for k, v in weights.items() if k not in gone}, folder / "model.safetensors",
+                      metadata={"format": "pt"})
+        return edit
+
+    def layers(delta: int):
+        def edit(folder):
+            config = json.loads((folder / "config.json").read_text())
+            config["num_hidden_layers"] += delta
+            (folder / "config.json").write_text(json.dumps(config))
+        return edit
+
+    cases = [
+        (damaged(tiny_model_dir, "dense-no-up", drop("layers.1.mlp.up_proj")), True, "lack 1 tensor.*layers.1.mlp.up_proj"),
+        (damaged(tiny_model_dir, "dense-more-layers", layers(1)), True, r"lack \d+ tensor.*model.layers.2"),
+        (damaged(tiny_model_dir, "dense-fewer-layers", layers(-1)), True, "layers past the 1 its config.json gives"),
+        (damaged(tiny_moe[0], "moe-no-router", drop("layers.0.mlp.router")), False, "lack .*layers.0.mlp.router"),
+    ]
+    for folder, dense_only, message in cases:
+        with pytest.raises(TinyOnnError, match=message):
+            load_source(SourceArgs(model=folder, device="cpu"), dense_only=dense_only)
+    load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))  # the intact folders load
+    load_source(SourceArgs(model=str(tiny_moe[0]), device="cpu"), dense_only=False)

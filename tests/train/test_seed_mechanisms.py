@@ -47,6 +47,19 @@ def test_teacher_gains_are_the_carves_oracle(tiny_moe, tmp_path):
         torch.testing.assert_close(recipe.teacher_gains.gains[li][keep], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_router_distillation_refuses_a_teacher_that_is_not_the_carves_source(tiny_moe, tmp_path, tiny_tokenizer):
+    """A teacher of the same shape with other weights passes every shape check; its gains would be no target."""
+    from tests.conftest import make_tiny_model
+
+    moe, data = tiny_moe
+    other = tmp_path / "other"
+    make_tiny_model("llama", len(tiny_tokenizer), seed=7).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    with pytest.raises(TinyOnnError, match="not those the MoE's experts were carved from"):
+        trainer.Trainer(_cfg(moe, data, tmp_path / "o", teacher=str(other), kd=0.5, router_distill=1.0))
+    assert not (tmp_path / "o").exists()
+
+
 def test_router_distillation_gradient_reaches_only_the_routers(tiny_moe, tmp_path):
     moe, data = tiny_moe
     cfg = _cfg(moe, data, tmp_path / "rd", teacher=str(moe.parent / "dense"), router_distill=1.0, specificity=1.0,

@@ -29,13 +29,15 @@ from transformers import PreTrainedTokenizerBase
 from tiny_onn.artifacts import check_output_folder, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data.pipeline import check_seed
+from tiny_onn.data.sources import same_data_spec
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
-from tiny_onn.sources.loading import absolute_model_path
+from tiny_onn.sources.loading import absolute_model_path, warn_if_beyond_positions
 
 log = logging.getLogger(__name__)
 
 FORMAT = "tiny_onn.corpus/1"
+_RECORD_KEYS = ("messages", "category", "prompt_ids", "response_ids")  # what reading a record as data needs
 PROMPT_SETS = ("facts", "open", "mix")
 
 # general topics for open questions (none is a country, capital or element: those belong to the fact benchmark)
@@ -187,10 +189,13 @@ def _settings(cfg: DistilDataConfig) -> dict:
 
 
 def _changed_settings(meta: dict, settings: dict) -> list[str]:
-    """The settings that differ from those a corpus was written with; the model compares by where it is on disk, so
-    the same folder given by a relative and an absolute path is the same teacher."""
+    """The settings that differ from those a corpus was written with; the model and the data files compare by where
+    they are on disk, so the same folder given by a relative and an absolute path is the same teacher."""
     saved = meta.get("settings") or {}
     changed = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if "data" in changed and isinstance(saved.get("data"), str) and isinstance(settings.get("data"), str) \
+            and same_data_spec(saved["data"], settings["data"]):
+        changed.remove("data")  # the same files, given by another path
     if "model" in changed:
         saved_place = meta.get("model_path") or absolute_model_path(str(saved.get("model") or ""))
         if saved_place and saved_place == absolute_model_path(str(settings.get("model") or "")):
@@ -198,19 +203,32 @@ def _changed_settings(meta: dict, settings: dict) -> list[str]:
     return changed
 
 
+def _read_records(path: Path) -> tuple[list[dict], int, bool]:
+    """(records of corpus.jsonl, bytes of its whole lines, whether a last line was cut). Only the last line can be cut
+    (records are appended and synced batch by batch); an unreadable line before it is damage, not an interruption."""
+    records, good_bytes, lines = [], 0, path.read_bytes().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line) if line.endswith(b"\n") else None  # a line without its newline was cut
+        except ValueError:  # JSON or UTF-8 (a multi-byte character cut in two)
+            record = None
+        if not isinstance(record, dict) or not all(k in record for k in _RECORD_KEYS):
+            if i == len(lines) - 1:
+                return records, good_bytes, True
+            raise TinyOnnError(f"{path}: line {i + 1} of {len(lines)} is not a corpus record (the file was damaged or "
+                               "edited); write the corpus again with tiny-onn distil-data and another --out")
+        records.append(record)
+        good_bytes += len(line)
+    return records, good_bytes, False
+
+
 def _complete_records(path: Path) -> list[dict]:
-    """Records of corpus.jsonl, dropping a last line cut by an interruption (and truncating the file there)."""
+    """Records of corpus.jsonl when resuming it, dropping a last line cut by an interruption (and truncating the file
+    there, so appending continues after the last whole record)."""
     if not path.is_file():
         return []
-    records, good_bytes = [], 0
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_bytes += len(line)
-    if good_bytes != path.stat().st_size:
+    records, good_bytes, cut = _read_records(path)
+    if cut:
         with path.open("r+b") as f:
             f.truncate(good_bytes)
     return records
@@ -259,6 +277,9 @@ def run(cfg: DistilDataConfig) -> Path:
     teacher = load_source(SourceArgs(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
                                      load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code))
     tok = teacher.tokenizer
+    longest = max(len(prompt_ids(tok, [{"role": "user", "content": p}])) for _, p in prompts[len(records):] or prompts)
+    warn_if_beyond_positions(teacher.model.config, longest + cfg.max_new_tokens,
+                             "the longest prompt plus --max-new-tokens")
     out.mkdir(parents=True, exist_ok=True)
     model_path = (saved_meta or {}).get("model_path") or absolute_model_path(cfg.model)
     meta = {"format": FORMAT, "teacher": cfg.model, "teacher_origin": teacher.origin, "model_path": model_path,
@@ -323,7 +344,12 @@ def corpus_examples(folder: Path):
     if not meta.get("complete"):
         raise TinyOnnError(f"the corpus in {folder} is unfinished ({meta.get('records', 0)} of {meta.get('prompts')} "
                            f"prompts); finish it with `tiny-onn distil-data --out {folder}` and the same settings")
-    records = _complete_records(folder / "corpus.jsonl")
+    path = folder / "corpus.jsonl"
+    records, _, cut = _read_records(path) if path.is_file() else ([], 0, False)
+    if cut or len(records) != meta.get("records"):
+        raise TinyOnnError(f"the corpus in {folder} is damaged: corpus.json gives {meta.get('records')} records, "
+                           f"corpus.jsonl holds {len(records)} whole ones" + (" and a cut last line" if cut else "")
+                           + "; write the corpus again with tiny-onn distil-data and another --out")
     # the exact tokens the teacher read and wrote: decoding and re-tokenizing them would split words otherwise, turn a
     # character cut at --max-new-tokens into U+FFFD, and label an end of turn the teacher never wrote after a cut reply
     return [Example(tuple((m["role"], m["content"]) for m in r["messages"]), r["category"],

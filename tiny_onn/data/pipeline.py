@@ -119,6 +119,8 @@ def build_dataset(
     train, heldout = split_examples(cached_examples(args.data), args.heldout_fraction)
     # the held-out order is fixed so that runs with different seeds are scored on the same tokens
     queues = shuffled_by_category(train, args.seed) if split == "train" else shuffled_by_category(heldout, 0)
+    if not queues:
+        raise TinyOnnError(f"the {split} split of data {args.data!r} is empty (too few examples for heldout_fraction?)")
     if args.categories:
         wanted = selected_categories(args.categories, queues)
         unknown = sorted(set(wanted) - set(queues))

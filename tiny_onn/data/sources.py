@@ -262,6 +262,9 @@ def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
                     raise TinyOnnError(f"{path} looks like one JSON array spread over lines; a {what} holds one JSON "
                                        f"record per line (jsonl): write it so, e.g. jq -c '.[]' {path}") from e
                 raise TinyOnnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if isinstance(record, list) and record and all(isinstance(r, dict) for r in record):
+                raise TinyOnnError(f"{path}:{lineno} is a JSON array of records; a {what} holds one JSON record per "
+                                   f"line (jsonl): write it so, e.g. jq -c '.[]' {path}")
             if "\\u" in line:  # only a \uXXXX escape can make a lone surrogate, which no text encoding takes
                 check_no_lone_surrogates(record, f"{path}:{lineno}")
             yield f"{path}:{lineno}", record
@@ -299,6 +302,20 @@ def looks_like_a_local_path(part: str) -> bool:
     (/, ./, ../, ~) or ends in a file type."""
     text = part.strip()
     return text.startswith(("/", "./", "../", "~")) or text.lower().endswith(LOCAL_FILE_SUFFIXES)
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two paths (or names) given as text are the same: equal, or existing files/folders spelt another way
+    (relative against absolute, `./`, a symlink)."""
+    a, b = a.strip(), b.strip()
+    return a == b or (bool(a) and bool(b) and Path(a).expanduser().exists() and Path(b).expanduser().exists()
+                      and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+
+
+def same_data_spec(a: str, b: str) -> bool:
+    """Whether two `--data` specs name the same parts in the same order, local paths compared by where they are."""
+    parts_a, parts_b = a.split(","), b.split(",")
+    return len(parts_a) == len(parts_b) and all(map(same_location, parts_a, parts_b))
 
 
 def load_examples(spec: str) -> list[Example]:

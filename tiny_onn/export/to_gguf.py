@@ -129,15 +129,14 @@ def target_architecture(config: dict) -> str:
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         fixes.append(f"its rope scaling {rope.get('rope_type')!r} is not exported (only plain rope)")
+    heads, head_dim = config["num_attention_heads"], config["head_dim"]
+    if not config.get("use_qk_norm") and heads * head_dim != config["hidden_size"]:
+        fixes.append(f"llama.cpp's deepseek architecture (the target of sources without q/k norms) needs heads x "
+                     f"head_dim = hidden size, got {heads} x {head_dim} != {config['hidden_size']}: a limit of the "
+                     "source, which no carve option changes")
     if fixes:
         raise TinyOnnError("this MoE cannot be exported to GGUF: " + "; ".join(fixes))
-    if config.get("use_qk_norm"):
-        return "dots1"
-    heads, head_dim = config["num_attention_heads"], config["head_dim"]
-    if heads * head_dim != config["hidden_size"]:
-        raise TinyOnnError(f"this MoE cannot be exported to GGUF: llama.cpp's deepseek architecture needs heads x head_dim "
-                           f"= hidden size, got {heads} x {head_dim} != {config['hidden_size']}")
-    return "deepseek"
+    return "dots1" if config.get("use_qk_norm") else "deepseek"
 
 
 def permute_for_rope_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:

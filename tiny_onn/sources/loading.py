@@ -291,6 +291,37 @@ def shape_mismatches(folder: str, config, shown: int = 3) -> str:
     return "; ".join(found[:shown]) + more
 
 
+def _layer_index(key: str) -> int | None:
+    """The decoder-layer index of a weight's name ("model.layers.12.mlp..." -> 12), None outside the layers."""
+    parts = key.split(".")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None
+
+
+def check_all_weights_loaded(info: dict, name: str, config) -> None:
+    """One clear error when the weights on disk do not cover the model their config.json builds (transformers would
+    leave the missing ones randomly initialised, with a log line only), or hold layers past the config's count (a
+    config.json edited to fewer layers: the model would silently drop them). Other extra tensors are only logged."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise TinyOnnError(f"{name}: its weights lack {len(missing)} tensor(s) that its config.json needs (e.g. "
+                           f"{', '.join(missing[:3])}), which would be left random; was config.json edited "
+                           "(num_hidden_layers, sizes) or the safetensors file rewritten without them? Use the folder "
+                           "as the model was saved")
+    layers = getattr(config, "num_hidden_layers", None)
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    beyond = [k for k in unexpected if layers is not None and (i := _layer_index(k)) is not None and i >= layers]
+    if beyond:
+        raise TinyOnnError(f"{name}: its weights hold layers past the {layers} its config.json gives (e.g. "
+                           f"{beyond[0]}), which would be dropped; was num_hidden_layers in config.json edited? Use "
+                           "the folder as the model was saved")
+    if unexpected:
+        log.warning("%s: %d tensor(s) in its weights are not used by the model (e.g. %s)", name, len(unexpected),
+                       ", ".join(unexpected[:3]))
+
+
 def check_forward_runs(model, name: str) -> None:
     """The source's own forward pass on two tokens: a checkpoint that loads but that transformers cannot run (a
     config.json whose sizes its modeling code mishandles) fails here with one clear error, before any stage's work."""
@@ -339,7 +370,7 @@ def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
         )
         kwargs["device_map"] = {"": device.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        model, loading_info = AutoModelForCausalLM.from_pretrained(target, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=args.trust_remote_code)
     except ImportError as e:  # e.g. bitsandbytes for --load-in-4bit
         raise TinyOnnError(f"loading {args.model!r} needs a package that is missing: {e}") from e
@@ -350,6 +381,7 @@ def load_source(args: SourceArgs, dense_only: bool = True) -> Source:
                                f"its config.json gives ({shapes}); was config.json edited, or the weights written for "
                                "another layout?") from e
         raise TinyOnnError(f"could not load model {args.model!r} from {origin}: {' '.join(str(e).split())}") from e
+    check_all_weights_loaded(loading_info, repr(args.model), config)
     if not args.load_in_4bit:
         model.to(device)
     model.eval()

@@ -13,6 +13,7 @@ import torch
 from tiny_onn.artifacts import read_json
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import swiglu_mlps
+from tiny_onn.sources.loading import weights_agree
 from tiny_onn.sources.quantized import dense_weight
 
 
@@ -45,12 +46,28 @@ class RouterTaps:
             h.remove()
 
 
+def check_teacher_is_the_source(teacher, moe, neurons: list[torch.Tensor]) -> None:
+    """One clear error when the teacher's FFN neurons are not those the MoE's experts were carved from (a teacher of the
+    same shape with other weights would give the routers a meaningless target): the first expert's gate rows in the
+    first and last layer must correlate with the teacher's rows of the same neurons (training moves them a little;
+    another model's weights correlate near 0)."""
+    mlps = swiglu_mlps(teacher)
+    for layer in (0, len(mlps) - 1):
+        idx = neurons[layer][0][:4]  # the first expert's first neurons
+        taught = dense_weight(mlps[layer].gate_proj)[idx.to(mlps[layer].gate_proj.weight.device), :64]
+        carved = moe.model.layers[layer].mlp.experts.gate_up_proj[0, : len(idx), :64]  # gate rows come first
+        sample = [float(v) for v in taught.detach().float().reshape(-1).cpu()]
+        if not weights_agree(sample, [float(v) for v in carved.detach().float().reshape(-1).cpu()], min_correlation=0.5):
+            raise TinyOnnError(f"router distillation: the teacher's neurons are not those the MoE's experts were carved "
+                               f"from (layer {layer}'s weights differ); use the carve's source as --teacher")
+
+
 class TeacherGains:
     """Hooks on the dense teacher's FFNs that compute, at every token, the gain of each carved expert as the teacher
     would have used it: y_e = the teacher's own neurons of expert e (from the MoE's provenance) times their down-projection
     columns, R = Σ_e y_e, gain_e = 2⟨R, y_e⟩ − ‖y_e‖² — the oracle the carve calibrates routers on."""
 
-    def __init__(self, teacher, moe_folder: str | Path):
+    def __init__(self, teacher, moe_folder: str | Path, moe=None):
         provenance_path = Path(moe_folder) / "provenance.json"
         if not provenance_path.is_file():
             raise TinyOnnError(f"router distillation needs the MoE's provenance.json (which teacher neurons form each "
@@ -70,6 +87,8 @@ class TeacherGains:
                                    "the carve's source as --teacher")
             self.neurons_EI.append(idx_EI.to(down_DM.device))
             self.down_EDI.append(down_DM[:, idx_EI].permute(1, 0, 2).contiguous())  # [E, D, I]
+        if moe is not None:
+            check_teacher_is_the_source(teacher, moe, self.neurons_EI)
         self.handles = [m.down_proj.register_forward_pre_hook(self._gains(i)) for i, m in enumerate(mlps)]
 
     def _gains(self, i: int):

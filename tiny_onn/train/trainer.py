@@ -30,6 +30,7 @@ from tiny_onn.artifacts import atomic_dir, check_output_folder, check_replaceabl
 from tiny_onn.config import config_to_dict
 from tiny_onn.data import DataArgs, PackedData, build_dataset, scored_positions
 from tiny_onn.data.pipeline import data_identity
+from tiny_onn.data.sources import same_data_spec, same_location
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.eval import perplexity
 from tiny_onn.model.export import CARVE_META, TRAIN_META, read_carve_metadata, save_model_folder
@@ -540,7 +541,7 @@ class Trainer:
         self.state = self.resume() if cfg.resume else self.fresh_state()
         self.ewc = self.setup_ewc(tok) if cfg.ewc else None
         self.router_taps = RouterTaps(self.model) if self.is_moe and (cfg.router_distill or cfg.specificity) else None
-        self.teacher_gains = TeacherGains(self.teacher, cfg.model) if cfg.router_distill else None
+        self.teacher_gains = TeacherGains(self.teacher, cfg.model, self.model) if cfg.router_distill else None
         self.layer_taps = None
         if cfg.hidden_kd:
             check_same_stack(self.model, self.teacher)
@@ -918,18 +919,12 @@ def check_resume_matches(meta: dict, cfg: TrainConfig, checkpoint: Path) -> None
     if saved is not None:
         now = config_to_dict(cfg)
 
-        def same_path(a: str, b: str) -> bool:  # the same file or folder, spelt another way
-            a, b = a.strip(), b.strip()
-            return a == b or (bool(a) and bool(b) and Path(a).exists() and Path(b).exists()
-                              and Path(a).resolve() == Path(b).resolve())
-
         def same(key: str) -> bool:
             a, b = saved[key], now[key]
             if key in ("model", "teacher") and a and b:
-                return same_path(a, b)
+                return same_location(a, b)
             if key in ("data", "replay_data", "ewc_data") and isinstance(a, str) and isinstance(b, str):
-                parts_a, parts_b = a.split(","), b.split(",")
-                return len(parts_a) == len(parts_b) and all(map(same_path, parts_a, parts_b))
+                return same_data_spec(a, b)
             return a == b
 
         changed = [k for k in now if k not in RESUMABLE_CHANGES and k in saved and not same(k)]
