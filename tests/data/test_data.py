@@ -156,6 +156,9 @@ def test_common_record_layouts_become_chats(tmp_path, record, messages):
         ("[1, 2]\n", "expected a JSON object"),
         ('[{"text": "a"}, {"text": "b"}]\n', ":1 is a JSON array of records; a data file holds one JSON record per "
                                             "line (jsonl): write it so, e.g. jq -c '.[]'"),
+        ('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]\n',
+         "is a bare list of chat messages; a data file holds one record per line, a chat as {\"messages\": [...]}: "
+         "write it so, e.g. jq -c '{messages: .}'"),
         ('{"text": "a", "category": ["a", "b"]}\n', "'category' must be a name (text), got a list"),
         ('{"text": "a", "category": 1.5}\n', "'category' must be a name (text), got a float"),
         ('{"text": "a", "category": " "}\n', "'category' is empty"),

@@ -215,3 +215,26 @@ def test_replies_longer_than_the_teachers_positions_are_warned_of(tiny_model_dir
     with caplog.at_level("WARNING"):
         distil_module.run(_cfg(tiny_model_dir, tmp_path / "short", max_prompts=4))
     assert "trained positions" not in caplog.text
+
+
+def test_resume_regenerates_damage_after_the_last_synced_batch_and_keeps_the_data_as_first_given(
+        tiny_model_dir, tmp_path, small_jsonl, monkeypatch):
+    """Lines written after corpus.json last counted its records may all be damaged by a crash (not only the last):
+    they are generated again. The data file keeps the spelling it was first given, and is recognised from any
+    working folder by its recorded absolute path."""
+    whole = distil_module.run(_cfg(tiny_model_dir, tmp_path / "whole", prompts="mix", data=str(small_jsonl)))
+    folder = distil_module.run(_cfg(tiny_model_dir, tmp_path / "c", prompts="mix", data=str(small_jsonl)))
+    lines = (folder / "corpus.jsonl").read_bytes().splitlines(keepends=True)
+    (folder / "corpus.jsonl").write_bytes(b"".join(lines[:4]) + b"garbage\n" + b"".join(lines[5:6]))
+    meta = json.loads((folder / "corpus.json").read_text())
+    (folder / "corpus.json").write_text(json.dumps({**meta, "complete": False, "records": 4}))
+    monkeypatch.chdir(small_jsonl.parent)
+    distil_module.run(_cfg(tiny_model_dir, tmp_path / "c", prompts="mix", data=f"./{small_jsonl.name}"))
+    assert _records(folder) == _records(whole)
+    meta = json.loads((folder / "corpus.json").read_text())
+    assert meta["settings"]["data"] == str(small_jsonl) and meta["data_path"] == str(small_jsonl.resolve())
+    monkeypatch.chdir(tmp_path)  # the first spelling from elsewhere, and the file by another relative path
+    distil_module.run(_cfg(tiny_model_dir, tmp_path / "c", prompts="mix", data=str(small_jsonl)))
+    relative = small_jsonl.relative_to(tmp_path) if small_jsonl.is_relative_to(tmp_path) else None
+    if relative is not None:
+        distil_module.run(_cfg(tiny_model_dir, tmp_path / "c", prompts="mix", data=str(relative)))

@@ -202,7 +202,7 @@ def test_weights_missing_tensors_or_holding_more_layers_are_refused(tiny_model_d
         return edit
 
     cases = [
-        (damaged(tiny_model_dir, "dense-no-up", drop("layers.1.mlp.up_proj")), True, "lack 1 tensor.*layers.1.mlp.up_proj"),
+        (damaged(tiny_model_dir, "dense-no-up", drop("layers.1.mlp.up_proj")), True, "lack 1 tensor.*layers.1.mlp.up_proj.*was config.json edited"),
         (damaged(tiny_model_dir, "dense-more-layers", layers(1)), True, r"lack \d+ tensor.*model.layers.2"),
         (damaged(tiny_model_dir, "dense-fewer-layers", layers(-1)), True, "layers past the 1 its config.json gives"),
         (damaged(tiny_moe[0], "moe-no-router", drop("layers.0.mlp.router")), False, "lack .*layers.0.mlp.router"),
@@ -212,3 +212,37 @@ def test_weights_missing_tensors_or_holding_more_layers_are_refused(tiny_model_d
             load_source(SourceArgs(model=folder, device="cpu"), dense_only=dense_only)
     load_source(SourceArgs(model=str(tiny_model_dir), device="cpu"))  # the intact folders load
     load_source(SourceArgs(model=str(tiny_moe[0]), device="cpu"), dense_only=False)
+
+
+@pytest.mark.slow
+def test_a_gguf_lacking_a_tensor_is_refused_before_it_is_cached(tmp_path, monkeypatch):
+    """transformers' GGUF reader fills a tensor absent from the file with random values and only logs it; the cache
+    would then keep them as the model's. The bundled SmolLM2 GGUF copied without one FFN tensor is refused."""
+    import gguf
+
+    from tiny_onn.sources.loading import smollm2_gguf_path
+
+    monkeypatch.setenv("TINY_ONN_CACHE", str(tmp_path / "cache"))
+    reader = gguf.GGUFReader(smollm2_gguf_path())
+    out = tmp_path / "no-ffn-up.gguf"
+    writer = gguf.GGUFWriter(str(out), arch=reader.fields["general.architecture"].contents(),
+                             endianess=reader.endianess)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    kept = [t for t in reader.tensors if t.name != "blk.1.ffn_up.weight"]
+    assert len(kept) == len(reader.tensors) - 1
+    for t in kept:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in kept:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    with pytest.raises(TinyOnnError, match=r"lack 1 tensor.*layers\.1\.mlp\.up_proj.*GGUF file is damaged"):
+        load_source(SourceArgs(model=str(out), device="cpu"))
+    assert not list((tmp_path / "cache").glob("sources/*/model.safetensors"))

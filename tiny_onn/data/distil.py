@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from tiny_onn.artifacts import check_output_folder, read_json, versions, write_json
 from tiny_onn.config import config_to_dict
 from tiny_onn.data.pipeline import check_seed
-from tiny_onn.data.sources import same_data_spec
+from tiny_onn.data.sources import absolute_data_spec, same_data_spec
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.sources import SourceArgs, load_source
 from tiny_onn.sources.loading import absolute_model_path, warn_if_beyond_positions
@@ -193,9 +193,10 @@ def _changed_settings(meta: dict, settings: dict) -> list[str]:
     they are on disk, so the same folder given by a relative and an absolute path is the same teacher."""
     saved = meta.get("settings") or {}
     changed = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
-    if "data" in changed and isinstance(saved.get("data"), str) and isinstance(settings.get("data"), str) \
-            and same_data_spec(saved["data"], settings["data"]):
-        changed.remove("data")  # the same files, given by another path
+    if "data" in changed and isinstance(saved.get("data"), str) and isinstance(settings.get("data"), str) and (
+            same_data_spec(saved["data"], settings["data"])
+            or meta.get("data_path") == absolute_data_spec(settings["data"])):
+        changed.remove("data")  # the same files, given by another path (or from another working folder)
     if "model" in changed:
         saved_place = meta.get("model_path") or absolute_model_path(str(saved.get("model") or ""))
         if saved_place and saved_place == absolute_model_path(str(settings.get("model") or "")):
@@ -203,9 +204,11 @@ def _changed_settings(meta: dict, settings: dict) -> list[str]:
     return changed
 
 
-def _read_records(path: Path) -> tuple[list[dict], int, bool]:
-    """(records of corpus.jsonl, bytes of its whole lines, whether a last line was cut). Only the last line can be cut
-    (records are appended and synced batch by batch); an unreadable line before it is damage, not an interruption."""
+def _read_records(path: Path, synced: int | None = None) -> tuple[list[dict], int, bool]:
+    """(records of corpus.jsonl, bytes of the lines before the first unreadable one, whether the tail from there was
+    cut). Records are appended and synced batch by batch, so an interruption can damage only the last line, or the
+    lines after the last synced batch (`synced`: the records corpus.json counted when it was last written); an
+    unreadable line before that is damage, not an interruption."""
     records, good_bytes, lines = [], 0, path.read_bytes().splitlines(keepends=True)
     for i, line in enumerate(lines):
         try:
@@ -213,7 +216,7 @@ def _read_records(path: Path) -> tuple[list[dict], int, bool]:
         except ValueError:  # JSON or UTF-8 (a multi-byte character cut in two)
             record = None
         if not isinstance(record, dict) or not all(k in record for k in _RECORD_KEYS):
-            if i == len(lines) - 1:
+            if i == len(lines) - 1 or (synced is not None and i >= synced):
                 return records, good_bytes, True
             raise TinyOnnError(f"{path}: line {i + 1} of {len(lines)} is not a corpus record (the file was damaged or "
                                "edited); write the corpus again with tiny-onn distil-data and another --out")
@@ -222,12 +225,12 @@ def _read_records(path: Path) -> tuple[list[dict], int, bool]:
     return records, good_bytes, False
 
 
-def _complete_records(path: Path) -> list[dict]:
-    """Records of corpus.jsonl when resuming it, dropping a last line cut by an interruption (and truncating the file
+def _complete_records(path: Path, synced: int | None = None) -> list[dict]:
+    """Records of corpus.jsonl when resuming it, dropping a tail cut by an interruption (and truncating the file
     there, so appending continues after the last whole record)."""
     if not path.is_file():
         return []
-    records, good_bytes, cut = _read_records(path)
+    records, good_bytes, cut = _read_records(path, synced)
     if cut:
         with path.open("r+b") as f:
             f.truncate(good_bytes)
@@ -258,13 +261,15 @@ def run(cfg: DistilDataConfig) -> Path:
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise TinyOnnError(f"{out} holds a corpus made with other settings ({shown}); give its own settings to "
                                "continue it, or choose another --out")
-        settings = {**settings, "model": saved.get("model", settings["model"])}  # the same teacher, as first given
+        # the same teacher and data, as first given
+        settings = {**settings, "model": saved.get("model", settings["model"]), "data": saved.get("data", settings["data"])}
     prompts = build_prompts(cfg)
     if not prompts:
         raise TinyOnnError(f"the prompt sets ({cfg.prompts}) are empty: nothing to generate. The facts set uses only "
                            f"the training split of {cfg.facts!r} (evaluation facts are never distilled), the open set "
                            "drops topics that evaluation facts name, the mix set uses the data's first user turns")
-    records = _complete_records(data_path)
+    synced = None if saved_meta is None or saved_meta.get("complete") else int(saved_meta.get("records") or 0)
+    records = _complete_records(data_path, synced)
     written = [r["messages"][0]["content"] for r in records]
     if written[: len(prompts)] != [p for _, p in prompts[: len(written)]]:
         raise TinyOnnError(f"the corpus in {out} answers other prompts than these settings give now (the training mix "
@@ -277,18 +282,20 @@ def run(cfg: DistilDataConfig) -> Path:
     teacher = load_source(SourceArgs(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
                                      load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code))
     tok = teacher.tokenizer
-    longest = max(len(prompt_ids(tok, [{"role": "user", "content": p}])) for _, p in prompts[len(records):] or prompts)
-    warn_if_beyond_positions(teacher.model.config, longest + cfg.max_new_tokens,
-                             "the longest prompt plus --max-new-tokens")
     out.mkdir(parents=True, exist_ok=True)
     model_path = (saved_meta or {}).get("model_path") or absolute_model_path(cfg.model)
+    data_path_spec = (saved_meta or {}).get("data_path") or absolute_data_spec(cfg.data)
     meta = {"format": FORMAT, "teacher": cfg.model, "teacher_origin": teacher.origin, "model_path": model_path,
+            "data_path": data_path_spec,
             "tokenizer_digest": tokenizer_digest(tok), "settings": settings, "prompts": len(prompts),
             "config": config_to_dict(cfg), "versions": versions(), "complete": False}
     if len(records) < len(prompts):
         records = records[: len(records) - len(records) % cfg.batch_size]  # a partly written batch is generated again
     done = len(records)
-    if done != len(_complete_records(data_path)):
+    longest = max(len(prompt_ids(tok, [{"role": "user", "content": p}])) for _, p in prompts[done:] or prompts)
+    warn_if_beyond_positions(teacher.model.config, longest + cfg.max_new_tokens,
+                             "the longest prompt plus --max-new-tokens")
+    if done != len(_complete_records(data_path, synced)):
         _rewrite(data_path, records)
     write_json(meta_path, {**meta, "records": done})
     total = -(-len(prompts) // cfg.batch_size)

@@ -263,6 +263,10 @@ def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
                                        f"record per line (jsonl): write it so, e.g. jq -c '.[]' {path}") from e
                 raise TinyOnnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             if isinstance(record, list) and record and all(isinstance(r, dict) for r in record):
+                if all({"role", "content"} <= r.keys() or {"from", "value"} <= r.keys() for r in record):
+                    raise TinyOnnError(f"{path}:{lineno} is a bare list of chat messages; a {what} holds one record "
+                                       "per line, a chat as {\"messages\": [...]}: write it so, e.g. jq -c "
+                                       f"'{{messages: .}}' {path}")
                 raise TinyOnnError(f"{path}:{lineno} is a JSON array of records; a {what} holds one JSON record per "
                                    f"line (jsonl): write it so, e.g. jq -c '.[]' {path}")
             if "\\u" in line:  # only a \uXXXX escape can make a lone surrogate, which no text encoding takes
@@ -316,6 +320,13 @@ def same_data_spec(a: str, b: str) -> bool:
     """Whether two `--data` specs name the same parts in the same order, local paths compared by where they are."""
     parts_a, parts_b = a.split(","), b.split(",")
     return len(parts_a) == len(parts_b) and all(map(same_location, parts_a, parts_b))
+
+
+def absolute_data_spec(spec: str) -> str:
+    """A `--data` spec with each part that is a local file or folder given by its absolute path (recorded beside the
+    spec as given, so that an artifact resumed from another working folder still recognises its data)."""
+    return ",".join(str(Path(p.strip()).expanduser().resolve()) if p.strip() and Path(p.strip()).expanduser().exists()
+                    else p for p in spec.split(","))
 
 
 def load_examples(spec: str) -> list[Example]:

@@ -67,7 +67,7 @@ def oracle_expert_routing(moe: PreTrainedModel) -> Iterator[PreTrainedModel]:
 def _neuron_oracle_forward(keep: int, weight_F: torch.Tensor | None = None):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # [..., F]
-        w_F = self.down_proj.weight.norm(dim=0) if weight_F is None else weight_F.to(h.dtype)
+        w_F = self.down_proj.weight.norm(dim=0) if weight_F is None else weight_F.to(h.device, h.dtype)
         score = h.abs() * w_F  # |h_j|·‖d_j‖, or |h_j|·w_j with the given weights
         idx = score.topk(keep, dim=-1).indices
         mask = torch.zeros_like(h).scatter_(-1, idx, 1.0)

@@ -167,10 +167,14 @@ def gguf_to_cached_folder(path: Path) -> Path:
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        quantized, loading_info = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # the gguf reader raises many kinds of errors on a damaged file
         raise TinyOnnError(f"could not read GGUF file {path}: {type(e).__name__}: {e}") from e
+    # before the cache would keep the missing tensors' random values as the model's
+    check_all_weights_loaded(loading_info, str(path), quantized.config,
+                             cause="the GGUF file is damaged or not a whole model; use the file as it was published")
     config = quantized.config
     # transformers refuses to save a GGUF-loaded model: rebuild it without quantization_config
     if hasattr(config, "quantization_config"):
@@ -300,16 +304,16 @@ def _layer_index(key: str) -> int | None:
     return None
 
 
-def check_all_weights_loaded(info: dict, name: str, config) -> None:
+def check_all_weights_loaded(info: dict, name: str, config, cause: str = "was config.json edited (num_hidden_layers, "
+                             "sizes) or the safetensors file rewritten without them? Use the folder as the model was "
+                             "saved") -> None:
     """One clear error when the weights on disk do not cover the model their config.json builds (transformers would
     leave the missing ones randomly initialised, with a log line only), or hold layers past the config's count (a
     config.json edited to fewer layers: the model would silently drop them). Other extra tensors are only logged."""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
-        raise TinyOnnError(f"{name}: its weights lack {len(missing)} tensor(s) that its config.json needs (e.g. "
-                           f"{', '.join(missing[:3])}), which would be left random; was config.json edited "
-                           "(num_hidden_layers, sizes) or the safetensors file rewritten without them? Use the folder "
-                           "as the model was saved")
+        raise TinyOnnError(f"{name}: its weights lack {len(missing)} tensor(s) that its config needs (e.g. "
+                           f"{', '.join(missing[:3])}), which would be left random; {cause}")
     layers = getattr(config, "num_hidden_layers", None)
     unexpected = sorted(info.get("unexpected_keys") or ())
     beyond = [k for k in unexpected if layers is not None and (i := _layer_index(k)) is not None and i >= layers]
