@@ -63,6 +63,11 @@ def test_hand_routing_shows_in_heatmap_log_odds_and_label():
     assert label["dominant_category"] == "code" and label["specificity"] == pytest.approx(1.0)
     assert label["label"].startswith("code: tok1")
     assert layer_nmi(rec)[0] == pytest.approx(1.0)
+    # expert 2 is never selected (its router row is 0 against ±20): no category distribution, so no specificity
+    assert float(rate[2].sum()) == 0.0
+    never = auto_label(rec, 0, 2, decode=lambda t: f"tok{t}")
+    assert never == {"label": "(never selected)", "dominant_category": "(never selected)", "specificity": 0.0,
+                     "category_share": [0.0, 0.0]}
 
 
 def test_interpret_cli_and_dashboard_in_a_browser(tiny_moe, tmp_path):
@@ -177,7 +182,8 @@ def test_dashboard_shows_category_names_and_snippets_as_text(tmp_path):
     """Category names come from the user's data: markup in them is shown, never run; a snippet that itself holds
     "[[" keeps its text, with only the token marked."""
     data = many_experts_dashboard(3)
-    data["categories"] = ["<img src=x onerror=window.hacked=1>", "chat & <b>talk</b>"]
+    # "<!--<script>" in a name once made the page's own script part of the data block (a blank page)
+    data["categories"] = ["<img src=x onerror=window.hacked=1>", "chat & <b>talk</b> <!--<script> </script>"]
     for row in data["layers"][0]["experts"]:
         row["dominant"] = data["categories"][0]
         row["snippets"] = [{"prob": 0.5, "left": "x[[0]] = ", "token": "tok", "right": " <i>", "text": "unused"}]

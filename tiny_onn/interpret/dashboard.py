@@ -123,8 +123,10 @@ PAGE_SIZE = 100  # experts per page of the expert table and the heatmap
 
 
 def render_dashboard(data: dict, embedding_name: str) -> str:
-    """The dashboard page with `data` inlined (closing-tag-safe JSON)."""
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    """The dashboard page with `data` inlined (JSON with every "<" escaped: no `</script>` or `<!--` in the data
+    changes how the page's scripts are parsed)."""
+    # "<" only occurs inside JSON strings: as \u003c no text in the data can close the script or open a comment
+    payload = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
     return (_PAGE.replace("__TITLE__", html.escape(data["title"]))
             .replace("__PAGE_SIZE__", str(PAGE_SIZE))
             .replace("__EMBED__", html.escape(embedding_name))

@@ -108,14 +108,21 @@ def token_log_odds(rec: RoutingRecord, layer: int, expert: int, top: int = 10, m
     return [(int(rec.vocab[i]), float(v), int(n_we[i])) for v, i in zip(vals, idx, strict=True)]
 
 
+NEVER_SELECTED = "(never selected)"
+
+
 def auto_label(rec: RoutingRecord, layer: int, expert: int, decode) -> dict:
     """Dominant category (by selection rate relative to the layer's average expert), top tokens, and a specificity in
-    [0, 1]: 1 − normalised entropy of the expert's category distribution (0 = uniform, 1 = one category only)."""
+    [0, 1]: 1 − normalised entropy of the expert's category distribution (0 = uniform, 1 = one category only). An
+    expert no token selected has no distribution: specificity 0, dominant category and label `NEVER_SELECTED`."""
     rate_C = selection_rate(rec)[layer, expert]  # [C]
-    share = rate_C / rate_C.sum().clamp_min(1e-12)
-    C = share.numel()
+    C = rate_C.numel()
+    if not C or float(rate_C.sum()) <= 0:
+        return {"label": NEVER_SELECTED, "dominant_category": NEVER_SELECTED, "specificity": 0.0,
+                "category_share": [0.0] * C}
+    share = rate_C / rate_C.sum()
     entropy = float(-(share * share.clamp_min(1e-12).log()).sum())
-    specificity = 1.0 - entropy / math.log(C) if C > 1 else 0.0
+    specificity = min(1.0, max(0.0, 1.0 - entropy / math.log(C))) if C > 1 else 0.0  # rounding can leave [0, 1]
     dominant = rec.categories[int(share.argmax())] if C else "?"
     tokens = [decode(t).strip() or repr(decode(t)) for t, _, _ in token_log_odds(rec, layer, expert, top=3)]
     label = f"{dominant}: " + ", ".join(tokens) if tokens else dominant
