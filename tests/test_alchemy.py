@@ -55,10 +55,14 @@ def test_alchemy_runs_reuses_and_resumes(pipeline, tmp_path, monkeypatch, capsys
     for path in ("scan/scan.json", "moe/provenance.json", "train/model/config.json", "eval/eval.json",
                  "report/dashboard.html", "summary.md", "moe/README.md", "train/model/README.md"):
         assert (a / path).is_file(), path
-    # a second run reuses every artifact
+    # a second run reuses every artifact, also with the run folder spelt relatively
     assert main(["alchemy", "--config", str(pipeline), "--out", str(a)]) == 0
     stages = json.loads((a / "alchemy.json").read_text())["stages"]
     assert set(stages.values()) == {"reused"}
+    monkeypatch.chdir(tmp_path)
+    assert main(["alchemy", "--config", str(pipeline), "--out", "./a/"]) == 0
+    assert set(json.loads((a / "alchemy.json").read_text())["stages"].values()) == {"reused"}
+    monkeypatch.undo()
     # a rerun with other training settings that fails does not leave the earlier run's summary behind
     changed = tmp_path / "changed.yaml"
     changed.write_text(pipeline.read_text().replace("steps: 6,", "steps: 5,"))

@@ -33,10 +33,30 @@ class AlchemyConfig:
     """Questions the dense source and the final MoE answer side by side at the end of the summary (empty = the pipeline YAML's `alchemy: questions:`, if any)."""
 
 
+def _located(value, key: str = ""):
+    """A stored configuration value with every local path in it (a comma-separated part, a list item: anything that
+    exists or holds a "/") given as an absolute path: the same run folder is the same, spelt relatively or absolutely.
+    Both sides of a comparison are located from the same working folder, so a hub id stays equal to itself."""
+    if isinstance(value, dict):
+        return {k: v if k in _NOT_PATHS else _located(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_located(v, key) for v in value]
+    if isinstance(value, str) and value.strip():
+        def located(part: str) -> str:
+            path = Path(part.strip()).expanduser()
+            return str(path.resolve()) if part.strip() and ("/" in part or path.exists()) else part
+        return ",".join(located(p) for p in value.split(","))
+    return value
+
+
+_NOT_PATHS = ("questions", "tasks", "prompt")  # texts that may hold a "/" without naming a file
+
+
 def _same(stored: dict | None, cfg) -> bool:
-    """Was an artifact made with this configuration? (compared as JSON, as it was stored)"""
-    return stored is not None and json.loads(json.dumps(stored, default=str)) == json.loads(
-        json.dumps(dataclasses.asdict(cfg), default=str))
+    """Was an artifact made with this configuration? (compared as JSON, as it was stored, local paths by where they
+    are)"""
+    return stored is not None and _located(json.loads(json.dumps(stored, default=str))) == _located(json.loads(
+        json.dumps(dataclasses.asdict(cfg), default=str)))
 
 
 def _stored_config(path: Path) -> dict | None:

@@ -59,6 +59,13 @@ def test_special_token_text_in_an_item_is_scored_as_text(tiny_tokenizer):
     assert seqs[0] == tiny_tokenizer("Question: 2 + 2?\nAnswer: 4", add_special_tokens=False)["input_ids"]
 
 
+def test_task_list_strips_spaces_around_a_task_files_name():
+    from tiny_onn.eval.harness import EvalConfig
+
+    cfg = EvalConfig(model=["m"], tasks=" ppl , mc: arc.jsonl ,, mc:b.jsonl", device="cpu")
+    assert cfg.task_list == ["ppl", "mc:arc.jsonl", "mc:b.jsonl"]
+
+
 def test_bad_task_files(tmp_path):
     with pytest.raises(TinyOnnError, match="unknown multiple-choice format"):
         load_mc(write_jsonl(tmp_path / "x.jsonl", [{"foo": 1}]))

@@ -118,7 +118,9 @@ class EvalConfig(DataArgs):
 
     @property
     def task_list(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+        """The tasks, each stripped of spaces (also a task file's name after "mc:")."""
+        tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        return ["mc:" + t[3:].strip() if t.startswith("mc:") else t for t in tasks]
 
 
 def curve_top_ks(num_experts: int, top_k: int, candidates: int = 0) -> list[int]:
