@@ -198,3 +198,24 @@ def test_skip_train_keeps_a_training_of_this_carve_and_removes_one_of_an_earlier
     assert main(argv) == 0
     assert not (run / "train").exists()
     assert "train" not in json.loads((run / "stages.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('tasks: "ppl"', 'tasks: "ppl,mc:{root}/nope.jsonl"', "task file not found"),
+        ('tasks: "ppl"', 'tasks: "ppl,general", general: {root}/nope.txt', "nope.txt"),
+        ('tasks: "ppl"', 'tasks: "ppl,facts", facts: {root}/nope.jsonl', "nope.jsonl"),
+        ("interpret: {{data: {data}", "interpret: {{data: {root}/missing.jsonl", "[interpret] data file not found"),
+    ],
+)
+def test_a_later_stages_missing_file_is_refused_before_the_first_stage(tiny_moe, tmp_path, capsys, old, new,
+                                                                        message):
+    """eval's task files and every stage's data are checked up front: nothing runs, nothing is written."""
+    _, data, cfg, run, argv = _light_run(tiny_moe, tmp_path)
+    text = LIGHT_PIPELINE.replace(old, new).format(dense=tiny_moe[0].parent / "dense", data=data, root=tmp_path)
+    assert text != LIGHT_PIPELINE.format(dense=tiny_moe[0].parent / "dense", data=data)  # the edit took
+    cfg.write_text(text)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()

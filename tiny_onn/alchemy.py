@@ -221,6 +221,26 @@ def check_alchemy_out(out: Path, cfgs: dict, skip_train: bool) -> None:
     check_corpus_out(out / "corpus")
 
 
+def check_input_files(cfgs: dict, out: Path) -> None:
+    """One clear error before the first stage for an input file a later stage would only find missing or invalid after
+    the stages before it ran (minutes on the demo): every local data file of every stage, and eval's multiple-choice,
+    general-text and fact files (read and checked here as eval reads them)."""
+    from tiny_onn.data.sources import looks_like_a_local_path
+    from tiny_onn.eval.harness import evaluation_facts, read_task_files
+
+    made_here = out / "corpus"  # the corpus the distil stage writes
+    for name, cfg in cfgs.items():
+        for part in str(getattr(cfg, "data", "") or "").split(","):
+            path = Path(part.strip()).expanduser()
+            if part.strip() and looks_like_a_local_path(part) and not path.exists() \
+                    and path.absolute() != made_here.absolute():
+                raise TinyOnnError(f"[{name}] data file not found: {part.strip()} (checked before the first stage runs)")
+    ev = cfgs["eval"]
+    read_task_files(ev)
+    if "facts" in ev.task_list:
+        evaluation_facts(ev)
+
+
 def _config_json(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
@@ -233,6 +253,7 @@ def run(acfg: AlchemyConfig) -> Path:
     out = Path(acfg.out)
     cfgs = _stage_configs(acfg)
     check_alchemy_out(out, cfgs, acfg.skip_train)
+    check_input_files(cfgs, out)
     # the summary describes a finished run: it is written again at the end, and a run that stops before then (a stage
     # failing after earlier ones reran) must not leave the previous run's summary beside changed artifacts
     for stale in (out / "summary.md", out / "alchemy.json"):
