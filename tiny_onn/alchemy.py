@@ -33,20 +33,17 @@ class AlchemyConfig:
     """Questions the dense source and the final MoE answer side by side at the end of the summary (empty = the pipeline YAML's `alchemy: questions:`, if any)."""
 
 
-def _located(value, key: str = ""):
+def _located(value):
     """A stored configuration value with every local path in it (a comma-separated part, a list item: anything that
     exists or holds a "/") given as an absolute path: the same run folder is the same, spelt relatively or absolutely.
     Both sides of a comparison are located from the same working folder, so a hub id stays equal to itself."""
+    from tiny_onn.data.sources import absolute_data_spec
+
     if isinstance(value, dict):
-        return {k: v if k in _NOT_PATHS else _located(v, k) for k, v in value.items()}
+        return {k: v if k in _NOT_PATHS else _located(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_located(v, key) for v in value]
-    if isinstance(value, str) and value.strip():
-        def located(part: str) -> str:
-            path = Path(part.strip()).expanduser()
-            return str(path.resolve()) if part.strip() and ("/" in part or path.exists()) else part
-        return ",".join(located(p) for p in value.split(","))
-    return value
+        return [_located(v) for v in value]
+    return absolute_data_spec(value, unmade=True) if isinstance(value, str) else value
 
 
 _NOT_PATHS = ("questions", "tasks", "prompt")  # texts that may hold a "/" without naming a file

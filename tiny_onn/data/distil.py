@@ -295,7 +295,7 @@ def run(cfg: DistilDataConfig) -> Path:
     longest = max(len(prompt_ids(tok, [{"role": "user", "content": p}])) for _, p in prompts[done:] or prompts)
     warn_if_beyond_positions(teacher.model.config, longest + cfg.max_new_tokens,
                              "the longest prompt plus --max-new-tokens")
-    if done != len(_complete_records(data_path, synced)):
+    if done != had:  # the file holds `had` whole records (a cut tail was truncated when they were read)
         _rewrite(data_path, records)
     write_json(meta_path, {**meta, "records": done})
     total = -(-len(prompts) // cfg.batch_size)

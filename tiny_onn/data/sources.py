@@ -322,11 +322,15 @@ def same_data_spec(a: str, b: str) -> bool:
     return len(parts_a) == len(parts_b) and all(map(same_location, parts_a, parts_b))
 
 
-def absolute_data_spec(spec: str) -> str:
-    """A `--data` spec with each part that is a local file or folder given by its absolute path (recorded beside the
-    spec as given, so that an artifact resumed from another working folder still recognises its data)."""
-    return ",".join(str(Path(p.strip()).expanduser().resolve()) if p.strip() and Path(p.strip()).expanduser().exists()
-                    else p for p in spec.split(","))
+def absolute_data_spec(spec: str, unmade: bool = False) -> str:
+    """A comma-separated spec (`--data`, a path option) with each part that is a local file or folder given by its
+    absolute path (recorded beside the spec as given, so that an artifact resumed from another working folder still
+    recognises its data). `unmade`: also each part holding a "/" that does not exist (yet), e.g. a stage's output."""
+    def absolute(part: str) -> str:
+        path = Path(part.strip()).expanduser()
+        return str(path.resolve()) if part.strip() and (path.exists() or (unmade and "/" in part)) else part
+
+    return ",".join(absolute(p) for p in spec.split(","))
 
 
 def load_examples(spec: str) -> list[Example]:

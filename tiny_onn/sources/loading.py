@@ -323,7 +323,7 @@ def check_all_weights_loaded(info: dict, name: str, config, cause: str = "was co
                            "the folder as the model was saved")
     if unexpected:
         log.warning("%s: %d tensor(s) in its weights are not used by the model (e.g. %s)", name, len(unexpected),
-                       ", ".join(unexpected[:3]))
+                    ", ".join(unexpected[:3]))
 
 
 def check_forward_runs(model, name: str) -> None:
