@@ -89,6 +89,32 @@ def test_labels_with_the_real_chat_template(smollm2):
     ids, labels = encode_example(smollm2.tokenizer, ex)
     kept = smollm2.tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     assert kept.startswith("Hi there!") and "Say hi" not in kept and "system" not in kept
+    # a chat the assistant opens: the default system prompt the template writes before it is not learnt
+    ex = Example((("assistant", "Hello, how can I help?"), ("user", "Say hi"), ("assistant", "Hi!")), "chat")
+    assert _labelled_text(smollm2.tokenizer, ex) == "Hello, how can I help?<|im_end|>\nHi!<|im_end|>\n"
+
+
+# SmolLM2's template in short: a default system prompt before a first turn that is not the system's
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '<|im_start|>system\\nBe kind.<|im_end|>\\n' }}"
+    "{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["chatml", "default system prompt"])
+def test_a_chat_the_assistant_opens_learns_only_the_assistant_turns(template):
+    """The first turn has no turns before it: its labels start where its content does, not at the rendering's start
+    (which held the turn's header and, in templates like SmolLM2's, a default system prompt)."""
+    from tiny_onn.data.encoding import FALLBACK_CHAT_TEMPLATE
+
+    tok = make_tokenizer()
+    tok.chat_template = FALLBACK_CHAT_TEMPLATE if template == "chatml" else DEFAULT_SYSTEM_TEMPLATE
+    assert _labelled_text(tok, Example((("assistant", "Hi there"),), "chat")) == "Hi there<|im_end|>\n"
+    ex = Example((("assistant", "Hi there"), ("user", "ok"), ("assistant", "bye")), "chat")
+    assert _labelled_text(tok, ex) == "Hi there<|im_end|>\nbye<|im_end|>\n"
+    # an empty opening turn learns only to end it
+    assert _labelled_text(tok, Example((("assistant", ""), ("user", "ok"), ("assistant", "bye")), "chat")) == (
+        "<|im_end|>\nbye<|im_end|>\n")
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -291,6 +317,18 @@ def test_a_category_named_with_a_comma_is_selected_by_its_whole_name(tiny_tokeni
     assert both.category_names == ["chat"]
     with pytest.raises(TinyOnnError, match="selected by giving its whole name alone"):
         build_dataset(tiny_tokenizer, DataArgs(data=data, seq_len=32, categories="chat,q,a"), "train")
+
+
+def test_a_null_or_blank_instruction_is_refused_and_a_context_of_0_is_kept(tmp_path):
+    """A null prompt field was read as the text "None"; a context that is the number 0 was dropped as false."""
+    for row, what in (({"instruction": None, "output": "x"}, "'instruction' is null"),
+                      ({"prompt": " ", "completion": "x"}, "'prompt' is empty")):
+        with pytest.raises(TinyOnnError, match=what):
+            load_examples(str(write_jsonl(tmp_path / "bad.jsonl", [row])))
+    rows = [{"instruction": "Double it.", "input": 0, "output": "0"}, {"instruction": "", "input": "Say hi.", "output": "hi"}]
+    first, second = load_examples(str(write_jsonl(tmp_path / "ok.jsonl", rows)))
+    assert first.messages[0] == ("user", "Double it.\n\n0")
+    assert second.messages[0] == ("user", "Say hi.")  # a blank instruction: its context is the prompt
 
 
 def test_alpaca_rows_with_their_formatted_text_use_the_instruction_fields(tmp_path):

@@ -51,9 +51,10 @@ def _common_prefix_len(a: str, b: str) -> int:
 _MARK = "\ue000tiny-onn\ue001"
 
 
-def _with_marker(chat: list[dict], i: int) -> list[dict]:
-    """`chat` with the marker appended to message i's content."""
-    return [{**m, "content": m["content"] + _MARK} if j == i else m for j, m in enumerate(chat)]
+def _with_marker(chat: list[dict], i: int, before: bool = False) -> list[dict]:
+    """`chat` with the marker appended to message i's content (`before`: put in front of it)."""
+    return [{**m, "content": _MARK + m["content"] if before else m["content"] + _MARK} if j == i else m
+            for j, m in enumerate(chat)]
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -62,18 +63,23 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tup
     Every turn is located inside the full rendering itself, not by rendering the conversation cut after that turn:
     templates render a turn differently when it is the last one (Qwen3 adds an empty `<think></think>` block to the
     assistant turns after the last user message), so the cut rendering need not be a prefix of the full one. For turn i:
-    it starts where the rendering of the turns before it plus the generation prompt ends; its content ends where the full
-    rendering and the one with a marker appended to that content part; its end-of-turn text is what the template writes
-    after the content when the turn is the last one, as far as the full rendering agrees with it.
+    it starts where the rendering of the turns before it plus the generation prompt ends (a first turn, with no turns
+    before it: where its content starts, so that nothing the template writes before it — a default system prompt, the
+    turn's header — is learnt); its content ends where the full rendering and the one with a marker appended to that
+    content part; its end-of-turn text is what the template writes after the content when the turn is the last one, as
+    far as the full rendering agrees with it.
     """
     full = _render(tokenizer, chat)
     spans = []
     for i, m in enumerate(chat):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, chat[:i], generation_prompt=True) if i else ""
-        # templates that rewrite earlier turns (e.g. dropping reasoning) are not prefix-stable: fall back to the common prefix
-        start = len(before) if full.startswith(before) else _common_prefix_len(before, full)
+        if i:
+            before = _render(tokenizer, chat[:i], generation_prompt=True)
+            # templates that rewrite earlier turns (e.g. dropping reasoning) are not prefix-stable: the common prefix then
+            start = len(before) if full.startswith(before) else _common_prefix_len(before, full)
+        else:
+            start = _common_prefix_len(_render(tokenizer, _with_marker(chat, 0, before=True)), full)
         content_end = _common_prefix_len(_render(tokenizer, _with_marker(chat, i)), full)
         cut = _render(tokenizer, _with_marker(chat[: i + 1], i))
         end_of_turn = cut[cut.index(_MARK) + len(_MARK):] if _MARK in cut else ""

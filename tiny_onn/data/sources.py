@@ -189,6 +189,11 @@ def _category(value: object, where: str, default: str) -> str:
     return str(value)
 
 
+def _given(value: object) -> bool:
+    """Whether a record's field holds something (0 does; null and blank text do not)."""
+    return value is not None and str(value).strip() != ""
+
+
 def _example_from_record(record: object, where: str, default_category: str) -> Example:
     if not isinstance(record, dict):
         raise TinyOnnError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -206,14 +211,17 @@ def _example_from_record(record: object, where: str, default_category: str) -> E
     if "conversations" in record:
         return _messages_example(record, "conversations", where, category, "from", "value", _SHAREGPT_ROLES)
     if prompt_key and answer_key:
-        for key in (prompt_key, answer_key, *(k for k in _CONTEXT_KEYS if record.get(k))):
+        context_key = next((k for k in _CONTEXT_KEYS if _given(record.get(k))), None)
+        for key in (prompt_key, answer_key, *([context_key] if context_key else [])):
             value = record[key]
             if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
                 raise TinyOnnError(f"{where}: '{key}' must be text, got a {type(value).__name__} ({str(value)[:40]})")
-        prompt = str(record[prompt_key])
-        context = next((record[k] for k in _CONTEXT_KEYS if record.get(k)), None)
-        if context:
-            prompt += "\n\n" + str(context)
+        # a null or blank instruction is no prompt (str(None) would have been the prompt "None"); its context may be
+        parts = [str(record[k]) for k in (prompt_key, context_key) if k and _given(record[k])]
+        if not parts:
+            raise TinyOnnError(f"{where}: '{prompt_key}' is {'null' if record[prompt_key] is None else 'empty'}, so "
+                               "there is no prompt to answer; give the instruction's text")
+        prompt = "\n\n".join(parts)
         answer = record[answer_key]
         if answer is None or not str(answer).strip():
             raise TinyOnnError(f"{where}: '{answer_key}' is empty, so nothing to learn or score")
