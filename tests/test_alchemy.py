@@ -207,6 +207,9 @@ def test_skip_train_keeps_a_training_of_this_carve_and_removes_one_of_an_earlier
         ('tasks: "ppl"', 'tasks: "ppl,general", general: {root}/nope.txt', "nope.txt"),
         ('tasks: "ppl"', 'tasks: "ppl,facts", facts: {root}/nope.jsonl', "nope.jsonl"),
         ("interpret: {{data: {data}", "interpret: {{data: {root}/missing.jsonl", "[interpret] data file not found"),
+        ("eval: {{data", "train: {{teacher: {root}/no-teacher, kd: 1.0}}\neval: {{data", "[train] teacher model not found"),
+        ("eval: {{data", "train: {{replay_data: {root}/nope.jsonl}}\neval: {{data", "[train] replay data file not found"),
+        ("eval: {{data", "train: {{ewc_data: {root}/nope.jsonl, ewc: 1.0}}\neval: {{data", "[train] ewc data file not found"),
     ],
 )
 def test_a_later_stages_missing_file_is_refused_before_the_first_stage(tiny_moe, tmp_path, capsys, old, new,

@@ -266,6 +266,47 @@ def test_ctrl_c_mid_scan_leaves_nothing(world, tmp_path, monkeypatch, capsys):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_sigterm_mid_scan_stops_as_ctrl_c_does(world, tmp_path, monkeypatch, capsys):
+    """kill, timeout and job schedulers send SIGTERM: it stops the stage as Ctrl-C does (no partial output), exit 143,
+    and the process's own SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    import tiny_onn.scan.scanner as scanner
+
+    calls = {"n": 0}
+    real = scanner.scan_batch
+
+    def terminated(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scanner, "scan_batch", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "scan"
+    assert main(["scan", "--model", str(world["dense"]), "--data", str(world["data"]), "--seq-len", "32",
+                 "--out", str(out)]) == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_out_where_nothing_can_be_written_is_refused_before_any_work(world, tmp_path, monkeypatch, capsys):
+    """/proc takes no new folder: the scan used to run to the end and fail with a traceback when writing its output."""
+    import tiny_onn.scan.scanner as scanner
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the scan ran before its output was checked")
+
+    monkeypatch.setattr(scanner, "scan_batch", must_not_run)
+    assert main(["scan", "--model", str(world["dense"]), "--data", str(world["data"]), "--seq-len", "32",
+                 "--out", "/proc/tiny-onn-out"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing can be written under /proc" in err and "Traceback" not in err
+
+
 def test_out_under_a_file_is_refused_before_any_work(world, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("precious")

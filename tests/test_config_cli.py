@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tiny_onn.cli import build_parser, main
-from tiny_onn.config import config_from_args, field_docs
+from tiny_onn.config import config_from_args, field_docs, load_yaml
 from tiny_onn.errors import TinyOnnError
 from tiny_onn.scan import ScanConfig
 
@@ -99,6 +99,25 @@ def test_unknown_yaml_key(tmp_path):
         config_from_args(ScanConfig, args, "scan")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("scan:\n  tokens: 100\nscan:\n  tokens: 150\n", "'scan' is given twice \\(lines 1 and 3\\)"),  # PyYAML kept the last
+    ("scan:\n  tokens: 100\n  tokens: 150\n", "'tokens' is given twice"),
+    ("", "is empty"),
+    ("# only a comment\n", "is empty"),
+])
+def test_a_key_given_twice_or_an_empty_file_is_refused(tmp_path, text, message):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(text)
+    with pytest.raises(TinyOnnError, match=message):
+        config_from_args(ScanConfig, build_parser().parse_args(["scan", "--config", str(cfg_file)]), "scan")
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("base: &b\n  tokens: 100\n  batch_size: 3\nmine:\n  <<: *b\n  tokens: 64\n")
+    assert load_yaml(cfg_file)["mine"] == {"tokens": 64, "batch_size": 3}
+
+
 def test_yaml_values_are_checked_against_the_field_types(tmp_path):
     """PyYAML reads `3e-4` and `1e4` as strings: numbers written so are converted; a value of the wrong type is named."""
     from tiny_onn.train import TrainConfig
@@ -133,6 +152,7 @@ def test_every_field_has_help():
         (["scan", "--tokens", "0"], "tokens must be positive"),
         (["scan", "--positions", "middle"], "positions must be one of"),
         (["scan", "--config", "/nonexistent.yaml"], "config file not found"),
+        (["scan", "--config", "{tiny}"], "is a folder; give a YAML file"),
         (["scan", "--data", "/nonexistent/data.jsonl", "--model", "{tiny}"], "data file not found"),
     ],
 )

@@ -220,18 +220,21 @@ def check_alchemy_out(out: Path, cfgs: dict, skip_train: bool) -> None:
 
 def check_input_files(cfgs: dict, out: Path) -> None:
     """One clear error before the first stage for an input file a later stage would only find missing or invalid after
-    the stages before it ran (minutes on the demo): every local data file of every stage, and eval's multiple-choice,
+    the stages before it ran (minutes on the demo): every local data file of every stage (its data, replay and EWC data),
+    train's local teacher, and eval's multiple-choice,
     general-text and fact files (read and checked here as eval reads them)."""
     from tiny_onn.data.sources import looks_like_a_local_path
     from tiny_onn.eval.harness import evaluation_facts, read_task_files
 
-    made_here = out / "corpus"  # the corpus the distil stage writes
+    made_here = out.absolute()  # what the stages write (the distil stage's corpus, the carved model) is not there yet
     for name, cfg in cfgs.items():
-        for part in str(getattr(cfg, "data", "") or "").split(","):
-            path = Path(part.strip()).expanduser()
-            if part.strip() and looks_like_a_local_path(part) and not path.exists() \
-                    and path.absolute() != made_here.absolute():
-                raise TinyOnnError(f"[{name}] data file not found: {part.strip()} (checked before the first stage runs)")
+        for field in ("data", "replay_data", "ewc_data", "teacher"):
+            for part in str(getattr(cfg, field, "") or "").split("," if field != "teacher" else "\0"):
+                path = Path(part.strip()).expanduser().absolute()
+                if part.strip() and looks_like_a_local_path(part) and not path.exists() \
+                        and not path.is_relative_to(made_here):
+                    what = "teacher model" if field == "teacher" else f"{field.replace('_', ' ')} file"
+                    raise TinyOnnError(f"[{name}] {what} not found: {part.strip()} (checked before the first stage runs)")
     ev = cfgs["eval"]
     read_task_files(ev)
     if "facts" in ev.task_list:

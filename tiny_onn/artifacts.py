@@ -56,13 +56,20 @@ def umask_mode(path: str | os.PathLike) -> None:
 
 
 def check_folder_can_be_made(final: str | os.PathLike, option: str = "--out") -> Path:
-    """`final` as an absolute path, once no file stands where it or one of its parent folders would be made."""
+    """`final` as an absolute path, once no file stands where it or one of its parent folders would be made and its
+    nearest existing parent folder takes a new folder (checked by making and removing one: a read-only place, or /proc,
+    would otherwise fail only when the output is written, after the work)."""
     path = Path(final).expanduser().absolute()
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise TinyOnnError(f"{option} {final}: {parent} is a file, not a folder, so nothing can be written "
                                    f"under it; give another {option}")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".tiny-onn-write-check-", dir=parent))
+            except OSError as e:
+                raise TinyOnnError(f"{option} {final}: nothing can be written under {parent} ({e.strerror}); give "
+                                   f"another {option}") from e
             break
     return path
 

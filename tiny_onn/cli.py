@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +178,15 @@ def interrupted_note(stage: str, cfg) -> str:
     return "no partial artifact was kept"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a job scheduler), raised where the process is, so that it stops as Ctrl-C does: partial
+    outputs removed, checkpoints kept."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tiny-onn` console script; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -183,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug
     cfg = None
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     try:
         _quiet_libraries()
         stage = STAGES[args.stage]()
@@ -196,10 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, whatever a wrapped library error held
         print(f"tiny-onn {args.stage}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tiny-onn {args.stage}: interrupted; {interrupted_note(args.stage, cfg)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"tiny-onn {args.stage}: {how}; {interrupted_note(args.stage, cfg)}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
         from tiny_onn import distributed
 
         distributed.shutdown()

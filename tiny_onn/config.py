@@ -93,19 +93,43 @@ def check_sections(path: str | Path, options: set[str] = frozenset(), sections: 
                            f"ignored; sections are {', '.join(sections)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, so a second
+    `scan:` section replaced the first and a stage ran on defaults)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice (lines {seen[key]} and {line}); keep one", key_node.start_mark)
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path, section: str | None = None) -> dict[str, Any]:
     """Read a YAML config; with `section`, return that section if the file has one (an empty section: no options),
     else the top level without other stages' sections (so that carve's `scan` option is never read from a `scan:`
     section)."""
     path = Path(path)
+    if path.is_dir():
+        raise TinyOnnError(f"config file {path} is a folder; give a YAML file")
     if not path.is_file():
         raise TinyOnnError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as e:
         raise TinyOnnError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
         raise TinyOnnError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if data is None:  # an empty file (or comments only) is more likely a mistake than a wish for every default
+        raise TinyOnnError(f"config file {path} is empty (or holds only comments); give its options, or leave --config "
+                           "out to run on the defaults")
     if not isinstance(data, dict):
         raise TinyOnnError(f"config file {path} must hold a mapping of option names to values")
     check_option_names(data, path)

@@ -257,3 +257,21 @@ def test_dense_model_refuses_router_losses(tiny_moe, tmp_path):
     moe, data = tiny_moe
     with pytest.raises(TinyOnnError, match="dense model"):
         trainer.Trainer(_cfg(moe.parent / "dense", data, tmp_path / "d", specificity=1.0))
+
+
+@pytest.mark.parametrize(("given", "named"), [
+    (dict(policy="smk2", max_k=2), "--max-k 2"),  # smk2 is the default policy: not told apart from none given
+    (dict(policy="full", min_k=3), "--policy full and --min-k 3"),
+    (dict(policy="full"), "--policy full"),  # a dense model's error said "got --policy smk", which nobody gave
+    (dict(min_k=2), "--min-k 2"),
+])
+def test_perpetual_refuses_the_policy_options_it_would_override(tmp_path, given, named):
+    with pytest.raises(TinyOnnError, match=f"--perpetual trains with --policy smk --min-k 1.*{named} would be overridden"):
+        _cfg("m", "d", tmp_path / "o", perpetual=True, **given)
+    cfg = _cfg("m", "d", tmp_path / "o", perpetual=True, policy="smk2")  # smk2: the default, so not given
+    assert (cfg.policy, cfg.min_k) == ("smk", 1)
+
+
+def test_phase2_pi_above_1_is_refused():
+    with pytest.raises(TinyOnnError, match="--phase2-pi must be in \\[0, 1\\]"):
+        _cfg("m", "d", "o", phase2_pi=5.0)

@@ -186,6 +186,9 @@ class TrainConfig(SourceArgs, DataArgs):
                      "z_loss_coef", "pi_alpha", "pi_gamma", "eval_tokens", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise TinyOnnError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.phase2_pi > 1:
+            raise TinyOnnError(f"--phase2-pi must be in [0, 1] (PI = exp(−α·(surprise)) is at most 1, "
+                               f"so a larger value never switches), got {self.phase2_pi}")
         if self.kd < 0 or (self.kd > 0 and not self.teacher):
             raise TinyOnnError("--kd needs a --teacher (and must be non-negative)")
         if self.kd_temperature <= 0:
@@ -221,6 +224,14 @@ class TrainConfig(SourceArgs, DataArgs):
     def _check_seed_mechanisms(self) -> None:
         """Router losses, the PI schedule and perpetual mode (replay, EWC)."""
         if self.perpetual:
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+            conflicts = [f"--{name.replace('_', '-')} {getattr(self, name)}" for name, own in
+                         (("policy", "smk"), ("min_k", 1), ("max_k", None))
+                         if getattr(self, name) not in (own, defaults[name])]
+            if conflicts:
+                raise TinyOnnError(f"--perpetual trains with --policy smk --min-k 1 (one expert per layer a step), so "
+                                   f"{' and '.join(conflicts)} would be overridden; leave {'them' if len(conflicts) > 1 else 'it'} "
+                                   "out, or drop --perpetual")
             self.policy, self.min_k = "smk", 1
         for name in ("router_distill", "specificity", "ewc"):
             if not getattr(self, name) >= 0:  # also NaN
