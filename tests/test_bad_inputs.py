@@ -293,6 +293,31 @@ def test_sigterm_mid_scan_stops_as_ctrl_c_does(world, tmp_path, monkeypatch, cap
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_running_out_of_memory_is_one_clear_error_and_leaves_nothing(world, tmp_path, monkeypatch, capsys):
+    """A --seq-len far past what fits allocated 25 GB and ended in a traceback: now one line saying which sizes to
+    lower; other errors still surface as bugs."""
+    import tiny_onn.scan.scanner as scanner
+
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 25600000000 bytes.")
+
+    monkeypatch.setattr(scanner, "scan_batch", allocation_fails)
+    out = tmp_path / "scan"
+    argv = ["scan", "--model", str(world["dense"]), "--data", str(world["data"]), "--seq-len", "32", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    (line,) = [line for line in err.splitlines() if "error" in line]  # the progress bar writes to stderr too
+    assert "out of memory" in line and "--seq-len" in line and "Traceback" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    def a_bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(scanner, "scan_batch", a_bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(argv)
+
+
 def test_out_where_nothing_can_be_written_is_refused_before_any_work(world, tmp_path, monkeypatch, capsys):
     """/proc takes no new folder: the scan used to run to the end and fail with a traceback when writing its output."""
     import tiny_onn.scan.scanner as scanner

@@ -187,6 +187,14 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation failure (host or GPU), which the user fixes with smaller sizes, not a bug."""
+    if isinstance(e, MemoryError):
+        return True
+    oom = getattr(__import__("torch"), "OutOfMemoryError", ())
+    return bool(oom) and isinstance(e, oom) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tiny-onn` console script; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -208,6 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = " ".join(str(e).split())  # one line, whatever a wrapped library error held
         print(f"tiny-onn {args.stage}: error: {message}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if debug or not _out_of_memory(e):
+            raise
+        message = " ".join(str(e).split())[:200]
+        print(f"tiny-onn {args.stage}: error: out of memory ({message}); lower the sizes of this run (--seq-len, "
+              f"--batch-size, --tokens or --speed-seq-len) and run it again; {interrupted_note(args.stage, cfg)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"

@@ -25,6 +25,8 @@ class ScanResult:
     @classmethod
     def load(cls, folder: str | Path) -> ScanResult:
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise TinyOnnError(f"{folder} is a file, not a scan folder; give the folder `tiny-onn scan --out` wrote")
         if not folder.is_dir():
             raise TinyOnnError(f"scan folder not found: {folder}; run `tiny-onn scan --out {folder}` first")
         meta = read_json(folder / "scan.json", "scan meta data")
