@@ -150,6 +150,8 @@ def test_every_field_has_help():
     [
         (["scan", "--model", "/nonexistent/m.gguf"], "model file not found"),
         (["scan", "--tokens", "0"], "tokens must be positive"),
+        (["scan", "--w-act", "0", "--w-inv-grad", "0", "--w-freq", "0"], "the S_p weights must be finite numbers, not all 0"),
+        (["scan", "--w-act", "nan"], "must be a number, got nan"),
         (["scan", "--positions", "middle"], "positions must be one of"),
         (["scan", "--config", "/nonexistent.yaml"], "config file not found"),
         (["scan", "--config", "{tiny}"], "is a folder; give a YAML file"),

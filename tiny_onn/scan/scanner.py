@@ -69,6 +69,10 @@ class ScanConfig(SourceArgs, DataArgs):
             raise TinyOnnError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.fingerprint_tokens < 1:
             raise TinyOnnError(f"fingerprint_tokens must be positive, got {self.fingerprint_tokens}")
+        weights = {"--w-act": self.w_act, "--w-inv-grad": self.w_inv_grad, "--w-freq": self.w_freq}
+        if not all(math.isfinite(w) for w in weights.values()) or not any(weights.values()):
+            raise TinyOnnError(f"the S_p weights must be finite numbers, not all 0 (S_p would be 0 for every neuron and "
+                               f"selection by it arbitrary), got {', '.join(f'{k} {v}' for k, v in weights.items())}")
 
 
 class LayerStats:
