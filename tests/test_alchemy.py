@@ -208,6 +208,7 @@ def test_skip_train_keeps_a_training_of_this_carve_and_removes_one_of_an_earlier
         ('tasks: "ppl"', 'tasks: "ppl,facts", facts: {root}/nope.jsonl', "nope.jsonl"),
         ("interpret: {{data: {data}", "interpret: {{data: {root}/missing.jsonl", "[interpret] data file not found"),
         ("eval: {{data", "train: {{teacher: {root}/no-teacher, kd: 1.0}}\neval: {{data", "[train] teacher model not found"),
+        ("interpret: {{data: {data}", "interpret: {{categories: bogus, data: {data}", "[interpret] categories bogus are not"),
         ("eval: {{data", "train: {{replay_data: {root}/nope.jsonl}}\neval: {{data", "[train] replay data file not found"),
         ("eval: {{data", "train: {{ewc_data: {root}/nope.jsonl, ewc: 1.0}}\neval: {{data", "[train] ewc data file not found"),
     ],

@@ -218,10 +218,28 @@ def check_alchemy_out(out: Path, cfgs: dict, skip_train: bool) -> None:
     check_corpus_out(out / "corpus")
 
 
+def check_categories_exist(name: str, cfg, made_here: Path) -> None:
+    """A stage's --categories must name categories of its data (where the data exists before the run)."""
+    from tiny_onn.data.pipeline import cached_examples, selected_categories
+    from tiny_onn.data.sources import looks_like_a_local_path
+
+    spec = str(getattr(cfg, "data", "") or "")
+    if not getattr(cfg, "categories", "") or not spec.strip():
+        return
+    for part in spec.split(","):
+        if looks_like_a_local_path(part) and Path(part.strip()).expanduser().absolute().is_relative_to(made_here):
+            return  # written by this run (the distil stage's corpus): checked when the stage reads it
+    available = {e.category for e in cached_examples(spec)}
+    unknown = sorted(set(selected_categories(cfg.categories, available)) - available)
+    if unknown:
+        raise TinyOnnError(f"[{name}] categories {', '.join(unknown)} are not in data {spec!r} (it has: "
+                           f"{', '.join(sorted(available))}; checked before the first stage runs)")
+
+
 def check_input_files(cfgs: dict, out: Path) -> None:
     """One clear error before the first stage for an input file a later stage would only find missing or invalid after
     the stages before it ran (minutes on the demo): every local data file of every stage (its data, replay and EWC data),
-    train's local teacher, and eval's multiple-choice,
+    train's local teacher, every stage's --categories, and eval's multiple-choice,
     general-text and fact files (read and checked here as eval reads them)."""
     from tiny_onn.data.sources import looks_like_a_local_path
     from tiny_onn.eval.harness import evaluation_facts, read_task_files
@@ -235,6 +253,7 @@ def check_input_files(cfgs: dict, out: Path) -> None:
                         and not path.is_relative_to(made_here):
                     what = "teacher model" if field == "teacher" else f"{field.replace('_', ' ')} file"
                     raise TinyOnnError(f"[{name}] {what} not found: {part.strip()} (checked before the first stage runs)")
+        check_categories_exist(name, cfg, made_here)
     ev = cfgs["eval"]
     read_task_files(ev)
     if "facts" in ev.task_list:
