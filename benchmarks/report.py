@@ -689,7 +689,7 @@ RENDERERS = {"scan_overhead": scan_overhead, "moe_speed": moe_speed,
 
 
 # benchmarks whose runs on other machines get files of their own (`--result <name>-<machine>`)
-PER_MACHINE = ("moe_speed", "fused_breakdown")
+PER_MACHINE = ("moe_speed", "fused_breakdown", "train_step_scaling")
 
 
 def renderers() -> dict:

@@ -1,6 +1,6 @@
 """Training-step time as experts get finer, the MoEs timed side by side: E = 16, 64, 128 at the same active neurons.
 
-    python benchmarks/train_step_scaling.py [--repeats 9] [--threads 2]
+    python benchmarks/train_step_scaling.py [--repeats 9] [--threads 2] [--result train_step_scaling-<machine>]
 
 Issue 12's target: a training step at E = 128 within 1.3x of the step at E = 16 with the same active neurons. moe_speed.py
 derives that ratio from two layouts each timed against the dense model at different times of the run, so a change of
@@ -16,7 +16,8 @@ Reported per process:
 the median step of each model, the ratio of the medians, every round's ratio, minor page faults per step and the CPU
 time the hypervisor stole (/proc/stat); over the processes: the ratio's median, min and max.
 Training step as in moe_speed.py: batch 4 x 256, loss (+ the router's load balance) forward and backward, AdamW over the
-FFN parameters, expert statistics tracked. Writes benchmarks/results/train_step_scaling.json.
+FFN parameters, expert statistics tracked. Writes benchmarks/results/train_step_scaling.json (`--result
+train_step_scaling-<machine>`: a file of its own for another machine).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import smollm2_scan, write_result  # noqa: E402
+from _common import machine_result_name, smollm2_scan, write_result  # noqa: E402
 from moe_speed import LAYOUTS, carve_layout, train_params, training_step  # noqa: E402
 
 from tiny_onn.data import DataArgs, build_dataset  # noqa: E402
@@ -154,6 +155,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds per process")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes, one after another")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--result", default="train_step_scaling", type=machine_result_name("train_step_scaling"),
+                        help="result file name: train_step_scaling, or train_step_scaling-<machine> for a run on "
+                             "another machine (a file of its own)")
     parser.add_argument("--worker-output", type=Path, help=argparse.SUPPRESS)  # one process's share, as JSON
     parser.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)  # the worker's models
     args = parser.parse_args()
@@ -181,7 +185,7 @@ def main() -> None:
                                "max": max(ratios), "processes_within_target": sum(x <= TARGET for x in ratios)}
         print(f"{setting}: E=128 / E=16 median {statistics.median(ratios):.2f}, {min(ratios):.2f}-{max(ratios):.2f}; "
               f"{by_setting[setting]['processes_within_target']} of {len(ratios)} within {TARGET}")
-    write_result("train_step_scaling", {
+    write_result(args.result, {
         "model": "smollm2 (SmolLM2-135M-Instruct, fp32)",
         "layouts": {name: LAYOUTS[name] for name in MOES},
         "repeats": args.repeats,
