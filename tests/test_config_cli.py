@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tiny_onn.cli import build_parser, main
@@ -235,3 +237,37 @@ def test_artifacts_get_the_umask_permissions(tmp_path, monkeypatch):
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
              for p in [tmp_path / "art", *(tmp_path / "art").rglob("*")]}
     assert modes == {"art": 0o755, "art/sub": 0o755, "art/sub/w.bin": 0o644, "art/meta.json": 0o644}
+
+
+def test_an_existing_output_folder_is_checked_itself_and_a_new_one_by_its_parent(tmp_path, monkeypatch):
+    """Stages that write inside their --out need that folder writable, not its parent (a job folder made for the user
+    inside a read-only scratch space); a folder still to be made needs its parent writable."""
+    import tempfile
+
+    from tiny_onn.artifacts import check_output_folder
+
+    job = tmp_path / "job"
+    job.mkdir()
+    real = tempfile.mkdtemp
+
+    def read_only_parent(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_parent)
+    assert check_output_folder(job) == job
+    assert list(job.iterdir()) == []  # the probe left nothing
+    with pytest.raises(TinyOnnError, match="nothing can be written under .* \\(Permission denied\\)"):
+        check_output_folder(tmp_path / "new")
+
+
+def test_a_process_started_with_sigterm_ignored_keeps_ignoring_it(tmp_path):
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert main(["scan", "--config", str(tmp_path / "missing.yaml")]) == 2
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -55,30 +55,42 @@ def umask_mode(path: str | os.PathLike) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
 
 
-def check_folder_can_be_made(final: str | os.PathLike, option: str = "--out") -> Path:
-    """`final` as an absolute path, once no file stands where it or one of its parent folders would be made and its
-    nearest existing parent folder takes a new folder (checked by making and removing one: a read-only place, or /proc,
-    would otherwise fail only when the output is written, after the work)."""
+def _check_writable(folder: Path, final: str | os.PathLike, option: str) -> None:
+    """One clear error unless `folder` takes a new folder (one is made and removed: a read-only place, or /proc, would
+    otherwise fail only when the output is written, after the work)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".tiny-onn-write-check-", dir=folder)
+    except OSError as e:
+        raise TinyOnnError(f"{option} {final}: nothing can be written under {folder} ({e.strerror}); give another "
+                           f"{option}") from e
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
+
+
+def check_folder_can_be_made(final: str | os.PathLike, option: str = "--out", probe_parent: bool = True) -> Path:
+    """`final` as an absolute path, once no file stands where it or one of its parent folders would be made and
+    (`probe_parent`) its nearest existing parent folder takes a new folder, as `atomic_dir` needs."""
     path = Path(final).expanduser().absolute()
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise TinyOnnError(f"{option} {final}: {parent} is a file, not a folder, so nothing can be written "
                                    f"under it; give another {option}")
-            try:
-                os.rmdir(tempfile.mkdtemp(prefix=".tiny-onn-write-check-", dir=parent))
-            except OSError as e:
-                raise TinyOnnError(f"{option} {final}: nothing can be written under {parent} ({e.strerror}); give "
-                                   f"another {option}") from e
+            if probe_parent:
+                _check_writable(parent, final, option)
             break
     return path
 
 
 def check_output_folder(final: str | os.PathLike, option: str = "--out") -> Path:
-    """`check_folder_can_be_made`, and `final` itself is no file: where a folder of outputs can go."""
-    path = check_folder_can_be_made(final, option)
+    """`check_folder_can_be_made`, and `final` itself is no file: where a folder of outputs can go. The outputs are
+    written inside it, so an existing folder must take new files itself (its parent need not)."""
+    exists = Path(final).expanduser().absolute().is_dir()
+    path = check_folder_can_be_made(final, option, probe_parent=not exists)
     if (path.exists() or path.is_symlink()) and (not path.is_dir() or path.is_symlink()):
         raise TinyOnnError(f"output folder {final} exists and is not a folder; give another {option} or remove it")
+    if exists and not path.is_symlink():
+        _check_writable(path, final, option)
     return path
 
 

@@ -202,8 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug
     cfg = None
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    # not where signals cannot be set (another thread) or where the process was started with SIGTERM ignored
+    handles_sigterm = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, None))
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if handles_sigterm else None
     try:
         _quiet_libraries()
         stage = STAGES[args.stage]()
@@ -230,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tiny-onn {args.stage}: {how}; {interrupted_note(args.stage, cfg)}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        if on_main_thread:
+        if handles_sigterm:
             signal.signal(signal.SIGTERM, previous_handler)
         from tiny_onn import distributed
 

@@ -112,6 +112,12 @@ def test_a_chat_the_assistant_opens_learns_only_the_assistant_turns(template):
     assert _labelled_text(tok, Example((("assistant", "Hi there"),), "chat")) == "Hi there<|im_end|>\n"
     ex = Example((("assistant", "Hi there"), ("user", "ok"), ("assistant", "bye")), "chat")
     assert _labelled_text(tok, ex) == "Hi there<|im_end|>\nbye<|im_end|>\n"
+    # a template that keeps only what follows a reasoning block (Qwen3's, for turns before the last user message)
+    # drops a marker put in front of the content: the turn is still found and learnt as rendered
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    ex = Example((("assistant", "<think>\nplan\n</think>\n\nHello there"), ("user", "ok"), ("assistant", "bye")), "chat")
+    assert _labelled_text(tok, ex) == "Hello there<|im_end|>\n<think>\n\n</think>\n\nbye<|im_end|>\n"
+    tok.chat_template = FALLBACK_CHAT_TEMPLATE if template == "chatml" else DEFAULT_SYSTEM_TEMPLATE
     # an empty opening turn learns only to end it
     assert _labelled_text(tok, Example((("assistant", ""), ("user", "ok"), ("assistant", "bye")), "chat")) == (
         "<|im_end|>\nbye<|im_end|>\n")
@@ -325,10 +331,12 @@ def test_a_null_or_blank_instruction_is_refused_and_a_context_of_0_is_kept(tmp_p
                       ({"prompt": " ", "completion": "x"}, "'prompt' is empty")):
         with pytest.raises(TinyOnnError, match=what):
             load_examples(str(write_jsonl(tmp_path / "bad.jsonl", [row])))
-    rows = [{"instruction": "Double it.", "input": 0, "output": "0"}, {"instruction": "", "input": "Say hi.", "output": "hi"}]
-    first, second = load_examples(str(write_jsonl(tmp_path / "ok.jsonl", rows)))
+    rows = [{"instruction": "Double it.", "input": 0, "output": "0"}, {"instruction": "", "input": "Say hi.", "output": "hi"},
+            {"instruction": "Go.", "input": [], "output": "ok"}, {"instruction": "Go.", "input": False, "output": "ok"}]
+    first, second, *no_context = load_examples(str(write_jsonl(tmp_path / "ok.jsonl", rows)))
     assert first.messages[0] == ("user", "Double it.\n\n0")
     assert second.messages[0] == ("user", "Say hi.")  # a blank instruction: its context is the prompt
+    assert [e.messages[0] for e in no_context] == [("user", "Go.")] * 2  # an empty list or false: no context
 
 
 def test_alpaca_rows_with_their_formatted_text_use_the_instruction_fields(tmp_path):

@@ -57,6 +57,17 @@ def _with_marker(chat: list[dict], i: int, before: bool = False) -> list[dict]:
             for j, m in enumerate(chat)]
 
 
+def _first_turn_start(tokenizer: PreTrainedTokenizerBase, chat: list[dict], full: str) -> int:
+    """Where the content of an opening assistant turn starts in the rendering `full`: a marker put in front of the
+    content says where, unless the template drops it (Qwen3's and R1-style templates keep only what follows a reasoning
+    block's `</think>`); then a marker given as the turn's whole content does."""
+    for marked_chat in (_with_marker(chat, 0, before=True), [{**chat[0], "content": _MARK}, *chat[1:]]):
+        marked = _render(tokenizer, marked_chat)
+        if _MARK in marked:
+            return min(marked.index(_MARK), _common_prefix_len(marked, full))
+    return 0  # a template that drops every content of the turn: nothing of it is learnt but its end of turn
+
+
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns (end-of-turn marker included).
 
@@ -79,7 +90,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, chat: list[dict]) -> tup
             # templates that rewrite earlier turns (e.g. dropping reasoning) are not prefix-stable: the common prefix then
             start = len(before) if full.startswith(before) else _common_prefix_len(before, full)
         else:
-            start = _common_prefix_len(_render(tokenizer, _with_marker(chat, 0, before=True)), full)
+            start = _first_turn_start(tokenizer, chat, full)
         content_end = _common_prefix_len(_render(tokenizer, _with_marker(chat, i)), full)
         cut = _render(tokenizer, _with_marker(chat[: i + 1], i))
         end_of_turn = cut[cut.index(_MARK) + len(_MARK):] if _MARK in cut else ""

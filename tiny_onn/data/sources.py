@@ -190,8 +190,12 @@ def _category(value: object, where: str, default: str) -> str:
 
 
 def _given(value: object) -> bool:
-    """Whether a record's field holds something (0 does; null and blank text do not)."""
-    return value is not None and str(value).strip() != ""
+    """Whether a record's field holds something: 0 does; null, false, blank text and an empty list or object do not."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, str):
+        return bool(value.strip())
+    return bool(value) if isinstance(value, list | dict) else True
 
 
 def _example_from_record(record: object, where: str, default_category: str) -> Example:
