@@ -262,12 +262,25 @@ def test_an_existing_output_folder_is_checked_itself_and_a_new_one_by_its_parent
         check_output_folder(tmp_path / "new")
 
 
-def test_a_process_started_with_sigterm_ignored_keeps_ignoring_it(tmp_path):
+def test_a_process_started_with_sigterm_ignored_keeps_ignoring_it(tmp_path, monkeypatch):
+    """While the stage runs (not only after it), SIGTERM stays ignored."""
     import signal
 
+    import tiny_onn.cli as cli
+
+    during = []
+
+    def read_options(*args, **kwargs):
+        during.append(signal.getsignal(signal.SIGTERM))
+        raise TinyOnnError("stop here")
+
+    monkeypatch.setattr(cli, "config_from_args", read_options)
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        assert main(["scan", "--config", str(tmp_path / "missing.yaml")]) == 2
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert main(["scan"]) == 2
+        assert during == [signal.SIG_IGN] and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ignored: the stage runs with its own handler
+        assert main(["scan"]) == 2
+        assert during[1] is cli._raise_terminated and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -218,16 +218,23 @@ def check_alchemy_out(out: Path, cfgs: dict, skip_train: bool) -> None:
     check_corpus_out(out / "corpus")
 
 
+def _local_path(part: str) -> Path | None:
+    """One part of a data spec (or a model name) as an absolute local path, or None for a bundled or hub name."""
+    from tiny_onn.data.sources import looks_like_a_local_path
+
+    return Path(part.strip()).expanduser().absolute() if part.strip() and looks_like_a_local_path(part) else None
+
+
 def check_categories_exist(name: str, cfg, made_here: Path) -> None:
     """A stage's --categories must name categories of its data (where the data exists before the run)."""
     from tiny_onn.data.pipeline import cached_examples, selected_categories
-    from tiny_onn.data.sources import looks_like_a_local_path
 
     spec = str(getattr(cfg, "data", "") or "")
     if not getattr(cfg, "categories", "") or not spec.strip():
         return
     for part in spec.split(","):
-        if looks_like_a_local_path(part) and Path(part.strip()).expanduser().absolute().is_relative_to(made_here):
+        path = _local_path(part)
+        if path is not None and path.is_relative_to(made_here):
             return  # written by this run (the distil stage's corpus): checked when the stage reads it
     available = {e.category for e in cached_examples(spec)}
     unknown = sorted(set(selected_categories(cfg.categories, available)) - available)
@@ -241,16 +248,15 @@ def check_input_files(cfgs: dict, out: Path) -> None:
     the stages before it ran (minutes on the demo): every local data file of every stage (its data, replay and EWC data),
     train's local teacher, every stage's --categories, and eval's multiple-choice,
     general-text and fact files (read and checked here as eval reads them)."""
-    from tiny_onn.data.sources import looks_like_a_local_path
     from tiny_onn.eval.harness import evaluation_facts, read_task_files
 
     made_here = out.absolute()  # what the stages write (the distil stage's corpus, the carved model) is not there yet
     for name, cfg in cfgs.items():
         for field in ("data", "replay_data", "ewc_data", "teacher"):
-            for part in str(getattr(cfg, field, "") or "").split("," if field != "teacher" else "\0"):
-                path = Path(part.strip()).expanduser().absolute()
-                if part.strip() and looks_like_a_local_path(part) and not path.exists() \
-                        and not path.is_relative_to(made_here):
+            value = str(getattr(cfg, field, "") or "")
+            for part in [value] if field == "teacher" else value.split(","):  # a teacher is one name
+                path = _local_path(part)
+                if path is not None and not path.exists() and not path.is_relative_to(made_here):
                     what = "teacher model" if field == "teacher" else f"{field.replace('_', ' ')} file"
                     raise TinyOnnError(f"[{name}] {what} not found: {part.strip()} (checked before the first stage runs)")
         check_categories_exist(name, cfg, made_here)

@@ -85,11 +85,11 @@ def check_folder_can_be_made(final: str | os.PathLike, option: str = "--out", pr
 def check_output_folder(final: str | os.PathLike, option: str = "--out") -> Path:
     """`check_folder_can_be_made`, and `final` itself is no file: where a folder of outputs can go. The outputs are
     written inside it, so an existing folder must take new files itself (its parent need not)."""
-    exists = Path(final).expanduser().absolute().is_dir()
-    path = check_folder_can_be_made(final, option, probe_parent=not exists)
+    existing_folder = Path(final).expanduser().absolute().is_dir()
+    path = check_folder_can_be_made(final, option, probe_parent=not existing_folder)
     if (path.exists() or path.is_symlink()) and (not path.is_dir() or path.is_symlink()):
         raise TinyOnnError(f"output folder {final} exists and is not a folder; give another {option} or remove it")
-    if exists and not path.is_symlink():
+    if existing_folder:
         _check_writable(path, final, option)
     return path
 

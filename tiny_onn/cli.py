@@ -189,10 +189,11 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def _out_of_memory(e: BaseException) -> bool:
     """Whether e is an allocation failure (host or GPU), which the user fixes with smaller sizes, not a bug."""
-    if isinstance(e, MemoryError):
+    import torch
+
+    if isinstance(e, MemoryError | getattr(torch, "OutOfMemoryError", MemoryError)):
         return True
-    oom = getattr(__import__("torch"), "OutOfMemoryError", ())
-    return bool(oom) and isinstance(e, oom) or "can't allocate memory" in str(e) or "out of memory" in str(e)
+    return "can't allocate memory" in str(e) or "out of memory" in str(e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,12 +103,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
                 continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):  # other keys (unhashable ones) are left to PyYAML
+                continue
             line = key_node.start_mark.line + 1
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"'{key}' is given twice (lines {seen[key]} and {line}); keep one", key_node.start_mark)
-            if isinstance(key, str | int | float | bool):
-                seen[key] = line
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
